@@ -1,0 +1,329 @@
+"""Experiment configuration: nested dataclasses loaded from YAML, with `key.sub=value` overrides and strict checks."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config file or override is wrong; the message names the full key path."""
+
+
+def _doc(text: str, default, **kw):
+    """A dataclass field that carries its documentation (shown by `distsent-train --help-config`)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"doc": text}, **kw)
+    return field(default=default, metadata={"doc": text}, **kw)
+
+
+@dataclass
+class DataConfig:
+    path: str = _doc("Local IMDB copy: a folder with train/test.parquet, or an aclImdb folder. Empty: the "
+                     "DISTSENT_DATA_PATH environment variable, else the Hugging Face hub.", "")
+    hub_name: str = _doc("Hub dataset used when no local path is given.", "stanfordnlp/imdb")
+    limit: int = _doc("Use at most this many training reviews (seeded random subset); 0 = all.", 0)
+    test_limit: int = _doc("Use at most this many test reviews; 0 = all.", 0)
+    val_fraction: float = _doc("Share of the training reviews held out for validation (model selection).", 0.1)
+    split_seed: int = _doc("Seed of the subset and validation carving (kept apart from the training seed).", 0)
+    max_len: int = _doc("Tokens kept per review.", 256)
+    truncate: str = _doc("Which tokens a long review keeps: 'head' (the first max_len) or 'tail' (the last).", "head")
+    min_freq: int = _doc("A word needs this many occurrences in the training split to enter the vocabulary.", 5)
+    lowercase: bool = _doc("Lower-case text before splitting into words.", True)
+    cache_dir: str = _doc("Where tokenized data is cached; empty: $DISTSENT_CACHE or ~/.cache/distsent.", "")
+    bucket_batches: int = _doc("Length-aware batching: sort each pool of this many global batches by length "
+                               "before cutting batches (less padding); 1 = no sorting.", 50)
+
+    def __post_init__(self):
+        _check_choice("data.truncate", self.truncate, ("head", "tail"))
+        _check_range("data.val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
+        _check_min("data.max_len", self.max_len, 1)
+        _check_min("data.min_freq", self.min_freq, 1)
+        _check_min("data.bucket_batches", self.bucket_batches, 1)
+        _check_min("data.limit", self.limit, 0)
+        _check_min("data.test_limit", self.test_limit, 0)
+
+
+@dataclass
+class ModelConfig:
+    cell: str = _doc("Recurrent cell: 'lstm' or 'gru'.", "lstm")
+    embedding_dim: int = _doc("Word embedding size.", 128)
+    hidden_dim: int = _doc("Recurrent state size (per direction).", 256)
+    num_layers: int = _doc("Stacked recurrent layers.", 2)
+    dropout: float = _doc("Dropout between recurrent layers and before the classifier.", 0.5)
+    embedding_dropout: float = _doc("Dropout on the word embeddings.", 0.0)
+    bidirectional: bool = _doc("Read each review in both directions.", False)
+    pooling: str = _doc("How the review vector is formed: 'last' (state at the true end), 'mean', 'max' or "
+                        "'attention' over the real tokens.", "last")
+
+    def __post_init__(self):
+        _check_choice("model.cell", self.cell, ("lstm", "gru"))
+        _check_choice("model.pooling", self.pooling, ("last", "mean", "max", "attention"))
+        for name in ("embedding_dim", "hidden_dim", "num_layers"):
+            _check_min(f"model.{name}", getattr(self, name), 1)
+        _check_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
+        _check_range("model.embedding_dropout", self.embedding_dropout, 0.0, 1.0, high_open=True)
+
+
+@dataclass
+class OptimConfig:
+    name: str = _doc("Optimizer: 'adam' or 'adamw'.", "adam")
+    lr: float = _doc("Peak learning rate.", 1e-3)
+    weight_decay: float = _doc("Weight decay (decoupled for adamw).", 0.0)
+    betas: list[float] = _doc("Adam betas.", [0.9, 0.999])
+    schedule: str = _doc("Learning-rate shape after warmup: 'constant', 'linear' or 'cosine' decay to min_lr_ratio.",
+                         "constant")
+    warmup_steps: int = _doc("Linear warmup from 0 over this many optimizer steps.", 0)
+    min_lr_ratio: float = _doc("Final learning rate as a share of lr for the decaying schedules.", 0.0)
+    clip_grad_norm: float = _doc("Clip the global gradient norm to this value; 0 = no clipping.", 5.0)
+
+    def __post_init__(self):
+        _check_choice("optim.name", self.name, ("adam", "adamw"))
+        _check_choice("optim.schedule", self.schedule, ("constant", "linear", "cosine"))
+        _check_range("optim.lr", self.lr, 0.0, 10.0, low_open=True)
+        _check_min("optim.warmup_steps", self.warmup_steps, 0)
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas: expected two numbers, got {self.betas!r}")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _doc("Passes over the training split.", 5)
+    global_batch_size: int = _doc("Samples per optimizer step, summed over all processes; the per-process batch "
+                                  "and accumulation follow from the number of processes.", 64)
+    micro_batch_size: int = _doc("Largest per-process batch; 0 = global_batch_size / processes. Smaller values "
+                                 "add gradient accumulation.", 0)
+    eval_batch_size: int = _doc("Per-process batch for evaluation and prediction.", 256)
+    mixed_precision: str = _doc("'no', 'fp16' (GPU) or 'bf16'; empty = what the launch config says.", "")
+    seed: int = _doc("Seed of initialisation, shuffling and dropout.", 0)
+    log_every: int = _doc("Log training metrics every this many optimizer steps.", 20)
+    eval_every: int = _doc("Also evaluate every this many steps; 0 = only at epoch ends.", 0)
+    max_steps: int = _doc("Stop after this many optimizer steps in all; 0 = run all epochs.", 0)
+    threads: int = _doc("CPU threads per process; 0 = the cores available divided by the local processes.", 0)
+    flush_denormal: bool = _doc("Flush subnormal floats to zero (much faster LSTM backward on some Intel CPUs). "
+                                "Keep it the same between a run and its resume.", True)
+    debug_records: bool = _doc("Debug: every process appends the ids of the samples it trains on to "
+                               "<run>/debug/samples-rankN.jsonl and writes a digest of its final weights.", False)
+
+    def __post_init__(self):
+        _check_choice("train.mixed_precision", self.mixed_precision, ("", "no", "fp16", "bf16"))
+        _check_min("train.epochs", self.epochs, 1)
+        _check_min("train.global_batch_size", self.global_batch_size, 1)
+        _check_min("train.micro_batch_size", self.micro_batch_size, 0)
+        _check_min("train.eval_batch_size", self.eval_batch_size, 1)
+        _check_min("train.log_every", self.log_every, 1)
+        _check_min("train.eval_every", self.eval_every, 0)
+        _check_min("train.max_steps", self.max_steps, 0)
+        _check_min("train.threads", self.threads, 0)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = _doc("Write a checkpoint every this many optimizer steps (and at every epoch end); 0 = epoch ends.", 0)
+    keep_last: int = _doc("Checkpoints kept; older ones are deleted once a newer one is complete.", 2)
+    resume: str = _doc("'auto' (latest valid checkpoint of output_dir, if any), 'never', or a checkpoint path.",
+                       "auto")
+
+    def __post_init__(self):
+        _check_min("checkpoint.every", self.every, 0)
+        _check_min("checkpoint.keep_last", self.keep_last, 1)
+        if not self.resume:
+            raise ConfigError("checkpoint.resume: must be 'auto', 'never' or a checkpoint path, got ''")
+
+
+@dataclass
+class DistConfig:
+    timeout_s: int = _doc("Collective timeout: a process whose peer died exits after at most this long.", 600)
+    stop_signals: list[str] = _doc("Signals that make the run checkpoint and exit (preemption).",
+                                   ["SIGTERM", "SIGUSR1"])
+
+    def __post_init__(self):
+        _check_min("dist.timeout_s", self.timeout_s, 1)
+        import signal
+
+        for name in self.stop_signals:
+            if not hasattr(signal, name):
+                raise ConfigError(f"dist.stop_signals: unknown signal {name!r}")
+
+
+@dataclass
+class WandbConfig:
+    project: str = _doc("W&B project.", "distsent")
+    entity: str = _doc("W&B entity (team or user); empty = your default.", "")
+    name: str = _doc("Run name; empty = the run directory's name.", "")
+    group: str = _doc("Run group.", "")
+    tags: list[str] = _doc("Run tags.", [])
+    notes: str = _doc("Run notes.", "")
+    mode: str = _doc("'online', 'offline' (sync later with `wandb sync`) or 'disabled'. WANDB_MODE overrides it.",
+                     "offline")
+    log_model: bool = _doc("Upload best/ as a W&B artifact at the end.", True)
+
+    def __post_init__(self):
+        _check_choice("log.wandb.mode", self.mode, ("online", "offline", "disabled"))
+
+
+@dataclass
+class LogConfig:
+    trackers: list[str] = _doc("Accelerate trackers to log to ('wandb', 'tensorboard', ...); [] = metrics.jsonl only.",
+                               ["wandb"])
+    wandb: WandbConfig = field(default_factory=WandbConfig, metadata={"doc": "Weights & Biases settings."})
+
+
+@dataclass
+class ExperimentConfig:
+    output_dir: str = _doc("Run directory: config, metrics, checkpoints, best model.", "runs/imdb_lstm")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Data."})
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "Model."})
+    optim: OptimConfig = field(default_factory=OptimConfig, metadata={"doc": "Optimizer and schedule."})
+    train: TrainConfig = field(default_factory=TrainConfig, metadata={"doc": "Training loop."})
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig, metadata={"doc": "Checkpoints, resume."})
+    dist: DistConfig = field(default_factory=DistConfig, metadata={"doc": "Distributed run."})
+    log: LogConfig = field(default_factory=LogConfig, metadata={"doc": "Metrics and trackers."})
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+# --- checks used by __post_init__ ------------------------------------------------------------------------------
+
+def _check_choice(key, value, choices):
+    if value not in choices:
+        raise ConfigError(f"{key}: must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
+
+
+def _check_min(key, value, low):
+    if value < low:
+        raise ConfigError(f"{key}: must be >= {low}, got {value!r}")
+
+
+def _check_range(key, value, low, high, low_open=False, high_open=False):
+    if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
+        lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
+        raise ConfigError(f"{key}: must be in {lo}{low}, {high}{hi}, got {value!r}")
+
+
+# --- building dataclasses from plain data ----------------------------------------------------------------------
+
+def _convert(key: str, tp, value):
+    """Check `value` against the annotation `tp` and return it in that type; errors name `key`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(f"{key}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return str(value)
+    raise TypeError(f"{key}: unsupported annotation {tp!r}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known keys of {prefix.rstrip('.') or 'the config'}: "
+                          f"{', '.join(sorted(names))})")
+    kwargs = {name: _convert(prefix + name, hints[name], value) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # pragma: no cover - defensive
+        raise ConfigError(f"{prefix.rstrip('.')}: {exc}") from exc
+
+
+def _set_path(data: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])}: is not a section, cannot set {dotted}")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`key.sub=value` -> ("key.sub", value), the value read as YAML (so 3 is an int, [a, b] a list)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key.strip()}: cannot read value {raw!r}: {exc}") from exc
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML file (or start from the defaults), apply overrides, and check every key and type."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(data, key, value)
+    try:
+        return _build(ExperimentConfig, data)
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(where + str(exc)) from None
+
+
+def config_from_dict(data: dict) -> ExperimentConfig:
+    return _build(ExperimentConfig, data)
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def describe(cls=ExperimentConfig, prefix: str = "") -> list[str]:
+    """One line per key with its default and documentation: the config reference."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines.extend(describe(hint, prefix + f.name + "."))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"{prefix}{f.name} = {default!r}: {f.metadata.get('doc', '')}")
+    return lines

@@ -1,0 +1,336 @@
+"""IMDB data: find and read the source, check it, build the vocabulary, tokenize once and cache the result."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import DataConfig
+
+log = logging.getLogger(__name__)
+
+PAD, UNK = "<pad>", "<unk>"
+PAD_ID = 0
+SPLITS = ("train", "test")
+DATA_PATH_ENV = "DISTSENT_DATA_PATH"
+CACHE_ENV = "DISTSENT_CACHE"
+# The word pattern of the reference pipeline (`re.findall(r"\b\w+\b", text.lower())`): runs of word characters.
+NON_WORD = r"\W+"
+
+
+class DataError(ValueError):
+    """The data is missing or malformed; the message names the file (and row) at fault."""
+
+
+# --- sources ---------------------------------------------------------------------------------------------------
+
+@dataclass
+class Source:
+    kind: str  # "parquet", "aclimdb" or "hub"
+    location: str
+
+    def fingerprint(self) -> str:
+        """Changes whenever the data files change (name, size, modification time), without reading them."""
+        if self.kind == "hub":
+            return f"hub:{self.location}"
+        h = hashlib.sha256(f"{self.kind}:{Path(self.location).resolve()}".encode())
+        for f in sorted(_source_files(self)):
+            st = f.stat()
+            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return h.hexdigest()
+
+
+def _source_files(src: Source) -> list[Path]:
+    root = Path(src.location)
+    if src.kind == "parquet":
+        return [root / f"{s}.parquet" for s in SPLITS]
+    return [root / s / lab for s in SPLITS for lab in ("pos", "neg")]  # folder stats change when files change
+
+
+def find_source(cfg: DataConfig) -> Source:
+    """Pick the source: data.path, else $DISTSENT_DATA_PATH, else the hub; a folder's kind is read off its files."""
+    path = cfg.path or os.environ.get(DATA_PATH_ENV, "")
+    if not path:
+        return Source("hub", cfg.hub_name)
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.path {root}: no such folder")
+    if any((root / f"{s}.parquet").exists() for s in SPLITS):
+        for s in SPLITS:
+            if not (root / f"{s}.parquet").is_file():
+                raise DataError(f"{root / (s + '.parquet')}: missing (a parquet IMDB copy needs train.parquet "
+                                f"and test.parquet)")
+        return Source("parquet", str(root))
+    for candidate in (root, root / "aclImdb"):
+        if (candidate / "train").is_dir() or (candidate / "test").is_dir():
+            for s in SPLITS:
+                for lab in ("pos", "neg"):
+                    if not (candidate / s / lab).is_dir():
+                        raise DataError(f"{candidate / s / lab}: missing (an aclImdb copy needs "
+                                        f"{{train,test}}/{{pos,neg}}/*.txt)")
+            return Source("aclimdb", str(candidate))
+    raise DataError(f"data.path {root}: holds neither train.parquet/test.parquet nor an aclImdb folder "
+                    f"(train/pos, train/neg, test/pos, test/neg)")
+
+
+@dataclass
+class RawSplit:
+    texts: list[str]
+    labels: np.ndarray  # int64, 0 = negative, 1 = positive
+    ids: np.ndarray  # int64, stable ids of the records within the split
+
+
+def _check_records(texts, labels, where: str) -> np.ndarray:
+    if len(texts) == 0:
+        raise DataError(f"{where}: the split is empty")
+    labels = np.asarray(labels)
+    bad = np.flatnonzero(~np.isin(labels, (0, 1)))
+    if bad.size:
+        raise DataError(f"{where}: row {int(bad[0])} has label {labels[bad[0]]!r}; labels must be 0 or 1")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str):
+            raise DataError(f"{where}: row {i} has a text of type {type(t).__name__}, expected a string")
+    return labels.astype(np.int64)
+
+
+def _read_parquet(path: Path) -> RawSplit:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as exc:  # pyarrow raises several types for unreadable files
+        raise DataError(f"{path}: cannot be read as parquet: {exc}") from exc
+    for col in ("text", "label"):
+        if col not in table.column_names:
+            raise DataError(f"{path}: no '{col}' column (columns: {', '.join(table.column_names)})")
+    texts = table.column("text").to_pylist()
+    labels = _check_records(texts, table.column("label").to_numpy(zero_copy_only=False), str(path))
+    return RawSplit(texts, labels, np.arange(len(texts), dtype=np.int64))
+
+
+def _read_aclimdb(root: Path, split: str) -> RawSplit:
+    texts, labels = [], []
+    for label, lab in ((0, "neg"), (1, "pos")):
+        folder = root / split / lab
+
+        def review_id(p: Path):
+            head = p.stem.split("_")[0]
+            return (int(head), p.name) if head.isdigit() else (1 << 62, p.name)
+
+        for f in sorted(folder.glob("*.txt"), key=review_id):
+            try:
+                texts.append(f.read_text(encoding="utf-8"))
+            except UnicodeDecodeError as exc:
+                raise DataError(f"{f}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+            labels.append(label)
+    labels = _check_records(texts, labels, str(root / split))
+    return RawSplit(texts, labels, np.arange(len(texts), dtype=np.int64))
+
+
+def _read_hub(name: str, split: str) -> RawSplit:
+    import datasets
+
+    try:
+        ds = datasets.load_dataset(name, split=split)
+    except Exception as exc:
+        raise DataError(f"cannot load {name!r} split {split!r} from the Hugging Face hub ({exc}); on a machine "
+                        f"without internet, point data.path or ${DATA_PATH_ENV} at a local copy") from exc
+    for col in ("text", "label"):
+        if col not in ds.column_names:
+            raise DataError(f"hub dataset {name} [{split}]: no '{col}' column")
+    labels = _check_records(ds["text"], ds["label"], f"hub dataset {name} [{split}]")
+    return RawSplit(list(ds["text"]), labels, np.arange(len(labels), dtype=np.int64))
+
+
+def read_split(src: Source, split: str) -> RawSplit:
+    if src.kind == "parquet":
+        return _read_parquet(Path(src.location) / f"{split}.parquet")
+    if src.kind == "aclimdb":
+        return _read_aclimdb(Path(src.location), split)
+    return _read_hub(src.location, split)
+
+
+def subset(split: RawSplit, idx: np.ndarray) -> RawSplit:
+    return RawSplit([split.texts[i] for i in idx], split.labels[idx], split.ids[idx])
+
+
+def carve(cfg: DataConfig, train: RawSplit, test: RawSplit) -> dict[str, RawSplit]:
+    """Apply the size limits and hold out validation from train, all seeded by data.split_seed."""
+    rng = np.random.default_rng(cfg.split_seed)
+    order = rng.permutation(len(train.texts))
+    if cfg.limit:
+        order = order[: cfg.limit]
+    n_val = max(1, int(round(len(order) * cfg.val_fraction)))
+    if n_val >= len(order):
+        raise DataError(f"data.val_fraction={cfg.val_fraction} leaves no training reviews out of {len(order)}")
+    splits = {"val": subset(train, np.sort(order[:n_val])), "train": subset(train, np.sort(order[n_val:]))}
+    if cfg.test_limit and cfg.test_limit < len(test.texts):
+        test = subset(test, np.sort(rng.permutation(len(test.texts))[: cfg.test_limit]))
+    splits["test"] = test
+    return splits
+
+
+# --- tokenizer -------------------------------------------------------------------------------------------------
+
+def new_tokenizer(lowercase: bool):
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    if lowercase:
+        tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(NON_WORD), behavior="removed")
+    return tok
+
+
+def train_tokenizer(texts: list[str], cfg: DataConfig):
+    """The word-level vocabulary of the reference pipeline: words seen >= min_freq times, plus <pad>=0 and <unk>=1."""
+    from tokenizers import trainers
+
+    tok = new_tokenizer(cfg.lowercase)
+    trainer = trainers.WordLevelTrainer(vocab_size=1 << 30, min_frequency=cfg.min_freq, special_tokens=[PAD, UNK],
+                                        show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
+    if tok.token_to_id(PAD) != PAD_ID:
+        raise AssertionError("the vocabulary must put <pad> at id 0")
+    return tok
+
+
+def load_tokenizer(path: str | Path):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable tokenizer.json ({exc})") from exc
+
+
+def encode(tok, texts: list[str], max_len: int, truncate: str) -> list[np.ndarray]:
+    """Token ids per text, cut to max_len from the head or the tail (no padding: batches pad themselves)."""
+    out = []
+    for enc in tok.encode_batch_fast(texts, add_special_tokens=False):
+        ids = np.asarray(enc.ids, dtype=np.int32)
+        if len(ids) > max_len:
+            ids = ids[:max_len] if truncate == "head" else ids[-max_len:]
+        out.append(ids)
+    return out
+
+
+# --- tokenized splits ------------------------------------------------------------------------------------------
+
+@dataclass
+class TokenizedSplit:
+    """A split as flat arrays: review i is tokens[offsets[i]:offsets[i+1]]."""
+
+    tokens: np.ndarray  # int32
+    offsets: np.ndarray  # int64, len n + 1
+    labels: np.ndarray  # int64
+    ids: np.ndarray  # int64
+
+    @classmethod
+    def from_lists(cls, seqs: list[np.ndarray], labels, ids) -> "TokenizedSplit":
+        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
+        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
+        np.cumsum(lengths, out=offsets[1:])
+        tokens = np.concatenate(seqs).astype(np.int32) if seqs else np.zeros(0, np.int32)
+        return cls(tokens, offsets, np.asarray(labels, np.int64), np.asarray(ids, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def batch(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Right-padded ids (len(idx), longest) and true lengths; an empty review keeps one <pad> token."""
+        lengths = np.maximum(self.lengths[idx], 1)
+        out = np.full((len(idx), int(lengths.max()) if len(idx) else 1), PAD_ID, dtype=np.int64)
+        for row, i in enumerate(idx):
+            seq = self.tokens[self.offsets[i]: self.offsets[i + 1]]
+            out[row, : len(seq)] = seq
+        return out, lengths
+
+    def save(self, path: Path) -> None:
+        np.savez(path, tokens=self.tokens, offsets=self.offsets, labels=self.labels, ids=self.ids)
+
+    @classmethod
+    def load(cls, path: Path) -> "TokenizedSplit":
+        with np.load(path) as z:
+            return cls(z["tokens"], z["offsets"], z["labels"], z["ids"])
+
+
+@dataclass
+class PreparedData:
+    train: TokenizedSplit
+    val: TokenizedSplit
+    test: TokenizedSplit
+    tokenizer: object
+    cache_hit: bool
+
+
+def cache_root(cfg: DataConfig) -> Path:
+    root = cfg.cache_dir or os.environ.get(CACHE_ENV) or "~/.cache/distsent"
+    return Path(root).expanduser()
+
+
+def _split_key(cfg: DataConfig, src: Source) -> str:
+    parts = [src.fingerprint(), cfg.limit, cfg.test_limit, cfg.val_fraction, cfg.split_seed]
+    return hashlib.sha256(json.dumps(parts).encode()).hexdigest()[:16]
+
+
+def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData:
+    """Tokenized train/val/test, from the cache when the same data and tokenizer were prepared before.
+
+    The vocabulary comes from the training split only. Pass `tokenizer_path` to reuse an existing tokenizer
+    (a resumed run keeps its vocabulary); a new one is trained otherwise. Safe to call from several processes
+    as long as one of them runs it first (the cache is written atomically).
+    """
+    src = find_source(cfg)
+    split_dir = cache_root(cfg) / _split_key(cfg, src)
+    tok_settings = {"min_freq": cfg.min_freq, "lowercase": cfg.lowercase}
+    tok_file = split_dir / f"tokenizer-{_hash(tok_settings)}.json"
+    if tokenizer_path is not None and Path(tokenizer_path).is_file():
+        tok_file = Path(tokenizer_path)
+    tok_text = tok_file.read_text() if tok_file.is_file() else None
+    arrays_dir = split_dir / (f"tok-{_hash([tok_text, cfg.max_len, cfg.truncate])}" if tok_text else "")
+    if tok_text and (arrays_dir / "done").is_file():
+        return PreparedData(*(TokenizedSplit.load(arrays_dir / f"{s}.npz") for s in ("train", "val", "test")),
+                            tokenizer=load_tokenizer(tok_file), cache_hit=True)
+
+    raw = carve(cfg, read_split(src, "train"), read_split(src, "test"))
+    tok = load_tokenizer(tok_file) if tok_text else train_tokenizer(raw["train"].texts, cfg)
+    if not tok_text:
+        split_dir.mkdir(parents=True, exist_ok=True)
+        _atomic_write(tok_file, tok.to_str())
+        tok_text = tok_file.read_text()
+        arrays_dir = split_dir / f"tok-{_hash([tok_text, cfg.max_len, cfg.truncate])}"
+    out = {name: TokenizedSplit.from_lists(encode(tok, s.texts, cfg.max_len, cfg.truncate), s.labels, s.ids)
+           for name, s in raw.items()}
+    tmp = arrays_dir.with_name(arrays_dir.name + f".tmp{os.getpid()}")
+    tmp.mkdir(parents=True, exist_ok=True)
+    for name, split in out.items():
+        split.save(tmp / f"{name}.npz")
+    (tmp / "done").write_text("")
+    try:
+        tmp.rename(arrays_dir)
+    except OSError:  # another process finished the same cache first: keep theirs
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return PreparedData(out["train"], out["val"], out["test"], tokenizer=tok, cache_hit=False)
+
+
+def _hash(obj) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)

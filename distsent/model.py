@@ -1,0 +1,107 @@
+"""The sentiment classifier: embedding -> LSTM/GRU -> pooling over the real tokens -> dropout -> linear."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .config import ModelConfig
+
+
+class SentimentRNN(nn.Module):
+    """The tutorial's SentimentLSTM, without its padding defect and with options.
+
+    Inputs are right-padded id batches plus each review's true length. The classifier never reads a state that
+    has seen padding: `last` pooling gathers the output at position length-1 (and, when bidirectional, the
+    backward direction reads each review reversed within its own length), `mean`/`max`/`attention` mask the pads.
+    A review's logit therefore does not depend on how long the other reviews of its batch are.
+    Packed sequences would do the same, but on CPU they push PyTorch's LSTM off its fast oneDNN path.
+    """
+
+    def __init__(self, vocab_size: int, cfg: ModelConfig, pad_id: int = 0):
+        super().__init__()
+        self.cfg = cfg
+        self.embedding = nn.Embedding(vocab_size, cfg.embedding_dim, padding_idx=pad_id)
+        self.embedding_dropout = nn.Dropout(cfg.embedding_dropout)
+        rnn_cls = nn.LSTM if cfg.cell == "lstm" else nn.GRU
+        between = cfg.dropout if cfg.num_layers > 1 else 0.0
+        if cfg.bidirectional:
+            # one (forward, backward) pair per layer, so the backward pass can start at each review's true end
+            self.layers = nn.ModuleList(
+                nn.ModuleList(rnn_cls(cfg.embedding_dim if i == 0 else 2 * cfg.hidden_dim, cfg.hidden_dim,
+                                      batch_first=True) for _ in range(2))
+                for i in range(cfg.num_layers))
+            self.between = nn.Dropout(between)
+        else:
+            self.rnn = rnn_cls(cfg.embedding_dim, cfg.hidden_dim, num_layers=cfg.num_layers, dropout=between,
+                               batch_first=True)
+        out_dim = cfg.hidden_dim * (2 if cfg.bidirectional else 1)
+        if cfg.pooling == "attention":
+            self.attention = nn.Linear(out_dim, 1)
+        self.dropout = nn.Dropout(cfg.dropout)
+        self.fc = nn.Linear(out_dim, 1)
+        # Set by the trainer when this CPU cannot run the recurrent layer under bf16 autocast (oneDNN needs native
+        # bf16): the recurrent layer then runs in fp32 while the rest keeps the autocast dtype.
+        self.rnn_fp32_on_cpu = False
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        lengths = lengths.to(input_ids.device).clamp(min=1)
+        x = self.embedding_dropout(self.embedding(input_ids))
+        if self.rnn_fp32_on_cpu and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
+            with torch.autocast("cpu", enabled=False):
+                out = self._recurrent(x.float(), lengths)
+        else:
+            out = self._recurrent(x, lengths)
+        return self.fc(self.dropout(self._pool(out, lengths))).squeeze(-1)
+
+    def _recurrent(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        if not self.cfg.bidirectional:
+            return self.rnn(x)[0]
+        rev = _reverse_index(lengths, x.shape[1])
+        for i, (fwd, bwd) in enumerate(self.layers):
+            if i:
+                x = self.between(x)
+            back = bwd(_gather_time(x, rev))[0]
+            x = torch.cat([fwd(x)[0], _gather_time(back, rev)], dim=-1)
+        return x
+
+    def _pool(self, out: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        pooling = self.cfg.pooling
+        if pooling == "last":
+            last = _gather_time(out, (lengths - 1).unsqueeze(1)).squeeze(1)
+            if self.cfg.bidirectional:  # the backward direction ends at position 0
+                h = self.cfg.hidden_dim
+                last = torch.cat([last[:, :h], out[:, 0, h:]], dim=-1)
+            return last
+        mask = torch.arange(out.shape[1], device=out.device).unsqueeze(0) < lengths.unsqueeze(1)
+        if pooling == "mean":
+            return (out * mask.unsqueeze(-1)).sum(1) / lengths.unsqueeze(1).to(out.dtype)
+        if pooling == "max":
+            return out.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(1).values
+        scores = self.attention(out).squeeze(-1).masked_fill(~mask, float("-inf"))
+        return (torch.softmax(scores.float(), dim=1).to(out.dtype).unsqueeze(-1) * out).sum(1)
+
+
+def _reverse_index(lengths: torch.Tensor, width: int) -> torch.Tensor:
+    """Per row, the time index that reverses the first `length` steps and leaves the padding after them."""
+    t = torch.arange(width, device=lengths.device).unsqueeze(0)
+    return torch.where(t < lengths.unsqueeze(1), lengths.unsqueeze(1) - 1 - t, t)
+
+
+def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def build_model(vocab_size: int, cfg: ModelConfig) -> SentimentRNN:
+    return SentimentRNN(vocab_size, cfg)
+
+
+def cpu_supports_bf16_rnn() -> bool:
+    """Whether this CPU's oneDNN can run an LSTM under bf16 autocast (it cannot without native bf16)."""
+    rnn = nn.LSTM(4, 4, batch_first=True)
+    try:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            rnn(torch.zeros(1, 2, 4))[0].float().sum().backward()
+        return True
+    except RuntimeError:
+        return False

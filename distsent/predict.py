@@ -1,0 +1,130 @@
+"""Prediction with a trained model folder (<run>/best): one JSON line per input text.
+
+    distsent-predict --model runs/imdb_lstm/best "A wonderful film." "Dull and far too long."
+    distsent-predict --model runs/imdb_lstm/best --file reviews.txt      # one review per line
+    cat reviews.txt | distsent-predict --model runs/imdb_lstm/best -
+
+Python:  Predictor.load("runs/imdb_lstm/best").predict(["A wonderful film."])
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, load_config
+from .data import TokenizedSplit, encode, load_tokenizer
+from .model import build_model
+
+
+class Predictor:
+    """A trained model with its tokenizer and config; batches reviews by length like the trainer does."""
+
+    def __init__(self, model, tokenizer, cfg, batch_size: int = 256):
+        self.model, self.tokenizer, self.cfg, self.batch_size = model.eval(), tokenizer, cfg, batch_size
+
+    @classmethod
+    def load(cls, folder: str | Path, batch_size: int = 256) -> "Predictor":
+        folder = Path(folder)
+        for name in ("config.yaml", "tokenizer.json", "model.safetensors"):
+            if not (folder / name).is_file():
+                raise FileNotFoundError(f"{folder / name}: missing (expected a model folder such as <run>/best)")
+        cfg = load_config(folder / "config.yaml")
+        tokenizer = load_tokenizer(folder / "tokenizer.json")
+        model = build_model(tokenizer.get_vocab_size(), cfg.model)
+        from safetensors.torch import load_file
+
+        model.load_state_dict(load_file(folder / "model.safetensors"))
+        return cls(model, tokenizer, cfg, batch_size)
+
+    @torch.no_grad()
+    def probabilities(self, texts: list[str]) -> np.ndarray:
+        """P(positive) for each text, in input order."""
+        seqs = encode(self.tokenizer, texts, self.cfg.data.max_len, self.cfg.data.truncate)
+        split = TokenizedSplit.from_lists(seqs, np.zeros(len(seqs)), np.arange(len(seqs)))
+        out = np.zeros(len(texts), dtype=np.float64)
+        order = np.argsort(split.lengths, kind="stable")
+        for i in range(0, len(order), self.batch_size):
+            idx = order[i: i + self.batch_size]
+            ids, lengths = split.batch(idx)
+            logits = self.model(torch.from_numpy(ids), torch.from_numpy(lengths))
+            out[idx] = torch.sigmoid(logits.float()).numpy()
+        return out
+
+    def predict(self, texts: list[str]) -> list[dict]:
+        """One result per text: {"label", "probability"} (probability of the predicted label), or {"error"}."""
+        results: list[dict] = [{} for _ in texts]
+        valid = []
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                results[i] = {"error": f"expected a string, got {type(text).__name__}"}
+            elif not text.strip():
+                results[i] = {"error": "empty text: nothing to classify"}
+            else:
+                valid.append(i)
+        if valid:
+            probs = self.probabilities([texts[i] for i in valid])
+            n_tokens = [len(e.ids) for e in self.tokenizer.encode_batch_fast([texts[i] for i in valid],
+                                                                             add_special_tokens=False)]
+            for i, p, n in zip(valid, probs, n_tokens):
+                label = "positive" if p >= 0.5 else "negative"
+                results[i] = {"label": label, "probability": round(float(p if p >= 0.5 else 1 - p), 6),
+                              "p_positive": round(float(p), 6)}
+                if n == 0:
+                    results[i]["warning"] = "no words in the text: the prediction carries no information"
+                elif n > self.cfg.data.max_len:
+                    results[i]["truncated"] = f"{n} words, the model read the {self.cfg.data.truncate} {self.cfg.data.max_len}"
+        return results
+
+
+def _read_lines(stream) -> list[tuple[str | None, str | None]]:
+    """(text, error) per line of a binary stream; lines that are not UTF-8 become an error, not a crash."""
+    out = []
+    for n, raw in enumerate(stream, 1):
+        try:
+            out.append((raw.decode("utf-8").rstrip("\r\n"), None))
+        except UnicodeDecodeError as exc:
+            out.append((None, f"line {n}: not valid UTF-8 ({exc.reason} at byte {exc.start})"))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="distsent-predict", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", required=True, help="model folder, e.g. runs/imdb_lstm/best")
+    parser.add_argument("--file", help="a file with one review per line")
+    parser.add_argument("texts", nargs="*", help="reviews to classify; '-' reads them from stdin, one per line")
+    args = parser.parse_args(argv)
+    try:
+        predictor = Predictor.load(args.model)
+    except (FileNotFoundError, ConfigError, ValueError, RuntimeError) as exc:
+        print(f"distsent-predict: cannot load {args.model}: {exc}", file=sys.stderr)
+        return 2
+    if args.file:
+        try:
+            with open(args.file, "rb") as f:
+                items = _read_lines(f)
+        except OSError as exc:
+            print(f"distsent-predict: {exc}", file=sys.stderr)
+            return 2
+    elif args.texts == ["-"]:
+        items = _read_lines(sys.stdin.buffer)
+    elif args.texts:
+        items = [(t, None) for t in args.texts]
+    else:
+        parser.error("give texts, --file PATH, or - for stdin")
+    texts = [t for t, err in items if err is None]
+    results = iter(predictor.predict(texts))
+    for text, err in items:
+        record = {"error": err} if err else {"text": text[:80], **next(results)}
+        print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,119 @@
+"""Shared test helpers: small generated IMDB-like data in every source format, and launching real runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+REAL_IMDB = REPO.parent / "shared" / "data" / "imdb"
+
+POSITIVE = [f"good{i}" for i in range(30)] + ["great", "wonderful", "superb", "loved"]
+NEGATIVE = [f"bad{i}" for i in range(30)] + ["awful", "boring", "terrible", "hated"]
+NEUTRAL = [f"word{i}" for i in range(300)] + ["the", "a", "movie", "film", "plot", "actor"]
+
+
+def make_reviews(n: int, seed: int) -> tuple[list[str], list[int]]:
+    """Learnable reviews: a label's words are sprinkled through neutral filler, plus a few of the other label's."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        label = int(rng.integers(0, 2))
+        length = int(rng.integers(8, 60))
+        words = list(rng.choice(NEUTRAL, size=length))
+        own, other = (POSITIVE, NEGATIVE) if label else (NEGATIVE, POSITIVE)
+        for _ in range(max(2, length // 6)):
+            words[int(rng.integers(0, length))] = str(rng.choice(own))
+        words[int(rng.integers(0, length))] = str(rng.choice(other))
+        text = " ".join(words).capitalize() + "."
+        texts.append(text.replace(" the ", " The <br /><br /> the ", 1))
+        labels.append(label)
+    return texts, labels
+
+
+def write_parquet(folder: Path, splits: dict[str, tuple[list[str], list[int]]]) -> Path:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (texts, labels) in splits.items():
+        pq.write_table(pa.table({"text": texts, "label": labels}), folder / f"{name}.parquet")
+    return folder
+
+
+def write_aclimdb(folder: Path, splits: dict[str, tuple[list[str], list[int]]]) -> Path:
+    """The original layout: {split}/{pos,neg}/{id}_{rating}.txt, records numbered in (neg, pos) order."""
+    for name, (texts, labels) in splits.items():
+        for lab in ("pos", "neg"):
+            (folder / name / lab).mkdir(parents=True, exist_ok=True)
+        for i, (t, y) in enumerate(zip(texts, labels)):
+            (folder / name / ("pos" if y else "neg") / f"{i}_{8 if y else 2}.txt").write_text(t, encoding="utf-8")
+    return folder
+
+
+@pytest.fixture(scope="session")
+def synth_splits():
+    return {"train": make_reviews(1600, 0), "test": make_reviews(400, 1)}
+
+
+@pytest.fixture(scope="session")
+def synth_imdb(tmp_path_factory, synth_splits) -> Path:
+    return write_parquet(tmp_path_factory.mktemp("imdb"), synth_splits)
+
+
+@pytest.fixture
+def cache_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISTSENT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    return tmp_path / "cache"
+
+
+def tiny_overrides(run_dir: Path, data: Path, **extra) -> list[str]:
+    """A small, fast, learnable setup on generated data."""
+    base = {"output_dir": str(run_dir), "data.path": str(data), "data.max_len": 64, "data.min_freq": 1,
+            "model.embedding_dim": 32, "model.hidden_dim": 32, "model.num_layers": 1, "optim.lr": 0.01,
+            "train.global_batch_size": 32, "train.epochs": 2, "train.log_every": 1, "train.eval_batch_size": 64,
+            "log.trackers": "[]"}
+    base.update(extra)
+    return [f"{k}={v}" for k, v in base.items()]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch_cmd(nproc: int, overrides: list[str], config: str = "configs/smoke.yaml") -> list[str]:
+    """`accelerate launch` of the trainer with nproc CPU processes (DDP over gloo when nproc > 1)."""
+    cfg = "launch/cpu_2proc.yaml" if nproc > 1 else "launch/cpu_1proc.yaml"
+    return [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / cfg),
+            "--num_processes", str(nproc), "--main_process_port", str(free_port()),
+            "-m", "distsent.train", "--config", str(REPO / config), *overrides]
+
+
+def run_env(extra: dict | None = None) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
+           "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}
+    env.update(extra or {})
+    return env
+
+
+def run(cmd: list[str], timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=run_env(env), capture_output=True, text=True, timeout=timeout)
+    return proc
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def train_rows(run_dir: Path) -> list[dict]:
+    return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]

@@ -1,0 +1,67 @@
+"""Config: YAML onto dataclasses, overrides, and errors that name the full key path."""
+
+from pathlib import Path
+
+import pytest
+
+from distsent.config import ConfigError, ExperimentConfig, config_from_dict, load_config, save_config
+
+CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_config_loads(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, ExperimentConfig)
+
+
+def test_seed_hyperparameters_in_imdb_lstm():
+    cfg = load_config(Path(CONFIGS[0]).parent / "imdb_lstm.yaml")
+    m, o, t, d = cfg.model, cfg.optim, cfg.train, cfg.data
+    assert (m.embedding_dim, m.hidden_dim, m.num_layers, m.dropout, m.cell, m.bidirectional) == (128, 256, 2, 0.5,
+                                                                                                  "lstm", False)
+    assert (d.min_freq, d.max_len, o.name, o.lr, t.global_batch_size, o.clip_grad_norm, t.epochs) == (
+        5, 256, "adam", 1e-3, 64, 5.0, 5)
+
+
+def test_overrides_typed_and_nested():
+    cfg = load_config(None, ["model.hidden_dim=64", "optim.lr=3e-4", "log.wandb.tags=[a, b]", "data.path=/x/y",
+                             "train.flush_denormal=false"])
+    assert cfg.model.hidden_dim == 64 and cfg.optim.lr == 3e-4 and cfg.log.wandb.tags == ["a", "b"]
+    assert cfg.data.path == "/x/y" and cfg.train.flush_denormal is False
+
+
+def test_int_accepted_for_float():
+    assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.hiden_dim=3", "model.hiden_dim: unknown key"),
+    ("log.wandb.projekt=x", "log.wandb.projekt: unknown key"),
+    ("model.hidden_dim=abc", "model.hidden_dim: expected an integer"),
+    ("model.hidden_dim=1.5", "model.hidden_dim: expected an integer"),
+    ("train.flush_denormal=maybe", "train.flush_denormal: expected true or false"),
+    ("model.pooling=first", "model.pooling: must be one of"),
+    ("log.wandb.tags=x", "log.wandb.tags: expected a list"),
+    ("model=3", "model: expected a mapping"),
+    ("novalue", "expected key.sub=value"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
+        load_config(None, [override])
+
+
+def test_bad_yaml_file_names_file_and_key(tmp_path):
+    p = tmp_path / "bad.yaml"
+    p.write_text("model:\n  hidden_dim: 12\n  layers: 3\n")
+    with pytest.raises(ConfigError, match=r"bad.yaml: model.layers: unknown key"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_resolved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["model.hidden_dim=7", "log.wandb.tags=[t]"])
+    save_config(cfg, tmp_path / "c.yaml")
+    assert load_config(tmp_path / "c.yaml") == cfg
+    assert config_from_dict(cfg.to_dict()) == cfg
