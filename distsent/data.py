@@ -92,7 +92,7 @@ def _check_records(texts, labels, where: str) -> np.ndarray:
     labels = np.asarray(labels)
     bad = np.flatnonzero(~np.isin(labels, (0, 1)))
     if bad.size:
-        raise DataError(f"{where}: row {int(bad[0])} has label {labels[bad[0]]!r}; labels must be 0 or 1")
+        raise DataError(f"{where}: row {int(bad[0])} has label {labels[bad[0]].item()!r}; labels must be 0 or 1")
     for i, t in enumerate(texts):
         if not isinstance(t, str):
             raise DataError(f"{where}: row {i} has a text of type {type(t).__name__}, expected a string")

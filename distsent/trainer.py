@@ -366,7 +366,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total_steps, initial=state["step"], disable=not acc.is_main_process, unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
         while state["epoch"] < cfg.train.epochs and not self._max_steps_reached():
             batches = epoch_batches(self.data.train.lengths, self.layout.global_batch, cfg.train.seed,
                                     state["epoch"], cfg.data.bucket_batches)

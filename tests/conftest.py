@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-REAL_IMDB = REPO.parent / "shared" / "data" / "imdb"
+# a local parquet copy of IMDB for the real-data tests: $DISTSENT_TEST_IMDB, else one next to the checkout
+REAL_IMDB = Path(os.environ.get("DISTSENT_TEST_IMDB", REPO.parent / "shared" / "data" / "imdb"))
 
 POSITIVE = [f"good{i}" for i in range(30)] + ["great", "wonderful", "superb", "loved"]
 NEGATIVE = [f"bad{i}" for i in range(30)] + ["awful", "boring", "terrible", "hated"]

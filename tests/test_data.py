@@ -1,0 +1,170 @@
+"""Data: the reference tokenizer, the three sources, clear errors on bad data, and the global batch plan."""
+
+import re
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from conftest import make_reviews, write_aclimdb, write_parquet
+from distsent.config import DataConfig
+from distsent.data import DataError, carve, find_source, prepare, read_split, train_tokenizer
+from distsent.sampler import Layout, epoch_batches
+
+
+def reference_tokenize(text):  # the tutorial's tokenizer
+    return re.findall(r"\b\w+\b", text.lower())
+
+
+SAMPLES = ["This movie was ABSOLUTELY fantastic!!! 10/10", "Don't watch it<br /><br />ever, it's_bad.",
+           "Naïve café-goers über-love it — 日本語 too", "  spaces\tand\nnewlines  ", "", "1,000 cuts... C'est la vie"]
+
+
+def test_tokenizer_matches_reference_words_and_vocabulary():
+    corpus = SAMPLES * 3 + ["rare words here"]
+    tok = train_tokenizer(corpus, DataConfig(min_freq=3))
+    vocab = tok.get_vocab()
+    counts = Counter(w for t in corpus for w in reference_tokenize(t))
+    assert set(vocab) == {"<pad>", "<unk>"} | {w for w, c in counts.items() if c >= 3}
+    assert vocab["<pad>"] == 0 and vocab["<unk>"] == 1
+    for text in SAMPLES + ["rare words here"]:
+        expected = [w if counts[w] >= 3 else "<unk>" for w in reference_tokenize(text)]
+        assert [tok.id_to_token(i) for i in tok.encode(text, add_special_tokens=False).ids] == expected
+
+
+@pytest.fixture
+def splits():
+    return {"train": make_reviews(60, 3), "test": make_reviews(20, 4)}
+
+
+def test_three_sources_load_the_same_records(tmp_path, splits, monkeypatch):
+    # aclImdb files are read back in (neg, pos) order by id, so compare as sets of (text, label)
+    def records(src, split):
+        s = read_split(src, split)
+        return sorted(zip(s.texts, s.labels.tolist()))
+
+    parquet = find_source(DataConfig(path=str(write_parquet(tmp_path / "pq", splits))))
+    acl = find_source(DataConfig(path=str(write_aclimdb(tmp_path / "raw" / "aclImdb", splits).parent)))
+    assert (parquet.kind, acl.kind) == ("parquet", "aclimdb")
+
+    # The hub cannot be reached from here: datasets.load_dataset is replaced by one that serves the same records
+    # (the only mock in this file). Everything after the download is the real code path.
+    import datasets
+
+    def fake_load_dataset(name, split):
+        assert name == "stanfordnlp/imdb"
+        texts, labels = splits[split]
+        return datasets.Dataset.from_dict({"text": texts, "label": labels})
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    monkeypatch.delenv("DISTSENT_DATA_PATH", raising=False)
+    hub = find_source(DataConfig())
+    assert hub.kind == "hub"
+    for split in ("train", "test"):
+        expected = sorted(zip(*splits[split]))
+        assert records(parquet, split) == records(acl, split) == records(hub, split) == expected
+
+
+def test_env_variable_points_at_local_copy(tmp_path, splits, monkeypatch):
+    monkeypatch.setenv("DISTSENT_DATA_PATH", str(write_parquet(tmp_path, splits)))
+    assert find_source(DataConfig()).kind == "parquet"
+
+
+def test_validation_carved_from_train_seeded_and_disjoint(splits, tmp_path):
+    src = find_source(DataConfig(path=str(write_parquet(tmp_path, splits))))
+    cfg = DataConfig(val_fraction=0.25)
+    a = carve(cfg, read_split(src, "train"), read_split(src, "test"))
+    b = carve(cfg, read_split(src, "train"), read_split(src, "test"))
+    assert len(a["val"].ids) == 15 and len(a["train"].ids) == 45
+    assert not set(a["val"].ids) & set(a["train"].ids)
+    assert (a["val"].ids == b["val"].ids).all()
+    assert len(a["test"].ids) == 20  # test is never touched by the split
+
+
+def test_bad_data_errors_name_the_file(tmp_path, splits):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def source_error(folder):
+        with pytest.raises(DataError) as info:
+            src = find_source(DataConfig(path=str(folder)))
+            for split in ("train", "test"):
+                read_split(src, split)
+        return str(info.value)
+
+    missing = write_parquet(tmp_path / "missing", {"train": splits["train"]})
+    assert "test.parquet: missing" in source_error(missing)
+
+    empty = write_parquet(tmp_path / "empty", {"train": splits["train"], "test": ([], [])})
+    assert "test.parquet: the split is empty" in source_error(empty)
+
+    bad_label = write_parquet(tmp_path / "label", {"train": (["a", "b", "c"], [0, 1, 2]), "test": splits["test"]})
+    assert re.search(r"train.parquet: row 2 has label 2", source_error(bad_label))
+
+    no_text = tmp_path / "notext"
+    no_text.mkdir()
+    pq.write_table(pa.table({"review": ["x"], "label": [1]}), no_text / "train.parquet")
+    pq.write_table(pa.table({"review": ["x"], "label": [1]}), no_text / "test.parquet")
+    assert "train.parquet: no 'text' column" in source_error(no_text)
+
+    assert "no such folder" in source_error(tmp_path / "nowhere")
+    (tmp_path / "other").mkdir()
+    assert "holds neither" in source_error(tmp_path / "other")
+
+    acl = write_aclimdb(tmp_path / "acl", splits)
+    (acl / "train" / "pos" / "999_9.txt").write_bytes(b"caf\xe9 bad bytes")
+    assert "999_9.txt: not valid UTF-8" in source_error(acl)
+
+
+def test_prepare_caches_and_reuses(tmp_path, splits):
+    cfg = DataConfig(path=str(write_parquet(tmp_path / "d", splits)), cache_dir=str(tmp_path / "c"), min_freq=1)
+    first = prepare(cfg)
+    second = prepare(cfg)
+    assert not first.cache_hit and second.cache_hit
+    for name in ("train", "val", "test"):
+        a, b = getattr(first, name), getattr(second, name)
+        assert (a.tokens == b.tokens).all() and (a.offsets == b.offsets).all() and (a.labels == b.labels).all()
+    assert first.train.lengths.max() <= cfg.max_len
+
+
+def test_tail_truncation_keeps_the_end(tmp_path):
+    texts = [" ".join(f"w{i}" for i in range(100))]
+    data = {"train": (texts * 4, [1, 0, 1, 0]), "test": (texts, [1])}
+    cfg = DataConfig(path=str(write_parquet(tmp_path / "d", data)), cache_dir=str(tmp_path / "c"), min_freq=1,
+                     max_len=10, truncate="tail", val_fraction=0.25)
+    p = prepare(cfg)
+    ids = p.test.tokens[p.test.offsets[0]: p.test.offsets[1]]
+    assert [p.tokenizer.id_to_token(int(i)) for i in ids] == [f"w{i}" for i in range(90, 100)]
+
+
+@pytest.mark.parametrize("world", [1, 2, 4])
+def test_shards_disjoint_and_cover_each_epoch(world):
+    lengths = np.random.default_rng(0).integers(1, 300, 1001)
+    layout = Layout.build(64, world)
+    for epoch in range(2):
+        batches = epoch_batches(lengths, 64, seed=5, epoch=epoch, bucket_batches=8)
+        per_rank = [np.concatenate([m for b in batches for m in layout.micro_batches(b, r)]) for r in range(world)]
+        everything = np.concatenate(per_rank)
+        assert len(everything) == len(lengths) and set(everything.tolist()) == set(range(len(lengths)))
+        for r in range(world):
+            for q in range(r + 1, world):
+                assert not set(per_rank[r].tolist()) & set(per_rank[q].tolist())
+
+
+def test_plan_depends_on_seed_and_epoch_only():
+    lengths = np.random.default_rng(1).integers(1, 300, 500)
+    a = epoch_batches(lengths, 32, seed=1, epoch=3, bucket_batches=4)
+    assert all((x == y).all() for x, y in zip(a, epoch_batches(lengths, 32, seed=1, epoch=3, bucket_batches=4)))
+    b = epoch_batches(lengths, 32, seed=1, epoch=4, bucket_batches=4)
+    assert any((x != y).any() for x, y in zip(a, b))
+    # bucketing: batches hold similar lengths, so padding is far below that of random batches
+    pad = sum(lengths[x].max() * len(x) - lengths[x].sum() for x in a)
+    unbucketed = epoch_batches(lengths, 32, seed=1, epoch=3, bucket_batches=1)
+    assert pad < 0.5 * sum(lengths[x].max() * len(x) - lengths[x].sum() for x in unbucketed)
+
+
+def test_world_size_that_cannot_form_global_batch_is_refused():
+    with pytest.raises(ValueError, match=r"over 3 processes; process counts that work: 1, 2, 4, 8"):
+        Layout.build(64, 3)
+    assert Layout.build(64, 1, micro_batch_cap=32).accum_steps == 2
+    assert Layout.build(64, 4).micro_batch == 16

@@ -1,0 +1,74 @@
+"""Real multi-process runs through `accelerate launch` (DDP over gloo on CPU), and a short run on real IMDB."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REAL_IMDB, launch_cmd, read_jsonl, run, tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+def test_two_process_run_trains_and_agrees(tmp_path, synth_imdb, cache_env):
+    run_dir = tmp_path / "run"
+    proc = run(launch_cmd(2, tiny_overrides(run_dir, synth_imdb, **{"train.debug_records": "true"})))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stderr and "global batch 32 = 2 x 16 x 1" in proc.stderr
+
+    digests = [read_jsonl(run_dir / "debug" / f"weights-rank{r}.jsonl")[-1]["sha256"] for r in (0, 1)]
+    assert digests[0] == digests[1], "DDP ranks ended with different parameters"
+
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    val = [r for r in rows if "val/acc" in r]
+    assert len(val) == 2 and val[-1]["val/acc"] > 0.8 and val[-1]["val/n"] == 160  # every review counted once
+    test = [r for r in rows if "test/acc" in r]
+    assert test and test[0]["test/n"] == 400 and test[0]["test/acc"] > 0.75
+    train_steps = [r["step"] for r in rows if "train/loss" in r]
+    assert train_steps == list(range(1, len(train_steps) + 1))
+    for name in ("config.yaml", "tokenizer.json", "status.json", "best/model.safetensors", "best/tokenizer.json",
+                 "best/config.yaml"):
+        assert (run_dir / name).is_file(), name
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+    # the two ranks trained on disjoint halves that together cover each epoch
+    seen = [read_jsonl(run_dir / "debug" / f"samples-rank{r}.jsonl") for r in (0, 1)]
+    for epoch in (0, 1):
+        ids = [[i for row in rank if row["epoch"] == epoch for i in row["ids"]] for rank in seen]
+        assert not set(ids[0]) & set(ids[1])
+        assert len(ids[0]) + len(ids[1]) == 1440 and len(set(ids[0]) | set(ids[1])) == 1440
+
+
+def test_bad_config_fails_before_training(tmp_path, synth_imdb, cache_env):
+    proc = run([sys.executable, "-m", "distsent.train", "--config", "configs/smoke.yaml",
+                *tiny_overrides(tmp_path / "r", synth_imdb), "model.hiden_dim=3"])
+    assert proc.returncode == 2 and "model.hiden_dim: unknown key" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_bf16_on_cpu_trains(tmp_path, synth_imdb, cache_env):
+    run_dir = tmp_path / "bf16"
+    proc = run([sys.executable, "-m", "distsent.train", "--config", "configs/smoke.yaml",
+                *tiny_overrides(run_dir, synth_imdb, **{"train.mixed_precision": "bf16", "train.epochs": 1})])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "mixed precision bf16" in proc.stderr
+    assert [r for r in read_jsonl(run_dir / "metrics.jsonl") if "test/acc" in r]
+
+
+@pytest.mark.skipif(not REAL_IMDB.is_dir(), reason="the local IMDB copy (../shared/data/imdb) is not here")
+def test_real_imdb_short_run_then_predict(tmp_path, cache_env):
+    run_dir = tmp_path / "real"
+    proc = run(launch_cmd(2, [f"output_dir={run_dir}", f"data.path={REAL_IMDB}", "data.limit=3000",
+                              "data.test_limit=1000", "train.epochs=2", "data.truncate=tail"]), timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    test = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "test/acc" in r][0]
+    assert test["test/n"] == 1000
+    out = subprocess.run([sys.executable, "-m", "distsent.predict", "--model", str(run_dir / "best"),
+                          "An absolute masterpiece, I loved every minute of it.",
+                          "Dreadful. The worst film I have seen in years, a total waste of time.",
+                          "It was fine, nothing special."], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(line) for line in out.stdout.splitlines()]
+    assert len(lines) == 3 and all(r["label"] in ("positive", "negative") and 0.5 <= r["probability"] <= 1
+                                   for r in lines)
