@@ -21,9 +21,10 @@ class StopFlag:
 
     def __init__(self, signal_names: list[str]):
         self.received: int | None = None
+        self._group = None
         for name in signal_names:
             signal.signal(getattr(signal, name), self._handle)
-        if os.environ.get("TORCHELASTIC_RUN_ID"):
+        if _started_by_launcher():
             self._stop_with_launcher()
 
     def _handle(self, signum, frame) -> None:
@@ -33,17 +34,31 @@ class StopFlag:
 
     @staticmethod
     def _stop_with_launcher() -> None:
-        """If `accelerate launch` (torchrun) dies of a signal it does not forward, get SIGTERM instead of running on
-        orphaned: the ranks then checkpoint and stop together."""
+        """If the launcher dies of a signal it does not forward, get SIGTERM instead of running on orphaned: the
+        ranks then checkpoint and stop together. (`accelerate launch` with one process forwards no signal at all;
+        torchrun forwards only those in PET_SIGNALS_TO_HANDLE.)"""
         try:
             ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
         except (OSError, AttributeError):  # not Linux
             pass
 
     def agreed(self, accelerator) -> bool:
-        """True on every process if any process received a stop signal (one tiny all-reduce per step)."""
+        """True on every process if any process received a stop signal.
+
+        One tiny all-reduce per step, on the CPU over gloo: with NCCL it would force a GPU sync every step.
+        """
         if accelerator.num_processes == 1:
             return self.received is not None
-        flag = torch.tensor([0 if self.received is None else 1], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item())
+        import torch.distributed as dist
 
+        if self._group is None:
+            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        flag = torch.tensor([0 if self.received is None else 1])
+        dist.all_reduce(flag, group=self._group)
+        return bool(flag.item())
+
+
+
+def _started_by_launcher() -> bool:
+    """Under `accelerate launch` or torchrun (not a plain shell, where `nohup` users expect to outlive it)."""
+    return "TORCHELASTIC_RUN_ID" in os.environ or any(k.startswith("ACCELERATE_") for k in os.environ)

@@ -137,6 +137,7 @@ class Trainer:
                       "evals_since_best": 0, "samples_seen": 0, "world_size": acc.num_processes, "run_id": "",
                       "world_size_changes": []}
         self.stop = StopFlag(cfg.dist.stop_signals)
+        self.sums = _zero_sums(acc.device)  # training metrics since the last log, kept on the device
 
     # --- resume ------------------------------------------------------------------------------------------------
 
@@ -166,6 +167,9 @@ class Trainer:
         if acc.scaler is not None and saved.get("scaler"):
             acc.scaler.load_state_dict(saved["scaler"])
         self.state = saved["train_state"]
+        if acc.is_main_process:  # the other processes start from zero: the sums are added up over processes
+            for k, v in saved.get("log_sums", {}).items():
+                self.sums[k] += v
         old = self.state["world_size"]
         if old == acc.num_processes:
             ckpt.load_rng(path, acc.process_index)
@@ -186,7 +190,7 @@ class Trainer:
     def _save(self) -> Path:
         acc = self.accelerator
         t0 = time.perf_counter()
-        state = {"train_state": self.state, "scheduler": self.scheduler.state_dict(),
+        state = {"train_state": self.state, "log_sums": self._reduced_sums(), "scheduler": self.scheduler.state_dict(),
                  "scaler": acc.scaler.state_dict() if acc.scaler is not None else None, "identity": self._identity()}
         path = ckpt.save(self.run_dir / "checkpoints", self.state["step"], acc, self.model, self.optimizer, state,
                          self.cfg.checkpoint.keep_last)
@@ -225,9 +229,11 @@ class Trainer:
                 if acc.sync_gradients:
                     max_norm = self.cfg.optim.clip_grad_norm or float("inf")
                     norm = acc.clip_grad_norm_(self.model.parameters(), max_norm)
-                    sums["grad_norm"] += norm.detach().float()
-                    sums["clipped"] += (norm > max_norm).float()
-                    sums["steps"] += 1
+                    # every process sees the same norm: count each step once in the sum over processes
+                    share = 1.0 / acc.num_processes
+                    sums["grad_norm"] += norm.detach().double() * share
+                    sums["clipped"] += (norm > max_norm).double() * share
+                    sums["steps"] += share
                     self.optimizer.step()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -361,7 +367,6 @@ class Trainer:
     def _epochs(self, runlog: RunLog) -> None:
         cfg, acc, state = self.cfg, self.accelerator, self.state
         self.model.train()
-        sums = _zero_sums(acc.device)
         t_last, samples_last = time.perf_counter(), state["samples_seen"]
         from tqdm.auto import tqdm
 
@@ -372,7 +377,7 @@ class Trainer:
                                     state["epoch"], cfg.data.bucket_batches)
             while state["batch_in_epoch"] < len(batches) and not self._max_steps_reached():
                 batch = batches[state["batch_in_epoch"]]
-                self.train_step(batch, sums)
+                self.train_step(batch, self.sums)
                 state["step"] += 1
                 state["batch_in_epoch"] += 1
                 state["samples_seen"] += len(batch)
@@ -380,10 +385,10 @@ class Trainer:
                 step = state["step"]
                 if step % cfg.train.log_every == 0:
                     now = time.perf_counter()
-                    metrics = self._train_metrics(sums, now - t_last, state["samples_seen"] - samples_last)
+                    metrics = self._train_metrics(now - t_last, state["samples_seen"] - samples_last)
                     runlog.log(metrics, step)
                     bar.set_postfix(loss=f"{metrics['train/loss']:.4f}", acc=f"{metrics['train/acc']:.3f}")
-                    sums, t_last, samples_last = _zero_sums(acc.device), now, state["samples_seen"]
+                    self.sums, t_last, samples_last = _zero_sums(acc.device), now, state["samples_seen"]
                 if cfg.train.eval_every and step % cfg.train.eval_every == 0:
                     self._validate(runlog)
                 stopping = self.stop.agreed(acc)
@@ -406,14 +411,16 @@ class Trainer:
     def _max_steps_reached(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.state["step"] >= self.cfg.train.max_steps
 
-    def _train_metrics(self, sums: dict, seconds: float, samples: int) -> dict:
-        keys = list(sums)
-        totals = dict(zip(keys, self.accelerator.reduce(torch.stack([sums[k] for k in keys]), "sum").tolist()))
-        steps = max(1.0, totals["steps"] / self.accelerator.num_processes)
+    def _reduced_sums(self) -> dict:
+        keys = list(self.sums)
+        return dict(zip(keys, self.accelerator.reduce(torch.stack([self.sums[k] for k in keys]), "sum").tolist()))
+
+    def _train_metrics(self, seconds: float, samples: int) -> dict:
+        totals = self._reduced_sums()
+        steps = max(1.0, totals["steps"])
         return {"train/loss": totals["loss"] / max(totals["samples"], 1),
                 "train/acc": totals["correct"] / max(totals["samples"], 1),
-                "grad_norm": totals["grad_norm"] / self.accelerator.num_processes / steps,
-                "clip_fraction": totals["clipped"] / self.accelerator.num_processes / steps,
+                "grad_norm": totals["grad_norm"] / steps, "clip_fraction": totals["clipped"] / steps,
                 "lr": self.scheduler.get_last_lr()[0], "epoch": self._epoch_float(),
                 "throughput/samples_per_s": samples / max(seconds, 1e-9),
                 "throughput/tokens_per_s": totals["tokens"] / max(seconds, 1e-9)}

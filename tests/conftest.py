@@ -100,6 +100,11 @@ def launch_cmd(nproc: int, overrides: list[str], config: str = "configs/smoke.ya
             "-m", "distsent.train", "--config", str(REPO / config), *overrides]
 
 
+def direct_cmd(overrides: list[str], config: str = "configs/smoke.yaml") -> list[str]:
+    """The trainer in this process's Python, no launcher: its exit status is the trainer's own."""
+    return [sys.executable, "-m", "distsent.train", "--config", str(REPO / config), *overrides]
+
+
 def run_env(extra: dict | None = None) -> dict:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_SILENT": "true",
            "PET_SIGNALS_TO_HANDLE": "SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1"}

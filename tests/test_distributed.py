@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REAL_IMDB, launch_cmd, read_jsonl, run, tiny_overrides
+from conftest import REAL_IMDB, direct_cmd, launch_cmd, read_jsonl, run, tiny_overrides
 
 pytestmark = pytest.mark.slow
 
@@ -41,16 +41,14 @@ def test_two_process_run_trains_and_agrees(tmp_path, synth_imdb, cache_env):
 
 
 def test_bad_config_fails_before_training(tmp_path, synth_imdb, cache_env):
-    proc = run([sys.executable, "-m", "distsent.train", "--config", "configs/smoke.yaml",
-                *tiny_overrides(tmp_path / "r", synth_imdb), "model.hiden_dim=3"])
+    proc = run(direct_cmd([*tiny_overrides(tmp_path / "r", synth_imdb), "model.hiden_dim=3"]))
     assert proc.returncode == 2 and "model.hiden_dim: unknown key" in proc.stderr
     assert not (tmp_path / "r").exists()
 
 
 def test_bf16_on_cpu_trains(tmp_path, synth_imdb, cache_env):
     run_dir = tmp_path / "bf16"
-    proc = run([sys.executable, "-m", "distsent.train", "--config", "configs/smoke.yaml",
-                *tiny_overrides(run_dir, synth_imdb, **{"train.mixed_precision": "bf16", "train.epochs": 1})])
+    proc = run(direct_cmd(tiny_overrides(run_dir, synth_imdb, **{"train.mixed_precision": "bf16", "train.epochs": 1})))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mixed precision bf16" in proc.stderr
     assert [r for r in read_jsonl(run_dir / "metrics.jsonl") if "test/acc" in r]

@@ -1,0 +1,195 @@
+"""Exact, preemption-safe resume with real processes, real signals and real files."""
+
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, direct_cmd, launch_cmd, read_jsonl, run, run_env, tiny_overrides, train_rows
+from distsent import checkpoint as ckpt
+
+pytestmark = pytest.mark.slow
+
+EXIT_PREEMPTED = 75
+
+
+def overrides(run_dir, data, **extra):
+    # 1440 training reviews / 32 = 45 steps per epoch, 3 epochs; a checkpoint every 7 steps
+    return tiny_overrides(run_dir, data, **{"train.epochs": 3, "train.debug_records": "true", "checkpoint.every": 7,
+                                            "model.hidden_dim": 64, "data.max_len": 96, **extra})
+
+
+def start(nproc, args):
+    return subprocess.Popen(launch_cmd(nproc, args), cwd=REPO, env=run_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_step(run_dir: Path, step: int, proc, timeout=180):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended before step {step}: {proc.stderr.read()[-3000:]}")
+        try:
+            rows = train_rows(run_dir)
+            if rows and rows[-1]["step"] >= step:
+                return rows[-1]["step"]
+        except (FileNotFoundError, json.JSONDecodeError):
+            pass
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached in {timeout} s")
+
+
+def wait_group_gone(pgid: int, timeout=120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError("processes of the run are still alive")
+
+
+def final_digests(run_dir: Path, nproc: int) -> list[str]:
+    return [read_jsonl(run_dir / "debug" / f"weights-rank{r}.jsonl")[-1]["sha256"] for r in range(nproc)]
+
+
+def ids_per_epoch(run_dir: Path) -> dict[int, list[int]]:
+    seen: dict[int, list[int]] = {}
+    for f in sorted((run_dir / "debug").glob("samples-rank*.jsonl")):
+        for row in read_jsonl(f):
+            seen.setdefault(row["epoch"], []).extend(row["ids"])
+    return seen
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["train/loss"]) for r in train_rows(run_dir)]
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, synth_imdb):
+    """Uninterrupted runs with 1 and 2 processes, the yardstick for every resumed run."""
+    os.environ["DISTSENT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+    out = {}
+    for nproc in (1, 2):
+        run_dir = tmp_path_factory.mktemp(f"ref{nproc}")
+        proc = run(launch_cmd(nproc, overrides(run_dir, synth_imdb)))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        out[nproc] = run_dir
+    return out
+
+
+@pytest.mark.parametrize("nproc, sig", [(1, signal.SIGUSR1), (2, signal.SIGUSR1), (2, signal.SIGTERM)])
+def test_signal_mid_epoch_then_resume_is_bitwise_exact(nproc, sig, reference, synth_imdb, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = start(nproc, overrides(run_dir, synth_imdb))
+    wait_for_step(run_dir, 50, proc)  # epoch 1 (steps 46-90)
+    os.kill(proc.pid, sig)  # to the `accelerate launch` process itself
+    _, err = proc.communicate(timeout=120)
+    wait_group_gone(proc.pid)  # with 1 process the launcher dies at once; its rank checkpoints, then exits
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "preempted" and status["exit_code"] == EXIT_PREEMPTED, err[-3000:]
+    stopped_at = status["step"]
+    assert 50 <= stopped_at < 90 and stopped_at % 45, "the stop should fall in the middle of epoch 1"
+    if nproc == 1:  # accelerate's single-process launcher does not forward signals: it dies of it
+        assert proc.returncode == -sig
+    else:  # torchrun forwards the signal to the ranks, waits for them, then exits 1 ("got signal")
+        assert proc.returncode == 1 and f"got signal: {int(sig)}" in err
+    assert ckpt.find_latest(run_dir / "checkpoints").name == f"step-{stopped_at:08d}"
+
+    proc = run(launch_cmd(nproc, overrides(run_dir, synth_imdb)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"resumed from" in proc.stderr
+
+    ref = reference[nproc]
+    assert final_digests(run_dir, nproc) == final_digests(ref, nproc)
+    assert losses(run_dir) == losses(ref)  # every step logged once, with the same loss
+    for epoch, ids in ids_per_epoch(run_dir).items():
+        assert sorted(ids) == sorted(ids_per_epoch(ref)[epoch]) and len(ids) == len(set(ids)) == 1440, epoch
+
+
+def test_kill_9_at_random_moments_always_resumes(reference, synth_imdb, tmp_path):
+    run_dir = tmp_path / "run"
+    args = overrides(run_dir, synth_imdb, **{"checkpoint.every": 2})
+    rnd = random.Random(1234)
+    for trial in range(4):
+        proc = start(1, args)
+        try:
+            wait_for_step(run_dir, 3 + 25 * trial, proc)
+        except AssertionError:
+            break  # finished before this trial's kill point
+        time.sleep(rnd.uniform(0.0, 0.4))
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        latest = ckpt.find_latest(run_dir / "checkpoints")
+        if latest is not None:  # whatever is picked as latest must verify and load
+            ckpt.verify(latest)
+            import torch
+
+            torch.load(latest / "optimizer.pt", weights_only=True)
+    proc = run(launch_cmd(1, args))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert final_digests(run_dir, 1) == final_digests(reference[1], 1)
+    assert not list((run_dir / "checkpoints").glob(".tmp-*")), "leftovers of interrupted writes are cleaned up"
+
+
+def test_dead_rank_makes_survivor_exit_then_resume(synth_imdb, tmp_path, cache_env):
+    run_dir = tmp_path / "run"
+    args = overrides(run_dir, synth_imdb, **{"dist.timeout_s": 20})
+    proc = start(2, args)
+    wait_for_step(run_dir, 20, proc)
+    workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
+    assert len(workers) == 2
+    os.kill(int(workers[1]), signal.SIGKILL)
+    t0 = time.time()
+    proc.communicate(timeout=60)
+    assert time.time() - t0 < 30 and proc.returncode != 0
+    survivors = subprocess.run(["ps", "-o", "pid=", "-p", workers[0]], capture_output=True, text=True).stdout.strip()
+    assert not survivors, "the surviving rank is still running"
+    proc = run(launch_cmd(2, args))
+    assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_broken_checkpoints_are_skipped_or_refused(reference, synth_imdb, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference[1], run_dir)
+    root = run_dir / "checkpoints"
+    newest, older = sorted(root.glob("step-*"), reverse=True)[:2]
+    # truncate the newest checkpoint's weights: "latest" must fall back to the older one, with a warning naming it
+    weights = newest / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert ckpt.find_latest(root) == older
+    with pytest.raises(ckpt.CheckpointError, match="truncated"):
+        ckpt.verify(newest)
+    # flip bytes in the older one's optimizer state: corrupted
+    opt = older / "optimizer.pt"
+    data = bytearray(opt.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    opt.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="corrupted"):
+        ckpt.verify(older)
+    assert ckpt.find_latest(root) is None
+    # an interrupted write: no manifest
+    (root / "step-99999999").mkdir()
+    assert ckpt.find_latest(root) is None
+
+    # named explicitly, a broken checkpoint is a clear error before training
+    proc = run(direct_cmd(overrides(tmp_path / "new", synth_imdb, **{"checkpoint.resume": str(older)})))
+    assert proc.returncode == 2 and "corrupted" in proc.stderr
+
+
+def test_changed_model_shape_is_refused_but_more_epochs_allowed(reference, synth_imdb, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference[1], run_dir)
+    proc = run(direct_cmd(overrides(run_dir, synth_imdb, **{"model.hidden_dim": 48})))
+    assert proc.returncode == 2
+    assert "model.hidden_dim: checkpoint 64, config 48" in proc.stderr
+    proc = run(launch_cmd(1, overrides(run_dir, synth_imdb, **{"train.epochs": 4})))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resumed from" in proc.stderr and train_rows(run_dir)[-1]["step"] == 180
