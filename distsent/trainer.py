@@ -91,7 +91,10 @@ class Trainer:
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)
         if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
             raise ConfigError("train.mixed_precision: fp16 needs a GPU; use 'bf16' or 'no' on a CPU")
-        self.layout = Layout.build(cfg.train.global_batch_size, acc.num_processes, cfg.train.micro_batch_size)
+        try:
+            self.layout = Layout.build(cfg.train.global_batch_size, acc.num_processes, cfg.train.micro_batch_size)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         acc.gradient_accumulation_steps = self.layout.accum_steps
         torch.set_flush_denormal(cfg.train.flush_denormal)
         cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -45,7 +45,7 @@ def wait_for_step(run_dir: Path, step: int, proc, timeout=180):
     raise AssertionError(f"step {step} not reached in {timeout} s")
 
 
-def wait_group_gone(pgid: int, timeout=120) -> None:
+def wait_for_group_gone(pgid: int, timeout=120) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
@@ -92,7 +92,7 @@ def test_signal_mid_epoch_then_resume_is_bitwise_exact(nproc, sig, reference, sy
     wait_for_step(run_dir, 50, proc)  # epoch 1 (steps 46-90)
     os.kill(proc.pid, sig)  # to the `accelerate launch` process itself
     _, err = proc.communicate(timeout=120)
-    wait_group_gone(proc.pid)  # with 1 process the launcher dies at once; its rank checkpoints, then exits
+    wait_for_group_gone(proc.pid)  # with 1 process the launcher dies at once; its rank checkpoints, then exits
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "preempted" and status["exit_code"] == EXIT_PREEMPTED, err[-3000:]
     stopped_at = status["step"]
