@@ -34,6 +34,7 @@ class DataConfig:
     truncate: str = _doc("Which tokens a long review keeps: 'head' (the first max_len) or 'tail' (the last).", "head")
     min_freq: int = _doc("A word needs this many occurrences in the training split to enter the vocabulary.", 5)
     lowercase: bool = _doc("Lower-case text before splitting into words.", True)
+    strip_html: bool = _doc("Replace HTML line breaks (<br />, frequent in IMDB) by spaces before splitting.", False)
     cache_dir: str = _doc("Where tokenized data is cached; empty: $DISTSENT_CACHE or ~/.cache/distsent.", "")
     bucket_batches: int = _doc("Length-aware batching: sort each pool of this many global batches by length "
                                "before cutting batches (less padding); 1 = no sorting.", 50)

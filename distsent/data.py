@@ -178,12 +178,14 @@ def carve(cfg: DataConfig, train: RawSplit, test: RawSplit) -> dict[str, RawSpli
 
 # --- tokenizer -------------------------------------------------------------------------------------------------
 
-def new_tokenizer(lowercase: bool):
+def new_tokenizer(lowercase: bool, strip_html: bool = False):
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    if lowercase:
-        tok.normalizer = normalizers.Lowercase()
+    steps = ([normalizers.Replace(Regex(r"<br\s*/?>"), " ")] if strip_html else []) + (
+        [normalizers.Lowercase()] if lowercase else [])
+    if steps:
+        tok.normalizer = normalizers.Sequence(steps)
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(NON_WORD), behavior="removed")
     return tok
 
@@ -192,7 +194,7 @@ def train_tokenizer(texts: list[str], cfg: DataConfig):
     """The word-level vocabulary of the reference pipeline: words seen >= min_freq times, plus <pad>=0 and <unk>=1."""
     from tokenizers import trainers
 
-    tok = new_tokenizer(cfg.lowercase)
+    tok = new_tokenizer(cfg.lowercase, cfg.strip_html)
     trainer = trainers.WordLevelTrainer(vocab_size=1 << 30, min_frequency=cfg.min_freq, special_tokens=[PAD, UNK],
                                         show_progress=False)
     tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
@@ -293,7 +295,7 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
     """
     src = find_source(cfg)
     split_dir = cache_root(cfg) / _split_key(cfg, src)
-    tok_settings = {"min_freq": cfg.min_freq, "lowercase": cfg.lowercase}
+    tok_settings = {"min_freq": cfg.min_freq, "lowercase": cfg.lowercase, "strip_html": cfg.strip_html}
     tok_file = split_dir / f"tokenizer-{_hash(tok_settings)}.json"
     if tokenizer_path is not None and Path(tokenizer_path).is_file():
         tok_file = Path(tokenizer_path)

@@ -30,6 +30,29 @@ def drop_rows_after(path: Path, step: int) -> None:
     os.replace(tmp, path)
 
 
+def software_versions() -> dict:
+    """Library versions and the project's git commit (with a -dirty mark), for the run's config."""
+    import importlib.metadata as md
+    import subprocess
+
+    out = {}
+    for pkg in ("distsent", "torch", "accelerate", "datasets", "tokenizers", "wandb", "safetensors", "numpy"):
+        try:
+            out[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            out[pkg] = "not installed"
+    repo = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True,
+                                timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        out["git_commit"] = (commit + ("-dirty" if dirty else "")) if commit else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        out["git_commit"] = "unknown"
+    return out
+
+
 def write_status(run_dir: Path, **fields) -> None:
     """status.json tells schedulers and people how the run ended: running, preempted, finished or failed."""
     tmp = run_dir / "status.json.tmp"
@@ -37,15 +60,28 @@ def write_status(run_dir: Path, **fields) -> None:
     os.replace(tmp, run_dir / "status.json")
 
 
-def wandb_init_kwargs(cfg, run_dir: Path, run_id: str) -> dict:
+# W&B settings a job can override through the environment (they win over the YAML, as cluster users expect).
+_WANDB_ENV = {"project": "WANDB_PROJECT", "entity": "WANDB_ENTITY", "name": "WANDB_NAME", "group": "WANDB_RUN_GROUP",
+              "notes": "WANDB_NOTES", "mode": "WANDB_MODE"}
+
+
+def wandb_settings(cfg, run_dir: Path) -> dict:
+    """The effective W&B settings: the YAML's log.wandb, overridden by WANDB_* environment variables."""
     w = cfg.log.wandb
-    kwargs = {"id": run_id, "resume": "allow", "dir": str(run_dir), "mode": os.environ.get("WANDB_MODE", w.mode),
-              "name": w.name or run_dir.name}
-    for key in ("entity", "group", "notes"):
-        if getattr(w, key):
-            kwargs[key] = getattr(w, key)
-    if w.tags:
-        kwargs["tags"] = list(w.tags)
+    out = {key: os.environ.get(env) or getattr(w, key) for key, env in _WANDB_ENV.items()}
+    out["name"] = out["name"] or run_dir.name
+    tags = os.environ.get("WANDB_TAGS")
+    out["tags"] = [t for t in tags.split(",") if t] if tags else list(w.tags)
+    return out
+
+
+def wandb_init_kwargs(cfg, run_dir: Path, run_id: str) -> dict:
+    """wandb.init arguments: the run id saved in checkpoints and resume="allow", so a resumed job continues it."""
+    settings = wandb_settings(cfg, run_dir)
+    kwargs = {"id": run_id, "resume": "allow", "dir": str(run_dir), "mode": settings["mode"], "name": settings["name"]}
+    for key in ("entity", "group", "notes", "tags"):
+        if settings[key]:
+            kwargs[key] = settings[key]
     return kwargs
 
 
@@ -62,8 +98,9 @@ class RunLog:
             return
         if resume_step is not None:
             drop_rows_after(self.path, resume_step)
+        self.cfg = cfg
         if cfg.log.trackers:
-            project = cfg.log.wandb.project
+            project = wandb_settings(cfg, run_dir)["project"]
             try:
                 accelerator.init_trackers(project, config=config,
                                           init_kwargs={"wandb": wandb_init_kwargs(cfg, run_dir, run_id)})
@@ -85,14 +122,47 @@ class RunLog:
                             step, type(exc).__name__, exc)
                 self.trackers_on = False
 
-    def summary(self, values: dict) -> None:
-        """Run-level values (best and test metrics) for trackers that have a summary."""
-        if not (self.active and self.trackers_on):
+    def _wandb_run(self):
+        if not self.trackers_on:
+            return None
+        for tracker in self.accelerator.trackers:
+            if tracker.name == "wandb":
+                return tracker.run
+        return None
+
+    def log_wandb(self, build, step: int) -> None:
+        """W&B-only media (tables, plots): `build(wandb)` returns the values, built only when W&B is on."""
+        run = self._wandb_run() if self.active else None
+        if run is None:
             return
         try:
-            for tracker in self.accelerator.trackers:
-                if tracker.name == "wandb":
-                    tracker.run.summary.update(values)
+            import wandb
+
+            run.log(build(wandb), step=step)
+        except Exception as exc:
+            log.warning("W&B media logging failed at step %d (%s: %s)", step, type(exc).__name__, exc)
+
+    def log_model(self, folder: Path, name: str, metadata: dict) -> None:
+        """Upload a model folder as a W&B artifact (in offline mode it is staged for `wandb sync`)."""
+        run = self._wandb_run() if self.active else None
+        if run is None or not self.cfg.log.wandb.log_model:
+            return
+        try:
+            import wandb
+
+            artifact = wandb.Artifact(name, type="model", metadata=metadata)
+            artifact.add_dir(str(folder))
+            run.log_artifact(artifact, aliases=["best", "latest"])
+        except Exception as exc:
+            log.warning("W&B artifact upload failed (%s: %s)", type(exc).__name__, exc)
+
+    def summary(self, values: dict) -> None:
+        """Run-level values (best and test metrics) for trackers that have a summary."""
+        run = self._wandb_run() if self.active else None
+        if run is None:
+            return
+        try:
+            run.summary.update(values)
         except Exception as exc:
             log.warning("tracker summary failed (%s: %s)", type(exc).__name__, exc)
 

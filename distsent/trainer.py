@@ -23,7 +23,7 @@ from .data import PreparedData, TokenizedSplit, prepare
 from .model import build_model, cpu_supports_bf16_rnn
 from .preemption import EXIT_PREEMPTED, StopFlag
 from .sampler import Layout, epoch_batches
-from .tracking import RunLog, drop_rows_after, write_status
+from .tracking import RunLog, drop_rows_after, software_versions, write_status
 
 log = logging.getLogger("distsent")
 
@@ -159,7 +159,7 @@ class Trainer:
         return {"model": asdict(self.cfg.model), "vocab_sha256": vocab_sha256(self.data.tokenizer),
                 "global_batch_size": self.cfg.train.global_batch_size, "seed": self.cfg.train.seed,
                 "data": {k: getattr(self.cfg.data, k) for k in ("max_len", "truncate", "limit", "val_fraction",
-                                                                "split_seed", "bucket_batches")}}
+                                                                "split_seed", "bucket_batches", "strip_html")}}
 
     def _restore(self, path: Path) -> None:
         acc = self.accelerator
@@ -291,6 +291,7 @@ class Trainer:
         metrics = self.evaluate(self.data.val)
         step = self.state["step"]
         runlog.log({f"val/{k}": v for k, v in metrics.items()} | {"epoch": self._epoch_float()}, step)
+        runlog.log_wandb(lambda wandb: self._eval_media(wandb, metrics), step)
         if metrics["acc"] > self.state["best_val_acc"]:
             self.state.update(best_val_acc=metrics["acc"], best_step=step, evals_since_best=0)
             self._save_best()
@@ -300,6 +301,28 @@ class Trainer:
         if self.accelerator.is_main_process:
             log.info("step %d: val loss %.4f acc %.4f f1 %.4f (best %.4f at step %d)", step, metrics["loss"],
                      metrics["acc"], metrics["f1"], self.state["best_val_acc"], self.state["best_step"])
+
+    def _eval_media(self, wandb, metrics: dict, examples: int = 16) -> dict:
+        """A confusion matrix and a table of example predictions (the text as the model reads it)."""
+        truth = [0] * (metrics["tn"] + metrics["fp"]) + [1] * (metrics["fn"] + metrics["tp"])
+        preds = [0] * metrics["tn"] + [1] * metrics["fp"] + [0] * metrics["fn"] + [1] * metrics["tp"]
+        val = self.data.val
+        idx = np.arange(min(examples, len(val)))
+        ids, lengths, labels = self._tensors(val, idx)
+        model = self.raw_model
+        was_training = model.training
+        model.eval()
+        with torch.no_grad(), self.accelerator.autocast():
+            probs = torch.sigmoid(model(ids, lengths).float()).tolist()
+        model.train(was_training)
+        table = wandb.Table(columns=["text", "label", "p_positive", "correct"])
+        for i, p in zip(idx, probs):
+            words = val.tokens[val.offsets[i]: val.offsets[i + 1]].tolist()
+            label = int(val.labels[i])
+            table.add_data(self.data.tokenizer.decode(words, skip_special_tokens=False), label, p, (p >= 0.5) == label)
+        return {"val/confusion_matrix": wandb.plot.confusion_matrix(y_true=truth, preds=preds,
+                                                                    class_names=["negative", "positive"]),
+                "val/examples": table}
 
     def _save_best(self) -> None:
         """<run>/best/: weights (safetensors), tokenizer and config, replaced atomically."""
@@ -346,9 +369,9 @@ class Trainer:
         runlog = RunLog(cfg, self.run_dir, acc, state["run_id"], state["step"] if self.resume_from else None,
                         {**cfg.to_dict(), "launch": self._topology()})
         for event in state["world_size_changes"]:
-            if event["step"] == state["step"]:
+            if event["step"] == state["step"]:  # logged at the first step on the new world size
                 runlog.log({"event/world_size_old": event["old_world_size"],
-                            "event/world_size_new": event["new_world_size"]}, state["step"])
+                            "event/world_size_new": event["new_world_size"]}, state["step"] + 1)
         if acc.is_main_process:
             write_status(self.run_dir, state="running", step=state["step"], pid=os.getpid())
         try:
@@ -438,6 +461,9 @@ class Trainer:
         metrics = self.evaluate(self.data.test)
         runlog.log({f"test/{k}": v for k, v in metrics.items()}, self.state["step"])
         runlog.summary({f"test/{k}": v for k, v in metrics.items()})
+        runlog.log_model(self.run_dir / "best", f"model-{self.state['run_id']}",
+                         {"step": self.state["best_step"], "val_acc": self.state["best_val_acc"],
+                          "test_acc": metrics["acc"]})
         if self.accelerator.is_main_process:
             log.info("test (best model, step %d): acc %.4f f1 %.4f loss %.4f on %d reviews", self.state["best_step"],
                      metrics["acc"], metrics["f1"], metrics["loss"], metrics["n"])
@@ -448,7 +474,7 @@ class Trainer:
         topo = {"num_processes": acc.num_processes, "num_machines": _num_machines(), "device": str(acc.device),
                 "mixed_precision": acc.mixed_precision, "micro_batch": self.layout.micro_batch,
                 "accum_steps": self.layout.accum_steps, "threads_per_process": torch.get_num_threads(),
-                "torch": torch.__version__, "python": sys.version.split()[0]}
+                "python": sys.version.split()[0], **software_versions()}
         for var in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT"):
             if var in os.environ:
                 topo[var.lower()] = os.environ[var]

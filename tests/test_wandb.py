@@ -1,0 +1,123 @@
+"""W&B: real offline runs, read back from the run's .wandb log with `wandb leet inspect --json` (no mocks of wandb)."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import direct_cmd, launch_cmd, read_jsonl, run, tiny_overrides
+from test_resume import start, wait_for_group_gone, wait_for_step
+
+pytestmark = pytest.mark.slow
+
+WANDB_CLI = str(Path(sys.executable).parent / "wandb")
+TRAIN_KEYS = {"train/loss", "train/acc", "lr", "grad_norm", "clip_fraction", "throughput/samples_per_s",
+              "throughput/tokens_per_s", "epoch"}
+VAL_KEYS = {"val/loss", "val/acc", "val/f1"}
+
+
+def wandb_args(run_dir, data, **extra):
+    return tiny_overrides(run_dir, data, **{"log.trackers": "[wandb]", "log.wandb.mode": "offline",
+                                            "train.log_every": 5, "checkpoint.every": 10, **extra})
+
+
+def offline_runs(run_dir: Path) -> list[Path]:
+    return sorted((run_dir / "wandb").glob("offline-run-*"))
+
+
+def records(offline_dir: Path) -> list[dict]:
+    out = subprocess.run([WANDB_CLI, "leet", "inspect", "--json", str(offline_dir)], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    return [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+
+
+def history(recs: list[dict]) -> list[dict]:
+    return [r["history"]["item"] for r in recs if r["type"] == "history"]
+
+
+def summary(offline_dir: Path) -> dict:
+    out = subprocess.run([WANDB_CLI, "leet", "inspect", "--summary", "--json", str(offline_dir)], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def test_two_process_run_writes_one_complete_wandb_run(tmp_path, synth_imdb, cache_env):
+    run_dir = tmp_path / "run"
+    proc = run(launch_cmd(2, wandb_args(run_dir, synth_imdb)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (offline,) = offline_runs(run_dir)  # exactly one W&B run, written by the main process only
+    recs = records(offline)
+    config = [r for r in recs if r["type"] == "config"][0]["config"]["update"]
+    assert config["model"]["hidden_dim"] == 32 and config["train"]["global_batch_size"] == 32
+    launch = config["launch"]
+    assert launch["num_processes"] == 2 and launch["device"].startswith("cpu") and launch["mixed_precision"] == "no"
+    assert launch["torch"] and launch["accelerate"] and launch["git_commit"]
+    rows = history(recs)
+    steps = [r["_step"] for r in rows]
+    assert steps == sorted(steps) and len(set(steps)) == len(steps)
+    keys = set().union(*rows)
+    assert TRAIN_KEYS | VAL_KEYS <= keys, keys
+    for media in ("val/confusion_matrix", "val/examples"):  # tables are stored as files, referenced by key
+        assert any(k.startswith(media) for k in keys), (media, keys)
+    train_steps = [r["_step"] for r in rows if "train/loss" in r]
+    assert train_steps == list(range(5, 91, 5))
+    s = summary(offline)
+    flat = json.dumps(s)
+    assert "best/val_acc" in flat and "test/acc" in flat
+    assert (run_dir / "best" / "model.safetensors").is_file()
+    models = [r["artifact"] for r in recs if r["type"] == "artifact" and r["artifact"].get("type") == "model"]
+    assert len(models) == 1 and "best" in models[0]["aliases"]
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, synth_imdb, cache_env):
+    run_dir = tmp_path / "run"
+    args = wandb_args(run_dir, synth_imdb, **{"train.epochs": 3, "model.hidden_dim": 64, "data.max_len": 96})
+    proc = start(1, args)
+    wait_for_step(run_dir, 50, proc)
+    os.kill(proc.pid, signal.SIGUSR1)
+    proc.communicate(timeout=120)
+    wait_for_group_gone(proc.pid)
+    stopped = json.loads((run_dir / "status.json").read_text())["step"]
+    proc = run(launch_cmd(1, args))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    first, second = offline_runs(run_dir)
+    ids = {[r for r in records(d) if r["type"] == "run"][0]["run"]["run_id"] for d in (first, second)}
+    assert len(ids) == 1, "the resumed job must log into the same W&B run id"
+    steps1 = [r["_step"] for r in history(records(first)) if "train/loss" in r]
+    steps2 = [r["_step"] for r in history(records(second)) if "train/loss" in r]
+    assert max(steps1) <= stopped < min(steps2)
+    assert sorted(steps1 + steps2) == list(range(5, 136, 5))  # continuing steps, none twice, none lost
+
+
+@pytest.mark.parametrize("how", ["disabled", "unwritable"])
+def test_wandb_off_or_broken_never_stops_training(how, tmp_path, synth_imdb, cache_env):
+    run_dir = tmp_path / "run"
+    extra = {"train.epochs": 1}
+    if how == "disabled":
+        extra["log.wandb.mode"] = "disabled"
+    else:  # W&B cannot create its folder: the run dir's "wandb" is a file
+        run_dir.mkdir()
+        (run_dir / "wandb").write_text("not a folder")
+    proc = run(direct_cmd(wandb_args(run_dir, synth_imdb, **extra)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    assert [r for r in read_jsonl(run_dir / "metrics.jsonl") if "test/acc" in r]
+    if how == "unwritable":
+        assert "could not start" in proc.stderr
+
+
+def test_api_key_never_reaches_the_run_directory(tmp_path, synth_imdb, cache_env):
+    secret = "0123456789abcdef0123456789abcdef01234567"
+    run_dir = tmp_path / "run"
+    proc = run(direct_cmd(wandb_args(run_dir, synth_imdb, **{"train.epochs": 1})), env={"WANDB_API_KEY": secret})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert secret not in proc.stdout + proc.stderr
+    for f in run_dir.rglob("*"):
+        if f.is_file():
+            assert secret.encode() not in f.read_bytes(), f
