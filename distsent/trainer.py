@@ -108,8 +108,10 @@ class Trainer:
 
         self.resume_from = self._find_resume()
         tok_path = self.run_dir / "tokenizer.json"
+        t0 = time.perf_counter()
         with acc.main_process_first():  # main builds the vocabulary and the token cache; the others then read them
             self.data: PreparedData = prepare(cfg.data, tok_path if tok_path.is_file() else None)
+        self.prepare_s = time.perf_counter() - t0
         if acc.is_main_process:
             if not tok_path.is_file():
                 self.data.tokenizer.save(str(tok_path))
@@ -141,6 +143,8 @@ class Trainer:
                       "world_size_changes": []}
         self.stop = StopFlag(cfg.dist.stop_signals)
         self.sums = _zero_sums(acc.device)  # training metrics since the last log, kept on the device
+        self.started = t0  # wall-clock origin of time/elapsed_s
+        self.eval_seconds = 0.0
 
     # --- resume ------------------------------------------------------------------------------------------------
 
@@ -288,9 +292,14 @@ class Trainer:
                 "fp": int(fp), "tn": int(tn), "fn": int(fn)}
 
     def _validate(self, runlog: RunLog) -> None:
+        t0 = time.perf_counter()
         metrics = self.evaluate(self.data.val)
+        seconds = time.perf_counter() - t0
+        self.eval_seconds += seconds
         step = self.state["step"]
-        runlog.log({f"val/{k}": v for k, v in metrics.items()} | {"epoch": self._epoch_float()}, step)
+        runlog.log({f"val/{k}": v for k, v in metrics.items()} | {
+            "epoch": self._epoch_float(), "val/samples_per_s": metrics["n"] / seconds,
+            "time/elapsed_s": time.perf_counter() - self.started}, step)
         runlog.log_wandb(lambda wandb: self._eval_media(wandb, metrics), step)
         if metrics["acc"] > self.state["best_val_acc"]:
             self.state.update(best_val_acc=metrics["acc"], best_step=step, evals_since_best=0)
@@ -368,10 +377,14 @@ class Trainer:
             state["run_id"] = _new_run_id(acc)
         runlog = RunLog(cfg, self.run_dir, acc, state["run_id"], state["step"] if self.resume_from else None,
                         {**cfg.to_dict(), "launch": self._topology()})
+        # a resumed run logs its start-up rows at its first new step: the checkpoint's step is already in W&B
+        first_step = state["step"] + (1 if self.resume_from else 0)
+        start_row = {"data/prepare_s": self.prepare_s, "data/cache_hit": int(self.data.cache_hit)}
         for event in state["world_size_changes"]:
-            if event["step"] == state["step"]:  # logged at the first step on the new world size
-                runlog.log({"event/world_size_old": event["old_world_size"],
-                            "event/world_size_new": event["new_world_size"]}, state["step"] + 1)
+            if event["step"] == state["step"]:
+                start_row.update({"event/world_size_old": event["old_world_size"],
+                                  "event/world_size_new": event["new_world_size"]})
+        runlog.log(start_row, first_step)
         if acc.is_main_process:
             write_status(self.run_dir, state="running", step=state["step"], pid=os.getpid())
         try:
@@ -399,6 +412,8 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=state["step"], disable=not acc.is_main_process, unit="step",
                    dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
         while state["epoch"] < cfg.train.epochs and not self._max_steps_reached():
+            epoch_start, eval_before = time.perf_counter(), self.eval_seconds
+            epoch_samples = epoch_tokens = 0
             batches = epoch_batches(self.data.train.lengths, self.layout.global_batch, cfg.train.seed,
                                     state["epoch"], cfg.data.bucket_batches)
             while state["batch_in_epoch"] < len(batches) and not self._max_steps_reached():
@@ -407,6 +422,8 @@ class Trainer:
                 state["step"] += 1
                 state["batch_in_epoch"] += 1
                 state["samples_seen"] += len(batch)
+                epoch_samples += len(batch)
+                epoch_tokens += int(self.data.train.lengths[batch].sum())
                 bar.update(1)
                 step = state["step"]
                 if step % cfg.train.log_every == 0:
@@ -429,6 +446,11 @@ class Trainer:
             if state["batch_in_epoch"] >= len(batches):
                 if not (cfg.train.eval_every and state["step"] % cfg.train.eval_every == 0):
                     self._validate(runlog)
+                epoch_s = time.perf_counter() - epoch_start
+                train_s = epoch_s - (self.eval_seconds - eval_before)
+                runlog.log({"time/epoch_s": epoch_s, "time/epoch_train_s": train_s,
+                            "throughput/epoch_samples_per_s": epoch_samples / train_s,
+                            "throughput/epoch_tokens_per_s": epoch_tokens / train_s}, state["step"])
                 state["epoch"] += 1
                 state["batch_in_epoch"] = 0
                 self._save()

@@ -1,0 +1,29 @@
+"""The benchmark runs end to end on a tiny subset (so it cannot rot) and reports every number it promises."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, run_env
+
+pytestmark = pytest.mark.slow
+
+
+def test_benchmark_runs_on_tiny_subset(tmp_path, synth_imdb, cache_env):
+    out = tmp_path / "results.json"
+    proc = subprocess.run([sys.executable, "benchmarks/run.py", "--data", str(synth_imdb), "--limit", "200",
+                           "--test-limit", "60", "--epochs", "1", "--threads", "2", "--out", str(out)],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+    assert set(results["runs"]) == {"seed", "ds-1x2", "ds-2x1"}
+    for name, r in results["runs"].items():
+        for key in ("train_samples_per_s", "eval_samples_per_s", "prep_cold_s", "epoch_s", "peak_rss_mib"):
+            assert r[key] is not None and r[key] > 0, (name, key)
+        assert len(r["acc_per_epoch"]) == 1
+    assert results["runs"]["ds-1x2"]["predict_reviews_per_s"] > 0
+    assert results["runs"]["ds-2x1"]["train_tokens_per_s"] > 0
+    assert set(results["ratios_vs_seed"]) == {"ds-1x2", "ds-2x1"}
+    assert "| seed |" in proc.stdout and "ds-2x1 / seed" in proc.stdout
