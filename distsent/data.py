@@ -20,8 +20,6 @@ PAD_ID = 0
 SPLITS = ("train", "test")
 DATA_PATH_ENV = "DISTSENT_DATA_PATH"
 CACHE_ENV = "DISTSENT_CACHE"
-# The word pattern of the reference pipeline (`re.findall(r"\b\w+\b", text.lower())`): runs of word characters.
-NON_WORD = r"\W+"
 
 
 class DataError(ValueError):
@@ -81,22 +79,33 @@ def find_source(cfg: DataConfig) -> Source:
 
 @dataclass
 class RawSplit:
-    texts: list[str]
+    texts: "pa.LargeStringArray"  # Arrow, so that 25,000 reviews are never copied into Python strings
     labels: np.ndarray  # int64, 0 = negative, 1 = positive
     ids: np.ndarray  # int64, stable ids of the records within the split
 
 
-def _check_records(texts, labels, where: str) -> np.ndarray:
+def _checked(texts, labels, where: str) -> RawSplit:
+    """A RawSplit from any sequence or Arrow array of texts, after checking texts and labels."""
+    import pyarrow as pa
+
     if len(texts) == 0:
         raise DataError(f"{where}: the split is empty")
+    try:
+        texts = pa.array(texts) if not isinstance(texts, (pa.Array, pa.ChunkedArray)) else texts
+    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
+        raise DataError(f"{where}: the texts are not all strings ({exc})") from exc
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+        raise DataError(f"{where}: the text column holds {texts.type}, expected strings")
+    if texts.null_count:
+        row = int(np.flatnonzero(texts.is_null().to_numpy(zero_copy_only=False))[0])
+        raise DataError(f"{where}: row {row} has no text (null)")
     labels = np.asarray(labels)
     bad = np.flatnonzero(~np.isin(labels, (0, 1)))
     if bad.size:
         raise DataError(f"{where}: row {int(bad[0])} has label {labels[bad[0]].item()!r}; labels must be 0 or 1")
-    for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise DataError(f"{where}: row {i} has a text of type {type(t).__name__}, expected a string")
-    return labels.astype(np.int64)
+    return RawSplit(texts.cast(pa.large_string()), labels.astype(np.int64), np.arange(len(texts), dtype=np.int64))
 
 
 def _read_parquet(path: Path) -> RawSplit:
@@ -109,9 +118,7 @@ def _read_parquet(path: Path) -> RawSplit:
     for col in ("text", "label"):
         if col not in table.column_names:
             raise DataError(f"{path}: no '{col}' column (columns: {', '.join(table.column_names)})")
-    texts = table.column("text").to_pylist()
-    labels = _check_records(texts, table.column("label").to_numpy(zero_copy_only=False), str(path))
-    return RawSplit(texts, labels, np.arange(len(texts), dtype=np.int64))
+    return _checked(table.column("text"), table.column("label").to_numpy(zero_copy_only=False), str(path))
 
 
 def _read_aclimdb(root: Path, split: str) -> RawSplit:
@@ -129,8 +136,7 @@ def _read_aclimdb(root: Path, split: str) -> RawSplit:
             except UnicodeDecodeError as exc:
                 raise DataError(f"{f}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
             labels.append(label)
-    labels = _check_records(texts, labels, str(root / split))
-    return RawSplit(texts, labels, np.arange(len(texts), dtype=np.int64))
+    return _checked(texts, labels, str(root / split))
 
 
 def _read_hub(name: str, split: str) -> RawSplit:
@@ -144,8 +150,8 @@ def _read_hub(name: str, split: str) -> RawSplit:
     for col in ("text", "label"):
         if col not in ds.column_names:
             raise DataError(f"hub dataset {name} [{split}]: no '{col}' column")
-    labels = _check_records(ds["text"], ds["label"], f"hub dataset {name} [{split}]")
-    return RawSplit(list(ds["text"]), labels, np.arange(len(labels), dtype=np.int64))
+    table = ds.with_format("arrow")[:]
+    return _checked(table.column("text"), table.column("label").to_numpy(), f"hub dataset {name} [{split}]")
 
 
 def read_split(src: Source, split: str) -> RawSplit:
@@ -157,7 +163,7 @@ def read_split(src: Source, split: str) -> RawSplit:
 
 
 def subset(split: RawSplit, idx: np.ndarray) -> RawSplit:
-    return RawSplit([split.texts[i] for i in idx], split.labels[idx], split.ids[idx])
+    return RawSplit(split.texts.take(idx), split.labels[idx], split.ids[idx])
 
 
 def carve(cfg: DataConfig, train: RawSplit, test: RawSplit) -> dict[str, RawSplit]:
@@ -176,13 +182,63 @@ def carve(cfg: DataConfig, train: RawSplit, test: RawSplit) -> dict[str, RawSpli
     return splits
 
 
-# --- tokenizer -------------------------------------------------------------------------------------------------
+# --- tokenizer ---------------------------------------------------------------------------------------------------
+#
+# The words are those of the reference pipeline (`re.findall(r"\b\w+\b", text.lower())`): runs of letters, digits
+# and underscores. The bulk work (50,000 reviews) runs vectorized in Arrow's C++ kernels, split over the cores; the
+# same rules are saved as a Hugging Face `tokenizer.json` (WordLevel), which prediction uses one review at a time.
+# Both read this pattern with Unicode classes, so they cut words identically (tested).
+NON_WORD = r"[^\p{L}\p{N}_]+"
+HTML_BREAK = r"<br\s*/?>"
 
-def new_tokenizer(lowercase: bool, strip_html: bool = False):
+
+def _normalize(texts, lowercase: bool, strip_html: bool):
+    import pyarrow.compute as pc
+
+    if strip_html:
+        texts = pc.replace_substring_regex(texts, HTML_BREAK, " ")
+    return pc.utf8_lower(texts) if lowercase else texts
+
+
+def _words_chunk(texts, lowercase: bool, strip_html: bool):
+    """(flat words, words per text) for one Arrow chunk of texts."""
+    import pyarrow.compute as pc
+
+    parts = pc.split_pattern_regex(_normalize(texts, lowercase, strip_html), NON_WORD)
+    flat = parts.flatten()
+    keep = pc.greater(pc.binary_length(flat), 0)  # separators at either end leave empty strings
+    owner = pc.list_parent_indices(parts).to_numpy()[keep.to_numpy(zero_copy_only=False)]
+    return flat.filter(keep), np.bincount(owner, minlength=len(texts))
+
+
+def split_words(texts, lowercase: bool = True, strip_html: bool = False):
+    """All words of all texts (a list or an Arrow array) as one Arrow string array, plus offsets: text i is
+    words[offsets[i]:offsets[i+1]]."""
+    import pyarrow as pa
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not isinstance(texts, pa.Array):
+        texts = pa.array(texts, type=pa.large_string())
+    n = len(texts)
+    workers = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, n // 2000 or 1))
+    bounds = np.linspace(0, n, workers + 1).astype(int)
+    chunks = [texts.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+    with ThreadPoolExecutor(workers) as pool:  # Arrow kernels release the GIL
+        results = list(pool.map(lambda c: _words_chunk(c, lowercase, strip_html), chunks))
+    words = pa.concat_arrays([w.cast(pa.large_string()) for w, _ in results]) if results else pa.array([], pa.large_string())
+    counts = np.concatenate([c for _, c in results]) if results else np.zeros(0, np.int64)
+    offsets = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(counts, out=offsets[1:])
+    return words, offsets
+
+
+def build_tokenizer(vocab_words: list[str], lowercase: bool, strip_html: bool):
+    """A Hugging Face WordLevel tokenizer with <pad>=0, <unk>=1 and the given words, applying the same rules."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
-    tok = Tokenizer(models.WordLevel(unk_token=UNK))
-    steps = ([normalizers.Replace(Regex(r"<br\s*/?>"), " ")] if strip_html else []) + (
+    vocab = {PAD: 0, UNK: 1, **{w: i + 2 for i, w in enumerate(vocab_words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    steps = ([normalizers.Replace(Regex(HTML_BREAK), " ")] if strip_html else []) + (
         [normalizers.Lowercase()] if lowercase else [])
     if steps:
         tok.normalizer = normalizers.Sequence(steps)
@@ -190,17 +246,17 @@ def new_tokenizer(lowercase: bool, strip_html: bool = False):
     return tok
 
 
-def train_tokenizer(texts: list[str], cfg: DataConfig):
-    """The word-level vocabulary of the reference pipeline: words seen >= min_freq times, plus <pad>=0 and <unk>=1."""
-    from tokenizers import trainers
+def train_tokenizer(texts, cfg: DataConfig, words=None):
+    """The reference vocabulary: words seen >= min_freq times in `texts` (most frequent first), <pad>=0, <unk>=1.
+    Pass `words` (from split_words) when the texts were already split."""
+    import pyarrow.compute as pc
 
-    tok = new_tokenizer(cfg.lowercase, cfg.strip_html)
-    trainer = trainers.WordLevelTrainer(vocab_size=1 << 30, min_frequency=cfg.min_freq, special_tokens=[PAD, UNK],
-                                        show_progress=False)
-    tok.train_from_iterator(texts, trainer=trainer, length=len(texts))
-    if tok.token_to_id(PAD) != PAD_ID:
-        raise AssertionError("the vocabulary must put <pad> at id 0")
-    return tok
+    if words is None:
+        words, _ = split_words(texts, cfg.lowercase, cfg.strip_html)
+    counts = pc.value_counts(words)
+    values, freq = counts.field("values").to_pylist(), counts.field("counts").to_numpy()
+    order = sorted((i for i in range(len(values)) if freq[i] >= cfg.min_freq), key=lambda i: (-freq[i], values[i]))
+    return build_tokenizer([values[i] for i in order], cfg.lowercase, cfg.strip_html)
 
 
 def load_tokenizer(path: str | Path):
@@ -212,15 +268,42 @@ def load_tokenizer(path: str | Path):
         raise DataError(f"{path}: not a readable tokenizer.json ({exc})") from exc
 
 
-def encode(tok, texts: list[str], max_len: int, truncate: str) -> list[np.ndarray]:
-    """Token ids per text, cut to max_len from the head or the tail (no padding: batches pad themselves)."""
-    out = []
-    for enc in tok.encode_batch_fast(texts, add_special_tokens=False):
-        ids = np.asarray(enc.ids, dtype=np.int32)
-        if len(ids) > max_len:
-            ids = ids[:max_len] if truncate == "head" else ids[-max_len:]
-        out.append(ids)
-    return out
+def _tokenizer_rules(tok) -> tuple[bool, bool]:
+    """(lowercase, strip_html) as saved in a tokenizer.json."""
+    norm = json.loads(tok.to_str()).get("normalizer") or {}
+    steps = norm.get("normalizers", [norm]) if norm else []
+    return (any(s.get("type") == "Lowercase" for s in steps), any(s.get("type") == "Replace" for s in steps))
+
+
+def encode(tok, texts: list[str], max_len: int, truncate: str, with_counts: bool = False):
+    """Token ids of every text, cut to max_len from the head or the tail (no padding: batches pad themselves).
+
+    With `with_counts`, also each text's number of words before the cut.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    return numericalize(tok, *split_words(texts, *_tokenizer_rules(tok)), max_len, truncate, with_counts)
+
+
+def numericalize(tok, words, offsets: np.ndarray, max_len: int, truncate: str, with_counts: bool = False):
+    """encode() for texts already split into words."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    vocab = tok.get_vocab()
+    by_id = sorted(vocab, key=vocab.get)
+    index = pc.index_in(words, value_set=pa.array(by_id, pa.large_string()))
+    ids = index.fill_null(vocab[UNK]).to_numpy().astype(np.int32)
+    lengths = np.diff(offsets)
+    kept = np.minimum(lengths, max_len)
+    pos = np.arange(len(ids)) - np.repeat(offsets[:-1], lengths)  # position of each word within its text
+    keep = pos < max_len if truncate == "head" else pos >= np.repeat(lengths - kept, lengths)
+    new_offsets = np.zeros_like(offsets)
+    np.cumsum(kept, out=new_offsets[1:])
+    n = len(offsets) - 1
+    split = TokenizedSplit(ids[keep], new_offsets, np.zeros(n, np.int64), np.arange(n))
+    return (split, lengths) if with_counts else split
 
 
 # --- tokenized splits ------------------------------------------------------------------------------------------
@@ -234,16 +317,11 @@ class TokenizedSplit:
     labels: np.ndarray  # int64
     ids: np.ndarray  # int64
 
-    @classmethod
-    def from_lists(cls, seqs: list[np.ndarray], labels, ids) -> "TokenizedSplit":
-        lengths = np.fromiter((len(s) for s in seqs), dtype=np.int64, count=len(seqs))
-        offsets = np.zeros(len(seqs) + 1, dtype=np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        tokens = np.concatenate(seqs).astype(np.int32) if seqs else np.zeros(0, np.int32)
-        return cls(tokens, offsets, np.asarray(labels, np.int64), np.asarray(ids, np.int64))
-
     def __len__(self) -> int:
         return len(self.labels)
+
+    def relabel(self, labels, ids) -> "TokenizedSplit":
+        return TokenizedSplit(self.tokens, self.offsets, np.asarray(labels, np.int64), np.asarray(ids, np.int64))
 
     @property
     def lengths(self) -> np.ndarray:
@@ -306,14 +384,19 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
                             tokenizer=load_tokenizer(tok_file), cache_hit=True)
 
     raw = carve(cfg, read_split(src, "train"), read_split(src, "test"))
-    tok = load_tokenizer(tok_file) if tok_text else train_tokenizer(raw["train"].texts, cfg)
+    train_words = split_words(raw["train"].texts, cfg.lowercase, cfg.strip_html)  # once: vocabulary and ids
+    tok = load_tokenizer(tok_file) if tok_text else train_tokenizer(None, cfg, words=train_words[0])
     if not tok_text:
         split_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(tok_file, tok.to_str())
         tok_text = tok_file.read_text()
         arrays_dir = split_dir / f"tok-{_hash([tok_text, cfg.max_len, cfg.truncate])}"
-    out = {name: TokenizedSplit.from_lists(encode(tok, s.texts, cfg.max_len, cfg.truncate), s.labels, s.ids)
-           for name, s in raw.items()}
+    if _tokenizer_rules(tok) != (cfg.lowercase, cfg.strip_html):
+        raise DataError(f"{tok_file}: its rules (lowercase, strip_html) = {_tokenizer_rules(tok)} differ from the "
+                        f"config's data.lowercase={cfg.lowercase}, data.strip_html={cfg.strip_html}")
+    out = {"train": numericalize(tok, *train_words, cfg.max_len, cfg.truncate)}
+    out.update({name: encode(tok, raw[name].texts, cfg.max_len, cfg.truncate) for name in ("val", "test")})
+    out = {name: split.relabel(raw[name].labels, raw[name].ids) for name, split in out.items()}
     tmp = arrays_dir.with_name(arrays_dir.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     for name, split in out.items():

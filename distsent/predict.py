@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from .config import ConfigError, load_config
-from .data import TokenizedSplit, encode, load_tokenizer
+from .data import encode, load_tokenizer
 from .model import build_model
 
 
@@ -43,10 +43,9 @@ class Predictor:
         return cls(model, tokenizer, cfg, batch_size)
 
     @torch.no_grad()
-    def probabilities(self, texts: list[str]) -> np.ndarray:
-        """P(positive) for each text, in input order."""
-        seqs = encode(self.tokenizer, texts, self.cfg.data.max_len, self.cfg.data.truncate)
-        split = TokenizedSplit.from_lists(seqs, np.zeros(len(seqs)), np.arange(len(seqs)))
+    def probabilities(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """P(positive) for each text, in input order, and each text's word count before truncation."""
+        split, words = encode(self.tokenizer, texts, self.cfg.data.max_len, self.cfg.data.truncate, with_counts=True)
         out = np.zeros(len(texts), dtype=np.float64)
         order = np.argsort(split.lengths, kind="stable")
         for i in range(0, len(order), self.batch_size):
@@ -54,7 +53,7 @@ class Predictor:
             ids, lengths = split.batch(idx)
             logits = self.model(torch.from_numpy(ids), torch.from_numpy(lengths))
             out[idx] = torch.sigmoid(logits.float()).numpy()
-        return out
+        return out, words
 
     def predict(self, texts: list[str]) -> list[dict]:
         """One result per text: {"label", "probability"} (probability of the predicted label), or {"error"}."""
@@ -68,10 +67,8 @@ class Predictor:
             else:
                 valid.append(i)
         if valid:
-            probs = self.probabilities([texts[i] for i in valid])
-            n_tokens = [len(e.ids) for e in self.tokenizer.encode_batch_fast([texts[i] for i in valid],
-                                                                             add_special_tokens=False)]
-            for i, p, n in zip(valid, probs, n_tokens):
+            probs, n_words = self.probabilities([texts[i] for i in valid])
+            for i, p, n in zip(valid, probs, n_words):
                 label = "positive" if p >= 0.5 else "negative"
                 results[i] = {"label": label, "probability": round(float(p if p >= 0.5 else 1 - p), 6),
                               "p_positive": round(float(p), 6)}

@@ -20,6 +20,19 @@ SAMPLES = ["This movie was ABSOLUTELY fantastic!!! 10/10", "Don't watch it<br />
            "Naïve café-goers über-love it — 日本語 too", "  spaces\tand\nnewlines  ", "", "1,000 cuts... C'est la vie"]
 
 
+def test_bulk_encoding_matches_the_saved_tokenizer():
+    """Training data is numericalized in bulk (Arrow); prediction uses tokenizer.json: the ids must agree."""
+    from distsent.data import encode
+
+    texts = SAMPLES + make_reviews(50, 9)[0] + ["ÀÉÎ õü ß ﬁne Ⅻ ½ x²", "tabs\tand_underscores__ 3.14"]
+    for strip_html in (False, True):
+        tok = train_tokenizer(texts, DataConfig(min_freq=2, strip_html=strip_html))
+        split = encode(tok, texts, max_len=10_000, truncate="head")
+        for i, text in enumerate(texts):
+            bulk = split.tokens[split.offsets[i]: split.offsets[i + 1]].tolist()
+            assert bulk == tok.encode(text, add_special_tokens=False).ids, text
+
+
 def test_tokenizer_matches_reference_words_and_vocabulary():
     corpus = SAMPLES * 3 + ["rare words here"]
     tok = train_tokenizer(corpus, DataConfig(min_freq=3))
@@ -41,7 +54,7 @@ def test_three_sources_load_the_same_records(tmp_path, splits, monkeypatch):
     # aclImdb files are read back in (neg, pos) order by id, so compare as sets of (text, label)
     def records(src, split):
         s = read_split(src, split)
-        return sorted(zip(s.texts, s.labels.tolist()))
+        return sorted(zip(s.texts.to_pylist(), s.labels.tolist()))
 
     parquet = find_source(DataConfig(path=str(write_parquet(tmp_path / "pq", splits))))
     acl = find_source(DataConfig(path=str(write_aclimdb(tmp_path / "raw" / "aclImdb", splits).parent)))

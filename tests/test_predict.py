@@ -40,8 +40,8 @@ def predict_cli(model_dir, *args, stdin=None):
 def test_batched_equals_one_by_one(model_dir):
     p = Predictor.load(model_dir, batch_size=3)
     texts = make_reviews(10, 5)[0]
-    together = p.probabilities(texts)
-    alone = np.array([p.probabilities([t])[0] for t in texts])
+    together = p.probabilities(texts)[0]
+    alone = np.array([p.probabilities([t])[0][0] for t in texts])
     assert np.allclose(together, alone, atol=1e-6)
 
 
