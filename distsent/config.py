@@ -60,6 +60,9 @@ class ModelConfig:
     bidirectional: bool = _doc("Read each review in both directions.", False)
     pooling: str = _doc("How the review vector is formed: 'last' (state at the true end), 'mean', 'max' or "
                         "'attention' over the real tokens.", "last")
+    pretrained_embeddings: str = _doc("Local word2vec/GloVe text file to initialise the embeddings from; empty = "
+                                      "random init.", "")
+    freeze_embeddings: bool = _doc("Keep pretrained embeddings fixed during training.", False)
 
     def __post_init__(self):
         _check_choice("model.cell", self.cell, ("lstm", "gru"))

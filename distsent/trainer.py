@@ -48,7 +48,7 @@ def build_accelerator(cfg: ExperimentConfig, run_dir: Path):
 def build_optimizer(cfg, model):
     o = cfg.optim
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam
-    return cls(model.parameters(), lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
+    return cls([p for p in model.parameters() if p.requires_grad], lr=o.lr, betas=tuple(o.betas), weight_decay=o.weight_decay)
 
 
 def lr_factor(cfg, step: int, total_steps: int) -> float:
@@ -129,6 +129,14 @@ class Trainer:
             if acc.is_main_process:
                 log.warning("this CPU has no native bf16 for the LSTM (oneDNN): the recurrent layer runs in fp32, "
                             "the rest under bf16 autocast")
+        if cfg.model.pretrained_embeddings:
+            from .embeddings import init_embedding
+
+            coverage = init_embedding(model.embedding, cfg.model.pretrained_embeddings,
+                                      self.data.tokenizer.get_vocab(), cfg.model.freeze_embeddings)
+            if acc.is_main_process:
+                log.info("embeddings: %.1f%% of the vocabulary initialised from %s", 100 * coverage,
+                         cfg.model.pretrained_embeddings)
         optimizer = build_optimizer(cfg, model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.raw_model = acc.unwrap_model(self.model)

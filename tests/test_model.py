@@ -51,3 +51,21 @@ def test_bf16_fallback_runs_rnn_in_fp32():
         out = model(torch.randint(2, 50, (3, 7)), torch.tensor([7, 5, 2]))
     out.float().sum().backward()
     assert out.shape == (3,) and model.embedding.weight.grad is not None
+
+
+def test_pretrained_embeddings_initialise_known_words(tmp_path):
+    from distsent.data import DataError
+    from distsent.embeddings import init_embedding
+
+    vocab = {"<pad>": 0, "<unk>": 1, "good": 2, "bad": 3, "rare": 4}
+    f = tmp_path / "vectors.txt"
+    f.write_text("3 4\ngood 1 2 3 4\nBAD -1 -2 -3 -4\nother 9 9 9 9\n")  # word2vec header, a capitalised word
+    emb = torch.nn.Embedding(5, 4, padding_idx=0)
+    before = emb.weight[4].clone()
+    coverage = init_embedding(emb, str(f), vocab, freeze=True)
+    assert coverage == pytest.approx(2 / 5)
+    assert emb.weight[2].tolist() == [1, 2, 3, 4] and emb.weight[3].tolist() == [-1, -2, -3, -4]
+    assert torch.equal(emb.weight[4], before) and not emb.weight.requires_grad
+    f.write_text("good 1 2 3\n")
+    with pytest.raises(DataError, match=r"vectors.txt:1: 3 values, model.embedding_dim is 4"):
+        init_embedding(emb, str(f), vocab, freeze=False)

@@ -1,0 +1,49 @@
+"""Initialise word embeddings from a local pretrained file (word2vec / GloVe text format)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .data import DataError
+
+
+def load_vectors(path: str | Path, vocab: dict[str, int], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vectors [len(vocab), dim], found mask) for the vocabulary's words present in the file.
+
+    Reads `word v1 v2 ... v_dim` lines; a word2vec header line (`count dim`) is skipped. Words are matched as
+    they are, then lower-cased. A line with the wrong number of values is an error naming the file and line.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"model.pretrained_embeddings: {path} does not exist")
+    vectors = torch.zeros(len(vocab), dim)
+    found = torch.zeros(len(vocab), dtype=torch.bool)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            parts = line.rstrip().split(" ")
+            if n == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
+                continue  # word2vec header
+            if len(parts) != dim + 1:
+                raise DataError(f"{path}:{n}: {len(parts) - 1} values, model.embedding_dim is {dim}")
+            for word in (parts[0], parts[0].lower()):
+                idx = vocab.get(word)
+                if idx is not None and not found[idx]:
+                    try:
+                        vectors[idx] = torch.tensor([float(v) for v in parts[1:]])
+                    except ValueError:
+                        raise DataError(f"{path}:{n}: not a number among the values") from None
+                    found[idx] = True
+    return vectors, found
+
+
+def init_embedding(embedding: torch.nn.Embedding, path: str, vocab: dict[str, int], freeze: bool) -> float:
+    """Copy pretrained vectors into the rows they cover (others keep their random init); returns the coverage."""
+    vectors, found = load_vectors(path, vocab, embedding.embedding_dim)
+    with torch.no_grad():
+        embedding.weight[found] = vectors[found]
+        if embedding.padding_idx is not None:
+            embedding.weight[embedding.padding_idx].zero_()
+    embedding.weight.requires_grad_(not freeze)
+    return found.float().mean().item()

@@ -1,0 +1,51 @@
+"""Evaluation metrics against brute-force definitions, and the command writing its figures."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+
+from conftest import REPO, make_reviews
+from distsent.evaluate import metrics
+from test_predict import model_dir  # noqa: F401  (a model folder fixture)
+
+
+def test_roc_auc_matches_pairwise_definition_with_ties():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 300)
+    p = np.round(np.clip(0.3 * y + 0.7 * rng.random(300), 0, 1), 2)  # rounding makes ties
+    pos, neg = p[y == 1], p[y == 0]
+    pairwise = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
+    assert abs(metrics(p, y)["roc_auc"] - pairwise) < 1e-12
+
+
+def test_ece_small_when_calibrated_large_when_overconfident():
+    rng = np.random.default_rng(1)
+    p = rng.random(200_000)
+    y = (rng.random(200_000) < p).astype(int)  # labels drawn with probability p: calibrated
+    assert metrics(p, y)["ece"] < 0.01
+    overconfident = np.where(p >= 0.5, 1.0, 0.0)
+    assert metrics(overconfident, y)["ece"] > 0.2
+    m = metrics(p, y)
+    assert m["tp"] + m["fp"] + m["tn"] + m["fn"] == m["n"]
+    assert abs(m["accuracy"] - ((p >= 0.5) == y).mean()) < 1e-12
+
+
+def test_evaluate_command_on_a_labeled_file(model_dir, tmp_path):  # noqa: F811
+    texts, labels = make_reviews(40, 7)
+    f = tmp_path / "labeled.jsonl"
+    f.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels)))
+    out = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, "-m", "distsent.evaluate", "--model", str(model_dir), "--file", str(f),
+                           "--out", str(out)], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout.splitlines()[0])
+    assert summary["n"] == 40 and {"accuracy", "f1", "roc_auc", "ece"} <= set(summary)
+    for png in ("confusion.png", "reliability.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "x", "label": 3}\n')
+    proc = subprocess.run([sys.executable, "-m", "distsent.evaluate", "--model", str(model_dir), "--file", str(bad)],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 2 and "bad.jsonl: row 0 has label 3" in proc.stderr

@@ -1,0 +1,291 @@
+"""The Slurm scripts on a real two-node cluster on this machine (slurm/dev-cluster.sh): a 2-node job, preemption
+with requeue and resume, a requeue onto fewer nodes, a job array, and shellcheck on every script.
+
+The cluster fixture installs and starts Slurm when it can (root with apt-get), and skips the module only where that
+is impossible. Every job runs CPU processes over gloo on generated data; its log and run directory live in tmp_path.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, read_jsonl, run_env, tiny_overrides, train_rows
+
+pytestmark = pytest.mark.slow
+
+SLURM_DIR = REPO / "slurm"
+SCRIPTS = sorted(SLURM_DIR.glob("*.sh")) + sorted(SLURM_DIR.glob("*.sbatch"))
+CONFIG = REPO / "configs" / "smoke.yaml"
+SKIP = 77
+STEPS_PER_EPOCH = 45  # 1440 training reviews / global batch 32
+EPOCHS = 3
+
+
+def log(msg: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """The dev cluster, brought up for this session (and taken down after, if it was not already running)."""
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    script = [shutil.which("bash"), str(SLURM_DIR / "dev-cluster.sh")]
+    was_up = subprocess.run([*script, "status"], capture_output=True, timeout=60).returncode == 0
+    proc = subprocess.run([*script, "up"], capture_output=True, text=True, timeout=900)
+    if proc.returncode == SKIP:
+        pytest.skip(proc.stderr.strip().splitlines()[-1])
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    yield
+    if not was_up:
+        subprocess.run([*script, "down"], capture_output=True, timeout=120)
+
+
+@pytest.fixture(scope="session")
+def job_env(tmp_path_factory):
+    """What the jobs inherit from sbatch: this Python's bin directory first on PATH, a private token cache."""
+    env = run_env({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+                   "DISTSENT_CACHE": str(tmp_path_factory.mktemp("slurm-cache")), "WANDB_MODE": "disabled"})
+    for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "DISTSENT_")) and k != "DISTSENT_CACHE"]:
+        del env[key]
+    return env
+
+
+def overrides(data: Path, **extra) -> list[str]:
+    # tiny_overrides without output_dir: the script names the run directory after the job
+    args = tiny_overrides(Path("unused"), data, **{"train.epochs": EPOCHS, "model.hidden_dim": 64,
+                                                   "data.max_len": 96, "checkpoint.every": 10, "train.threads": 1,
+                                                   **extra})
+    return [a for a in args if not a.startswith("output_dir=")]
+
+
+def sbatch(env: dict, workdir: Path, options: list[str], script: str, args: list[str], wait: bool = False) -> str:
+    cmd = ["sbatch", "--parsable", f"--chdir={workdir}", *(["--wait"] if wait else []), *options,
+           str(SLURM_DIR / script), *args]
+    proc = subprocess.run(cmd, env=env, cwd=workdir, capture_output=True, text=True, timeout=600)
+    job = proc.stdout.strip().split(";")[0]
+    assert job, proc.stderr
+    if wait:
+        assert proc.returncode == 0, f"job {job} failed:\n{job_logs(workdir)[-4000:]}"
+    return job
+
+
+def job_logs(workdir: Path) -> str:
+    return "\n".join(p.read_text(errors="replace") for p in sorted(workdir.glob("slurm-*.out")))
+
+
+def job_fields(job: str) -> dict[str, str]:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job], capture_output=True, text=True).stdout
+    return dict(tok.split("=", 1) for tok in out.split("\n")[0].split() if "=" in tok)
+
+
+def wait_for(what: str, check, timeout: float, every: float = 0.2):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def wait_step(run_dir: Path, step: int, job: str, timeout: float = 240) -> int:
+    def reached():
+        if job_fields(job).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
+            raise AssertionError(f"job {job} ended before step {step}: {job_fields(job)}")
+        try:
+            rows = train_rows(run_dir)
+        except (FileNotFoundError, ValueError):
+            return None
+        return rows[-1]["step"] if rows and rows[-1]["step"] >= step else None
+
+    return wait_for(f"step {step} of job {job}", reached, timeout, every=0.05)
+
+
+def wait_requeued(job: str) -> dict:
+    """The job requeued itself: it is pending again, held by Slurm for about 2 minutes (BeginTime)."""
+    fields = wait_for(f"job {job} to be requeued",
+                      lambda: (f := job_fields(job)).get("JobState") == "PENDING" and f, 120)
+    log(f"job {job} pending again: Restarts={fields['Restarts']} Reason={fields['Reason']}")
+    return fields
+
+
+def release(job: str, *update: str) -> None:
+    subprocess.run(["scontrol", "update", f"JobId={job}", *update, "StartTime=now"], check=True)
+    log(f"job {job} released: scontrol update {' '.join(update)} StartTime=now")
+
+
+def wait_done(job: str, timeout: float = 300) -> dict:
+    return wait_for(f"job {job} to end",
+                    lambda: (f := job_fields(job)).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED",
+                                                                       "TIMEOUT", "NODE_FAIL") and f, timeout)
+
+
+def losses(run_dir: Path) -> list[tuple[int, float]]:
+    return [(r["step"], r["train/loss"]) for r in train_rows(run_dir)]
+
+
+def status(run_dir: Path) -> dict:
+    import json
+
+    return json.loads((run_dir / "status.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def two_node_run(cluster, job_env, synth_imdb, tmp_path_factory):
+    """An uninterrupted job on 2 nodes x 1 process: the test of multi-node itself, and the preemption yardstick."""
+    work = tmp_path_factory.mktemp("two-node")
+    t0 = time.time()
+    job = sbatch(job_env, work, ["--nodes=2"], "train.sbatch", [str(CONFIG), *overrides(synth_imdb)], wait=True)
+    log(f"2-node job {job} took {time.time() - t0:.0f} s")
+    return job, work / "runs" / f"smoke-{job}", job_logs(work)
+
+
+def test_two_nodes_train_to_the_end(two_node_run):
+    job, run_dir, text = two_node_run
+    assert "2 process(es) on 2 machine(s)" in text
+    ranks = sorted(re.findall(r"node (n\d): machine rank (\d) of 2", text))
+    assert ranks == [("n1", "0"), ("n2", "1")], text[-3000:]
+    assert f"head n1:{20000 + int(job) % 20000}" in text
+    assert status(run_dir)["state"] == "finished" and status(run_dir)["step"] == EPOCHS * STEPS_PER_EPOCH
+    assert (run_dir / "best" / "model.safetensors").is_file()
+    assert job_fields(job)["ExitCode"] == "0:0"
+
+
+def test_usr1_checkpoints_requeues_and_resumes_exactly(two_node_run, job_env, synth_imdb, tmp_path):
+    _, ref_dir, _ = two_node_run
+    t0 = time.time()
+    job = sbatch(job_env, tmp_path, ["--nodes=2"], "train.sbatch", [str(CONFIG), *overrides(synth_imdb)])
+    log(f"submitted job {job}")
+    run_dir = tmp_path / "runs" / f"smoke-{job}"
+    at = wait_step(run_dir, 30, job)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    log(f"job {job} at step {at}: scancel --signal=USR1 --batch")
+    fields = wait_requeued(job)
+    assert fields["Restarts"] == "1"
+    stopped = status(run_dir)
+    assert stopped["state"] == "preempted" and stopped["exit_code"] == 75
+    assert at <= stopped["step"] < EPOCHS * STEPS_PER_EPOCH
+    log(f"job {job} had checkpointed at step {stopped['step']} (status.json {stopped['time']})")
+    release(job)
+    fields = wait_done(job)
+    log(f"job {job} {fields['JobState']} (Restarts={fields['Restarts']}); {time.time() - t0:.0f} s in all")
+
+    text = job_logs(tmp_path)
+    assert fields["JobState"] == "COMPLETED" and fields["ExitCode"] == "0:0", text[-4000:]
+    assert fields["Restarts"] == "1"
+    assert f"requeueing job {job} (restart 1)" in text
+    assert f"job {job} (id {job}, restart 1)" in text
+    assert f"resumed from {run_dir}/checkpoints/step-{stopped['step']:08d}" in text
+    assert status(run_dir)["state"] == "finished"
+    assert status(run_dir)["step"] == status(ref_dir)["step"] == EPOCHS * STEPS_PER_EPOCH
+    assert losses(run_dir) == losses(ref_dir), "the resumed run must retrace the uninterrupted one step by step"
+
+
+def test_requeued_onto_one_node_finishes_the_same_steps(cluster, job_env, synth_imdb, tmp_path):
+    job = sbatch(job_env, tmp_path, ["--nodes=2"], "train.sbatch", [str(CONFIG), *overrides(synth_imdb)])
+    run_dir = tmp_path / "runs" / f"smoke-{job}"
+    wait_step(run_dir, 30, job)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    wait_requeued(job)
+    assert status(run_dir)["state"] == "preempted"
+    release(job, "NumNodes=1-1", "NumTasks=1", "NumCPUs=1")
+    fields = wait_done(job)
+    text = job_logs(tmp_path)
+    assert fields["JobState"] == "COMPLETED" and fields["NumNodes"] == "1", text[-4000:]
+    assert "2 process(es) on 2 machine(s)" in text and "1 process(es) on 1 machine(s)" in text
+    assert "world size changed from 2 to 1" in text
+    assert status(run_dir)["state"] == "finished" and status(run_dir)["step"] == EPOCHS * STEPS_PER_EPOCH
+    steps = [s for s, _ in losses(run_dir)]
+    assert steps == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
+
+
+def test_job_array_runs_one_seed_per_task_and_requeues_one_task(cluster, job_env, synth_imdb, tmp_path):
+    import yaml
+
+    args = overrides(synth_imdb, **{"train.epochs": 2})
+    t0 = time.time()
+    array = sbatch(job_env, tmp_path, ["--array=0-1"], "sweep.sbatch", [str(CONFIG), *args])
+    tasks = {i: f"{array}_{i}" for i in (0, 1)}
+    runs = {i: tmp_path / "runs" / f"smoke-{tasks[i]}" for i in (0, 1)}
+    wait_step(runs[1], 20, tasks[1])
+    subprocess.run(["scancel", "--signal=USR1", "--batch", tasks[1]], check=True)
+    log(f"array task {tasks[1]}: scancel --signal=USR1 --batch")
+    wait_requeued(tasks[1])
+    release(tasks[1])
+    done = {i: wait_done(tasks[i]) for i in (0, 1)}
+    log(f"array job {array} took {time.time() - t0:.0f} s")
+    logs = {i: (tmp_path / f"slurm-{tasks[i]}.out").read_text() for i in (0, 1)}
+    for i in (0, 1):
+        assert done[i]["JobState"] == "COMPLETED", logs[i][-4000:]
+        assert status(runs[i])["state"] == "finished" and status(runs[i])["step"] == 2 * STEPS_PER_EPOCH
+        cfg = yaml.safe_load((runs[i] / "config.yaml").read_text())
+        assert cfg["train"]["seed"] == i and cfg["log"]["wandb"]["group"] == f"smoke-{array}"
+    assert (done[0]["Restarts"], done[1]["Restarts"]) == ("0", "1")
+    assert f"requeueing job {tasks[1]} (restart 1)" in logs[1] and "resumed from" in logs[1]
+    assert losses(runs[0]) != losses(runs[1])
+
+
+def test_plain_scancel_stops_for_good_after_a_checkpoint(cluster, job_env, synth_imdb, tmp_path):
+    job = sbatch(job_env, tmp_path, [], "train.sbatch", [str(CONFIG), *overrides(synth_imdb)])
+    run_dir = tmp_path / "runs" / f"smoke-{job}"
+    wait_step(run_dir, 20, job)
+    subprocess.run(["scancel", job], check=True)  # SIGTERM to the batch shell and every process of the job
+    fields = wait_done(job)
+    text = job_logs(tmp_path)
+    assert fields["JobState"] == "CANCELLED" and fields["Restarts"] == "0", text[-3000:]
+    assert status(run_dir)["state"] == "preempted", "the ranks checkpoint on SIGTERM before the job ends"
+    assert "not requeueing" in text
+
+
+def test_sweep_file_line_per_task_and_node_rank_per_task(cluster, tmp_path):
+    """Without running anything (DISTSENT_DRY_RUN): task i takes line i of the overrides file, the run directory
+    is named after the array task, and the node rank is left for each srun task's own shell to expand."""
+    (tmp_path / "sweep.txt").write_text("optim.lr=0.1\noptim.lr=0.2 model.bidirectional=true\n")
+    env = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2",
+           "SLURM_JOB_NUM_NODES": "3", "SLURM_JOB_NODELIST": "n[1-2],gpu7", "SLURM_SUBMIT_DIR": str(tmp_path),
+           "SLURM_CPUS_ON_NODE": "4", "DISTSENT_HOME": str(REPO), "DISTSENT_DRY_RUN": "1",
+           "DISTSENT_CPU_PROCS_PER_NODE": "2", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    proc = subprocess.run(["bash", str(SLURM_DIR / "sweep.sbatch"), "--file", "sweep.txt", str(CONFIG), "x.y=1"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    out = proc.stdout
+    assert f"output_dir={tmp_path}/runs/smoke-4240_2 log.wandb.group=smoke-4240 x.y=1 optim.lr=0.2 " \
+           f"model.bidirectional=true" in out
+    assert "--num_machines 3 --num_processes 6 --main_process_ip n1 --main_process_port 24242" in out
+    assert "--nodes=3 --ntasks=3 --ntasks-per-node=1" in out and "--cpus-per-task=4" in out
+    assert 'exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"\' distsent-node' in out  # expanded per node
+    env["SLURM_ARRAY_TASK_ID"] = "3"
+    proc = subprocess.run(["bash", str(SLURM_DIR / "sweep.sbatch"), "--file", "sweep.txt", str(CONFIG)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "line 3 of" in proc.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_scripts_pass_bash_n_and_shellcheck(script):
+    assert subprocess.run(["bash", "-n", str(script)], capture_output=True).returncode == 0
+    checker = shellcheck()
+    proc = subprocess.run([checker, "--shell=bash", str(script)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout
+
+
+def shellcheck() -> str:
+    path = shutil.which("shellcheck")
+    if path is None and os.geteuid() == 0 and shutil.which("apt-get"):
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        install = ["apt-get", "install", "-y", "-qq", "--no-install-recommends", "shellcheck"]
+        if subprocess.run(install, env=env, capture_output=True, timeout=600).returncode != 0:
+            subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True, timeout=600)
+            subprocess.run(install, env=env, capture_output=True, timeout=600)
+        path = shutil.which("shellcheck")
+    if path is None:
+        pytest.skip("shellcheck is not installed and cannot be installed here (needs root and apt-get)")
+    return path
