@@ -79,7 +79,7 @@ def find_source(cfg: DataConfig) -> Source:
 
 @dataclass
 class RawSplit:
-    texts: "pa.LargeStringArray"  # Arrow, so that 25,000 reviews are never copied into Python strings
+    texts: object  # a pyarrow large_string array: 25,000 reviews are never copied into Python strings
     labels: np.ndarray  # int64, 0 = negative, 1 = positive
     ids: np.ndarray  # int64, stable ids of the records within the split
 
@@ -280,9 +280,6 @@ def encode(tok, texts: list[str], max_len: int, truncate: str, with_counts: bool
 
     With `with_counts`, also each text's number of words before the cut.
     """
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
     return numericalize(tok, *split_words(texts, *_tokenizer_rules(tok)), max_len, truncate, with_counts)
 
 

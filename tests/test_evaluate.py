@@ -8,7 +8,6 @@ import numpy as np
 
 from conftest import REPO, make_reviews
 from distsent.evaluate import metrics
-from test_predict import model_dir  # noqa: F401  (a model folder fixture)
 
 
 def test_roc_auc_matches_pairwise_definition_with_ties():
@@ -32,7 +31,7 @@ def test_ece_small_when_calibrated_large_when_overconfident():
     assert abs(m["accuracy"] - ((p >= 0.5) == y).mean()) < 1e-12
 
 
-def test_evaluate_command_on_a_labeled_file(model_dir, tmp_path):  # noqa: F811
+def test_evaluate_command_on_a_labeled_file(model_dir, tmp_path):
     texts, labels = make_reviews(40, 7)
     f = tmp_path / "labeled.jsonl"
     f.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels)))

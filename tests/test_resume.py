@@ -72,21 +72,25 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
     return [(r["step"], r["train/loss"]) for r in train_rows(run_dir)]
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, synth_imdb):
-    """Uninterrupted runs with 1 and 2 processes, the yardstick for every resumed run."""
-    os.environ["DISTSENT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
+def uninterrupted_runs(tmp_path_factory, data, **extra) -> dict[int, Path]:
+    """Uninterrupted runs with 1 and 2 processes, the yardstick for resumed runs."""
+    env = {"DISTSENT_CACHE": str(tmp_path_factory.mktemp("cache"))}
     out = {}
     for nproc in (1, 2):
         run_dir = tmp_path_factory.mktemp(f"ref{nproc}")
-        proc = run(launch_cmd(nproc, overrides(run_dir, synth_imdb)))
+        proc = run(launch_cmd(nproc, overrides(run_dir, data, **extra)), env=env)
         assert proc.returncode == 0, proc.stderr[-3000:]
         out[nproc] = run_dir
     return out
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory, synth_imdb):
+    return uninterrupted_runs(tmp_path_factory, synth_imdb)
+
+
 @pytest.mark.parametrize("nproc, sig", [(1, signal.SIGUSR1), (2, signal.SIGUSR1), (2, signal.SIGTERM)])
-def test_signal_mid_epoch_then_resume_is_bitwise_exact(nproc, sig, reference, synth_imdb, tmp_path):
+def test_signal_mid_epoch_then_resume_is_bitwise_exact(nproc, sig, reference, synth_imdb, tmp_path, cache_env):
     run_dir = tmp_path / "run"
     proc = start(nproc, overrides(run_dir, synth_imdb))
     wait_for_step(run_dir, 50, proc)  # epoch 1 (steps 46-90)
@@ -105,7 +109,7 @@ def test_signal_mid_epoch_then_resume_is_bitwise_exact(nproc, sig, reference, sy
 
     proc = run(launch_cmd(nproc, overrides(run_dir, synth_imdb)))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"resumed from" in proc.stderr
+    assert "resumed from" in proc.stderr
 
     ref = reference[nproc]
     assert final_digests(run_dir, nproc) == final_digests(ref, nproc)
@@ -114,7 +118,7 @@ def test_signal_mid_epoch_then_resume_is_bitwise_exact(nproc, sig, reference, sy
         assert sorted(ids) == sorted(ids_per_epoch(ref)[epoch]) and len(ids) == len(set(ids)) == 1440, epoch
 
 
-def test_kill_9_at_random_moments_always_resumes(reference, synth_imdb, tmp_path):
+def test_kill_9_at_random_moments_always_resumes(reference, synth_imdb, tmp_path, cache_env):
     run_dir = tmp_path / "run"
     args = overrides(run_dir, synth_imdb, **{"checkpoint.every": 2})
     rnd = random.Random(1234)
@@ -156,7 +160,7 @@ def test_dead_rank_makes_survivor_exit_then_resume(synth_imdb, tmp_path, cache_e
     assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
 
 
-def test_broken_checkpoints_are_skipped_or_refused(reference, synth_imdb, tmp_path):
+def test_broken_checkpoints_are_skipped_or_refused(reference, synth_imdb, tmp_path, cache_env):
     run_dir = tmp_path / "run"
     shutil.copytree(reference[1], run_dir)
     root = run_dir / "checkpoints"
@@ -184,7 +188,7 @@ def test_broken_checkpoints_are_skipped_or_refused(reference, synth_imdb, tmp_pa
     assert proc.returncode == 2 and "corrupted" in proc.stderr
 
 
-def test_changed_model_shape_is_refused_but_more_epochs_allowed(reference, synth_imdb, tmp_path):
+def test_changed_model_shape_is_refused_but_more_epochs_allowed(reference, synth_imdb, tmp_path, cache_env):
     run_dir = tmp_path / "run"
     shutil.copytree(reference[1], run_dir)
     proc = run(direct_cmd(overrides(run_dir, synth_imdb, **{"model.hidden_dim": 48})))

@@ -9,7 +9,7 @@ import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO, launch_cmd, read_jsonl, run, run_env, train_rows
-from test_resume import ids_per_epoch, overrides, start, wait_for_group_gone, wait_for_step
+from test_resume import ids_per_epoch, overrides, start, uninterrupted_runs, wait_for_group_gone, wait_for_step
 
 pytestmark = pytest.mark.slow
 
@@ -28,14 +28,7 @@ def final_weights(run_dir):
 
 @pytest.fixture(scope="module")
 def references(tmp_path_factory, synth_imdb):
-    os.environ["DISTSENT_CACHE"] = str(tmp_path_factory.mktemp("cache"))
-    out = {}
-    for nproc in (1, 2):
-        run_dir = tmp_path_factory.mktemp(f"ref{nproc}")
-        proc = run(launch_cmd(nproc, overrides(run_dir, synth_imdb, **NO_DROPOUT)))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        out[nproc] = run_dir
-    return out
+    return uninterrupted_runs(tmp_path_factory, synth_imdb, **NO_DROPOUT)
 
 
 def max_diff(a, b):
@@ -49,7 +42,7 @@ def test_uninterrupted_runs_agree_across_world_sizes(references):
 
 
 @pytest.mark.parametrize("before, after", [(2, 1), (1, 2)])
-def test_stop_and_resume_on_another_world_size(before, after, references, synth_imdb, tmp_path):
+def test_stop_and_resume_on_another_world_size(before, after, references, synth_imdb, tmp_path, cache_env):
     run_dir = tmp_path / "run"
     args = overrides(run_dir, synth_imdb, **NO_DROPOUT)
     proc = start(before, args)
