@@ -60,6 +60,8 @@ class ModelConfig:
     bidirectional: bool = _doc("Read each review in both directions.", False)
     pooling: str = _doc("How the review vector is formed: 'last' (state at the true end), 'mean', 'max' or "
                         "'attention' over the real tokens.", "last")
+    forget_bias: float = _doc("Initial LSTM forget-gate bias (PyTorch's default init is near 0; 1.0 helps an LSTM "
+                              "carry information across long reviews from the first steps).", 0.0)
     pretrained_embeddings: str = _doc("Local word2vec/GloVe text file to initialise the embeddings from; empty = "
                                       "random init.", "")
     freeze_embeddings: bool = _doc("Keep pretrained embeddings fixed during training.", False)

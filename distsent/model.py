@@ -40,9 +40,20 @@ class SentimentRNN(nn.Module):
             self.attention = nn.Linear(out_dim, 1)
         self.dropout = nn.Dropout(cfg.dropout)
         self.fc = nn.Linear(out_dim, 1)
+        if cfg.cell == "lstm" and cfg.forget_bias:
+            self._init_forget_bias(cfg.forget_bias)
         # Set by the trainer when this CPU cannot run the recurrent layer under bf16 autocast (oneDNN needs native
         # bf16): the recurrent layer then runs in fp32 while the rest keeps the autocast dtype.
         self.rnn_fp32_on_cpu = False
+
+    def _init_forget_bias(self, value: float) -> None:
+        """PyTorch orders LSTM gates (input, forget, cell, output): the second quarter of each bias is the forget
+        gate. The forget gate sees b_ih + b_hh, so each gets half."""
+        with torch.no_grad():
+            for name, p in self.named_parameters():
+                if "bias_ih" in name or "bias_hh" in name:
+                    h = p.shape[0] // 4
+                    p[h: 2 * h].fill_(value / 2)
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         lengths = lengths.to(input_ids.device).clamp(min=1)

@@ -69,3 +69,13 @@ def test_pretrained_embeddings_initialise_known_words(tmp_path):
     f.write_text("good 1 2 3\n")
     with pytest.raises(DataError, match=r"vectors.txt:1: 3 values, model.embedding_dim is 4"):
         init_embedding(emb, str(f), vocab, freeze=False)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_forget_bias_init(bidirectional):
+    model = build_model(20, ModelConfig(embedding_dim=8, hidden_dim=6, num_layers=2, forget_bias=1.0,
+                                        bidirectional=bidirectional))
+    biases = [p for n, p in model.named_parameters() if "bias_ih" in n or "bias_hh" in n]
+    assert len(biases) == (8 if bidirectional else 4)
+    for b in biases:
+        assert torch.all(b[6:12] == 0.5) and not torch.all(b[:6] == 0.5)
