@@ -7,8 +7,6 @@ import logging
 import os
 import signal
 
-import torch
-
 log = logging.getLogger(__name__)
 
 # Exit status of a process that stopped on a signal after writing its checkpoint (EX_TEMPFAIL: try again later).
@@ -49,6 +47,7 @@ class StopFlag:
         """
         if accelerator.num_processes == 1:
             return self.received is not None
+        import torch
         import torch.distributed as dist
 
         if self._group is None:

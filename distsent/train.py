@@ -35,6 +35,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"distsent-train: config error: {exc}", file=sys.stderr)
         return 2
 
+    from .preemption import StopFlag
+
+    stop = StopFlag(cfg.dist.stop_signals)  # before the slow start-up: a stop signal during it is kept, not fatal
     from .trainer import Trainer
 
     # RANK from the launcher, not PartialState(): the Trainer must be first to set up the distributed state
@@ -43,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("accelerate", "datasets", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        Trainer(cfg).fit()
+        Trainer(cfg, stop=stop).fit()
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"distsent-train: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

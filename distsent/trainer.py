@@ -84,7 +84,7 @@ def vocab_sha256(tokenizer) -> str:
 class Trainer:
     """Assembles data, model, optimizer and run records, then `fit()` trains, evaluates and tests."""
 
-    def __init__(self, cfg: ExperimentConfig):
+    def __init__(self, cfg: ExperimentConfig, stop: StopFlag | None = None):
         self.cfg = cfg
         self.run_dir = Path(cfg.output_dir)
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +149,7 @@ class Trainer:
         self.state = {"step": 0, "epoch": 0, "batch_in_epoch": 0, "best_val_acc": -1.0, "best_step": -1,
                       "evals_since_best": 0, "samples_seen": 0, "world_size": acc.num_processes, "run_id": "",
                       "world_size_changes": []}
-        self.stop = StopFlag(cfg.dist.stop_signals)
+        self.stop = stop or StopFlag(cfg.dist.stop_signals)
         self.sums = _zero_sums(acc.device)  # training metrics since the last log, kept on the device
         self.started = t0  # wall-clock origin of time/elapsed_s
         self.eval_seconds = 0.0

@@ -1,5 +1,6 @@
 """The Slurm scripts on a real two-node cluster on this machine (slurm/dev-cluster.sh): a 2-node job, preemption
-with requeue and resume, a requeue onto fewer nodes, a job array, and shellcheck on every script.
+with requeue and exact resume, a requeue onto fewer nodes, a job array with a requeued task, a plain scancel, the
+launch command of a sweep task, and bash -n + shellcheck on every script.
 
 The cluster fixture installs and starts Slurm when it can (root with apt-get), and skips the module only where that
 is impossible. Every job runs CPU processes over gloo on generated data; its log and run directory live in tmp_path.
@@ -7,6 +8,7 @@ is impossible. Every job runs CPU processes over gloo on generated data; its log
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, read_jsonl, run_env, tiny_overrides, train_rows
+from conftest import REPO, run_env, tiny_overrides, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -52,18 +54,23 @@ def cluster():
 @pytest.fixture(scope="session")
 def job_env(tmp_path_factory):
     """What the jobs inherit from sbatch: this Python's bin directory first on PATH, a private token cache."""
-    env = run_env({"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-                   "DISTSENT_CACHE": str(tmp_path_factory.mktemp("slurm-cache")), "WANDB_MODE": "disabled"})
-    for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "DISTSENT_")) and k != "DISTSENT_CACHE"]:
-        del env[key]
-    return env
+    return clean_env({"DISTSENT_CACHE": str(tmp_path_factory.mktemp("slurm-cache")), "WANDB_MODE": "disabled"})
+
+
+def clean_env(extra: dict) -> dict:
+    """This environment without Slurm's or the scripts' own variables, this Python's bin directory first on PATH."""
+    env = {k: v for k, v in run_env().items() if not k.startswith(("SLURM_", "SBATCH_", "DISTSENT_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return {**env, **extra}
 
 
 def overrides(data: Path, **extra) -> list[str]:
     # tiny_overrides without output_dir: the script names the run directory after the job
+    # the data sizes are pinned here, so that the step counts do not depend on configs/smoke.yaml
     args = tiny_overrides(Path("unused"), data, **{"train.epochs": EPOCHS, "model.hidden_dim": 64,
-                                                   "data.max_len": 96, "checkpoint.every": 10, "train.threads": 1,
-                                                   **extra})
+                                                   "data.max_len": 96, "data.limit": 0, "data.test_limit": 0,
+                                                   "data.val_fraction": 0.1, "checkpoint.every": 10,
+                                                   "train.threads": 1, **extra})
     return [a for a in args if not a.startswith("output_dir=")]
 
 
@@ -98,9 +105,13 @@ def wait_for(what: str, check, timeout: float, every: float = 0.2):
 
 
 def wait_step(run_dir: Path, step: int, job: str, timeout: float = 240) -> int:
+    last_check = [0.0]
+
     def reached():
-        if job_fields(job).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
-            raise AssertionError(f"job {job} ended before step {step}: {job_fields(job)}")
+        if time.time() - last_check[0] > 1:  # the job's state once a second, the metrics file more often
+            last_check[0] = time.time()
+            if job_fields(job).get("JobState") not in ("PENDING", "RUNNING", "CONFIGURING"):
+                raise AssertionError(f"job {job} ended before step {step}: {job_fields(job)}")
         try:
             rows = train_rows(run_dir)
         except (FileNotFoundError, ValueError):
@@ -119,6 +130,9 @@ def wait_requeued(job: str) -> dict:
 
 
 def release(job: str, *update: str) -> None:
+    # Slurm's hold keeps a restart from starting in the same second as the kill of the previous attempt, whose
+    # credential the nodes revoked ("Job credential revoked"): let a couple of seconds pass first
+    time.sleep(2)
     subprocess.run(["scontrol", "update", f"JobId={job}", *update, "StartTime=now"], check=True)
     log(f"job {job} released: scontrol update {' '.join(update)} StartTime=now")
 
@@ -134,8 +148,6 @@ def losses(run_dir: Path) -> list[tuple[int, float]]:
 
 
 def status(run_dir: Path) -> dict:
-    import json
-
     return json.loads((run_dir / "status.json").read_text())
 
 
@@ -250,10 +262,10 @@ def test_sweep_file_line_per_task_and_node_rank_per_task(cluster, tmp_path):
     """Without running anything (DISTSENT_DRY_RUN): task i takes line i of the overrides file, the run directory
     is named after the array task, and the node rank is left for each srun task's own shell to expand."""
     (tmp_path / "sweep.txt").write_text("optim.lr=0.1\noptim.lr=0.2 model.bidirectional=true\n")
-    env = {**os.environ, "SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2",
-           "SLURM_JOB_NUM_NODES": "3", "SLURM_JOB_NODELIST": "n[1-2],gpu7", "SLURM_SUBMIT_DIR": str(tmp_path),
-           "SLURM_CPUS_ON_NODE": "4", "DISTSENT_HOME": str(REPO), "DISTSENT_DRY_RUN": "1",
-           "DISTSENT_CPU_PROCS_PER_NODE": "2", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    env = clean_env({"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2",
+                     "SLURM_JOB_NUM_NODES": "3", "SLURM_JOB_NODELIST": "n[1-2],gpu7", "SLURM_CPUS_ON_NODE": "4",
+                     "SLURM_SUBMIT_DIR": str(tmp_path), "DISTSENT_HOME": str(REPO), "DISTSENT_DRY_RUN": "1",
+                     "DISTSENT_CPU_PROCS_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": ""})
     proc = subprocess.run(["bash", str(SLURM_DIR / "sweep.sbatch"), "--file", "sweep.txt", str(CONFIG), "x.y=1"],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
