@@ -81,7 +81,8 @@ def seed_runs(args) -> dict:
                             offset=prep["seconds"])
     return {"train_samples_per_s": _mean([e["train_samples_per_s"] for e in epochs]),
             "train_tokens_per_s": None,  # the tutorial computes every padded position: no real-token count
-            "eval_samples_per_s": _mean([args.test_limit_n / e["eval_s"] for e in epochs]) if epochs else None,
+            # its times are rounded to 10 ms: never divide by a zero
+            "eval_samples_per_s": _mean([args.test_limit_n / max(e["eval_s"], 0.01) for e in epochs]),
             "prep_cold_s": prep["seconds"], "prep_cached_s": prep["seconds"],  # it keeps no cache
             "epoch_s": _mean([e["train_s"] + e["eval_s"] for e in epochs]), "peak_rss_mib": mib, "wall_s": wall,
             "acc_per_epoch": [e["test_acc"] for e in epochs], "time_to_target_s": reach}

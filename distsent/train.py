@@ -46,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("accelerate", "datasets", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        Trainer(cfg, stop=stop).fit()
+        trainer = Trainer(cfg, stop=stop)
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
     except (ConfigError, DataError, CheckpointError) as exc:
         print(f"distsent-train: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2

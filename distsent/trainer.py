@@ -464,6 +464,14 @@ class Trainer:
                 self._save()
         bar.close()
 
+    def close(self) -> None:
+        """Tear the process group down explicitly: left to interpreter exit, gloo's threads can abort the process
+        ("terminate called without an active exception") after a run that otherwise finished."""
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
     def _max_steps_reached(self) -> bool:
         return bool(self.cfg.train.max_steps) and self.state["step"] >= self.cfg.train.max_steps
 
