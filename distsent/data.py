@@ -84,7 +84,7 @@ class RawSplit:
     ids: np.ndarray  # int64, stable ids of the records within the split
 
 
-def _checked(texts, labels, where: str) -> RawSplit:
+def checked_split(texts, labels, where: str) -> RawSplit:
     """A RawSplit from any sequence or Arrow array of texts, after checking texts and labels."""
     import pyarrow as pa
 
@@ -118,7 +118,7 @@ def _read_parquet(path: Path) -> RawSplit:
     for col in ("text", "label"):
         if col not in table.column_names:
             raise DataError(f"{path}: no '{col}' column (columns: {', '.join(table.column_names)})")
-    return _checked(table.column("text"), table.column("label").to_numpy(zero_copy_only=False), str(path))
+    return checked_split(table.column("text"), table.column("label").to_numpy(zero_copy_only=False), str(path))
 
 
 def _read_aclimdb(root: Path, split: str) -> RawSplit:
@@ -136,7 +136,7 @@ def _read_aclimdb(root: Path, split: str) -> RawSplit:
             except UnicodeDecodeError as exc:
                 raise DataError(f"{f}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
             labels.append(label)
-    return _checked(texts, labels, str(root / split))
+    return checked_split(texts, labels, str(root / split))
 
 
 def _read_hub(name: str, split: str) -> RawSplit:
@@ -151,7 +151,7 @@ def _read_hub(name: str, split: str) -> RawSplit:
         if col not in ds.column_names:
             raise DataError(f"hub dataset {name} [{split}]: no '{col}' column")
     table = ds.with_format("arrow")[:]
-    return _checked(table.column("text"), table.column("label").to_numpy(), f"hub dataset {name} [{split}]")
+    return checked_split(table.column("text"), table.column("label").to_numpy(), f"hub dataset {name} [{split}]")
 
 
 def read_split(src: Source, split: str) -> RawSplit:
@@ -374,10 +374,13 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
     tok_file = split_dir / f"tokenizer-{_hash(tok_settings)}.json"
     if tokenizer_path is not None and Path(tokenizer_path).is_file():
         tok_file = Path(tokenizer_path)
+    def arrays_dir(tok_text: str) -> Path:  # token ids depend on the exact vocabulary and the cut
+        return split_dir / f"tok-{_hash([tok_text, cfg.max_len, cfg.truncate])}"
+
     tok_text = tok_file.read_text() if tok_file.is_file() else None
-    arrays_dir = split_dir / (f"tok-{_hash([tok_text, cfg.max_len, cfg.truncate])}" if tok_text else "")
-    if tok_text and (arrays_dir / "done").is_file():
-        return PreparedData(*(TokenizedSplit.load(arrays_dir / f"{s}.npz") for s in ("train", "val", "test")),
+    if tok_text and (arrays_dir(tok_text) / "done").is_file():
+        cached = arrays_dir(tok_text)
+        return PreparedData(*(TokenizedSplit.load(cached / f"{s}.npz") for s in ("train", "val", "test")),
                             tokenizer=load_tokenizer(tok_file), cache_hit=True)
 
     raw = carve(cfg, read_split(src, "train"), read_split(src, "test"))
@@ -387,20 +390,20 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
         split_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(tok_file, tok.to_str())
         tok_text = tok_file.read_text()
-        arrays_dir = split_dir / f"tok-{_hash([tok_text, cfg.max_len, cfg.truncate])}"
     if _tokenizer_rules(tok) != (cfg.lowercase, cfg.strip_html):
         raise DataError(f"{tok_file}: its rules (lowercase, strip_html) = {_tokenizer_rules(tok)} differ from the "
                         f"config's data.lowercase={cfg.lowercase}, data.strip_html={cfg.strip_html}")
     out = {"train": numericalize(tok, *train_words, cfg.max_len, cfg.truncate)}
     out.update({name: encode(tok, raw[name].texts, cfg.max_len, cfg.truncate) for name in ("val", "test")})
     out = {name: split.relabel(raw[name].labels, raw[name].ids) for name, split in out.items()}
-    tmp = arrays_dir.with_name(arrays_dir.name + f".tmp{os.getpid()}")
+    final = arrays_dir(tok_text)
+    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)
     for name, split in out.items():
         split.save(tmp / f"{name}.npz")
     (tmp / "done").write_text("")
     try:
-        tmp.rename(arrays_dir)
+        tmp.rename(final)
     except OSError:  # another process finished the same cache first: keep theirs
         import shutil
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError
-from .data import DataError, RawSplit, carve, find_source, read_split
+from .data import DataError, RawSplit, carve, checked_split, find_source, read_split
 
 
 def metrics(p_positive: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict:
@@ -93,8 +93,6 @@ def read_labeled_file(path: Path) -> RawSplit:
     import pyarrow.json
     import pyarrow.parquet as pq
 
-    from .data import _checked
-
     readers = {".parquet": pq.read_table, ".jsonl": pyarrow.json.read_json, ".csv": pyarrow.csv.read_csv}
     if path.suffix not in readers:
         raise DataError(f"{path}: unknown file type {path.suffix!r} (use .parquet, .jsonl or .csv)")
@@ -105,7 +103,7 @@ def read_labeled_file(path: Path) -> RawSplit:
     for col in ("text", "label"):
         if col not in table.column_names:
             raise DataError(f"{path}: no '{col}' column (columns: {', '.join(table.column_names)})")
-    return _checked(table.column("text"), table.column("label").to_numpy(), str(path))
+    return checked_split(table.column("text"), table.column("label").to_numpy(), str(path))
 
 
 def main(argv: list[str] | None = None) -> int:
