@@ -39,7 +39,8 @@ class SentimentRNN(nn.Module):
         if cfg.pooling == "attention":
             self.attention = nn.Linear(out_dim, 1)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.fc = nn.Linear(out_dim, 1)
+        self.ngrams = NgramBag(vocab_size, cfg, pad_id) if cfg.ngram_dim else None
+        self.fc = nn.Linear(out_dim + cfg.ngram_dim, 1)
         if cfg.cell == "lstm" and cfg.forget_bias:
             self._init_forget_bias(cfg.forget_bias)
         # Set by the trainer when this CPU cannot run the recurrent layer under bf16 autocast (oneDNN needs native
@@ -63,7 +64,10 @@ class SentimentRNN(nn.Module):
                 out = self._recurrent(x.float(), lengths)
         else:
             out = self._recurrent(x, lengths)
-        return self.fc(self.dropout(self._pool(out, lengths))).squeeze(-1)
+        features = self.dropout(self._pool(out, lengths))
+        if self.ngrams is not None:
+            features = torch.cat([features, self.ngrams(input_ids, lengths).to(features.dtype)], dim=-1)
+        return self.fc(features).squeeze(-1)
 
     def _recurrent(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if not self.cfg.bidirectional:
@@ -91,6 +95,44 @@ class SentimentRNN(nn.Module):
             return out.masked_fill(~mask.unsqueeze(-1), float("-inf")).max(1).values
         scores = self.attention(out).squeeze(-1).masked_fill(~mask, float("-inf"))
         return (torch.softmax(scores.float(), dim=1).to(out.dtype).unsqueeze(-1) * out).sum(1)
+
+
+class NgramBag(nn.Module):
+    """fastText's bag of n-grams: the mean of one learned vector per word and per word n-gram (n = 2..max_n) of a
+    review's real tokens. Longer n-grams are hashed from the word ids into a fixed number of buckets, so the bag
+    needs no n-gram vocabulary: it works on the same token ids as the recurrent layer, in training and prediction.
+    Word order beyond n words is the recurrent layer's job; the bag gives the classifier the phrase statistics that
+    make linear n-gram models strong on IMDB.
+    """
+
+    # A polynomial hash of the word ids, reduced modulo a prime after each word so it never leaves int64.
+    _MULTIPLIER, _PRIME = 1_000_003, (1 << 31) - 1
+
+    def __init__(self, vocab_size: int, cfg: ModelConfig, pad_id: int = 0):
+        super().__init__()
+        self.vocab_size, self.max_n, self.buckets, self.pad_id = vocab_size, cfg.ngram_max_n, cfg.ngram_buckets, pad_id
+        rows = vocab_size + (cfg.ngram_buckets if cfg.ngram_max_n > 1 else 0)
+        self.table = nn.Embedding(rows, cfg.ngram_dim)
+        nn.init.uniform_(self.table.weight, -0.05, 0.05)  # small: the mean of hundreds of rows starts near zero
+
+    def ngram_ids(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Row ids [batch, positions] of every word and n-gram, and a mask of those lying inside the review."""
+        width = input_ids.shape[1]
+        pos = torch.arange(width, device=input_ids.device).unsqueeze(0)
+        ids, masks = [input_ids], [pos < lengths.unsqueeze(1)]
+        key = input_ids
+        for n in range(2, self.max_n + 1):
+            if width < n:
+                break
+            key = (key[:, :-1] * self._MULTIPLIER + input_ids[:, n - 1:]).remainder(self._PRIME)
+            ids.append(self.vocab_size + key.remainder(self.buckets))
+            masks.append(pos[:, : width - n + 1] + n <= lengths.unsqueeze(1))
+        return torch.cat(ids, dim=1), torch.cat(masks, dim=1)
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        ids, mask = self.ngram_ids(input_ids, lengths)
+        vectors = self.table(ids) * mask.unsqueeze(-1)
+        return vectors.sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(vectors.dtype)
 
 
 def _reverse_index(lengths: torch.Tensor, width: int) -> torch.Tensor:

@@ -79,3 +79,40 @@ def test_forget_bias_init(bidirectional):
     assert len(biases) == (8 if bidirectional else 4)
     for b in biases:
         assert torch.all(b[6:12] == 0.5) and not torch.all(b[:6] == 0.5)
+
+
+@pytest.mark.parametrize("pooling", ["last", "max"])
+def test_ngram_bag_padding_invariance(pooling):
+    torch.manual_seed(0)
+    cfg = ModelConfig(embedding_dim=8, hidden_dim=8, num_layers=1, pooling=pooling, ngram_dim=6, ngram_max_n=3,
+                      ngram_buckets=97)
+    model = build_model(50, cfg).eval()
+    short = torch.randint(2, 50, (1, 5))
+    batch = torch.zeros(2, 30, dtype=torch.long)
+    batch[0, :5], batch[1] = short, torch.randint(2, 50, (30,))
+    assert torch.allclose(model(short, torch.tensor([5])), model(batch, torch.tensor([5, 30]))[:1], atol=1e-6)
+
+
+def test_ngram_bag_counts_and_hashes_ngrams():
+    from distsent.model import NgramBag
+
+    bag = NgramBag(50, ModelConfig(ngram_dim=4, ngram_max_n=3, ngram_buckets=1000))
+    ids, mask = bag.ngram_ids(torch.tensor([[7, 8, 9, 7, 8, 0, 0]]), torch.tensor([5]))
+    rows = ids[mask].tolist()
+    assert len(rows) == 5 + 4 + 3  # words, bigrams, trigrams of the 5 real tokens; none touches the padding
+    assert rows[:5] == [7, 8, 9, 7, 8] and all(50 <= r < 1050 for r in rows[5:])
+    bigrams, trigrams = rows[5:9], rows[9:]
+    assert bigrams[0] == bigrams[3] != bigrams[1]  # "7 8" twice maps to one row, "8 9" to another
+    assert len(set(trigrams)) == 3 and not set(trigrams) & set(bigrams)
+    # words alone are order-free; bigrams see the order
+    swapped, _ = bag.ngram_ids(torch.tensor([[8, 7, 9, 8, 7]]), torch.tensor([5]))
+    assert sorted(swapped[0, :5].tolist()) == sorted(rows[:5]) and swapped[0, 5:9].tolist() != bigrams
+
+
+def test_ngram_bag_is_learned_with_the_classifier():
+    torch.manual_seed(0)
+    model = build_model(50, ModelConfig(embedding_dim=8, hidden_dim=8, num_layers=1, ngram_dim=4,
+                                        ngram_buckets=64))
+    model(torch.randint(2, 50, (4, 9)), torch.tensor([9, 5, 3, 1])).sum().backward()
+    grad = model.ngrams.table.weight.grad
+    assert grad is not None and grad.abs().sum() > 0 and model.fc.in_features == 8 + 4
