@@ -274,15 +274,17 @@ class Trainer:
     def evaluate(self, split: TokenizedSplit) -> dict:
         """Loss, accuracy, F1 and confusion counts over the whole split; every review counted once.
 
-        Reviews are sorted by length (little padding) and eval batches dealt round-robin to the processes; each
-        process sums its counts and one all-reduce adds them up, so there are no padded duplicates to remove.
+        Reviews are sorted by length (little padding) and dealt to the processes one by one, so every process gets
+        the same number of reviews and nearly the same number of tokens; each process sums its counts and one
+        all-reduce adds them up, so there are no padded duplicates to remove.
         """
+        t0 = time.perf_counter()
         acc, model = self.accelerator, self.raw_model
         was_training = model.training
         model.eval()
-        order = np.argsort(split.lengths, kind="stable")
+        mine = np.argsort(split.lengths, kind="stable")[acc.process_index:: acc.num_processes]
         bs = self.cfg.train.eval_batch_size
-        chunks = [order[i: i + bs] for i in range(0, len(order), bs)][acc.process_index:: acc.num_processes]
+        chunks = [mine[i: i + bs] for i in range(0, len(mine), bs)]
         counts = torch.zeros(6, dtype=torch.float64, device=acc.device)  # loss, n, tp, fp, tn, fn
         for idx in chunks:
             ids, lengths, labels = self._tensors(split, idx)
@@ -297,7 +299,7 @@ class Trainer:
         model.train(was_training)
         f1 = 2 * tp / max(1.0, 2 * tp + fp + fn)
         return {"loss": loss / max(n, 1), "acc": (tp + tn) / max(n, 1), "f1": f1, "n": int(n), "tp": int(tp),
-                "fp": int(fp), "tn": int(tn), "fn": int(fn)}
+                "fp": int(fp), "tn": int(tn), "fn": int(fn), "samples_per_s": n / (time.perf_counter() - t0)}
 
     def _validate(self, runlog: RunLog) -> None:
         t0 = time.perf_counter()
@@ -306,8 +308,7 @@ class Trainer:
         self.eval_seconds += seconds
         step = self.state["step"]
         runlog.log({f"val/{k}": v for k, v in metrics.items()} | {
-            "epoch": self._epoch_float(), "val/samples_per_s": metrics["n"] / seconds,
-            "time/elapsed_s": time.perf_counter() - self.started}, step)
+            "epoch": self._epoch_float(), "time/elapsed_s": time.perf_counter() - self.started}, step)
         runlog.log_wandb(lambda wandb: self._eval_media(wandb, metrics), step)
         if metrics["acc"] > self.state["best_val_acc"]:
             self.state.update(best_val_acc=metrics["acc"], best_step=step, evals_since_best=0)
