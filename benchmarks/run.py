@@ -7,7 +7,8 @@ Runs, one after the other (never two at once, so they do not share the cores):
   ds-1x{T}   distsent, 1 process x T threads        (configs/imdb_lstm.yaml architecture, batch 64, max_len 256,
   ds-{P}x1   distsent, P processes x 1 thread, DDP    the tutorial's constant Adam 1e-3 and head truncation)
 and reports training samples/s and real tokens/s, evaluation samples/s, data preparation (cold and cached), peak
-resident memory (all processes of a run together), time per epoch, time to a target validation accuracy, and
+resident memory (all processes of a run together; data preparation is timed on every review of both splits
+unless --prep-limit says otherwise), time per epoch, time to a target validation accuracy, and
 prediction reviews/s; then the distsent/seed ratios. Writes the table to stdout and everything to --out (JSON).
 On a machine with a GPU, --gpu adds distsent runs on it in fp32, fp16 and bf16.
 """
@@ -72,7 +73,9 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, float, f
 def seed_runs(args) -> dict:
     base = [sys.executable, str(HERE / "seed_baseline.py"), "--data", args.data, "--train-limit", str(args.limit),
             "--test-limit", str(args.test_limit), "--threads", str(args.threads)]
-    prep_out, _, _ = run_measured(base + ["--prep-only"])
+    prep_cmd = [sys.executable, str(HERE / "seed_baseline.py"), "--data", args.data, "--train-limit",
+                str(args.prep_limit), "--test-limit", str(args.prep_limit), "--threads", str(args.threads)]
+    prep_out, _, _ = run_measured(prep_cmd + ["--prep-only"])
     prep = [json.loads(line) for line in prep_out.splitlines() if line.startswith('{"event": "prep_all"')][0]
     out, wall, mib = run_measured(base + ["--epochs", str(args.epochs)])
     epochs = [json.loads(line) for line in out.splitlines() if line.startswith('{"event": "epoch"')]
@@ -121,7 +124,7 @@ def prep_distsent(args, cache: Path) -> dict:
     from distsent.config import DataConfig
     from distsent.data import prepare
 
-    cfg = DataConfig(path=args.data, limit=args.limit, test_limit=args.test_limit, cache_dir=str(cache))
+    cfg = DataConfig(path=args.data, limit=args.prep_limit, test_limit=args.prep_limit, cache_dir=str(cache))
     t0 = time.perf_counter()
     cold = prepare(cfg)
     t1 = time.perf_counter()
@@ -170,6 +173,8 @@ def main(argv=None) -> int:
     ap.add_argument("--data", required=True, help="folder with train.parquet and test.parquet")
     ap.add_argument("--limit", type=int, default=0, help="training reviews to use (0 = all 25,000)")
     ap.add_argument("--test-limit", type=int, default=0, help="test reviews to use (0 = all 25,000)")
+    ap.add_argument("--prep-limit", type=int, default=0,
+                    help="reviews per split for the data preparation timings (0 = all: 25,000 + 25,000)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--target-acc", type=float, default=0.8, help="validation accuracy for time-to-target")

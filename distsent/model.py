@@ -39,7 +39,7 @@ class SentimentRNN(nn.Module):
         if cfg.pooling == "attention":
             self.attention = nn.Linear(out_dim, 1)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.ngrams = NgramBag(vocab_size, cfg, pad_id) if cfg.ngram_dim else None
+        self.ngrams = NgramBag(vocab_size, cfg) if cfg.ngram_dim else None
         self.fc = nn.Linear(out_dim + cfg.ngram_dim, 1)
         if cfg.cell == "lstm" and cfg.forget_bias:
             self._init_forget_bias(cfg.forget_bias)
@@ -108,9 +108,9 @@ class NgramBag(nn.Module):
     # A polynomial hash of the word ids, reduced modulo a prime after each word so it never leaves int64.
     _MULTIPLIER, _PRIME = 1_000_003, (1 << 31) - 1
 
-    def __init__(self, vocab_size: int, cfg: ModelConfig, pad_id: int = 0):
+    def __init__(self, vocab_size: int, cfg: ModelConfig):
         super().__init__()
-        self.vocab_size, self.max_n, self.buckets, self.pad_id = vocab_size, cfg.ngram_max_n, cfg.ngram_buckets, pad_id
+        self.vocab_size, self.max_n, self.buckets = vocab_size, cfg.ngram_max_n, cfg.ngram_buckets
         rows = vocab_size + (cfg.ngram_buckets if cfg.ngram_max_n > 1 else 0)
         self.table = nn.Embedding(rows, cfg.ngram_dim)
         nn.init.uniform_(self.table.weight, -0.05, 0.05)  # small: the mean of hundreds of rows starts near zero

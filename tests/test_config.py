@@ -21,7 +21,7 @@ def test_seed_hyperparameters_in_imdb_lstm():
     assert (m.embedding_dim, m.hidden_dim, m.num_layers, m.dropout, m.cell, m.bidirectional) == (128, 256, 2, 0.5,
                                                                                                   "lstm", False)
     assert (d.min_freq, d.max_len, o.name, o.lr, t.global_batch_size, o.clip_grad_norm, t.epochs) == (
-        5, 256, "adam", 1e-3, 64, 5.0, 5)  # lr: the peak of a warmup + cosine schedule (tutorial: constant)
+        5, 256, "adam", 1e-3, 64, 5.0, 8)  # lr: the peak of a warmup + cosine schedule (tutorial: constant, 5 epochs)
 
 
 def test_overrides_typed_and_nested():
