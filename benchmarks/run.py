@@ -70,12 +70,14 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, float, f
     return out, time.perf_counter() - t0, mib
 
 
+def seed_cmd(args, limit: int, test_limit: int) -> list[str]:
+    return [sys.executable, str(HERE / "seed_baseline.py"), "--data", args.data, "--train-limit", str(limit),
+            "--test-limit", str(test_limit), "--threads", str(args.threads)]
+
+
 def seed_runs(args) -> dict:
-    base = [sys.executable, str(HERE / "seed_baseline.py"), "--data", args.data, "--train-limit", str(args.limit),
-            "--test-limit", str(args.test_limit), "--threads", str(args.threads)]
-    prep_cmd = [sys.executable, str(HERE / "seed_baseline.py"), "--data", args.data, "--train-limit",
-                str(args.prep_limit), "--test-limit", str(args.prep_limit), "--threads", str(args.threads)]
-    prep_out, _, _ = run_measured(prep_cmd + ["--prep-only"])
+    base = seed_cmd(args, args.limit, args.test_limit)
+    prep_out, _, _ = run_measured(seed_cmd(args, args.prep_limit, args.prep_limit) + ["--prep-only"])
     prep = [json.loads(line) for line in prep_out.splitlines() if line.startswith('{"event": "prep_all"')][0]
     out, wall, mib = run_measured(base + ["--epochs", str(args.epochs)])
     epochs = [json.loads(line) for line in out.splitlines() if line.startswith('{"event": "epoch"')]
