@@ -65,10 +65,13 @@ class ModelConfig:
     pretrained_embeddings: str = _doc("Local word2vec/GloVe text file to initialise the embeddings from; empty = "
                                       "random init.", "")
     freeze_embeddings: bool = _doc("Keep pretrained embeddings fixed during training.", False)
-    ngram_dim: int = _doc("Size of a bag-of-n-grams vector (fastText-style: the mean of learned vectors of the "
-                          "review's words and hashed word n-grams) fed to the classifier beside the recurrent "
-                          "features; 0 = off.", 0)
-    ngram_max_n: int = _doc("Longest word n-gram in the bag (2 = words and bigrams).", 2)
+    ngram_max_n: int = _doc("Longest word n-gram of a second classifier head beside the recurrent one: NBSVM-style "
+                            "logistic regression over the review's distinct words and word n-grams, each scaled by "
+                            "its naive-Bayes log-count ratio from the training split (2 = words and bigrams); "
+                            "0 = no such head.", 0)
+    ngram_weight: float = _doc("Weight of the n-gram head's logit in the model's logit (recurrent + weight x "
+                               "n-gram). Each head is trained by its own loss, so the weight only sets how much each "
+                               "one's vote counts.", 1.0)
     ngram_buckets: int = _doc("Hash buckets shared by the n-grams longer than one word.", 1 << 18)
 
     def __post_init__(self):
@@ -76,8 +79,8 @@ class ModelConfig:
         _check_choice("model.pooling", self.pooling, ("last", "mean", "max", "attention"))
         for name in ("embedding_dim", "hidden_dim", "num_layers", "ngram_buckets"):
             _check_min(f"model.{name}", getattr(self, name), 1)
-        _check_min("model.ngram_dim", self.ngram_dim, 0)
-        _check_range("model.ngram_max_n", self.ngram_max_n, 1, 4)
+        _check_range("model.ngram_max_n", self.ngram_max_n, 0, 4)
+        _check_min("model.ngram_weight", self.ngram_weight, 0.0)
         _check_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
         _check_range("model.embedding_dropout", self.embedding_dropout, 0.0, 1.0, high_open=True)
 

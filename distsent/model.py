@@ -1,4 +1,5 @@
-"""The sentiment classifier: embedding -> LSTM/GRU -> pooling over the real tokens -> dropout -> linear."""
+"""The sentiment classifier: embedding -> LSTM/GRU -> pooling over the real tokens -> dropout -> linear, optionally
+beside an n-gram logistic-regression head whose logit is added to it."""
 
 from __future__ import annotations
 
@@ -39,8 +40,8 @@ class SentimentRNN(nn.Module):
         if cfg.pooling == "attention":
             self.attention = nn.Linear(out_dim, 1)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.ngrams = NgramBag(vocab_size, cfg) if cfg.ngram_dim else None
-        self.fc = nn.Linear(out_dim + cfg.ngram_dim, 1)
+        self.fc = nn.Linear(out_dim, 1)
+        self.ngrams = NgramHead(vocab_size, cfg) if cfg.ngram_max_n else None
         if cfg.cell == "lstm" and cfg.forget_bias:
             self._init_forget_bias(cfg.forget_bias)
         # Set by the trainer when this CPU cannot run the recurrent layer under bf16 autocast (oneDNN needs native
@@ -56,7 +57,9 @@ class SentimentRNN(nn.Module):
                     h = p.shape[0] // 4
                     p[h: 2 * h].fill_(value / 2)
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, heads: bool = False) -> torch.Tensor:
+        """One logit per review; with heads=True, one column per classifier head ([batch, 1] or [batch, 2] with
+        the n-gram head), which the trainer gives each its own loss."""
         lengths = lengths.to(input_ids.device).clamp(min=1)
         x = self.embedding_dropout(self.embedding(input_ids))
         if self.rnn_fp32_on_cpu and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
@@ -64,10 +67,16 @@ class SentimentRNN(nn.Module):
                 out = self._recurrent(x.float(), lengths)
         else:
             out = self._recurrent(x, lengths)
-        features = self.dropout(self._pool(out, lengths))
+        logits = self.fc(self.dropout(self._pool(out, lengths))).float()
         if self.ngrams is not None:
-            features = torch.cat([features, self.ngrams(input_ids, lengths).to(features.dtype)], dim=-1)
-        return self.fc(features).squeeze(-1)
+            logits = torch.cat([logits, self.ngrams(input_ids, lengths).unsqueeze(-1)], dim=-1)
+        return logits if heads else self.combine(logits)
+
+    def combine(self, head_logits: torch.Tensor) -> torch.Tensor:
+        """The model's logit from the per-head logits: recurrent + ngram_weight * n-gram."""
+        if head_logits.shape[-1] == 1:
+            return head_logits[..., 0]
+        return head_logits[..., 0] + self.cfg.ngram_weight * head_logits[..., 1]
 
     def _recurrent(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if not self.cfg.bidirectional:
@@ -97,12 +106,16 @@ class SentimentRNN(nn.Module):
         return (torch.softmax(scores.float(), dim=1).to(out.dtype).unsqueeze(-1) * out).sum(1)
 
 
-class NgramBag(nn.Module):
-    """fastText's bag of n-grams: the mean of one learned vector per word and per word n-gram (n = 2..max_n) of a
-    review's real tokens. Longer n-grams are hashed from the word ids into a fixed number of buckets, so the bag
-    needs no n-gram vocabulary: it works on the same token ids as the recurrent layer, in training and prediction.
-    Word order beyond n words is the recurrent layer's job; the bag gives the classifier the phrase statistics that
-    make linear n-gram models strong on IMDB.
+class NgramHead(nn.Module):
+    """A second classifier beside the recurrent one: NBSVM-style logistic regression over the review's word n-grams.
+
+    Features are binary (does the review contain this word / n-gram?) and each is scaled by its naive-Bayes
+    log-count ratio r = log((p / |p|) / (q / |q|)), counted over the positive (p) and negative (q) training reviews
+    with add-one smoothing (Wang & Manning 2012). The logit is the sum of r * w over the distinct n-grams present,
+    plus a bias; w is learned. Word n-grams (n = 2..max_n) are hashed from the word ids into a fixed number of
+    buckets, so the head needs no n-gram vocabulary and works on the token ids the recurrent layer reads, in
+    training and in prediction. `fit_ratios` fills r from the training split before the first step; r is a
+    buffer, so checkpoints and exported models carry it.
     """
 
     # A polynomial hash of the word ids, reduced modulo a prime after each word so it never leaves int64.
@@ -112,8 +125,9 @@ class NgramBag(nn.Module):
         super().__init__()
         self.vocab_size, self.max_n, self.buckets = vocab_size, cfg.ngram_max_n, cfg.ngram_buckets
         rows = vocab_size + (cfg.ngram_buckets if cfg.ngram_max_n > 1 else 0)
-        self.table = nn.Embedding(rows, cfg.ngram_dim)
-        nn.init.uniform_(self.table.weight, -0.05, 0.05)  # small: the mean of hundreds of rows starts near zero
+        self.weight = nn.Parameter(torch.zeros(rows))  # zero: the head starts at its bias, r alone is a prior
+        self.bias = nn.Parameter(torch.zeros(()))
+        self.register_buffer("ratio", torch.zeros(rows))
 
     def ngram_ids(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row ids [batch, positions] of every word and n-gram, and a mask of those lying inside the review."""
@@ -129,10 +143,29 @@ class NgramBag(nn.Module):
             masks.append(pos[:, : width - n + 1] + n <= lengths.unsqueeze(1))
         return torch.cat(ids, dim=1), torch.cat(masks, dim=1)
 
-    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+    def present(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sorted row ids per review and a mask keeping each distinct id of the review once (binary features)."""
         ids, mask = self.ngram_ids(input_ids, lengths)
-        vectors = self.table(ids) * mask.unsqueeze(-1)
-        return vectors.sum(1) / mask.sum(1, keepdim=True).clamp(min=1).to(vectors.dtype)
+        ids = ids.masked_fill(~mask, -1).sort(dim=1).values
+        first = torch.ones_like(mask)
+        first[:, 1:] = ids[:, 1:] != ids[:, :-1]
+        return ids.clamp(min=0), first & (ids >= 0)
+
+    @torch.no_grad()
+    def fit_ratios(self, batches) -> None:
+        """Set r from (input_ids, lengths, labels) batches of the training split."""
+        counts = torch.ones(2, self.ratio.numel(), dtype=torch.float64)  # add-one smoothing
+        for input_ids, lengths, labels in batches:
+            ids, keep = self.present(input_ids, lengths)
+            for label in (0, 1):
+                rows = keep & (labels == label).unsqueeze(1)
+                counts[label] += torch.bincount(ids[rows], minlength=self.ratio.numel()).double()
+        p, q = counts[1] / counts[1].sum(), counts[0] / counts[0].sum()
+        self.ratio.copy_((p / q).log().float())
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        ids, keep = self.present(input_ids, lengths)
+        return (self.ratio[ids] * self.weight[ids] * keep).sum(1) + self.bias
 
 
 def _reverse_index(lengths: torch.Tensor, width: int) -> torch.Tensor:

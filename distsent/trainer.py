@@ -137,6 +137,10 @@ class Trainer:
             if acc.is_main_process:
                 log.info("embeddings: %.1f%% of the vocabulary initialised from %s", 100 * coverage,
                          cfg.model.pretrained_embeddings)
+        if model.ngrams is not None:  # naive-Bayes ratios from the training split: the same on every process
+            train = self.data.train
+            model.ngrams.fit_ratios(self._cpu_tensors(train, idx) for idx in np.array_split(
+                np.arange(len(train)), max(1, len(train) // 256)))
         optimizer = build_optimizer(cfg, model)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.raw_model = acc.unwrap_model(self.model)
@@ -215,11 +219,15 @@ class Trainer:
 
     # --- batches -----------------------------------------------------------------------------------------------
 
-    def _tensors(self, split: TokenizedSplit, idx: np.ndarray):
+    @staticmethod
+    def _cpu_tensors(split: TokenizedSplit, idx: np.ndarray):
         ids, lengths = split.batch(idx)
+        return torch.from_numpy(ids), torch.from_numpy(lengths), torch.from_numpy(split.labels[idx]).float()
+
+    def _tensors(self, split: TokenizedSplit, idx: np.ndarray):
+        ids, lengths, labels = self._cpu_tensors(split, idx)
         dev = self.accelerator.device
-        return (torch.from_numpy(ids).to(dev, non_blocking=True), torch.from_numpy(lengths).to(dev),
-                torch.from_numpy(split.labels[idx]).float().to(dev))
+        return ids.to(dev, non_blocking=True), lengths.to(dev), labels.to(dev)
 
     # --- one optimizer step ------------------------------------------------------------------------------------
 
@@ -238,8 +246,12 @@ class Trainer:
                 idx, weight = batch[:1], 0.0
             ids, lengths, labels = self._tensors(train, idx)
             with acc.accumulate(self.model):
-                logits = self.model(ids, lengths).float()
-                losses = F.binary_cross_entropy_with_logits(logits, labels, reduction="none")
+                # each classifier head has its own loss: the n-gram head fits the training set within an epoch,
+                # and a loss on their sum alone would leave the recurrent head almost no gradient after that
+                heads = self.model(ids, lengths, heads=True)
+                losses = F.binary_cross_entropy_with_logits(heads, labels.unsqueeze(1).expand_as(heads),
+                                                            reduction="none").sum(1)
+                logits = self.raw_model.combine(heads.detach())
                 acc.backward(losses.sum() * (scale * weight))
                 if acc.sync_gradients:
                     max_norm = self.cfg.optim.clip_grad_norm or float("inf")
@@ -285,21 +297,28 @@ class Trainer:
         mine = np.argsort(split.lengths, kind="stable")[acc.process_index:: acc.num_processes]
         bs = self.cfg.train.eval_batch_size
         chunks = [mine[i: i + bs] for i in range(0, len(mine), bs)]
-        counts = torch.zeros(6, dtype=torch.float64, device=acc.device)  # loss, n, tp, fp, tn, fn
+        head_names = ["rnn", "ngram"][: 1 + (model.ngrams is not None)]
+        # loss, n, tp, fp, tn, fn, then the number each head alone gets right
+        counts = torch.zeros(6 + len(head_names), dtype=torch.float64, device=acc.device)
         for idx in chunks:
             ids, lengths, labels = self._tensors(split, idx)
             with acc.autocast():
-                logits = model(ids, lengths).float()
+                heads = model(ids, lengths, heads=True)
+            logits = model.combine(heads)
             pred = logits > 0
             pos = labels > 0.5
-            counts += torch.stack([F.binary_cross_entropy_with_logits(logits, labels, reduction="sum"),
-                                   torch.tensor(float(len(idx)), device=acc.device), (pred & pos).sum(),
-                                   (pred & ~pos).sum(), (~pred & ~pos).sum(), (~pred & pos).sum()]).double()
-        loss, n, tp, fp, tn, fn = acc.reduce(counts, reduction="sum").tolist()
+            counts += torch.cat([torch.stack([
+                F.binary_cross_entropy_with_logits(logits, labels, reduction="sum"),
+                torch.tensor(float(len(idx)), device=acc.device), (pred & pos).sum(), (pred & ~pos).sum(),
+                (~pred & ~pos).sum(), (~pred & pos).sum()]), ((heads > 0) == pos.unsqueeze(1)).sum(0)]).double()
+        loss, n, tp, fp, tn, fn, *right = acc.reduce(counts, reduction="sum").tolist()
         model.train(was_training)
         f1 = 2 * tp / max(1.0, 2 * tp + fp + fn)
-        return {"loss": loss / max(n, 1), "acc": (tp + tn) / max(n, 1), "f1": f1, "n": int(n), "tp": int(tp),
-                "fp": int(fp), "tn": int(tn), "fn": int(fn), "samples_per_s": n / (time.perf_counter() - t0)}
+        out = {"loss": loss / max(n, 1), "acc": (tp + tn) / max(n, 1), "f1": f1, "n": int(n), "tp": int(tp),
+               "fp": int(fp), "tn": int(tn), "fn": int(fn), "samples_per_s": n / (time.perf_counter() - t0)}
+        if len(head_names) > 1:  # what each head alone scores: shows what the pair is worth over either
+            out.update({f"acc_{name}": r / max(n, 1) for name, r in zip(head_names, right)})
+        return out
 
     def _validate(self, runlog: RunLog) -> None:
         t0 = time.perf_counter()

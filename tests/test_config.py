@@ -45,7 +45,7 @@ def test_int_accepted_for_float():
     ("log.wandb.tags=x", "log.wandb.tags: expected a list"),
     ("model=3", "model: expected a mapping"),
     ("model.ngram_max_n=5", "model.ngram_max_n: must be in"),
-    ("model.ngram_dim=-1", "model.ngram_dim: must be >= 0"),
+    ("model.ngram_weight=-1", "model.ngram_weight: must be >= 0"),
     ("novalue", "expected key.sub=value"),
 ])
 def test_bad_overrides_name_the_key(override, message):

@@ -41,21 +41,23 @@ def test_two_process_run_trains_and_agrees(tmp_path, synth_imdb, cache_env):
 
 
 def test_best_recipe_trains_in_two_processes_and_predicts(tmp_path, synth_imdb, cache_env):
-    """configs/imdb_best.yaml, shrunk: bidirectional LSTM + max pooling + the n-gram bag, through DDP and back."""
+    """configs/imdb_best.yaml, shrunk: bidirectional LSTM + max pooling + the n-gram head, through DDP and back."""
     from safetensors import safe_open
 
     from distsent.predict import Predictor
 
     run_dir = tmp_path / "best-recipe"
-    overrides = tiny_overrides(run_dir, synth_imdb, **{"model.ngram_dim": 4, "model.ngram_buckets": 4096,
+    overrides = tiny_overrides(run_dir, synth_imdb, **{"model.ngram_buckets": 4096,
                                                         "model.hidden_dim": 16, "train.eval_every": 0,
                                                         "optim.warmup_steps": 0})
     proc = run(launch_cmd(2, overrides, config="configs/imdb_best.yaml"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     test = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "test/acc" in r][0]
     assert test["test/n"] == 400 and test["test/acc"] > 0.75 and test["test/samples_per_s"] > 0
+    assert 0.75 < test["test/acc_ngram"] <= 1 and 0 <= test["test/acc_rnn"] <= 1
     with safe_open(str(run_dir / "best" / "model.safetensors"), "pt") as f:
-        assert f.get_slice("ngrams.table.weight").get_shape()[0] > 4096
+        ratio = f.get_tensor("ngrams.ratio")  # the naive-Bayes ratios travel with the model
+        assert ratio.shape[0] > 4096 and ratio.abs().max() > 0
     out = Predictor.load(run_dir / "best").predict(["good0 good1 good2", "bad0 bad1 bad2"])
     assert [r["label"] for r in out] == ["positive", "negative"]
 

@@ -81,23 +81,34 @@ def test_forget_bias_init(bidirectional):
         assert torch.all(b[6:12] == 0.5) and not torch.all(b[:6] == 0.5)
 
 
+def _ngram_model(pooling="last", seed=0):
+    torch.manual_seed(seed)
+    model = build_model(50, ModelConfig(embedding_dim=8, hidden_dim=8, num_layers=1, pooling=pooling,
+                                        ngram_max_n=3, ngram_buckets=97, ngram_weight=2.0))
+    with torch.no_grad():  # trained-looking values: a zero weight would make the head's logit trivially invariant
+        model.ngrams.weight.uniform_(-1, 1)
+        model.ngrams.ratio.uniform_(-2, 2)
+    return model.eval()
+
+
 @pytest.mark.parametrize("pooling", ["last", "max"])
-def test_ngram_bag_padding_invariance(pooling):
-    torch.manual_seed(0)
-    cfg = ModelConfig(embedding_dim=8, hidden_dim=8, num_layers=1, pooling=pooling, ngram_dim=6, ngram_max_n=3,
-                      ngram_buckets=97)
-    model = build_model(50, cfg).eval()
+def test_ngram_head_padding_invariance(pooling):
+    model = _ngram_model(pooling)
     short = torch.randint(2, 50, (1, 5))
     batch = torch.zeros(2, 30, dtype=torch.long)
     batch[0, :5], batch[1] = short, torch.randint(2, 50, (30,))
-    assert torch.allclose(model(short, torch.tensor([5])), model(batch, torch.tensor([5, 30]))[:1], atol=1e-6)
+    alone = model(short, torch.tensor([5]), heads=True)
+    together = model(batch, torch.tensor([5, 30]), heads=True)[:1]
+    assert alone.shape == (1, 2) and torch.allclose(alone, together, atol=1e-6)
+    # the model's logit is recurrent + ngram_weight x n-gram
+    assert torch.allclose(model(short, torch.tensor([5])), alone[:, 0] + 2.0 * alone[:, 1], atol=1e-6)
 
 
-def test_ngram_bag_counts_and_hashes_ngrams():
-    from distsent.model import NgramBag
+def test_ngram_ids_count_and_hash_ngrams():
+    from distsent.model import NgramHead
 
-    bag = NgramBag(50, ModelConfig(ngram_dim=4, ngram_max_n=3, ngram_buckets=1000))
-    ids, mask = bag.ngram_ids(torch.tensor([[7, 8, 9, 7, 8, 0, 0]]), torch.tensor([5]))
+    head = NgramHead(50, ModelConfig(ngram_max_n=3, ngram_buckets=1000))
+    ids, mask = head.ngram_ids(torch.tensor([[7, 8, 9, 7, 8, 0, 0]]), torch.tensor([5]))
     rows = ids[mask].tolist()
     assert len(rows) == 5 + 4 + 3  # words, bigrams, trigrams of the 5 real tokens; none touches the padding
     assert rows[:5] == [7, 8, 9, 7, 8] and all(50 <= r < 1050 for r in rows[5:])
@@ -105,14 +116,38 @@ def test_ngram_bag_counts_and_hashes_ngrams():
     assert bigrams[0] == bigrams[3] != bigrams[1]  # "7 8" twice maps to one row, "8 9" to another
     assert len(set(trigrams)) == 3 and not set(trigrams) & set(bigrams)
     # words alone are order-free; bigrams see the order
-    swapped, _ = bag.ngram_ids(torch.tensor([[8, 7, 9, 8, 7]]), torch.tensor([5]))
+    swapped, _ = head.ngram_ids(torch.tensor([[8, 7, 9, 8, 7]]), torch.tensor([5]))
     assert sorted(swapped[0, :5].tolist()) == sorted(rows[:5]) and swapped[0, 5:9].tolist() != bigrams
+    # binary features: each distinct word / n-gram once
+    present, keep = head.present(torch.tensor([[7, 8, 9, 7, 8, 0, 0]]), torch.tensor([5]))
+    assert sorted(present[keep].tolist()) == sorted(set(rows)) and keep.sum() == 3 + 3 + 3
 
 
-def test_ngram_bag_is_learned_with_the_classifier():
-    torch.manual_seed(0)
-    model = build_model(50, ModelConfig(embedding_dim=8, hidden_dim=8, num_layers=1, ngram_dim=4,
-                                        ngram_buckets=64))
-    model(torch.randint(2, 50, (4, 9)), torch.tensor([9, 5, 3, 1])).sum().backward()
-    grad = model.ngrams.table.weight.grad
-    assert grad is not None and grad.abs().sum() > 0 and model.fc.in_features == 8 + 4
+def test_ngram_head_counts_each_ngram_once():
+    model = _ngram_model()
+    head = model.ngrams
+    once = head(torch.tensor([[5, 6, 7, 5, 6, 7]]), torch.tensor([6]))
+    # "5 6 7 5 6 7" and "5 6 7 5 6 7 5 6 7" hold the same distinct words, bigrams and trigrams
+    twice = head(torch.tensor([[5, 6, 7, 5, 6, 7, 5, 6, 7]]), torch.tensor([9]))
+    assert torch.allclose(once, twice) and not torch.allclose(once, head(torch.tensor([[5, 6, 7]]), torch.tensor([3])))
+
+
+def test_ngram_ratios_are_naive_bayes_log_count_ratios():
+    from distsent.model import NgramHead
+
+    head = NgramHead(10, ModelConfig(ngram_max_n=1))
+    ids = torch.tensor([[2, 3, 2], [2, 4, 0], [5, 3, 0]])  # word 2 twice in review 0: counted once
+    head.fit_ratios([(ids, torch.tensor([3, 2, 2]), torch.tensor([1.0, 1.0, 0.0]))])
+    pos = torch.ones(10); pos[[2, 3, 4]] += torch.tensor([2.0, 1.0, 1.0])  # add-one smoothing
+    neg = torch.ones(10); neg[[5, 3]] += 1.0
+    assert torch.allclose(head.ratio, ((pos / pos.sum()) / (neg / neg.sum())).log())
+    assert head.ratio[2] > 0 > head.ratio[5]
+
+
+def test_both_heads_are_learned():
+    model = _ngram_model()
+    model.train()
+    heads = model(torch.randint(2, 50, (4, 9)), torch.tensor([9, 5, 3, 1]), heads=True)
+    heads.sum().backward()
+    assert model.ngrams.weight.grad.abs().sum() > 0 and model.fc.weight.grad.abs().sum() > 0
+    assert model.embedding.weight.grad.abs().sum() > 0
