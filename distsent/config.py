@@ -318,14 +318,31 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
         key, value = parse_override(text)
         _set_path(data, key, value)
     try:
-        return _build(ExperimentConfig, data)
+        return _build(ExperimentConfig, _upgrade(data))
     except ConfigError as exc:
         where = f"{path}: " if path is not None else ""
         raise ConfigError(where + str(exc)) from None
 
 
 def config_from_dict(data: dict) -> ExperimentConfig:
-    return _build(ExperimentConfig, data)
+    return _build(ExperimentConfig, _upgrade(data))
+
+
+def _upgrade(data: dict) -> dict:
+    """Read configs saved by earlier versions, whose run folders hold every key of their day.
+
+    `model.ngram_dim` (a fastText-style bag, since replaced by the n-gram head) was saved by every run, mostly as 0,
+    beside `model.ngram_max_n: 2`, which now would switch the n-gram head on: such a config means no n-gram head.
+    """
+    model = data.get("model")
+    if isinstance(model, dict) and "ngram_dim" in model:
+        model = dict(model)
+        if model.pop("ngram_dim"):
+            raise ConfigError("model.ngram_dim: this model was trained with the fastText-style n-gram bag, which this "
+                              "version replaced by the n-gram head (model.ngram_max_n); retrain it to use it here")
+        model["ngram_max_n"] = 0
+        data = {**data, "model": model}
+    return data
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:

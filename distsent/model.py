@@ -125,7 +125,9 @@ class NgramHead(nn.Module):
         super().__init__()
         self.vocab_size, self.max_n, self.buckets = vocab_size, cfg.ngram_max_n, cfg.ngram_buckets
         rows = vocab_size + (cfg.ngram_buckets if cfg.ngram_max_n > 1 else 0)
-        self.weight = nn.Parameter(torch.zeros(rows))  # zero: the head starts at its bias, r alone is a prior
+        # zero: the head starts at its bias. r then sets how fast each feature's effective weight r * w moves
+        # (Adam steps w by about lr whatever its gradient's size), so features with strong evidence learn first.
+        self.weight = nn.Parameter(torch.zeros(rows))
         self.bias = nn.Parameter(torch.zeros(()))
         self.register_buffer("ratio", torch.zeros(rows))
 
@@ -144,12 +146,13 @@ class NgramHead(nn.Module):
         return torch.cat(ids, dim=1), torch.cat(masks, dim=1)
 
     def present(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sorted row ids per review and a mask keeping each distinct id of the review once (binary features)."""
+        """Sorted row ids per review and a mask keeping each distinct id of the review once (binary features).
+        Row 0, the padding word, is never a feature: an empty review (one <pad> token) scores the bias alone."""
         ids, mask = self.ngram_ids(input_ids, lengths)
         ids = ids.masked_fill(~mask, -1).sort(dim=1).values
         first = torch.ones_like(mask)
         first[:, 1:] = ids[:, 1:] != ids[:, :-1]
-        return ids.clamp(min=0), first & (ids >= 0)
+        return ids.clamp(min=0), first & (ids > 0)
 
     @torch.no_grad()
     def fit_ratios(self, batches) -> None:

@@ -35,14 +35,17 @@ class Preempted(SystemExit):
 
 def build_accelerator(cfg: ExperimentConfig, run_dir: Path):
     from accelerate import Accelerator
-    from accelerate.utils import InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     mp = cfg.train.mixed_precision or None  # None: take the launch config's (ACCELERATE_MIXED_PRECISION)
     # Accelerate's own multi-CPU launch goes through mpirun; under torchrun (accelerate launch --multi_gpu) on a
     # machine without GPUs, cpu=True gives DDP over gloo instead of N unconnected single processes.
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
+    # broadcast_buffers=False: the model's only buffer, the n-gram head's ratios, is computed identically on every
+    # process and never changes, so DDP need not re-send its 4 MB before every forward
     return Accelerator(cpu=cpu or None, mixed_precision=mp, log_with=list(cfg.log.trackers) or None, project_dir=str(run_dir),
-                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s))])
+                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s)),
+                                        DistributedDataParallelKwargs(broadcast_buffers=False)])
 
 
 def build_optimizer(cfg, model):

@@ -67,3 +67,14 @@ def test_resolved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "c.yaml")
     assert load_config(tmp_path / "c.yaml") == cfg
     assert config_from_dict(cfg.to_dict()) == cfg
+
+
+def test_configs_saved_with_the_old_ngram_bag_key_still_load(tmp_path):
+    """Run folders of earlier versions hold model.ngram_dim (mostly 0) beside ngram_max_n: 2."""
+    old = tmp_path / "config.yaml"
+    old.write_text("model:\n  ngram_dim: 0\n  ngram_max_n: 2\n  hidden_dim: 16\n")
+    cfg = load_config(old)
+    assert cfg.model.ngram_max_n == 0 and cfg.model.hidden_dim == 16  # no n-gram head, as it was trained
+    old.write_text("model:\n  ngram_dim: 8\n  ngram_max_n: 3\n")
+    with pytest.raises(ConfigError, match=r"config.yaml: model.ngram_dim: this model was trained with the fastText"):
+        load_config(old)
