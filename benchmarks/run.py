@@ -101,6 +101,7 @@ def distsent_run(args, name: str, nproc: int, threads: int, cache: Path, out_roo
                  # the tutorial's numerics: constant Adam 1e-3, first 256 tokens, no HTML stripping
                  "optim.lr=0.001", "optim.schedule=constant", "optim.warmup_steps=0", "data.truncate=head",
                  "data.strip_html=false", "checkpoint.every=0", "log.trackers=[]", "checkpoint.resume=never",
+                 "train.eval_every=0",  # one evaluation per epoch, as the tutorial does
                  *extra]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch, "--num_processes",
            str(nproc), "-m", "distsent.train", "--config", "configs/imdb_lstm.yaml", *overrides]

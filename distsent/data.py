@@ -185,11 +185,22 @@ def carve(cfg: DataConfig, train: RawSplit, test: RawSplit) -> dict[str, RawSpli
 # --- tokenizer ---------------------------------------------------------------------------------------------------
 #
 # The words are those of the reference pipeline (`re.findall(r"\b\w+\b", text.lower())`): runs of letters, digits
-# and underscores. The bulk work (50,000 reviews) runs vectorized in Arrow's C++ kernels, split over the cores; the
-# same rules are saved as a Hugging Face `tokenizer.json` (WordLevel), which prediction uses one review at a time.
-# Both read this pattern with Unicode classes, so they cut words identically (tested).
+# and underscores. The bulk work (50,000 reviews) runs vectorized over the texts' UTF-8 bytes in numpy, split over
+# the cores; the same rules are saved as a Hugging Face `tokenizer.json` (WordLevel) with this pattern, which
+# prediction uses one review at a time. Both cut words identically (tested).
 NON_WORD = r"[^\p{L}\p{N}_]+"
 HTML_BREAK = r"<br\s*/?>"
+
+# Which ASCII bytes belong to words; bytes of other characters are classified per character (_word_bytes).
+_ASCII_WORD = np.zeros(256, dtype=bool)
+_ASCII_WORD[np.frombuffer(b"0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", np.uint8)] = True
+
+
+def _is_word_char(code_point: int) -> bool:
+    """[\\p{L}\\p{N}_]: a letter or a number of any script, or the underscore."""
+    import unicodedata
+
+    return unicodedata.category(chr(code_point))[0] in "LN" or code_point == 0x5F
 
 
 def _normalize(texts, lowercase: bool, strip_html: bool):
@@ -200,36 +211,102 @@ def _normalize(texts, lowercase: bool, strip_html: bool):
     return pc.utf8_lower(texts) if lowercase else texts
 
 
+def _word_bytes(data: np.ndarray) -> np.ndarray:
+    """For each byte of UTF-8 text, whether it is part of a word character.
+
+    A regex over Unicode classes was the slowest step of data preparation; a byte table does the ASCII characters,
+    and the few multi-byte characters are decoded and classified once per distinct code point.
+    """
+    word = _ASCII_WORD[data]
+    lead = np.flatnonzero(data >= 0xC0)  # first bytes of multi-byte characters (continuations are 0x80-0xBF)
+    if lead.size:
+        b = [data[np.minimum(lead + k, len(data) - 1)].astype(np.int32) for k in range(4)]
+        size = 2 + (b[0] >= 0xE0) + (b[0] >= 0xF0)
+        tail = [x & 0x3F for x in b[1:]]
+        code = np.where(size == 2, (b[0] & 0x1F) << 6 | tail[0],
+                        np.where(size == 3, (b[0] & 0x0F) << 12 | tail[0] << 6 | tail[1],
+                                 (b[0] & 0x07) << 18 | tail[0] << 12 | tail[1] << 6 | tail[2]))
+        distinct, which = np.unique(code, return_inverse=True)
+        is_word = np.array([_is_word_char(int(c)) for c in distinct])[which]
+        for k in range(4):  # the character's class covers all of its bytes
+            has = size > k
+            word[lead[has] + k] = is_word[has]
+    return word
+
+
 def _words_chunk(texts, lowercase: bool, strip_html: bool):
     """(flat words, words per text) for one Arrow chunk of texts."""
-    import pyarrow.compute as pc
-
-    parts = pc.split_pattern_regex(_normalize(texts, lowercase, strip_html), NON_WORD)
-    flat = parts.flatten()
-    keep = pc.greater(pc.binary_length(flat), 0)  # separators at either end leave empty strings
-    owner = pc.list_parent_indices(parts).to_numpy()[keep.to_numpy(zero_copy_only=False)]
-    return flat.filter(keep), np.bincount(owner, minlength=len(texts))
-
-
-def split_words(texts, lowercase: bool = True, strip_html: bool = False):
-    """All words of all texts (a list or an Arrow array) as one Arrow string array, plus offsets: text i is
-    words[offsets[i]:offsets[i+1]]."""
     import pyarrow as pa
+
+    texts = _normalize(texts, lowercase, strip_html).cast(pa.large_string())
+    _, offsets_buf, data_buf = texts.buffers()
+    bounds = np.frombuffer(offsets_buf, np.int64)[texts.offset: texts.offset + len(texts) + 1]
+    data = np.frombuffer(data_buf, np.uint8)[bounds[0]: bounds[-1]] if data_buf is not None else np.zeros(0, np.uint8)
+    bounds = bounds - bounds[0]
+    word = _word_bytes(data)
+    # words start and end where the byte class changes; a text boundary inside a run of word bytes (text i ends
+    # with a word, text i+1 starts with one) is both an end and a start, so words never join across texts
+    padded = np.zeros(len(word) + 2, dtype=bool)
+    padded[1:-1] = word
+    edges = np.flatnonzero(padded[1:] != padded[:-1])  # alternately a start and an end
+    inner = bounds[1:-1]
+    inner = inner[(inner > 0) & (inner < len(word))]
+    joined = inner[word[inner - 1] & word[inner]]
+    if joined.size:
+        edges = np.insert(edges, np.searchsorted(edges, joined).repeat(2), joined.repeat(2))
+    starts, ends = edges[0::2], edges[1::2]
+    word_offsets = np.zeros(len(starts) + 1, np.int64)
+    np.cumsum(ends - starts, out=word_offsets[1:])
+    words = pa.Array.from_buffers(pa.large_string(), len(starts),
+                                  [None, pa.py_buffer(word_offsets), pa.py_buffer(data[word])])
+    return words, np.diff(np.searchsorted(starts, bounds))
+
+
+def _on_cores(fn, array, min_per_part: int) -> list:
+    """fn over consecutive slices of an Arrow array, one per core (fewer for small arrays), on threads: the work
+    runs in Arrow's and numpy's loops, which release the GIL. Results in order."""
     from concurrent.futures import ThreadPoolExecutor
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    parts = max(1, min(cores, len(array) // min_per_part))
+    bounds = np.linspace(0, len(array), parts + 1).astype(int)
+    slices = [array.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+    if parts == 1:
+        return [fn(slices[0])]
+    with ThreadPoolExecutor(parts) as pool:
+        return list(pool.map(fn, slices))
+
+
+def index_words(texts, lowercase: bool = True, strip_html: bool = False):
+    """The words of all texts (a list or an Arrow array) as (distinct words, each word's index among them,
+    offsets): text i reads distinct[index[offsets[i]:offsets[i+1]]].
+
+    Each core cuts and hashes its share of the texts; the shares' dictionaries are then merged. The vocabulary
+    counts the indices and the ids need one lookup per distinct word, not per word.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
     if not isinstance(texts, pa.Array):
         texts = pa.array(texts, type=pa.large_string())
-    n = len(texts)
-    workers = max(1, min(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1, n // 2000 or 1))
-    bounds = np.linspace(0, n, workers + 1).astype(int)
-    chunks = [texts.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
-    with ThreadPoolExecutor(workers) as pool:  # Arrow kernels release the GIL
-        results = list(pool.map(lambda c: _words_chunk(c, lowercase, strip_html), chunks))
-    words = pa.concat_arrays([w.cast(pa.large_string()) for w, _ in results]) if results else pa.array([], pa.large_string())
-    counts = np.concatenate([c for _, c in results]) if results else np.zeros(0, np.int64)
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(counts, out=offsets[1:])
-    return words, offsets
+
+    def share(chunk):
+        words, counts = _words_chunk(chunk, lowercase, strip_html)
+        encoded = pc.dictionary_encode(words)
+        return encoded.dictionary, encoded.indices.to_numpy(), counts
+
+    results = _on_cores(share, texts, min_per_part=2000)
+    if len(results) == 1:
+        distinct, index = results[0][:2]
+    else:
+        merged = pc.dictionary_encode(pa.concat_arrays([d for d, _, _ in results]))
+        to_merged = merged.indices.to_numpy()
+        first = np.cumsum([0] + [len(d) for d, _, _ in results])
+        index = np.concatenate([to_merged[f + idx] for f, (_, idx, _) in zip(first, results)])
+        distinct = merged.dictionary
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(np.concatenate([c for _, _, c in results]), out=offsets[1:])
+    return distinct, index.astype(np.int32, copy=False), offsets
 
 
 def build_tokenizer(vocab_words: list[str], lowercase: bool, strip_html: bool):
@@ -246,17 +323,19 @@ def build_tokenizer(vocab_words: list[str], lowercase: bool, strip_html: bool):
     return tok
 
 
-def train_tokenizer(texts, cfg: DataConfig, words=None):
-    """The reference vocabulary: words seen >= min_freq times in `texts` (most frequent first), <pad>=0, <unk>=1.
-    Pass `words` (from split_words) when the texts were already split."""
-    import pyarrow.compute as pc
+def vocabulary(distinct, counts: np.ndarray, min_freq: int) -> list[str]:
+    """Words seen at least min_freq times, most frequent first, ties in alphabetical order."""
+    keep = np.flatnonzero(counts >= min_freq)
+    words = distinct.take(keep).to_pylist()
+    order = sorted(range(len(keep)), key=lambda i: (-counts[keep[i]], words[i]))
+    return [words[i] for i in order]
 
-    if words is None:
-        words, _ = split_words(texts, cfg.lowercase, cfg.strip_html)
-    counts = pc.value_counts(words)
-    values, freq = counts.field("values").to_pylist(), counts.field("counts").to_numpy()
-    order = sorted((i for i in range(len(values)) if freq[i] >= cfg.min_freq), key=lambda i: (-freq[i], values[i]))
-    return build_tokenizer([values[i] for i in order], cfg.lowercase, cfg.strip_html)
+
+def train_tokenizer(texts, cfg: DataConfig):
+    """The reference vocabulary of `texts`: words seen >= min_freq times (most frequent first), <pad>=0, <unk>=1."""
+    distinct, index, _ = index_words(texts, cfg.lowercase, cfg.strip_html)
+    counts = np.bincount(index, minlength=len(distinct))
+    return build_tokenizer(vocabulary(distinct, counts, cfg.min_freq), cfg.lowercase, cfg.strip_html)
 
 
 def load_tokenizer(path: str | Path):
@@ -280,22 +359,32 @@ def encode(tok, texts: list[str], max_len: int, truncate: str, with_counts: bool
 
     With `with_counts`, also each text's number of words before the cut.
     """
-    return numericalize(tok, *split_words(texts, *_tokenizer_rules(tok)), max_len, truncate, with_counts)
+    distinct, index, offsets = index_words(texts, *_tokenizer_rules(tok))
+    return cut(_id_table(tok, distinct)[index], offsets, max_len, truncate, with_counts)
 
 
-def numericalize(tok, words, offsets: np.ndarray, max_len: int, truncate: str, with_counts: bool = False):
-    """encode() for texts already split into words."""
+def _id_table(tok, distinct) -> np.ndarray:
+    """The token id of each distinct word (<unk> for words outside the vocabulary)."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     vocab = tok.get_vocab()
     by_id = sorted(vocab, key=vocab.get)
-    index = pc.index_in(words, value_set=pa.array(by_id, pa.large_string()))
-    ids = index.fill_null(vocab[UNK]).to_numpy().astype(np.int32)
+    index = pc.index_in(distinct, value_set=pa.array(by_id, pa.large_string()))
+    return index.fill_null(vocab[UNK]).to_numpy().astype(np.int32)
+
+
+def cut(ids: np.ndarray, offsets: np.ndarray, max_len: int, truncate: str, with_counts: bool = False):
+    """Texts' ids (text i is ids[offsets[i]:offsets[i+1]], offsets[0] = 0) cut to max_len from the head or the
+    tail, as a TokenizedSplit; with `with_counts`, also each text's number of words before the cut."""
     lengths = np.diff(offsets)
     kept = np.minimum(lengths, max_len)
-    pos = np.arange(len(ids)) - np.repeat(offsets[:-1], lengths)  # position of each word within its text
-    keep = pos < max_len if truncate == "head" else pos >= np.repeat(lengths - kept, lengths)
+    # each text keeps the positions [offsets[i], offsets[i] + kept[i]) (head) or [offsets[i+1] - kept[i], offsets[i+1])
+    position = np.arange(len(ids), dtype=np.int64)
+    if truncate == "head":
+        keep = position < np.repeat(offsets[:-1] + kept, lengths)
+    else:
+        keep = position >= np.repeat(offsets[1:] - kept, lengths)
     new_offsets = np.zeros_like(offsets)
     np.cumsum(kept, out=new_offsets[1:])
     n = len(offsets) - 1
@@ -383,19 +472,31 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
         return PreparedData(*(TokenizedSplit.load(cached / f"{s}.npz") for s in ("train", "val", "test")),
                             tokenizer=load_tokenizer(tok_file), cache_hit=True)
 
+    import pyarrow as pa
+
     raw = carve(cfg, read_split(src, "train"), read_split(src, "test"))
-    train_words = split_words(raw["train"].texts, cfg.lowercase, cfg.strip_html)  # once: vocabulary and ids
-    tok = load_tokenizer(tok_file) if tok_text else train_tokenizer(None, cfg, words=train_words[0])
-    if not tok_text:
+    names = ("train", "val", "test")
+    # all three splits are cut into words and hashed together, once: the vocabulary counts the training part
+    distinct, index, offsets = index_words(pa.concat_arrays([raw[n].texts for n in names]), cfg.lowercase,
+                                           cfg.strip_html)
+    bounds = np.cumsum([0] + [len(raw[n].labels) for n in names])
+    if tok_text:
+        tok = load_tokenizer(tok_file)
+    else:
+        counts = np.bincount(index[: offsets[bounds[1]]], minlength=len(distinct))
+        tok = build_tokenizer(vocabulary(distinct, counts, cfg.min_freq), cfg.lowercase, cfg.strip_html)
         split_dir.mkdir(parents=True, exist_ok=True)
         _atomic_write(tok_file, tok.to_str())
         tok_text = tok_file.read_text()
     if _tokenizer_rules(tok) != (cfg.lowercase, cfg.strip_html):
         raise DataError(f"{tok_file}: its rules (lowercase, strip_html) = {_tokenizer_rules(tok)} differ from the "
                         f"config's data.lowercase={cfg.lowercase}, data.strip_html={cfg.strip_html}")
-    out = {"train": numericalize(tok, *train_words, cfg.max_len, cfg.truncate)}
-    out.update({name: encode(tok, raw[name].texts, cfg.max_len, cfg.truncate) for name in ("val", "test")})
-    out = {name: split.relabel(raw[name].labels, raw[name].ids) for name, split in out.items()}
+    ids = _id_table(tok, distinct)[index]
+    out = {}
+    for name, a, b in zip(names, bounds[:-1], bounds[1:]):
+        first, last = offsets[a], offsets[b]
+        out[name] = cut(ids[first:last], offsets[a: b + 1] - first, cfg.max_len, cfg.truncate).relabel(
+            raw[name].labels, raw[name].ids)
     final = arrays_dir(tok_text)
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     tmp.mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,29 @@ def test_bulk_encoding_matches_the_saved_tokenizer():
             assert bulk == tok.encode(text, add_special_tokens=False).ids, text
 
 
+def test_bulk_encoding_on_several_cores_matches_one_review_at_a_time(monkeypatch):
+    """Thousands of reviews are cut and hashed in shares on several threads, and the shares' dictionaries merged;
+    the ids must still be those of encoding each review alone with tokenizer.json, and the vocabulary that of
+    the tutorial's tokenizer (words at the end of one review and the start of the next stay apart)."""
+    import distsent.data as data
+
+    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    reviews = make_reviews(900, 11)[0]
+    texts = [reviews[i] if i % 5 else SAMPLES[i // 5 % len(SAMPLES)] for i in range(len(reviews))] * 7
+    distinct, index, offsets = data.index_words(texts)
+    assert len(offsets) == len(texts) + 1 and offsets[-1] == len(index)
+    words = distinct.to_pylist()
+    for i in (0, 1, 2, 3, 4, 5, 2999, 3000, 6299):
+        assert [words[j] for j in index[offsets[i]: offsets[i + 1]]] == reference_tokenize(texts[i]), texts[i]
+    tok = train_tokenizer(texts, DataConfig(min_freq=3))
+    counts = Counter(w for t in texts for w in reference_tokenize(t))
+    assert set(tok.get_vocab()) == {"<pad>", "<unk>"} | {w for w, c in counts.items() if c >= 3}
+    split = data.encode(tok, texts, max_len=10_000, truncate="head")
+    for i in range(0, len(texts), 97):
+        assert split.tokens[split.offsets[i]: split.offsets[i + 1]].tolist() == \
+            tok.encode(texts[i], add_special_tokens=False).ids
+
+
 def test_tokenizer_matches_reference_words_and_vocabulary():
     corpus = SAMPLES * 3 + ["rare words here"]
     tok = train_tokenizer(corpus, DataConfig(min_freq=3))
