@@ -27,3 +27,16 @@ def test_benchmark_runs_on_tiny_subset(tmp_path, synth_imdb, cache_env):
     assert results["runs"]["ds-2x1"]["train_tokens_per_s"] > 0
     assert set(results["ratios_vs_seed"]) == {"ds-1x2", "ds-2x1"}
     assert "| seed |" in proc.stdout and "ds-2x1 / seed" in proc.stdout
+
+
+def test_step_profile_runs_and_reports_every_phase():
+    proc = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--procs", "2", "--batch", "4", "--tokens",
+                           "5", "--vocab", "50", "--steps", "2"], cwd=REPO, env=run_env(), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): line for line in proc.stdout.splitlines() if line.startswith("| Adam")}
+    assert set(rows) == {"Adam foreach", "Adam fused"}
+    for line in rows.values():
+        cells = [c.strip() for c in line.strip("|").split("|")[1:]]
+        assert len(cells) == 6 and all(c.isdigit() for c in cells), line
+    assert "all-reduce of a" in proc.stdout and "batch 512:" in proc.stdout
