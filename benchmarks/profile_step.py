@@ -1,8 +1,8 @@
 """Where a training step's time goes: the tutorial's model under DDP over gloo, phase by phase.
 
-    python benchmarks/profile_step.py [--procs 2] [--batch 64] [--tokens 183] [--vocab 30000] [--steps 20]
+    python benchmarks/profile_step.py [--procs 2] [--threads 1] [--batch 64] [--tokens 183] [--vocab 30000] [--steps 20]
 
-Each of --procs processes (one thread each) trains on batch / procs random reviews of --tokens tokens and times,
+Each of --procs processes (--threads threads each) trains on batch / procs random reviews of --tokens tokens and times,
 per step: the forward pass, the backward pass with DDP's gradient all-reduce, the same backward without it
 (`no_sync`), gradient clipping, and the optimizer step, for Adam's default (foreach) and fused implementations.
 Then the all-reduce of a gradient of the model's size on its own, and the forward pass alone (evaluation) at several
@@ -37,7 +37,7 @@ def _timed(fn) -> float:
 def _worker(rank: int, args, port: int):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=args.procs)
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     model = tutorial_model(args.vocab)
     ddp = DDP(model)
@@ -75,7 +75,7 @@ def _worker(rank: int, args, port: int):
     dist.barrier()
     allreduce = sum(_timed(lambda: dist.all_reduce(grad)) for _ in range(args.steps)) / args.steps
     if rank == 0:
-        print(f"{args.procs} process(es) x 1 thread, {per_rank} reviews x {args.tokens} tokens each, "
+        print(f"{args.procs} process(es) x {args.threads} thread(s), {per_rank} reviews x {args.tokens} tokens each, "
               f"{grad.numel() / 1e6:.2f}M parameters; ms per step:")
         names = list(rows[0][1])
         print("| optimizer | " + " | ".join(names) + " | step |")
@@ -104,6 +104,7 @@ def forward_only(args) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--procs", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=1, help="threads per process")
     ap.add_argument("--batch", type=int, default=64, help="global batch, split over the processes")
     ap.add_argument("--tokens", type=int, default=183, help="tokens per review (IMDB's mean when cut at 256)")
     ap.add_argument("--vocab", type=int, default=30000)
