@@ -196,11 +196,14 @@ _ASCII_WORD = np.zeros(256, dtype=bool)
 _ASCII_WORD[np.frombuffer(b"0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", np.uint8)] = True
 
 
-def _is_word_char(code_point: int) -> bool:
-    """[\\p{L}\\p{N}_]: a letter or a number of any script, or the underscore."""
-    import unicodedata
+def _word_chars(code_points: np.ndarray) -> np.ndarray:
+    """Whether each code point is a word character, by the same regex engine (RE2) and Unicode tables as the
+    pattern above: Python's own `unicodedata` can be older and miss recently assigned letters."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
 
-    return unicodedata.category(chr(code_point))[0] in "LN" or code_point == 0x5F
+    chars = pa.array([chr(c) for c in code_points.tolist()], pa.string())
+    return pc.match_substring_regex(chars, r"^[\p{L}\p{N}_]$").to_numpy(zero_copy_only=False)
 
 
 def _normalize(texts, lowercase: bool, strip_html: bool):
@@ -227,7 +230,7 @@ def _word_bytes(data: np.ndarray) -> np.ndarray:
                         np.where(size == 3, (b[0] & 0x0F) << 12 | tail[0] << 6 | tail[1],
                                  (b[0] & 0x07) << 18 | tail[0] << 12 | tail[1] << 6 | tail[2]))
         distinct, which = np.unique(code, return_inverse=True)
-        is_word = np.array([_is_word_char(int(c)) for c in distinct])[which]
+        is_word = _word_chars(distinct)[which]
         for k in range(4):  # the character's class covers all of its bytes
             has = size > k
             word[lead[has] + k] = is_word[has]
@@ -249,7 +252,7 @@ def _words_chunk(texts, lowercase: bool, strip_html: bool):
     padded = np.zeros(len(word) + 2, dtype=bool)
     padded[1:-1] = word
     edges = np.flatnonzero(padded[1:] != padded[:-1])  # alternately a start and an end
-    inner = bounds[1:-1]
+    inner = np.unique(bounds[1:-1])  # empty texts repeat a boundary
     inner = inner[(inner > 0) & (inner < len(word))]
     joined = inner[word[inner - 1] & word[inner]]
     if joined.size:
