@@ -188,7 +188,8 @@ def carve(cfg: DataConfig, train: RawSplit, test: RawSplit) -> dict[str, RawSpli
 # and underscores. The bulk work (50,000 reviews) runs vectorized over the texts' UTF-8 bytes in numpy, split over
 # the cores; the same rules are saved as a Hugging Face `tokenizer.json` (WordLevel) with this pattern, which
 # prediction uses one review at a time. Both cut words identically (tested).
-NON_WORD = r"[^\p{L}\p{N}_]+"
+WORD_CLASS = r"\p{L}\p{N}_"  # a letter or a number of any script, or the underscore
+NON_WORD = rf"[^{WORD_CLASS}]+"
 HTML_BREAK = r"<br\s*/?>"
 
 # Which ASCII bytes belong to words; bytes of other characters are classified per character (_word_bytes).
@@ -203,7 +204,7 @@ def _word_chars(code_points: np.ndarray) -> np.ndarray:
     import pyarrow.compute as pc
 
     chars = pa.array([chr(c) for c in code_points.tolist()], pa.string())
-    return pc.match_substring_regex(chars, r"^[\p{L}\p{N}_]$").to_numpy(zero_copy_only=False)
+    return pc.match_substring_regex(chars, rf"^[{WORD_CLASS}]$").to_numpy(zero_copy_only=False)
 
 
 def _normalize(texts, lowercase: bool, strip_html: bool):
