@@ -235,6 +235,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repeat", type=int, default=1, help="rounds of all runs; medians are reported")
     ap.add_argument("--gpu", action="store_true", help="also distsent on the GPU in fp32, fp16 and bf16")
     args = ap.parse_args(argv)
+    if args.repeat < 1:
+        ap.error(f"--repeat {args.repeat}: needs at least one round")
     import pyarrow.parquet as pq
 
     n_test = pq.ParquetFile(Path(args.data) / "test.parquet").metadata.num_rows
