@@ -1,13 +1,14 @@
-"""Checkpoints: atomic save, verified load, latest-by-step lookup and retention.
+"""Checkpoints and model folders: save on schedule, find the latest valid one, restore a run, export best/.
 
 Layout of `<run>/checkpoints/step-NNNNNNNN/`:
   model.safetensors   model weights (the same on every process under DDP, written once)
   optimizer.pt        optimizer state (tensors and numbers only: loaded with torch.load(weights_only=True))
   rng-rankNNNNN.pt    each process's python / numpy / torch (/ CUDA) random states
-  state.json          train state: step, epoch, global batches done in the epoch, best metric, scheduler, scaler,
-                      world size, tracker run id, and what a resume must keep unchanged (model shape, vocabulary)
+  state.json          train state (step, data position, best model, world size, tracker run id), scheduler,
+                      scaler, running log sums, and the run's identity (what a resume must keep unchanged)
   manifest.json       written last: size and sha256 of every file above; a folder without it is incomplete
-A checkpoint is written under `.tmp-step-NNNNNNNN/` and renamed into place only when complete.
+A checkpoint is written under `.tmp-step-NNNNNNNN/` and renamed into place only when complete. A model folder
+(`<run>/best/`: weights, tokenizer.json, config.yaml, meta.json) is sealed by the same kind of manifest.
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import random
 import re
 import shutil
@@ -24,34 +24,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import files
+from .config import save_config
+from .files import IntegrityError
+
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-MANIFEST = "manifest.json"
+MODEL_FILES = ("config.yaml", "tokenizer.json", "model.safetensors")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(IntegrityError):
     """A checkpoint is incomplete, corrupted, or does not fit this run; the message names it."""
 
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- random states ---------------------------------------------------------------------------------------------
@@ -77,6 +65,12 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def seed_dropout(seed: int, step: int, rank: int) -> None:
+    """Per-process random stream re-derived from (seed, step, rank): used at the start, and after a resume on a
+    different number of processes, where saved per-process streams cannot map onto the new processes."""
+    torch.manual_seed(int.from_bytes(hashlib.sha256(f"{seed}:{step}:{rank}".encode()).digest()[:8], "little"))
+
+
 # --- save ------------------------------------------------------------------------------------------------------
 
 def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep_last: int) -> Path:
@@ -96,16 +90,8 @@ def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep
         (tmp / "state.json").write_text(json.dumps(state, indent=1))
     accelerator.wait_for_everyone()  # every rank's files are in place
     if accelerator.is_main_process:
-        files = sorted(p for p in tmp.iterdir() if p.name != MANIFEST)
-        for p in files:
-            _fsync(p)
-        manifest = {"step": step, "files": {p.name: {"bytes": p.stat().st_size, "sha256": _sha256(p)} for p in files}}
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        _fsync(tmp / MANIFEST)
-        if final.exists():  # the same step saved again (e.g. an epoch end that is also a periodic step)
-            shutil.rmtree(final)
-        os.rename(tmp, final)
-        _fsync(root)
+        files.seal(tmp, step=step)
+        files.publish(tmp, final)  # the same step saved again (an epoch end that is also a periodic step) replaces
         prune(root, keep_last)
     accelerator.wait_for_everyone()
     return final
@@ -113,7 +99,7 @@ def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep
 
 def prune(root: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` complete checkpoints, and leftovers of interrupted writes."""
-    complete = [p for _, p in _by_step(root) if (p / MANIFEST).is_file()]
+    complete = [p for _, p in _by_step(root) if (p / files.MANIFEST).is_file()]
     for old in complete[keep_last:]:
         shutil.rmtree(old, ignore_errors=True)
     newest = _by_step(root)[0][0] if complete else -1
@@ -138,22 +124,9 @@ def verify(path: Path) -> dict:
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
     try:
-        manifest = json.loads((path / MANIFEST).read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path}: incomplete (no {MANIFEST}: the write was interrupted)") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise CheckpointError(f"{path / MANIFEST}: unreadable ({exc})") from None
-    for name, meta in manifest.get("files", {}).items():
-        f = path / name
-        if not f.is_file():
-            raise CheckpointError(f"{f}: missing")
-        if f.stat().st_size != meta["bytes"]:
-            raise CheckpointError(f"{f}: {f.stat().st_size} bytes, the manifest says {meta['bytes']} (truncated?)")
-        if _sha256(f) != meta["sha256"]:
-            raise CheckpointError(f"{f}: content does not match its checksum (corrupted)")
-    for needed in ("model.safetensors", "optimizer.pt", "state.json"):
-        if needed not in manifest.get("files", {}):
-            raise CheckpointError(f"{path}: the manifest lists no {needed}")
+        files.verify(path, required=("model.safetensors", "optimizer.pt", "state.json"))
+    except IntegrityError as exc:
+        raise CheckpointError(str(exc)) from None
     return json.loads((path / "state.json").read_text())
 
 
@@ -168,32 +141,131 @@ def find_latest(root: Path) -> Path | None:
     return None
 
 
-def load_weights(path: Path, model, optimizer) -> None:
+def load_weights(path: Path, model, optimizer=None) -> None:
     from safetensors.torch import load_file
 
     try:
         model.load_state_dict(load_file(path / "model.safetensors"))
         if optimizer is not None:
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    except (RuntimeError, ValueError, KeyError) as exc:
+    except (RuntimeError, ValueError, KeyError, OSError) as exc:
         raise CheckpointError(f"{path}: cannot be loaded into this model: {exc}") from exc
 
 
-def load_rng(path: Path, rank: int) -> None:
-    set_rng_state(torch.load(path / f"rng-rank{rank:05d}.pt", weights_only=True))
-
-
 def check_compatible(saved: dict, current: dict, path: Path) -> None:
-    """Refuse a resume whose config changes what the checkpoint's weights or data position mean."""
+    """Refuse a resume whose identity (config.resume_identity + vocabulary) differs from the checkpoint's, naming
+    every differing key. Sections are compared key by key, so a newly marked setting is checked too."""
+    saved = _upgrade_identity(saved)
     problems = []
-    for key in ("model", "vocab_sha256", "global_batch_size", "seed", "data"):
-        if saved.get(key) != current.get(key):
-            if isinstance(saved.get(key), dict) and isinstance(current.get(key), dict):
-                for k in sorted(set(saved[key]) | set(current[key])):
-                    if saved[key].get(k) != current[key].get(k):
-                        problems.append(f"{key}.{k}: checkpoint {saved[key].get(k)!r}, config {current[key].get(k)!r}")
-            else:
-                problems.append(f"{key}: checkpoint {saved.get(key)!r}, config {current.get(key)!r}")
+    for key in sorted(set(saved) | set(current)):
+        old, new = saved.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            problems += [f"{key}.{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}"
+                         for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+        elif old != new:
+            problems.append(f"{key}: checkpoint {old!r}, config {new!r}")
     if problems:
         raise CheckpointError(f"{path} was trained with a different setup and cannot be resumed with this config: "
                               + "; ".join(problems) + ". Use a new output_dir or checkpoint.resume=never.")
+
+
+def _upgrade_identity(saved: dict) -> dict:
+    """Checkpoints written before the identity was grouped by config section kept the train keys at the top."""
+    if "train" in saved or "seed" not in saved:
+        return saved
+    saved = dict(saved)
+    saved["train"] = {k: saved.pop(k) for k in ("global_batch_size", "seed")}
+    return saved
+
+
+def resume_path(cfg, root: Path) -> Path | None:
+    """checkpoint.resume: 'auto' = the latest valid checkpoint under root (if any), 'never', or a path (must be
+    valid: CheckpointError otherwise)."""
+    if cfg.resume == "never":
+        return None
+    if cfg.resume == "auto":
+        return find_latest(root)
+    verify(Path(cfg.resume))
+    return Path(cfg.resume)
+
+
+# --- the manager the trainer uses ------------------------------------------------------------------------------
+
+class CheckpointManager:
+    """Owns `<run>/checkpoints/` for one run: when to save, what to resume from, and how to restore everything.
+
+    `stateful` maps names to objects with state_dict()/load_state_dict() (scheduler, scaler, train state, log
+    sums) that travel in state.json beside the model and optimizer files.
+    """
+
+    def __init__(self, run_dir: Path, cfg, accelerator, model, optimizer, stateful: dict):
+        self.root, self.cfg, self.acc = Path(run_dir) / "checkpoints", cfg, accelerator
+        self.model, self.optimizer, self.stateful = model, optimizer, stateful
+
+    def due(self, step: int) -> bool:
+        return bool(self.cfg.every) and step % self.cfg.every == 0
+
+    def save(self, step: int, identity: dict) -> Path:
+        """Collective: every process calls it. The stateful objects' state_dict() may be collective too."""
+        state = {name: obj.state_dict() if obj is not None else None for name, obj in self.stateful.items()}
+        return save(self.root, step, self.acc, self.model, self.optimizer, {**state, "identity": identity},
+                    self.cfg.keep_last)
+
+    def restore(self, path: Path, identity: dict, seed: int) -> None:
+        """Load model, optimizer, every stateful object and the random streams from `path`, after checking that
+        it fits this run. On another number of processes the data position carries over (the batch plan does not
+        depend on it) but the per-process random streams cannot: they are re-derived and the change recorded."""
+        saved = verify(path)
+        check_compatible(saved["identity"], identity, path)
+        load_weights(path, self.acc.unwrap_model(self.model), self.optimizer.optimizer)
+        for name, obj in self.stateful.items():
+            if obj is not None and saved.get(name) is not None:
+                obj.load_state_dict(saved[name])
+        state, acc = self.stateful["train_state"], self.acc
+        if state.world_size == acc.num_processes:
+            set_rng_state(torch.load(path / f"rng-rank{acc.process_index:05d}.pt", weights_only=True))
+        else:
+            seed_dropout(seed, state.step, acc.process_index)
+            state.world_size_changes.append({"step": state.step, "old_world_size": state.world_size,
+                                             "new_world_size": acc.num_processes})
+            if acc.is_main_process:
+                log.warning("world size changed from %d to %d at step %d: the remaining global batches of the epoch "
+                            "are split over the new processes; per-process random streams (dropout) are re-derived "
+                            "from (seed, step, rank), so the run is exact in data order but not bitwise",
+                            state.world_size, acc.num_processes, state.step)
+            state.world_size = acc.num_processes
+        if acc.is_main_process:
+            log.info("resumed from %s: step %d, epoch %d, %d global batches into the epoch", path, state.step,
+                     state.epoch, state.batch_in_epoch)
+
+
+# --- model folders (<run>/best) --------------------------------------------------------------------------------
+
+def export_model(folder: Path, model, tokenizer, cfg, meta: dict) -> None:
+    """Write a self-contained model folder (weights, tokenizer, config, meta), sealed and swapped in atomically."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    tmp = folder.with_name(f".{folder.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+    tokenizer.save(str(tmp / "tokenizer.json"))
+    save_config(cfg, tmp / "config.yaml")
+    (tmp / "meta.json").write_text(json.dumps(meta))
+    files.seal(tmp, kind="model")
+    files.publish(tmp, folder)
+
+
+def verify_model_folder(folder: Path) -> None:
+    """Check a model folder before loading it: every file against its manifest. Folders written before model
+    folders had a manifest are accepted (with a warning) if their files are present."""
+    folder = Path(folder)
+    files.recover(folder)
+    if (folder / files.MANIFEST).is_file() or not folder.is_dir():
+        files.verify(folder, required=MODEL_FILES)
+        return
+    for name in MODEL_FILES:
+        if not (folder / name).is_file():
+            raise IntegrityError(f"{folder / name}: missing (expected a model folder such as <run>/best)")
+    log.warning("%s has no %s (written by an earlier version): its files cannot be checked", folder, files.MANIFEST)

@@ -9,16 +9,24 @@ from pathlib import Path
 
 import yaml
 
+from .files import atomic_write
+
 
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the full key path."""
 
 
-def _doc(text: str, default, **kw):
-    """A dataclass field that carries its documentation (shown by `distsent-train --help-config`)."""
+def _doc(text: str, default, resume: bool = False, cache: str = ""):
+    """A dataclass field that carries its documentation (shown by `distsent-train --help-config`).
+
+    resume=True: part of the run's identity, which a resumed run must keep unchanged (`resume_identity`).
+    cache: the stage of data preparation the setting changes ("split", "vocab" or "cut"), so that it enters the
+    token cache's key for that stage (`DataConfig.stage_settings`).
+    """
+    metadata = {"doc": text, "resume": resume, "cache": cache}
     if isinstance(default, (list, dict)):
-        return field(default_factory=lambda: type(default)(default), metadata={"doc": text}, **kw)
-    return field(default=default, metadata={"doc": text}, **kw)
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -26,18 +34,24 @@ class DataConfig:
     path: str = _doc("Local IMDB copy: a folder with train/test.parquet, or an aclImdb folder. Empty: the "
                      "DISTSENT_DATA_PATH environment variable, else the Hugging Face hub.", "")
     hub_name: str = _doc("Hub dataset used when no local path is given.", "stanfordnlp/imdb")
-    limit: int = _doc("Use at most this many training reviews (seeded random subset); 0 = all.", 0)
-    test_limit: int = _doc("Use at most this many test reviews; 0 = all.", 0)
-    val_fraction: float = _doc("Share of the training reviews held out for validation (model selection).", 0.1)
-    split_seed: int = _doc("Seed of the subset and validation carving (kept apart from the training seed).", 0)
-    max_len: int = _doc("Tokens kept per review.", 256)
-    truncate: str = _doc("Which tokens a long review keeps: 'head' (the first max_len) or 'tail' (the last).", "head")
-    min_freq: int = _doc("A word needs this many occurrences in the training split to enter the vocabulary.", 5)
-    lowercase: bool = _doc("Lower-case text before splitting into words.", True)
-    strip_html: bool = _doc("Replace HTML line breaks (<br />, frequent in IMDB) by spaces before splitting.", False)
+    limit: int = _doc("Use at most this many training reviews (seeded random subset); 0 = all.", 0, resume=True,
+                       cache="split")
+    test_limit: int = _doc("Use at most this many test reviews; 0 = all.", 0, cache="split")
+    val_fraction: float = _doc("Share of the training reviews held out for validation (model selection).", 0.1,
+                               resume=True, cache="split")
+    split_seed: int = _doc("Seed of the subset and validation carving (kept apart from the training seed).", 0,
+                            resume=True, cache="split")
+    max_len: int = _doc("Tokens kept per review.", 256, resume=True, cache="cut")
+    truncate: str = _doc("Which tokens a long review keeps: 'head' (the first max_len) or 'tail' (the last).", "head",
+                          resume=True, cache="cut")
+    min_freq: int = _doc("A word needs this many occurrences in the training split to enter the vocabulary.", 5,
+                          cache="vocab")
+    lowercase: bool = _doc("Lower-case text before splitting into words.", True, cache="vocab")
+    strip_html: bool = _doc("Replace HTML line breaks (<br />, frequent in IMDB) by spaces before splitting.", False,
+                             resume=True, cache="vocab")
     cache_dir: str = _doc("Where tokenized data is cached; empty: $DISTSENT_CACHE or ~/.cache/distsent.", "")
     bucket_batches: int = _doc("Length-aware batching: sort each pool of this many global batches by length "
-                               "before cutting batches (less padding); 1 = no sorting.", 50)
+                               "before cutting batches (less padding); 1 = no sorting.", 50, resume=True)
 
     def __post_init__(self):
         _check_choice("data.truncate", self.truncate, ("head", "tail"))
@@ -48,31 +62,37 @@ class DataConfig:
         _check_min("data.limit", self.limit, 0)
         _check_min("data.test_limit", self.test_limit, 0)
 
+    def stage_settings(self, stage: str) -> dict:
+        """The settings that change one stage of data preparation ("split", "vocab" or "cut"): its cache key."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("cache") == stage}
+
 
 @dataclass
 class ModelConfig:
-    cell: str = _doc("Recurrent cell: 'lstm' or 'gru'.", "lstm")
-    embedding_dim: int = _doc("Word embedding size.", 128)
-    hidden_dim: int = _doc("Recurrent state size (per direction).", 256)
-    num_layers: int = _doc("Stacked recurrent layers.", 2)
-    dropout: float = _doc("Dropout between recurrent layers and before the classifier.", 0.5)
-    embedding_dropout: float = _doc("Dropout on the word embeddings.", 0.0)
-    bidirectional: bool = _doc("Read each review in both directions.", False)
+    """Every model setting is part of the resume identity: a checkpoint's weights only fit the model they came from."""
+
+    cell: str = _doc("Recurrent cell: 'lstm' or 'gru'.", "lstm", resume=True)
+    embedding_dim: int = _doc("Word embedding size.", 128, resume=True)
+    hidden_dim: int = _doc("Recurrent state size (per direction).", 256, resume=True)
+    num_layers: int = _doc("Stacked recurrent layers.", 2, resume=True)
+    dropout: float = _doc("Dropout between recurrent layers and before the classifier.", 0.5, resume=True)
+    embedding_dropout: float = _doc("Dropout on the word embeddings.", 0.0, resume=True)
+    bidirectional: bool = _doc("Read each review in both directions.", False, resume=True)
     pooling: str = _doc("How the review vector is formed: 'last' (state at the true end), 'mean', 'max' or "
-                        "'attention' over the real tokens.", "last")
+                        "'attention' over the real tokens.", "last", resume=True)
     forget_bias: float = _doc("Initial LSTM forget-gate bias (PyTorch's default init is near 0; 1.0 helps an LSTM "
-                              "carry information across long reviews from the first steps).", 0.0)
+                              "carry information across long reviews from the first steps).", 0.0, resume=True)
     pretrained_embeddings: str = _doc("Local word2vec/GloVe text file to initialise the embeddings from; empty = "
-                                      "random init.", "")
-    freeze_embeddings: bool = _doc("Keep pretrained embeddings fixed during training.", False)
+                                      "random init.", "", resume=True)
+    freeze_embeddings: bool = _doc("Keep pretrained embeddings fixed during training.", False, resume=True)
     ngram_max_n: int = _doc("Longest word n-gram of a second classifier head beside the recurrent one: NBSVM-style "
                             "logistic regression over the review's distinct words and word n-grams, each scaled by "
                             "its naive-Bayes log-count ratio from the training split (2 = words and bigrams); "
-                            "0 = no such head.", 0)
+                            "0 = no such head.", 0, resume=True)
     ngram_weight: float = _doc("Weight of the n-gram head's logit in the model's logit (recurrent + weight x "
                                "n-gram). Each head is trained by its own loss, so the weight only sets how much each "
-                               "one's vote counts.", 1.0)
-    ngram_buckets: int = _doc("Hash buckets shared by the n-grams longer than one word.", 1 << 18)
+                               "one's vote counts.", 1.0, resume=True)
+    ngram_buckets: int = _doc("Hash buckets shared by the n-grams longer than one word.", 1 << 18, resume=True)
 
     def __post_init__(self):
         _check_choice("model.cell", self.cell, ("lstm", "gru"))
@@ -110,15 +130,17 @@ class OptimConfig:
 class TrainConfig:
     epochs: int = _doc("Passes over the training split.", 5)
     global_batch_size: int = _doc("Samples per optimizer step, summed over all processes; the per-process batch "
-                                  "and accumulation follow from the number of processes.", 64)
+                                  "and accumulation follow from the number of processes.", 64, resume=True)
     micro_batch_size: int = _doc("Largest per-process batch; 0 = global_batch_size / processes. Smaller values "
                                  "add gradient accumulation.", 0)
     eval_batch_size: int = _doc("Per-process batch for evaluation and prediction.", 256)
     mixed_precision: str = _doc("'no', 'fp16' (GPU) or 'bf16'; empty = what the launch config says.", "")
-    seed: int = _doc("Seed of initialisation, shuffling and dropout.", 0)
+    seed: int = _doc("Seed of initialisation, shuffling and dropout.", 0, resume=True)
     log_every: int = _doc("Log training metrics every this many optimizer steps.", 20)
     eval_every: int = _doc("Also evaluate every this many steps; 0 = only at epoch ends.", 0)
     max_steps: int = _doc("Stop after this many optimizer steps in all; 0 = run all epochs.", 0)
+    early_stop_patience: int = _doc("Stop training after this many evaluations in a row without a better validation "
+                                    "accuracy (the best model is then tested); 0 = never stop early.", 0)
     threads: int = _doc("CPU threads per process; 0 = the cores available divided by the local processes.", 0)
     flush_denormal: bool = _doc("Flush subnormal floats to zero (much faster LSTM backward on some Intel CPUs). "
                                 "Keep it the same between a run and its resume.", True)
@@ -134,6 +156,7 @@ class TrainConfig:
         _check_min("train.log_every", self.log_every, 1)
         _check_min("train.eval_every", self.eval_every, 0)
         _check_min("train.max_steps", self.max_steps, 0)
+        _check_min("train.early_stop_patience", self.early_stop_patience, 0)
         _check_min("train.threads", self.threads, 0)
 
 
@@ -202,6 +225,21 @@ class ExperimentConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def resume_identity(cfg: ExperimentConfig) -> dict:
+    """What a resumed run must keep unchanged, by section: every field declared with resume=True.
+
+    The checkpoint check compares these key by key, so a setting marked here is checked without further code.
+    """
+    out = {}
+    for section in dataclasses.fields(cfg):
+        value = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(value):
+            keys = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.metadata.get("resume")}
+            if keys:
+                out[section.name] = keys
+    return out
 
 
 # --- checks used by __post_init__ ------------------------------------------------------------------------------
@@ -346,7 +384,7 @@ def _upgrade(data: dict) -> dict:
 
 
 def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
 def describe(cls=ExperimentConfig, prefix: str = "") -> list[str]:

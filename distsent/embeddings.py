@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .data import DataError
+from .sources import DataError
 
 
 def load_vectors(path: str | Path, vocab: dict[str, int], dim: int) -> tuple[torch.Tensor, torch.Tensor]:

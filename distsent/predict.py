@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .checkpoint import load_weights, verify_model_folder
 from .config import ConfigError, load_config
-from .data import encode, load_tokenizer
 from .model import build_model
+from .tokenizer import encode, load_tokenizer
 
 
 class Predictor:
@@ -31,20 +32,17 @@ class Predictor:
     @classmethod
     def load(cls, folder: str | Path, batch_size: int = 256) -> "Predictor":
         folder = Path(folder)
-        for name in ("config.yaml", "tokenizer.json", "model.safetensors"):
-            if not (folder / name).is_file():
-                raise FileNotFoundError(f"{folder / name}: missing (expected a model folder such as <run>/best)")
+        verify_model_folder(folder)  # IntegrityError naming the file if anything is missing or damaged
         cfg = load_config(folder / "config.yaml")
         tokenizer = load_tokenizer(folder / "tokenizer.json")
         model = build_model(tokenizer.get_vocab_size(), cfg.model)
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(folder / "model.safetensors"))
+        load_weights(folder, model)
         return cls(model, tokenizer, cfg, batch_size)
 
     @torch.no_grad()
     def probabilities(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """P(positive) for each text, in input order, and each text's word count before truncation."""
+        """P(positive) for each text, in input order, and each text's word count before truncation. The ids come
+        from the model folder's tokenizer.json, as for anyone who loads it with the tokenizers library."""
         split, words = encode(self.tokenizer, texts, self.cfg.data.max_len, self.cfg.data.truncate, with_counts=True)
         out = np.zeros(len(texts), dtype=np.float64)
         order = np.argsort(split.lengths, kind="stable")
@@ -69,8 +67,8 @@ class Predictor:
         if valid:
             probs, n_words = self.probabilities([texts[i] for i in valid])
             for i, p, n in zip(valid, probs, n_words):
-                label = "positive" if p >= 0.5 else "negative"
-                results[i] = {"label": label, "probability": round(float(p if p >= 0.5 else 1 - p), 6),
+                label = "positive" if p > 0.5 else "negative"  # logit > 0, as in training-time evaluation
+                results[i] = {"label": label, "probability": round(float(p if p > 0.5 else 1 - p), 6),
                               "p_positive": round(float(p), 6)}
                 if n == 0:
                     results[i]["warning"] = "no words in the text: the prediction carries no information"

@@ -1,4 +1,5 @@
-"""Run records on the main process: metrics.jsonl, status.json, and Accelerate's trackers (W&B, TensorBoard, ...).
+"""Run records on the main process: metrics.jsonl, status.json, the launch topology, and Accelerate's trackers
+(W&B with its media, TensorBoard, ...).
 
 A tracker that cannot start or fails mid-run is dropped with a warning: logging never stops training.
 """
@@ -10,6 +11,8 @@ import logging
 import os
 import time
 from pathlib import Path
+
+from .files import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -25,9 +28,7 @@ def drop_rows_after(path: Path, step: int) -> None:
                 kept.append(line)
         except json.JSONDecodeError:  # a line cut by a kill: drop it
             continue
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text("".join(k + "\n" for k in kept))
-    os.replace(tmp, path)
+    atomic_write(path, "".join(k + "\n" for k in kept))
 
 
 def software_versions() -> dict:
@@ -36,7 +37,8 @@ def software_versions() -> dict:
     import subprocess
 
     out = {}
-    for pkg in ("distsent", "torch", "accelerate", "datasets", "tokenizers", "wandb", "safetensors", "numpy"):
+    for pkg in ("distsent", "torch", "accelerate", "datasets", "tokenizers", "torchmetrics", "wandb", "safetensors",
+                "numpy"):
         try:
             out[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
@@ -55,9 +57,61 @@ def software_versions() -> dict:
 
 def write_status(run_dir: Path, **fields) -> None:
     """status.json tells schedulers and people how the run ended: running, preempted, finished or failed."""
-    tmp = run_dir / "status.json.tmp"
-    tmp.write_text(json.dumps({**fields, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
-    os.replace(tmp, run_dir / "status.json")
+    atomic_write(run_dir / "status.json", json.dumps({**fields, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+
+
+def launch_topology(accelerator, layout) -> dict:
+    """How the run was launched (processes, machines, batch layout, threads, software, Slurm job), logged with
+    the config so that a dashboard shows what produced each curve."""
+    import sys
+
+    import torch
+
+    topo = {"num_processes": accelerator.num_processes, "num_machines": num_machines(),
+            "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
+            "micro_batch": layout.micro_batch, "accum_steps": layout.accum_steps,
+            "threads_per_process": torch.get_num_threads(), "python": sys.version.split()[0], **software_versions()}
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT"):
+        if var in os.environ:
+            topo[var.lower()] = os.environ[var]
+    return topo
+
+
+def local_processes() -> int:
+    return int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+
+
+def num_machines() -> int:
+    return max(1, int(os.environ.get("WORLD_SIZE", "1")) // local_processes())
+
+
+def example_predictions(model, split, tokenizer, accelerator, n: int = 16) -> list[tuple[str, int, float]]:
+    """(text as the model reads it, label, p_positive) for the first n reviews of a split, for the W&B table."""
+    import numpy as np
+    import torch
+
+    idx = np.arange(min(n, len(split)))
+    ids, lengths = (torch.from_numpy(a).to(accelerator.device) for a in split.batch(idx))
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), accelerator.autocast():
+        probs = torch.sigmoid(model(ids, lengths).float()).tolist()
+    model.train(was_training)
+    return [(tokenizer.decode(split.tokens[split.offsets[i]: split.offsets[i + 1]].tolist(), skip_special_tokens=False),
+             int(split.labels[i]), p) for i, p in zip(idx, probs)]
+
+
+def eval_media(wandb, metrics: dict, examples: list[tuple[str, int, float]]) -> dict:
+    """W&B media of one evaluation: a confusion matrix, and a table of (text as the model reads it, label,
+    p_positive) examples."""
+    truth = [0] * (metrics["tn"] + metrics["fp"]) + [1] * (metrics["fn"] + metrics["tp"])
+    preds = [0] * metrics["tn"] + [1] * metrics["fp"] + [0] * metrics["fn"] + [1] * metrics["tp"]
+    table = wandb.Table(columns=["text", "label", "p_positive", "correct"])
+    for text, label, p in examples:
+        table.add_data(text, label, p, (p > 0.5) == label)
+    return {"val/confusion_matrix": wandb.plot.confusion_matrix(y_true=truth, preds=preds,
+                                                                class_names=["negative", "positive"]),
+            "val/examples": table}
 
 
 # W&B settings a job can override through the environment (they win over the YAML, as cluster users expect).
@@ -172,3 +226,37 @@ class RunLog:
                 self.accelerator.end_training()
             except Exception as exc:
                 log.warning("trackers did not close cleanly (%s: %s)", type(exc).__name__, exc)
+
+
+class DebugRecords:
+    """train.debug_records: each process appends the ids it trains on to <run>/debug/samples-rankN.jsonl and the
+    digest of its final weights to weights-rankN.jsonl, so tests can check sharding and bitwise resumes."""
+
+    def __init__(self, run_dir: Path, rank: int, enabled: bool):
+        self.folder, self.rank, self.enabled = run_dir / "debug", rank, enabled
+
+    def _write(self, kind: str, record: dict) -> None:
+        if self.enabled:
+            with open(self.folder / f"{kind}-rank{self.rank}.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def resume(self, step: int) -> None:
+        """A resumed run redoes the steps after its checkpoint: their records go."""
+        if self.enabled:
+            self.folder.mkdir(exist_ok=True)
+            drop_rows_after(self.folder / f"samples-rank{self.rank}.jsonl", step)
+
+    def samples(self, step: int, epoch: int, ids) -> None:
+        if self.enabled:
+            self._write("samples", {"step": step, "epoch": epoch, "ids": ids.tolist()})
+
+    def weights(self, step: int, model) -> None:
+        if not self.enabled:
+            return
+        import hashlib
+
+        h = hashlib.sha256()
+        for name, t in sorted(model.state_dict().items()):
+            h.update(name.encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        self._write("weights", {"step": step, "sha256": h.hexdigest()})

@@ -14,9 +14,9 @@ import logging
 import os
 import sys
 
-from .checkpoint import CheckpointError
 from .config import ConfigError, describe, load_config
-from .data import DataError
+from .files import IntegrityError
+from .sources import DataError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
             trainer.fit()
         finally:
             trainer.close()
-    except (ConfigError, DataError, CheckpointError) as exc:
+    except (ConfigError, DataError, IntegrityError) as exc:  # IntegrityError: a checkpoint or best/ that is unusable
         print(f"distsent-train: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     return 0

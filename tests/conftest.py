@@ -73,20 +73,17 @@ def synth_imdb(tmp_path_factory, synth_splits) -> Path:
 def model_dir(tmp_path_factory):
     """A model folder laid out as <run>/best (random weights: these tests check plumbing, not accuracy)."""
     import torch
-    from safetensors.torch import save_file
 
-    from distsent.config import DataConfig, load_config, save_config
-    from distsent.data import train_tokenizer
+    from distsent.checkpoint import export_model
+    from distsent.config import DataConfig, load_config
     from distsent.model import build_model
+    from distsent.tokenizer import train_tokenizer
 
-    folder = tmp_path_factory.mktemp("best")
+    folder = tmp_path_factory.mktemp("run") / "best"
     cfg = load_config(None, ["model.embedding_dim=16", "model.hidden_dim=16", "data.max_len=20", "data.min_freq=1"])
     tok = train_tokenizer(make_reviews(50, 0)[0], DataConfig(min_freq=1))
     torch.manual_seed(0)
-
-    save_file(build_model(tok.get_vocab_size(), cfg.model).state_dict(), folder / "model.safetensors")
-    tok.save(str(folder / "tokenizer.json"))
-    save_config(cfg, folder / "config.yaml")
+    export_model(folder, build_model(tok.get_vocab_size(), cfg.model), tok, cfg, {"step": 0})
     return folder
 
 

@@ -8,7 +8,9 @@ import pytest
 
 from conftest import make_reviews, write_aclimdb, write_parquet
 from distsent.config import DataConfig
-from distsent.data import DataError, carve, find_source, prepare, read_split, train_tokenizer
+from distsent.data import prepare
+from distsent.sources import DataError, carve, find_source, read_split
+from distsent.tokenizer import train_tokenizer
 from distsent.sampler import Layout, epoch_batches
 
 
@@ -20,32 +22,41 @@ SAMPLES = ["This movie was ABSOLUTELY fantastic!!! 10/10", "Don't watch it<br />
            "Naïve café-goers über-love it — 日本語 too", "  spaces\tand\nnewlines  ", "", "1,000 cuts... C'est la vie"]
 
 
-def test_bulk_encoding_matches_the_saved_tokenizer():
-    """Training data is numericalized in bulk (Arrow); prediction uses tokenizer.json: the ids must agree."""
-    from distsent.data import encode
+def test_prepared_ids_match_the_saved_tokenizer(tmp_path):
+    """Data preparation cuts words in bulk (numpy over UTF-8 bytes); prediction encodes with the saved tokenizer.json
+    (`encode`, the tokenizers library): every cached review's ids must be what prediction gives it."""
+    from distsent.tokenizer import encode
 
     # "end", "", "start": an empty review between two that touch words must not create an empty word;
     # U+31350 is a letter of Unicode 15, which this Python's unicodedata may not know yet
     texts = SAMPLES + make_reviews(50, 9)[0] + ["ÀÉÎ õü ß ﬁne Ⅻ ½ x²", "tabs\tand_underscores__ 3.14", "end", "", "",
                                                 "start", "a\U00031350b 𝔘𝔫𝔦 😀x"]
+    labels = [i % 2 for i in range(len(texts))]
+    folder = write_parquet(tmp_path / "data", {"train": (texts, labels), "test": (texts[::-1], labels[::-1])})
+    sources = {"train": texts, "val": texts, "test": texts[::-1]}
     for strip_html in (False, True):
-        tok = train_tokenizer(texts, DataConfig(min_freq=2, strip_html=strip_html))
-        split = encode(tok, texts, max_len=10_000, truncate="head")
-        for i, text in enumerate(texts):
-            bulk = split.tokens[split.offsets[i]: split.offsets[i + 1]].tolist()
-            assert bulk == tok.encode(text, add_special_tokens=False).ids, text
+        data = prepare(DataConfig(path=str(folder), min_freq=2, strip_html=strip_html, max_len=10_000,
+                                  cache_dir=str(tmp_path / "cache")))
+        for name, originals in sources.items():
+            split = getattr(data, name)
+            reviews = [originals[i] for i in split.ids]
+            predicted = encode(data.tokenizer, reviews, max_len=10_000, truncate="head")
+            for i, text in enumerate(reviews):
+                cached = split.tokens[split.offsets[i]: split.offsets[i + 1]].tolist()
+                assert cached == predicted.tokens[predicted.offsets[i]: predicted.offsets[i + 1]].tolist(), text
+                assert cached == data.tokenizer.encode(text, add_special_tokens=False).ids, text
 
 
 def test_bulk_encoding_on_several_cores_matches_one_review_at_a_time(monkeypatch):
     """Thousands of reviews are cut and hashed in shares on several threads, and the shares' dictionaries merged;
     the ids must still be those of encoding each review alone with tokenizer.json, and the vocabulary that of
     the tutorial's tokenizer (words at the end of one review and the start of the next stay apart)."""
-    import distsent.data as data
+    import distsent.tokenizer as tokenizer
 
-    monkeypatch.setattr(data.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
+    monkeypatch.setattr(tokenizer.os, "sched_getaffinity", lambda pid: {0, 1, 2}, raising=False)
     reviews = make_reviews(900, 11)[0]
     texts = [reviews[i] if i % 5 else SAMPLES[i // 5 % len(SAMPLES)] for i in range(len(reviews))] * 7
-    distinct, index, offsets = data.index_words(texts)
+    distinct, index, offsets = tokenizer.index_words(texts)
     assert len(offsets) == len(texts) + 1 and offsets[-1] == len(index)
     words = distinct.to_pylist()
     for i in (0, 1, 2, 3, 4, 5, 2999, 3000, 6299):
@@ -53,10 +64,9 @@ def test_bulk_encoding_on_several_cores_matches_one_review_at_a_time(monkeypatch
     tok = train_tokenizer(texts, DataConfig(min_freq=3))
     counts = Counter(w for t in texts for w in reference_tokenize(t))
     assert set(tok.get_vocab()) == {"<pad>", "<unk>"} | {w for w, c in counts.items() if c >= 3}
-    split = data.encode(tok, texts, max_len=10_000, truncate="head")
+    ids = tokenizer.word_ids(tok, distinct)[index]
     for i in range(0, len(texts), 97):
-        assert split.tokens[split.offsets[i]: split.offsets[i + 1]].tolist() == \
-            tok.encode(texts[i], add_special_tokens=False).ids
+        assert ids[offsets[i]: offsets[i + 1]].tolist() == tok.encode(texts[i], add_special_tokens=False).ids
 
 
 def test_tokenizer_matches_reference_words_and_vocabulary():

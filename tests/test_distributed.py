@@ -47,7 +47,7 @@ def test_best_recipe_trains_in_two_processes_and_predicts(tmp_path, synth_imdb, 
     import numpy as np
     import torch
 
-    from distsent.data import encode
+    from distsent.tokenizer import encode
     from distsent.predict import Predictor
 
     run_dir = tmp_path / "best-recipe"

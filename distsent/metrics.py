@@ -1,0 +1,125 @@
+"""Metrics: one evaluation implementation (torchmetrics) for training-time evaluation and distsent-evaluate, and
+the running training sums behind each logged row.
+
+Keys, everywhere (metrics.jsonl with a val/ or test/ prefix, W&B, distsent-evaluate's JSON): n, loss, acc, f1,
+roc_auc, ece (top-label expected calibration error over 15 equal-width bins), tp, fp, tn, fn, and acc_<head> for
+each classifier head when there is more than one. A review is called positive when its logit is above 0
+(probability above 0.5).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+ECE_BINS = 15
+
+
+class EvalMetrics:
+    """One evaluation pass. Each process updates with its own reviews; compute() gathers the states of every
+    process (torchmetrics syncs over torch.distributed), so every process gets the same figures."""
+
+    def __init__(self, device, head_names: tuple[str, ...] = ("rnn",)):
+        from torchmetrics import SumMetric
+        from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryConfusionMatrix,
+                                                 MulticlassCalibrationError)
+
+        self.confusion = BinaryConfusionMatrix().to(device)
+        self.auroc = BinaryAUROC().to(device)  # exact (thresholds=None): ties count half, as in the rank statistic
+        # top-label calibration: the classes' probabilities [1 - p, p], confidence = the larger one
+        self.ece = MulticlassCalibrationError(num_classes=2, n_bins=ECE_BINS, norm="l1").to(device)
+        self.loss = SumMetric().to(device)
+        self.heads = {name: BinaryAccuracy().to(device) for name in head_names} if len(head_names) > 1 else {}
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor, labels: torch.Tensor, head_logits: torch.Tensor | None = None) -> None:
+        """logits [n] of the model, labels [n] in {0, 1}, head_logits [n, heads] when there are several heads."""
+        # probabilities, never logits: torchmetrics would take a batch of logits that happen to lie in [0, 1] for
+        # probabilities; float64 stays float64 (distsent-evaluate's exact ROC-AUC)
+        logits, target = logits.to(torch.promote_types(logits.dtype, torch.float32)), labels.long()
+        p = torch.sigmoid(logits)
+        self.confusion.update(p, target)
+        self.auroc.update(p, target)
+        self.ece.update(torch.stack([1 - p, p], dim=1), target)
+        self.loss.update(F.binary_cross_entropy_with_logits(logits, target.float(), reduction="sum"))
+        for i, metric in enumerate(self.heads.values()):
+            metric.update(torch.sigmoid(head_logits[:, i].float()), target)
+
+    def compute(self) -> dict:
+        """Collective under DDP: every process must call it."""
+        (tn, fp), (fn, tp) = self.confusion.compute().tolist()
+        n = tn + fp + fn + tp
+        out = {"n": n, "loss": float(self.loss.compute()) / max(n, 1), "acc": (tp + tn) / max(n, 1),
+               "f1": 2 * tp / max(1, 2 * tp + fp + fn), "roc_auc": None, "ece": float(self.ece.compute()),
+               "tp": tp, "fp": fp, "tn": tn, "fn": fn}
+        if 0 < tp + fn < n:  # ROC-AUC needs both classes
+            out["roc_auc"] = float(self.auroc.compute())
+        out.update({f"acc_{name}": float(m.compute()) for name, m in self.heads.items()})
+        return out
+
+
+def score(p_positive, labels) -> dict:
+    """The metrics of probabilities against labels in one process, plus the reliability table behind the ECE."""
+    p, y = torch.as_tensor(np.asarray(p_positive, np.float64)), torch.as_tensor(np.asarray(labels, np.int64))
+    m = EvalMetrics("cpu")
+    m.update(torch.logit(p, eps=1e-12), y)  # p of exactly 0 or 1 keeps a finite loss
+    return {**m.compute(), "reliability": reliability(p, y)}
+
+
+def reliability(p_positive: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+    """Per confidence bin (the ECE's bins: [k/15, (k+1)/15), and 1.0 alone): reviews, mean confidence, accuracy.
+    The bin-share-weighted gap between the last two is the ECE (tested against torchmetrics' figure)."""
+    p, y = p_positive.double(), labels.long()
+    pred = (p > 0.5).long()
+    conf = torch.where(pred == 1, p, 1 - p)
+    edges = torch.linspace(0, 1, ECE_BINS + 1, dtype=torch.float64)
+    which = torch.bucketize(conf, edges, right=True) - 1
+    table = []
+    for b in which.unique().tolist():
+        m = which == b
+        table.append({"lo": float(edges[b]), "hi": float(edges[min(b + 1, ECE_BINS)]), "n": int(m.sum()),
+                      "confidence": float(conf[m].mean()), "accuracy": float((pred[m] == y[m]).double().mean())})
+    return table
+
+
+class TrainSums:
+    """Training metrics since the last logged row, summed on the device so that a step never waits for the host;
+    added up over processes when a row is logged. Saved in checkpoints so a resumed run logs the same rows."""
+
+    KEYS = ("loss", "correct", "samples", "tokens", "grad_norm", "clipped", "steps")
+
+    def __init__(self, accelerator):
+        self.acc = accelerator
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums = {k: torch.zeros((), dtype=torch.float64, device=self.acc.device) for k in self.KEYS}
+
+    def add(self, **values) -> None:
+        for k, v in values.items():
+            self.sums[k] += v
+
+    def totals(self) -> dict:
+        """Collective: the sums over all processes."""
+        reduced = self.acc.reduce(torch.stack([self.sums[k] for k in self.KEYS]), "sum")
+        return dict(zip(self.KEYS, reduced.tolist()))
+
+    def row(self, seconds: float, samples: int) -> dict:
+        """Collective: the logged training metrics since the last reset, over `seconds` and `samples`."""
+        totals = self.totals()
+        steps, n = max(1.0, totals["steps"]), max(totals["samples"], 1)
+        return {"train/loss": totals["loss"] / n, "train/acc": totals["correct"] / n,
+                "grad_norm": totals["grad_norm"] / steps, "clip_fraction": totals["clipped"] / steps,
+                "throughput/samples_per_s": samples / max(seconds, 1e-9),
+                "throughput/tokens_per_s": totals["tokens"] / max(seconds, 1e-9)}
+
+    def state_dict(self) -> dict:
+        return self.totals()
+
+    def load_state_dict(self, saved: dict) -> None:
+        """The main process holds the saved totals, the others start from zero: totals() adds them up."""
+        self.reset()
+        if self.acc.is_main_process:
+            for k, v in saved.items():
+                self.sums[k] += v

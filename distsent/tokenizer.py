@@ -1,0 +1,271 @@
+"""Words to ids: the word cutter (vectorized over UTF-8 bytes), the vocabulary, the saved Hugging Face tokenizer,
+and reviews as flat id arrays cut to length."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .config import DataConfig
+from .sources import DataError
+
+PAD, UNK = "<pad>", "<unk>"
+PAD_ID = 0
+
+# --- the word cutter -----------------------------------------------------------------------------------------------
+#
+# The words are those of the reference pipeline (`re.findall(r"\b\w+\b", text.lower())`): runs of letters, digits
+# and underscores. Data preparation (50,000 reviews) cuts them vectorized over the texts' UTF-8 bytes in numpy,
+# split over the cores. The same rules are saved as a Hugging Face `tokenizer.json` (WordLevel with this pattern):
+# the artifact that travels with a model, which prediction uses (`encode`). Both give identical ids (tested).
+WORD_CLASS = r"\p{L}\p{N}_"  # a letter or a number of any script, or the underscore
+NON_WORD = rf"[^{WORD_CLASS}]+"
+HTML_BREAK = r"<br\s*/?>"
+
+# Which ASCII bytes belong to words; bytes of other characters are classified per character (_word_bytes).
+_ASCII_WORD = np.zeros(256, dtype=bool)
+_ASCII_WORD[np.frombuffer(b"0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", np.uint8)] = True
+
+
+def _word_chars(code_points: np.ndarray) -> np.ndarray:
+    """Whether each code point is a word character, by the same regex engine (RE2) and Unicode tables as the
+    pattern above: Python's own `unicodedata` can be older and miss recently assigned letters."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    chars = pa.array([chr(c) for c in code_points.tolist()], pa.string())
+    return pc.match_substring_regex(chars, rf"^[{WORD_CLASS}]$").to_numpy(zero_copy_only=False)
+
+
+def _normalize(texts, lowercase: bool, strip_html: bool):
+    import pyarrow.compute as pc
+
+    if strip_html:
+        texts = pc.replace_substring_regex(texts, HTML_BREAK, " ")
+    return pc.utf8_lower(texts) if lowercase else texts
+
+
+def _word_bytes(data: np.ndarray) -> np.ndarray:
+    """For each byte of UTF-8 text, whether it is part of a word character.
+
+    A regex over Unicode classes was the slowest step of data preparation; a byte table does the ASCII characters,
+    and the few multi-byte characters are decoded and classified once per distinct code point.
+    """
+    word = _ASCII_WORD[data]
+    lead = np.flatnonzero(data >= 0xC0)  # first bytes of multi-byte characters (continuations are 0x80-0xBF)
+    if lead.size:
+        b = [data[np.minimum(lead + k, len(data) - 1)].astype(np.int32) for k in range(4)]
+        size = 2 + (b[0] >= 0xE0) + (b[0] >= 0xF0)
+        tail = [x & 0x3F for x in b[1:]]
+        code = np.where(size == 2, (b[0] & 0x1F) << 6 | tail[0],
+                        np.where(size == 3, (b[0] & 0x0F) << 12 | tail[0] << 6 | tail[1],
+                                 (b[0] & 0x07) << 18 | tail[0] << 12 | tail[1] << 6 | tail[2]))
+        distinct, which = np.unique(code, return_inverse=True)
+        is_word = _word_chars(distinct)[which]
+        for k in range(4):  # the character's class covers all of its bytes
+            has = size > k
+            word[lead[has] + k] = is_word[has]
+    return word
+
+
+def _words_chunk(texts, lowercase: bool, strip_html: bool):
+    """(flat words, words per text) for one Arrow chunk of texts."""
+    import pyarrow as pa
+
+    texts = _normalize(texts, lowercase, strip_html).cast(pa.large_string())
+    _, offsets_buf, data_buf = texts.buffers()
+    bounds = np.frombuffer(offsets_buf, np.int64)[texts.offset: texts.offset + len(texts) + 1]
+    data = np.frombuffer(data_buf, np.uint8)[bounds[0]: bounds[-1]] if data_buf is not None else np.zeros(0, np.uint8)
+    bounds = bounds - bounds[0]
+    word = _word_bytes(data)
+    # words start and end where the byte class changes; a text boundary inside a run of word bytes (text i ends
+    # with a word, text i+1 starts with one) is both an end and a start, so words never join across texts
+    padded = np.zeros(len(word) + 2, dtype=bool)
+    padded[1:-1] = word
+    edges = np.flatnonzero(padded[1:] != padded[:-1])  # alternately a start and an end
+    inner = np.unique(bounds[1:-1])  # empty texts repeat a boundary
+    inner = inner[(inner > 0) & (inner < len(word))]
+    joined = inner[word[inner - 1] & word[inner]]
+    if joined.size:
+        edges = np.insert(edges, np.searchsorted(edges, joined).repeat(2), joined.repeat(2))
+    starts, ends = edges[0::2], edges[1::2]
+    word_offsets = np.zeros(len(starts) + 1, np.int64)
+    np.cumsum(ends - starts, out=word_offsets[1:])
+    words = pa.Array.from_buffers(pa.large_string(), len(starts),
+                                  [None, pa.py_buffer(word_offsets), pa.py_buffer(data[word])])
+    return words, np.diff(np.searchsorted(starts, bounds))
+
+
+def _on_cores(fn, array, min_per_part: int) -> list:
+    """fn over consecutive slices of an Arrow array, one per core (fewer for small arrays), on threads: the work
+    runs in Arrow's and numpy's loops, which release the GIL. Results in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    parts = max(1, min(cores, len(array) // min_per_part))
+    bounds = np.linspace(0, len(array), parts + 1).astype(int)
+    slices = [array.slice(a, b - a) for a, b in zip(bounds[:-1], bounds[1:])]
+    if parts == 1:
+        return [fn(slices[0])]
+    with ThreadPoolExecutor(parts) as pool:
+        return list(pool.map(fn, slices))
+
+
+def index_words(texts, lowercase: bool = True, strip_html: bool = False):
+    """The words of all texts (a list or an Arrow array) as (distinct words, each word's index among them,
+    offsets): text i reads distinct[index[offsets[i]:offsets[i+1]]].
+
+    Each core cuts and hashes its share of the texts; the shares' dictionaries are then merged. The vocabulary
+    counts the indices and the ids need one lookup per distinct word, not per word.
+    """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    if not isinstance(texts, pa.Array):
+        texts = pa.array(texts, type=pa.large_string())
+
+    def share(chunk):
+        words, counts = _words_chunk(chunk, lowercase, strip_html)
+        encoded = pc.dictionary_encode(words)
+        return encoded.dictionary, encoded.indices.to_numpy(), counts
+
+    results = _on_cores(share, texts, min_per_part=2000)
+    if len(results) == 1:
+        distinct, index = results[0][:2]
+    else:
+        merged = pc.dictionary_encode(pa.concat_arrays([d for d, _, _ in results]))
+        to_merged = merged.indices.to_numpy()
+        first = np.cumsum([0] + [len(d) for d, _, _ in results])
+        index = np.concatenate([to_merged[f + idx] for f, (_, idx, _) in zip(first, results)])
+        distinct = merged.dictionary
+    offsets = np.zeros(len(texts) + 1, dtype=np.int64)
+    np.cumsum(np.concatenate([c for _, _, c in results]), out=offsets[1:])
+    return distinct, index.astype(np.int32, copy=False), offsets
+
+
+def build_tokenizer(vocab_words: list[str], lowercase: bool, strip_html: bool):
+    """A Hugging Face WordLevel tokenizer with <pad>=0, <unk>=1 and the given words, applying the same rules."""
+    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
+
+    vocab = {PAD: 0, UNK: 1, **{w: i + 2 for i, w in enumerate(vocab_words)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    steps = ([normalizers.Replace(Regex(HTML_BREAK), " ")] if strip_html else []) + (
+        [normalizers.Lowercase()] if lowercase else [])
+    if steps:
+        tok.normalizer = normalizers.Sequence(steps)
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(NON_WORD), behavior="removed")
+    return tok
+
+
+def vocabulary(distinct, counts: np.ndarray, min_freq: int) -> list[str]:
+    """Words seen at least min_freq times, most frequent first, ties in alphabetical order."""
+    keep = np.flatnonzero(counts >= min_freq)
+    words = distinct.take(keep).to_pylist()
+    order = sorted(range(len(keep)), key=lambda i: (-counts[keep[i]], words[i]))
+    return [words[i] for i in order]
+
+
+def train_tokenizer(texts, cfg: DataConfig):
+    """The reference vocabulary of `texts`: words seen >= min_freq times (most frequent first), <pad>=0, <unk>=1."""
+    distinct, index, _ = index_words(texts, cfg.lowercase, cfg.strip_html)
+    counts = np.bincount(index, minlength=len(distinct))
+    return build_tokenizer(vocabulary(distinct, counts, cfg.min_freq), cfg.lowercase, cfg.strip_html)
+
+
+def load_tokenizer(path: str | Path):
+    from tokenizers import Tokenizer
+
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as exc:
+        raise DataError(f"{path}: not a readable tokenizer.json ({exc})") from exc
+
+
+def tokenizer_rules(tok) -> tuple[bool, bool]:
+    """(lowercase, strip_html) as saved in a tokenizer.json."""
+    norm = json.loads(tok.to_str()).get("normalizer") or {}
+    steps = norm.get("normalizers", [norm]) if norm else []
+    return (any(s.get("type") == "Lowercase" for s in steps), any(s.get("type") == "Replace" for s in steps))
+
+
+def word_ids(tok, distinct) -> np.ndarray:
+    """The token id of each distinct word from `index_words` (<unk> for words outside the vocabulary)."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    vocab = tok.get_vocab()
+    by_id = sorted(vocab, key=vocab.get)
+    index = pc.index_in(distinct, value_set=pa.array(by_id, pa.large_string()))
+    return index.fill_null(vocab[UNK]).to_numpy().astype(np.int32)
+
+
+def encode(tok, texts: list[str], max_len: int, truncate: str, with_counts: bool = False):
+    """Token ids of every text by the saved tokenizer itself (what any user of tokenizer.json gets), cut to max_len
+    from the head or the tail, as a TokenizedSplit; with `with_counts`, also each text's word count before the cut."""
+    texts = texts.to_pylist() if hasattr(texts, "to_pylist") else list(texts)  # an Arrow array of a read split
+    encodings = tok.encode_batch(texts, add_special_tokens=False)
+    offsets = np.zeros(len(encodings) + 1, dtype=np.int64)
+    np.cumsum([len(e.ids) for e in encodings], out=offsets[1:])
+    ids = np.fromiter((i for e in encodings for i in e.ids), dtype=np.int32, count=int(offsets[-1]))
+    return cut(ids, offsets, max_len, truncate, with_counts)
+
+
+def cut(ids: np.ndarray, offsets: np.ndarray, max_len: int, truncate: str, with_counts: bool = False):
+    """Texts' ids (text i is ids[offsets[i]:offsets[i+1]], offsets[0] = 0) cut to max_len from the head or the
+    tail, as a TokenizedSplit; with `with_counts`, also each text's number of words before the cut."""
+    lengths = np.diff(offsets)
+    kept = np.minimum(lengths, max_len)
+    # each text keeps the positions [offsets[i], offsets[i] + kept[i]) (head) or [offsets[i+1] - kept[i], offsets[i+1])
+    position = np.arange(len(ids), dtype=np.int64)
+    if truncate == "head":
+        keep = position < np.repeat(offsets[:-1] + kept, lengths)
+    else:
+        keep = position >= np.repeat(offsets[1:] - kept, lengths)
+    new_offsets = np.zeros_like(offsets)
+    np.cumsum(kept, out=new_offsets[1:])
+    n = len(offsets) - 1
+    split = TokenizedSplit(ids[keep], new_offsets, np.zeros(n, np.int64), np.arange(n))
+    return (split, lengths) if with_counts else split
+
+
+@dataclass
+class TokenizedSplit:
+    """A split as flat arrays: review i is tokens[offsets[i]:offsets[i+1]]."""
+
+    tokens: np.ndarray  # int32
+    offsets: np.ndarray  # int64, len n + 1
+    labels: np.ndarray  # int64
+    ids: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def relabel(self, labels, ids) -> "TokenizedSplit":
+        return TokenizedSplit(self.tokens, self.offsets, np.asarray(labels, np.int64), np.asarray(ids, np.int64))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def batch(self, idx: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Right-padded ids (len(idx), longest) and true lengths; an empty review keeps one <pad> token."""
+        lengths = np.maximum(self.lengths[idx], 1)
+        out = np.full((len(idx), int(lengths.max()) if len(idx) else 1), PAD_ID, dtype=np.int64)
+        for row, i in enumerate(idx):
+            seq = self.tokens[self.offsets[i]: self.offsets[i + 1]]
+            out[row, : len(seq)] = seq
+        return out, lengths
+
+    def save(self, path: Path) -> None:
+        np.savez(path, tokens=self.tokens, offsets=self.offsets, labels=self.labels, ids=self.ids)
+
+    @classmethod
+    def load(cls, path: Path) -> "TokenizedSplit":
+        with np.load(path) as z:
+            return cls(z["tokens"], z["offsets"], z["labels"], z["ids"])
+
+

@@ -1,0 +1,321 @@
+"""In-process unit tests of the trainer's pieces: schedule, train state, resume identity, crash-safe files,
+checkpoint manager, metrics. Each runs in well under a second, so a change gets feedback before the slow runs."""
+
+import dataclasses
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import REPO, direct_cmd, read_jsonl, run, tiny_overrides, train_rows
+from distsent import checkpoint as ckpt
+from distsent import files
+from distsent.build import build_scheduler, lr_factor
+from distsent.config import DataConfig, ExperimentConfig, load_config, resume_identity
+from distsent.metrics import EvalMetrics, score
+from distsent.state import TrainState
+
+
+# --- schedule ----------------------------------------------------------------------------------------------------
+
+def test_schedule_warmup_then_cosine_to_the_floor():
+    cfg = load_config(None, ["optim.warmup_steps=10", "optim.schedule=cosine", "optim.min_lr_ratio=0.1"])
+    assert [lr_factor(cfg, s, 110) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
+    assert lr_factor(cfg, 10, 110) == pytest.approx(1.0)
+    assert lr_factor(cfg, 60, 110) == pytest.approx(0.1 + 0.9 * 0.5)  # half way down the cosine
+    assert lr_factor(cfg, 110, 110) == pytest.approx(0.1) and lr_factor(cfg, 500, 110) == pytest.approx(0.1)
+    linear = load_config(None, ["optim.schedule=linear"])
+    assert lr_factor(linear, 25, 100) == pytest.approx(0.75)
+    assert lr_factor(load_config(None, []), 77, 100) == 1.0  # constant: the tutorial's Adam 1e-3
+
+
+def test_scheduler_applies_the_factor_to_the_optimizer():
+    cfg = load_config(None, ["optim.lr=0.5", "optim.warmup_steps=4", "optim.schedule=linear"])
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=cfg.optim.lr)
+    sched = build_scheduler(cfg, opt, total_steps=8)
+    lrs = []
+    for _ in range(8):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert lrs == pytest.approx([0.125, 0.25, 0.375, 0.5, 0.5, 0.375, 0.25, 0.125])
+
+
+# --- train state -------------------------------------------------------------------------------------------------
+
+def test_train_state_round_trips_through_json_in_place():
+    state = TrainState(step=7, epoch=1, batch_in_epoch=3, best_val_acc=0.75, best_step=5, evals_since_best=2,
+                       run_id="abc", world_size_changes=[{"step": 4, "old_world_size": 1, "new_world_size": 2}])
+    held = TrainState()  # the trainer and the checkpoint manager share one object: it must change in place
+    held.load_state_dict(json.loads(json.dumps(state.state_dict())))
+    assert held == state
+    old = {k: v for k, v in state.state_dict().items() if k != "stopped_early"}  # a checkpoint of an earlier version
+    held = TrainState()
+    held.load_state_dict(old)
+    assert held.stopped_early is False and held.step == 7
+    with pytest.raises(ValueError, match="unknown train state keys"):
+        TrainState().load_state_dict({"stepz": 1})
+
+
+def test_record_eval_counts_evaluations_since_the_best():
+    state = TrainState(step=10)
+    assert state.record_eval(0.6) and (state.best_step, state.evals_since_best) == (10, 0)
+    state.step = 20
+    assert not state.record_eval(0.6) and state.evals_since_best == 1  # equal is not better
+    state.step = 30
+    assert state.record_eval(0.7) and (state.best_val_acc, state.best_step, state.evals_since_best) == (0.7, 30, 0)
+
+
+# --- resume identity ---------------------------------------------------------------------------------------------
+
+def _changed(value):
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, (int, float)):
+        return value + 1
+    return value + "-changed"
+
+
+def _identity_fields(cfg):
+    for section in dataclasses.fields(cfg):
+        sub = getattr(cfg, section.name)
+        if dataclasses.is_dataclass(sub):
+            for f in dataclasses.fields(sub):
+                if f.metadata.get("resume"):
+                    yield section.name, f.name
+
+
+def test_every_identity_setting_is_checked_on_resume(tmp_path):
+    cfg = ExperimentConfig()
+    fields = list(_identity_fields(cfg))
+    assert ("model", "hidden_dim") in fields and ("train", "seed") in fields and ("data", "max_len") in fields
+    saved = resume_identity(cfg)
+    ckpt.check_compatible(saved, resume_identity(cfg), tmp_path)  # unchanged: accepted
+    for section, name in fields:
+        other = ExperimentConfig()
+        setattr(getattr(other, section), name, _changed(getattr(getattr(other, section), name)))
+        with pytest.raises(ckpt.CheckpointError, match=f"{section}.{name}: checkpoint"):
+            ckpt.check_compatible(saved, resume_identity(other), tmp_path)
+    # settings outside the identity may change (more epochs, another learning rate)
+    other = ExperimentConfig()
+    other.train.epochs, other.optim.lr = 9, 0.5
+    ckpt.check_compatible(saved, resume_identity(other), tmp_path)
+
+
+def test_a_setting_newly_marked_as_identity_is_checked_without_other_code(tmp_path, monkeypatch):
+    field = DataConfig.__dataclass_fields__["min_freq"]
+    monkeypatch.setattr(field, "metadata", {**field.metadata, "resume": True})
+    saved = resume_identity(ExperimentConfig())
+    assert saved["data"]["min_freq"] == 5
+    with pytest.raises(ckpt.CheckpointError, match="data.min_freq: checkpoint 5, config 3"):
+        ckpt.check_compatible(saved, resume_identity(ExperimentConfig(data=DataConfig(min_freq=3))), tmp_path)
+
+
+def test_the_cache_keys_come_from_the_same_declarations():
+    cfg = DataConfig()
+    assert set(cfg.stage_settings("split")) == {"limit", "test_limit", "val_fraction", "split_seed"}
+    assert set(cfg.stage_settings("vocab")) == {"min_freq", "lowercase", "strip_html"}
+    assert set(cfg.stage_settings("cut")) == {"max_len", "truncate"}
+
+
+def test_identity_of_checkpoints_from_an_earlier_version_is_still_understood(tmp_path):
+    cfg = ExperimentConfig()
+    current = resume_identity(cfg)
+    flat = {"model": current["model"], "data": current["data"], **current["train"]}  # the earlier layout
+    ckpt.check_compatible(flat, current, tmp_path)
+    flat["seed"] = 3
+    with pytest.raises(ckpt.CheckpointError, match="train.seed: checkpoint 3, config 0"):
+        ckpt.check_compatible(flat, current, tmp_path)
+
+
+# --- crash-safe files --------------------------------------------------------------------------------------------
+
+WRITER = """
+import sys
+from distsent.files import atomic_write
+path, n = sys.argv[1], int(sys.argv[2])
+print("ready", flush=True)
+i = 0
+while True:
+    atomic_write(path, bytes([66 + i % 2]) * n)
+    i += 1
+"""
+
+
+def test_atomic_write_killed_at_random_moments_leaves_old_or_new_whole(tmp_path):
+    target, n = tmp_path / "state.json", 8_000_000
+    target.write_bytes(b"A" * n)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        proc = subprocess.Popen([sys.executable, "-c", WRITER, str(target), str(n)], stdout=subprocess.PIPE,
+                                cwd=REPO)
+        proc.stdout.readline()
+        time.sleep(float(rng.uniform(0.05, 0.4)))
+        proc.send_signal(signal.SIGKILL)  # a real crash: no cleanup code runs
+        proc.wait()
+        data = target.read_bytes()
+        assert len(data) == n and data.count(data[:1]) == n, "a reader saw a partly written file"
+
+
+def test_atomic_write_that_fails_keeps_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    target = tmp_path / "status.json"
+    files.atomic_write(target, "old")
+
+    def full_disk(*args):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(files.os, "replace", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        files.atomic_write(target, "new")
+    assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["status.json"]
+
+
+def test_sealed_folder_detects_damage_and_recovers_an_interrupted_swap(tmp_path):
+    folder = tmp_path / "best"
+    folder.mkdir()
+    (folder / "a.bin").write_bytes(b"x" * 100)
+    files.seal(folder, kind="test")
+    assert files.verify(folder, required=("a.bin",))["kind"] == "test"
+    (folder / "a.bin").write_bytes(b"x" * 50)
+    with pytest.raises(files.IntegrityError, match="a.bin: 50 bytes, the manifest says 100"):
+        files.verify(folder)
+    (folder / "a.bin").write_bytes(b"y" * 100)
+    with pytest.raises(files.IntegrityError, match="corrupted"):
+        files.verify(folder)
+    # a crash between publish()'s two renames: the new folder is not in place yet, the previous one is kept aside
+    os.rename(folder, tmp_path / ".best.old")
+    files.recover(folder)
+    assert (folder / "a.bin").is_file()
+
+
+# --- checkpoint manager, in process ------------------------------------------------------------------------------
+
+def test_checkpoint_manager_saves_and_restores_everything(tmp_path):
+    from accelerate import Accelerator
+
+    from distsent.metrics import TrainSums
+
+    acc = Accelerator(cpu=True)
+    cfg = load_config(None, ["checkpoint.every=5", "checkpoint.keep_last=2"])
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model, opt = acc.prepare(model, opt)
+    sched = build_scheduler(cfg, opt.optimizer, 100)
+    state, sums = TrainState(world_size=1), TrainSums(acc)
+    manager = ckpt.CheckpointManager(tmp_path, cfg.checkpoint, acc, model, opt,
+                                     {"train_state": state, "log_sums": sums, "scheduler": sched, "scaler": None})
+    identity = {**resume_identity(cfg), "vocab_sha256": "v"}
+    assert [s for s in range(1, 16) if manager.due(s)] == [5, 10, 15]
+    for step in (5, 10, 15):
+        model(torch.ones(2, 3)).sum().backward()
+        opt.step()
+        sched.step()
+        state.step = step
+        sums.add(loss=torch.tensor(1.5, dtype=torch.float64))
+        manager.save(step, identity)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000010", "step-00000015"]
+    weights, torch_random = model.weight.detach().clone(), torch.rand(3)
+    latest = ckpt.resume_path(cfg.checkpoint, tmp_path / "checkpoints")
+    assert latest.name == "step-00000015"
+
+    with torch.no_grad():
+        model.weight.zero_()
+    state.step, fresh_sums = 0, TrainSums(acc)
+    manager.stateful["log_sums"] = fresh_sums
+    manager.restore(latest, identity, seed=0)
+    assert torch.equal(model.weight, weights) and state.step == 15
+    assert fresh_sums.totals()["loss"] == 4.5 and sched.last_epoch == 3
+    assert torch.equal(torch.rand(3), torch_random)  # the random stream continues where the checkpoint left it
+    with pytest.raises(ckpt.CheckpointError, match="vocab_sha256"):
+        manager.restore(latest, {**identity, "vocab_sha256": "w"}, seed=0)
+
+
+def test_model_folder_is_verified_before_prediction(model_dir, tmp_path):
+    import shutil
+
+    from distsent.predict import Predictor
+
+    folder = tmp_path / "best"
+    shutil.copytree(model_dir, folder)
+    assert Predictor.load(folder).predict(["good0 movie"])[0]["label"] in ("positive", "negative")
+    weights = folder / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF  # one flipped bit in the weights: no crash, no silent wrong answer
+    weights.write_bytes(bytes(data))
+    proc = subprocess.run([sys.executable, "-m", "distsent.predict", "--model", str(folder), "x"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "model.safetensors: content does not match its checksum" in proc.stderr
+    proc = subprocess.run([sys.executable, "-m", "distsent.evaluate", "--model", str(folder), "--split", "test"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "model.safetensors: content does not match its checksum" in proc.stderr
+    # a folder written before model folders had a manifest still loads
+    legacy = tmp_path / "legacy"
+    shutil.copytree(model_dir, legacy)
+    (legacy / files.MANIFEST).unlink()
+    assert Predictor.load(legacy).predict(["good0 movie"])[0]["label"] in ("positive", "negative")
+
+
+# --- metrics -----------------------------------------------------------------------------------------------------
+
+def test_metrics_against_hand_computed_values():
+    p = [0.9, 0.25, 0.62, 0.41]
+    y = [1, 0, 0, 1]  # predictions 1, 0, 1, 0: one of each cell of the confusion matrix
+    m = score(p, y)
+    assert (m["tp"], m["fp"], m["tn"], m["fn"], m["n"]) == (1, 1, 1, 1, 4)
+    assert m["acc"] == 0.5 and m["f1"] == 0.5
+    assert m["roc_auc"] == pytest.approx(0.75)  # positives (0.9, 0.41) above negatives (0.25, 0.62) in 3 of 4 pairs
+    # each review alone in its confidence bin (0.9, 0.75, 0.62, 0.59): ECE = mean |correct - confidence|
+    assert m["ece"] == pytest.approx((0.1 + 0.25 + 0.62 + 0.59) / 4, abs=1e-6)
+    assert m["loss"] == pytest.approx(-(math.log(0.9) + math.log(0.75) + math.log(0.38) + math.log(0.41)) / 4)
+
+
+def test_reliability_table_adds_up_to_the_ece():
+    rng = np.random.default_rng(3)
+    truth = rng.random(5000)
+    y = (rng.random(5000) < truth).astype(int)
+    m = score(1 / (1 + ((1 - truth) / truth) ** 3), y)  # overconfident on purpose: logits 3x too large
+    table = m["reliability"]
+    assert sum(b["n"] for b in table) == 5000
+    ece = sum(b["n"] / 5000 * abs(b["accuracy"] - b["confidence"]) for b in table)
+    assert ece == pytest.approx(m["ece"], abs=1e-5) and m["ece"] > 0.05
+
+
+def test_eval_metrics_per_head_accuracy_and_logits_not_mistaken_for_probabilities():
+    m = EvalMetrics("cpu", ("rnn", "ngram"))
+    labels = torch.tensor([1, 0, 1, 0])
+    # the rnn head's logits all lie in [0, 1]: read as probabilities, rows 0, 1 and 3 would count as negative
+    heads = torch.tensor([[0.3, -2.0], [0.2, -1.0], [0.9, 3.0], [0.1, 1.0]])
+    m.update(heads.sum(1), labels, heads)
+    out = m.compute()
+    assert out["acc_rnn"] == 0.5 and out["acc_ngram"] == 0.5  # rnn calls every row positive; ngram rows 2 and 3
+    assert out["n"] == 4 and out["tp"] + out["fn"] == 2
+
+
+# --- early stopping, a real run ----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_early_stopping_stops_after_patience_and_a_rerun_does_not_train_on(synth_imdb, tmp_path, cache_env):
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(run_dir, synth_imdb, **{"train.epochs": 30, "train.eval_every": 5,
+                                                  "train.early_stop_patience": 3, "optim.lr": 0.03})
+    proc = run(direct_cmd(args))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    val = [r for r in rows if "val/acc" in r]
+    best = max(range(len(val)), key=lambda i: (val[i]["val/acc"], -i))  # the first best
+    assert len(val) == best + 1 + 3, "stops at the third evaluation in a row without a better model"
+    assert all(r["val/acc"] <= val[best]["val/acc"] for r in val[best:])
+    steps = train_rows(run_dir)[-1]["step"]
+    assert steps < 30 * 45 and "stopping early" in proc.stderr
+    assert json.loads((run_dir / "best" / "meta.json").read_text())["step"] == val[best]["step"]
+    assert [r for r in rows if "test/acc" in r]
+    proc = run(direct_cmd(args))  # the same command again: resumes, sees the stop, does not train further
+    assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
+    assert train_rows(run_dir)[-1]["step"] == steps
