@@ -11,7 +11,8 @@ resident memory (all processes of a run together; data preparation is timed on e
 unless --prep-limit says otherwise), time per epoch, time to a target validation accuracy, and
 prediction reviews/s; then the distsent/seed ratios. With --repeat N, all of it N times in rounds, ratios taken
 within each round, medians reported (the per-round ratios too). Writes the table to stdout and everything to --out (JSON).
-On a machine with a GPU, --gpu adds distsent runs on it in fp32, fp16 and bf16.
+On a CPU that computes bf16 natively, the distsent runs are repeated in bf16 (rows *-bf16); on a machine with a GPU,
+--gpu adds the tutorial and distsent (fp32, fp16, bf16) on it, and --only-gpu leaves the CPU runs out.
 """
 
 from __future__ import annotations
@@ -72,13 +73,13 @@ def run_measured(cmd: list[str], env: dict | None = None) -> tuple[str, float, f
     return out, time.perf_counter() - t0, mib
 
 
-def seed_cmd(args, limit: int, test_limit: int) -> list[str]:
+def seed_cmd(args, limit: int, test_limit: int, device: str = "cpu") -> list[str]:
     return [sys.executable, str(HERE / "seed_baseline.py"), "--data", args.data, "--train-limit", str(limit),
-            "--test-limit", str(test_limit), "--threads", str(args.threads)]
+            "--test-limit", str(test_limit), "--threads", str(args.threads), "--device", device]
 
 
-def seed_runs(args) -> dict:
-    base = seed_cmd(args, args.limit, args.test_limit)
+def seed_runs(args, device: str = "cpu") -> dict:
+    base = seed_cmd(args, args.limit, args.test_limit, device)
     prep_out, _, _ = run_measured(seed_cmd(args, args.prep_limit, args.prep_limit) + ["--prep-only"])
     prep = [json.loads(line) for line in prep_out.splitlines() if line.startswith('{"event": "prep_all"')][0]
     out, wall, mib = run_measured(base + ["--epochs", str(args.epochs)])
@@ -95,16 +96,17 @@ def seed_runs(args) -> dict:
             "acc_per_epoch": [e["test_acc"] for e in epochs], "time_to_target_s": reach}
 
 
-def distsent_run(args, name: str, nproc: int, threads: int, cache: Path, out_root: Path, extra=()) -> dict:
+def distsent_run(args, name: str, nproc: int, threads: int, cache: Path, out_root: Path, precision: str,
+                 gpu: bool = False) -> dict:
     run_dir = out_root / name
-    launch = "launch/cpu_2proc.yaml" if nproc > 1 else "launch/cpu_1proc.yaml"
+    launch = "launch/gpu_1.yaml" if gpu else "launch/cpu_2proc.yaml" if nproc > 1 else "launch/cpu_1proc.yaml"
     overrides = [f"output_dir={run_dir}", f"data.path={args.data}", f"data.limit={args.limit}",
                  f"data.test_limit={args.test_limit}", f"train.epochs={args.epochs}", f"train.threads={threads}",
                  # the tutorial's numerics: constant Adam 1e-3, first 256 tokens, no HTML stripping
                  "optim.lr=0.001", "optim.schedule=constant", "optim.warmup_steps=0", "data.truncate=head",
                  "data.strip_html=false", "checkpoint.every=0", "log.trackers=[]", "checkpoint.resume=never",
                  "train.eval_every=0",  # one evaluation per epoch, as the tutorial does
-                 *extra]
+                 f"train.mixed_precision={precision}"]
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", launch, "--num_processes",
            str(nproc), "-m", "distsent.train", "--config", "configs/imdb_lstm.yaml", *overrides]
     out, wall, mib = run_measured(cmd, env={"DISTSENT_CACHE": str(cache), "OMP_NUM_THREADS": str(threads)})
@@ -181,33 +183,43 @@ def _time_to_target(points, target: float, offset: float = 0.0):
 def one_round(args, tmp: Path) -> dict:
     """Every pipeline once, one after the other: {run name: its numbers}."""
     runs = {}
-    if not args.skip_seed:
-        runs["seed"] = seed_runs(args)
     prep = prep_distsent(args, tmp / "cache-prep")
-    layouts = [("ds-1x%d" % args.threads, 1, args.threads)]
-    if args.threads > 1:
-        layouts.append(("ds-%dx1" % args.threads, args.threads, 1))
-    for name, nproc, threads in layouts:
-        r = distsent_run(args, name, nproc, threads, tmp / "cache-runs", tmp)
-        runs[name] = r | {k: prep[k] for k in ("prep_cold_s", "prep_cached_s")}
-    first = runs[layouts[0][0]]
-    first["predict_reviews_per_s"] = predict_speed(first.pop("best_dir"), args)
+    if not args.only_gpu:
+        if not args.skip_seed:
+            runs["seed"] = seed_runs(args)
+        layouts = [("ds-1x%d" % args.threads, 1, args.threads)]
+        if args.threads > 1:
+            layouts.append(("ds-%dx1" % args.threads, args.threads, 1))
+        for precision in args.precisions.split(","):
+            for name, nproc, threads in layouts:
+                name += "" if precision == "no" else f"-{precision}"
+                r = distsent_run(args, name, nproc, threads, tmp / "cache-runs", tmp, precision)
+                runs[name] = r | {k: prep[k] for k in ("prep_cold_s", "prep_cached_s")}
+        first = runs[layouts[0][0] + ("" if args.precisions.split(",")[0] == "no" else
+                                      "-" + args.precisions.split(",")[0])]
+        first["predict_reviews_per_s"] = predict_speed(first.pop("best_dir"), args)
+    if args.gpu:  # the tutorial on the same GPU, then distsent in each precision
+        if not args.skip_seed:
+            runs["seed-gpu"] = seed_runs(args, device="cuda")
+        for precision in ("no", "fp16", "bf16"):
+            name = f"ds-gpu-{precision}"
+            runs[name] = distsent_run(args, name, 1, args.threads, tmp / "cache-runs", tmp, precision, gpu=True)
+            runs[name] |= {k: prep[k] for k in ("prep_cold_s", "prep_cached_s")}
     for r in runs.values():
         r.pop("best_dir", None)
-    if args.gpu:
-        for mp in ("no", "fp16", "bf16"):
-            name = f"ds-gpu-{mp}"
-            runs[name] = distsent_run(args, name, 1, args.threads, tmp / "cache-runs", tmp,
-                                      extra=[f"train.mixed_precision={mp}"])
-            runs[name].pop("best_dir")
     return runs
 
 
 def ratios_vs_seed(runs: dict) -> dict:
-    seed = runs["seed"]
-    return {name: {k: r[k] / seed[k] for k in ("train_samples_per_s", "eval_samples_per_s")
-                   if r.get(k) and seed.get(k)} | {"prep_speedup": seed["prep_cold_s"] / r["prep_cold_s"]}
-            for name, r in runs.items() if name != "seed"}
+    """Each distsent run against the tutorial's pipeline on the same device (GPU rows against seed-gpu)."""
+    out = {}
+    for name, r in runs.items():
+        seed = runs.get("seed-gpu" if name.startswith("ds-gpu") else "seed")
+        if name.startswith("seed") or seed is None:
+            continue
+        out[name] = {k: r[k] / seed[k] for k in ("train_samples_per_s", "eval_samples_per_s")
+                     if r.get(k) and seed.get(k)} | {"prep_speedup": seed["prep_cold_s"] / r["prep_cold_s"]}
+    return out
 
 
 def _median_run(rounds: list[dict]) -> dict:
@@ -233,8 +245,17 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="benchmarks/results.json")
     ap.add_argument("--skip-seed", action="store_true")
     ap.add_argument("--repeat", type=int, default=1, help="rounds of all runs; medians are reported")
-    ap.add_argument("--gpu", action="store_true", help="also distsent on the GPU in fp32, fp16 and bf16")
+    ap.add_argument("--gpu", action="store_true",
+                    help="also the tutorial and distsent (fp32, fp16, bf16) on the GPU, one process")
+    ap.add_argument("--only-gpu", action="store_true", help="with --gpu: leave out the CPU runs")
+    ap.add_argument("--precisions", default=None,
+                    help="precisions of the CPU distsent runs, e.g. no,bf16 (default: no, plus bf16 on a CPU "
+                         "that computes bf16 natively)")
     args = ap.parse_args(argv)
+    if args.precisions is None:
+        from distsent.precision import resolve
+
+        args.precisions = "no,bf16" if resolve("auto", "cpu")[0] == "bf16" else "no"
     if args.repeat < 1:
         ap.error(f"--repeat {args.repeat}: needs at least one round")
     import pyarrow.parquet as pq
@@ -250,7 +271,7 @@ def main(argv=None) -> int:
     # a shared virtual machine's speed drifts by tens of percent over minutes: every round runs all the
     # pipelines back to back, ratios are taken within a round, and the medians over rounds are reported
     results["runs"] = {name: _median_run([r[name] for r in rounds]) for name in rounds[0]}
-    if "seed" in rounds[0]:
+    if any(name.startswith("seed") for name in rounds[0]):
         per_round = [ratios_vs_seed(r) for r in rounds]
         results["ratios_per_round"] = per_round
         results["ratios_vs_seed"] = {name: {k: statistics.median(p[name][k] for p in per_round) for k in ratios}

@@ -15,7 +15,9 @@ ap.add_argument("--test-limit", type=int, default=0)
 ap.add_argument("--threads", type=int, default=0)
 ap.add_argument("--max-steps", type=int, default=0)
 ap.add_argument("--prep-only", action="store_true", help="time tokenize + vocabulary + numericalize of every review, then stop")
+ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="as the tutorial: the GPU if there is one")
 a = ap.parse_args()
+device = torch.device(a.device)
 if a.threads: torch.set_num_threads(a.threads)
 torch.manual_seed(0)
 
@@ -67,19 +69,22 @@ if a.prep_only:  # what the pipeline redoes every epoch, done once here to time 
     raise SystemExit(0)
 tl = DataLoader(DS(tr_x, tr_y, vocab), batch_size=64, shuffle=True)
 vl = DataLoader(DS(te_x, te_y, vocab), batch_size=64)
-model = SentimentLSTM(len(vocab)); crit = nn.BCEWithLogitsLoss(); opt = optim.Adam(model.parameters(), lr=1e-3)
+model = SentimentLSTM(len(vocab)).to(device); crit = nn.BCEWithLogitsLoss(); opt = optim.Adam(model.parameters(), lr=1e-3)
 step = 0
 for ep in range(a.epochs):
     model.train(); t1 = time.time(); n = 0; correct = 0
     for x, y in tl:
+        x, y = x.to(device), y.to(device)
         opt.zero_grad(); out = model(x); loss = crit(out, y); loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0); opt.step()
         n += len(y); correct += ((out > 0) == (y > 0.5)).sum().item(); step += 1
         if a.max_steps and step >= a.max_steps: break
+    if device.type == "cuda": torch.cuda.synchronize()
     tt = time.time() - t1
     model.eval(); c = 0; m = 0; t2 = time.time()
     with torch.no_grad():
         for x, y in vl:
+            x, y = x.to(device), y.to(device)
             c += ((model(x) > 0) == (y > 0.5)).sum().item(); m += len(y)
     print(json.dumps({"event": "epoch", "epoch": ep + 1, "train_s": round(tt, 2), "train_samples_per_s": round(n / tt, 1),
                       "train_acc": round(correct / n, 4), "eval_s": round(time.time() - t2, 2), "test_acc": round(c / m, 4)}), flush=True)

@@ -17,7 +17,8 @@ import torch
 from . import files
 from .config import ConfigError, ExperimentConfig, resume_identity, save_config
 from .data import PreparedData, prepare
-from .model import build_model, cpu_supports_bf16_rnn
+from .model import build_model
+from .precision import bf16_rnn_runs_on, resolve
 from .sampler import Layout
 from .tokenizer import TokenizedSplit
 from .tracking import local_processes
@@ -29,7 +30,14 @@ def build_accelerator(cfg: ExperimentConfig, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    mp = cfg.train.mixed_precision or None  # None: take the launch config's (ACCELERATE_MIXED_PRECISION)
+    if cfg.train.deterministic:
+        # before the first CUDA call: cuBLAS needs a fixed workspace for deterministic results
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    # None: take the launch config's (ACCELERATE_MIXED_PRECISION)
+    mp, why = resolve(cfg.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
+    mp = mp or None
     # Accelerate's own multi-CPU launch goes through mpirun; under torchrun (accelerate launch --multi_gpu) on a
     # machine without GPUs, cpu=True gives DDP over gloo instead of N unconnected single processes.
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
@@ -41,6 +49,8 @@ def build_accelerator(cfg: ExperimentConfig, run_dir: Path):
                                        DistributedDataParallelKwargs(broadcast_buffers=False)])
     if acc.mixed_precision == "fp16" and acc.device.type == "cpu":
         raise ConfigError("train.mixed_precision: fp16 needs a GPU; use 'bf16' or 'no' on a CPU")
+    if cfg.train.mixed_precision == "auto" and acc.is_main_process:
+        log.info("mixed precision auto -> %s: %s", acc.mixed_precision, why)
     return acc
 
 
@@ -93,11 +103,11 @@ def build_run_model(cfg: ExperimentConfig, acc, data: PreparedData):
 
     set_seed(cfg.train.seed)
     model = build_model(data.tokenizer.get_vocab_size(), cfg.model)
-    if acc.mixed_precision == "bf16" and acc.device.type == "cpu" and not cpu_supports_bf16_rnn():
-        model.rnn_fp32_on_cpu = True
+    if acc.mixed_precision == "bf16" and not bf16_rnn_runs_on(acc.device.type):
+        model.rnn_fp32 = True
         if acc.is_main_process:
-            log.warning("this CPU has no native bf16 for the LSTM (oneDNN): the recurrent layer runs in fp32, "
-                        "the rest under bf16 autocast")
+            log.warning("this %s cannot run the LSTM in bf16: the recurrent layer runs in fp32, the rest under bf16 "
+                        "autocast", "GPU's cuDNN" if acc.device.type == "cuda" else "CPU (oneDNN without native bf16)")
     if cfg.model.pretrained_embeddings:
         from .embeddings import init_embedding
 
@@ -154,3 +164,11 @@ def new_run_id(acc) -> str:
 
         broadcast_object_list(rid, from_process=0)
     return rid[0]
+
+
+def close_process_group() -> None:
+    """Destroy the process group, if there is one, before the interpreter exits (see Trainer.close)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,7 +135,12 @@ class TrainConfig:
     micro_batch_size: int = _doc("Largest per-process batch; 0 = global_batch_size / processes. Smaller values "
                                  "add gradient accumulation.", 0)
     eval_batch_size: int = _doc("Per-process batch for evaluation and prediction.", 256)
-    mixed_precision: str = _doc("'no', 'fp16' (GPU) or 'bf16'; empty = what the launch config says.", "")
+    mixed_precision: str = _doc("'auto' (bf16 where the device runs the LSTM natively in bf16, else fp32; the "
+                                "run logs which and why), 'no' (fp32), 'fp16' (GPU) or 'bf16'; empty = what the "
+                                "launch config says.", "")
+    deterministic: bool = _doc("Deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic) so "
+                               "that a GPU run and its resume are bitwise reproducible, at some speed; CPU runs are "
+                               "reproducible without it.", False)
     seed: int = _doc("Seed of initialisation, shuffling and dropout.", 0, resume=True)
     log_every: int = _doc("Log training metrics every this many optimizer steps.", 20)
     eval_every: int = _doc("Also evaluate every this many steps; 0 = only at epoch ends.", 0)
@@ -148,7 +154,7 @@ class TrainConfig:
                                "<run>/debug/samples-rankN.jsonl and writes a digest of its final weights.", False)
 
     def __post_init__(self):
-        _check_choice("train.mixed_precision", self.mixed_precision, ("", "no", "fp16", "bf16"))
+        _check_choice("train.mixed_precision", self.mixed_precision, ("", "auto", "no", "fp16", "bf16"))
         _check_min("train.epochs", self.epochs, 1)
         _check_min("train.global_batch_size", self.global_batch_size, 1)
         _check_min("train.micro_batch_size", self.micro_batch_size, 0)
@@ -275,6 +281,8 @@ def _convert(key: str, tp, value):
             raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
         return [_convert(f"{key}[{i}]", item_tp, v) for i, v in enumerate(value)]
     if tp is bool:
+        if isinstance(value, str) and value.lower() in _YAML11_BOOLS:  # `yes`, `off`: booleans to YAML 1.1 users
+            return _YAML11_BOOLS[value.lower()]
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
         return value
@@ -327,13 +335,30 @@ def _set_path(data: dict, dotted: str, value) -> None:
     node[parts[-1]] = value
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with only true/false as booleans (YAML 1.2): YAML 1.1 also reads yes/no/on/off/y/n as booleans, which
+    turned `mixed_precision: no` into False. Fields typed bool still take those words (_YAML11_BOOLS)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_YAML11_BOOLS = {"yes": True, "y": True, "on": True, "no": False, "n": False, "off": False}
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
 def parse_override(text: str) -> tuple[str, object]:
     """`key.sub=value` -> ("key.sub", value), the value read as YAML (so 3 is an int, [a, b] a list)."""
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected key.sub=value")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = _yaml(raw) if raw.strip() else ""
     except yaml.YAMLError as exc:
         raise ConfigError(f"{key.strip()}: cannot read value {raw!r}: {exc}") from exc
     return key.strip(), value
@@ -347,7 +372,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            data = yaml.safe_load(path.read_text()) or {}
+            data = _yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):

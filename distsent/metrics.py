@@ -29,8 +29,9 @@ class EvalMetrics:
         self.auroc = BinaryAUROC().to(device)  # exact (thresholds=None): ties count half, as in the rank statistic
         # top-label calibration: the classes' probabilities [1 - p, p], confidence = the larger one
         self.ece = MulticlassCalibrationError(num_classes=2, n_bins=ECE_BINS, norm="l1").to(device)
-        self.loss = SumMetric().to(device)
-        self.heads = {name: BinaryAccuracy().to(device) for name in head_names} if len(head_names) > 1 else {}
+        self.loss = SumMetric().to(device).set_dtype(torch.float64)  # 25,000 reviews: float32 would lose digits
+        self.heads = {name: BinaryAccuracy().to(device).set_dtype(torch.float64) for name in head_names} \
+            if len(head_names) > 1 else {}
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, head_logits: torch.Tensor | None = None) -> None:
@@ -87,7 +88,7 @@ class TrainSums:
     """Training metrics since the last logged row, summed on the device so that a step never waits for the host;
     added up over processes when a row is logged. Saved in checkpoints so a resumed run logs the same rows."""
 
-    KEYS = ("loss", "correct", "samples", "tokens", "grad_norm", "clipped", "steps")
+    KEYS = ("loss", "correct", "samples", "tokens", "grad_norm", "clipped", "steps", "skipped")
 
     def __init__(self, accelerator):
         self.acc = accelerator
@@ -111,6 +112,7 @@ class TrainSums:
         steps, n = max(1.0, totals["steps"]), max(totals["samples"], 1)
         return {"train/loss": totals["loss"] / n, "train/acc": totals["correct"] / n,
                 "grad_norm": totals["grad_norm"] / steps, "clip_fraction": totals["clipped"] / steps,
+                "skipped_steps": totals["skipped"],  # fp16 steps the gradient scaler skipped (inf/NaN gradients)
                 "throughput/samples_per_s": samples / max(seconds, 1e-9),
                 "throughput/tokens_per_s": totals["tokens"] / max(seconds, 1e-9)}
 
@@ -121,5 +123,5 @@ class TrainSums:
         """The main process holds the saved totals, the others start from zero: totals() adds them up."""
         self.reset()
         if self.acc.is_main_process:
-            for k, v in saved.items():
+            for k, v in saved.items():  # a checkpoint of an earlier version may lack a key: it stays 0
                 self.sums[k] += v

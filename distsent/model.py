@@ -44,9 +44,9 @@ class SentimentRNN(nn.Module):
         self.ngrams = NgramHead(vocab_size, cfg) if cfg.ngram_max_n else None
         if cfg.cell == "lstm" and cfg.forget_bias:
             self._init_forget_bias(cfg.forget_bias)
-        # Set by the trainer when this CPU cannot run the recurrent layer under bf16 autocast (oneDNN needs native
-        # bf16): the recurrent layer then runs in fp32 while the rest keeps the autocast dtype.
-        self.rnn_fp32_on_cpu = False
+        # Set by the trainer where the device cannot run the recurrent layer under bf16 autocast (a CPU whose oneDNN
+        # lacks native bf16, a cuDNN before 9.13): it then runs in fp32 while the rest keeps the autocast dtype.
+        self.rnn_fp32 = False
 
     def _init_forget_bias(self, value: float) -> None:
         """PyTorch orders LSTM gates (input, forget, cell, output): the second quarter of each bias is the forget
@@ -62,8 +62,8 @@ class SentimentRNN(nn.Module):
         the n-gram head), which the trainer gives each its own loss."""
         lengths = lengths.to(input_ids.device).clamp(min=1)
         x = self.embedding_dropout(self.embedding(input_ids))
-        if self.rnn_fp32_on_cpu and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-            with torch.autocast("cpu", enabled=False):
+        if self.rnn_fp32 and torch.is_autocast_enabled(x.device.type):
+            with torch.autocast(x.device.type, enabled=False):
                 out = self._recurrent(x.float(), lengths)
         else:
             out = self._recurrent(x, lengths)
@@ -183,14 +183,3 @@ def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def build_model(vocab_size: int, cfg: ModelConfig) -> SentimentRNN:
     return SentimentRNN(vocab_size, cfg)
-
-
-def cpu_supports_bf16_rnn() -> bool:
-    """Whether this CPU's oneDNN can run an LSTM under bf16 autocast (it cannot without native bf16)."""
-    rnn = nn.LSTM(4, 4, batch_first=True)
-    try:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            rnn(torch.zeros(1, 2, 4))[0].float().sum().backward()
-        return True
-    except RuntimeError:
-        return False

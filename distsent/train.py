@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from .preemption import StopFlag
 
     stop = StopFlag(cfg.dist.stop_signals)  # before the slow start-up: a stop signal during it is kept, not fatal
+    from .build import close_process_group
     from .trainer import Trainer
 
     # RANK from the launcher, not PartialState(): the Trainer must be first to set up the distributed state
@@ -45,15 +46,15 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     for noisy in ("accelerate", "datasets", "torch.distributed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    trainer = None
     try:
         trainer = Trainer(cfg, stop=stop)
-        try:
-            trainer.fit()
-        finally:
-            trainer.close()
+        trainer.fit()
     except (ConfigError, DataError, IntegrityError) as exc:  # IntegrityError: a checkpoint or best/ that is unusable
         print(f"distsent-train: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    finally:  # also when the start-up failed after the process group was created
+        trainer.close() if trainer is not None else close_process_group()
     return 0
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .build import (batch_tensors, build_accelerator, build_data, build_layout, build_optimizer, build_run_model,
-                    build_scheduler, new_run_id, run_identity, setup_threads)
+                    build_scheduler, close_process_group, new_run_id, run_identity, setup_threads)
 from .config import ExperimentConfig
 from .metrics import EvalMetrics, TrainSums
 from .preemption import EXIT_PREEMPTED, StopFlag
@@ -164,7 +164,10 @@ class Trainer:
                     share = 1.0 / acc.num_processes  # every process sees the same norm: count each step once
                     self.sums.add(grad_norm=norm * share, clipped=(norm > max_norm).double() * share, steps=share)
                     self.optimizer.step()
-                    self.scheduler.step()
+                    if acc.optimizer_step_was_skipped:  # fp16: the scaler found inf/NaN gradients and skipped it
+                        self.sums.add(skipped=share)
+                    else:
+                        self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():  # running sums stay on the device: no host sync until the next log
                 self.sums.add(loss=losses.detach().sum() * weight, samples=len(idx) * weight,
@@ -276,9 +279,14 @@ class Trainer:
         return self.state.epoch + self.state.batch_in_epoch / self.steps_per_epoch
 
     def close(self) -> None:
-        """Tear the process group down explicitly: left to interpreter exit, gloo's threads can abort the process
-        ("terminate called without an active exception") after a run that otherwise finished."""
-        import torch.distributed as dist
+        """Release the DDP wrapper (its reducer holds the process group and the last step's all-reduce work),
+        the optimizer and Accelerate's references to them while the interpreter is fully alive, then destroy the
+        process group. Left to interpreter exit, gloo's threads could still hold that work when the tensors in it
+        are freed, and the process aborts after a finished run ("terminate called without an active exception";
+        seen in 3 of 6 two-process runs before this)."""
+        import gc
 
-        if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()
+        self.accelerator.free_memory()
+        self.model = self.optimizer = self.checkpoints = None
+        gc.collect()
+        close_process_group()

@@ -99,7 +99,7 @@ def tiny_overrides(run_dir: Path, data: Path, **extra) -> list[str]:
     base = {"output_dir": str(run_dir), "data.path": str(data), "data.max_len": 64, "data.min_freq": 1,
             "model.embedding_dim": 32, "model.hidden_dim": 32, "model.num_layers": 1, "optim.lr": 0.01,
             "train.global_batch_size": 32, "train.epochs": 2, "train.log_every": 1, "train.eval_batch_size": 64,
-            "log.trackers": "[]"}
+            "log.trackers": "[]", "train.mixed_precision": "no"}
     base.update(extra)
     return [f"{k}={v}" for k, v in base.items()]
 

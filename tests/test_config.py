@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from distsent.config import ConfigError, ExperimentConfig, config_from_dict, load_config, save_config
+from distsent.config import ConfigError, config_from_dict, load_config, save_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 
@@ -12,7 +12,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_loads(path):
     cfg = load_config(path)
-    assert isinstance(cfg, ExperimentConfig)
+    assert cfg.output_dir == f"runs/{path.stem}"  # each config writes to a run directory named after it
+    assert config_from_dict(cfg.to_dict()) == cfg  # and survives the save/load of a run folder
 
 
 def test_seed_hyperparameters_in_imdb_lstm():
@@ -78,3 +79,17 @@ def test_configs_saved_with_the_old_ngram_bag_key_still_load(tmp_path):
     old.write_text("model:\n  ngram_dim: 8\n  ngram_max_n: 3\n")
     with pytest.raises(ConfigError, match=r"config.yaml: model.ngram_dim: this model was trained with the fastText"):
         load_config(old)
+
+
+def test_yaml_11_words_keep_their_string_meaning_and_still_set_booleans(tmp_path):
+    """`no` is a documented value of train.mixed_precision; YAML 1.1 would read it as false."""
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    f = tmp_path / "c.yaml"
+    f.write_text("train:\n  mixed_precision: no\ndata:\n  strip_html: yes\n  lowercase: off\n"
+                 "log:\n  wandb:\n    name: on\n")
+    cfg = load_config(f)
+    assert cfg.train.mixed_precision == "no" and cfg.log.wandb.name == "on"
+    assert cfg.data.strip_html is True and cfg.data.lowercase is False
+    assert load_config(None, ["train.flush_denormal=n"]).train.flush_denormal is False
+    with pytest.raises(ConfigError, match="train.flush_denormal: expected true or false"):
+        load_config(None, ["train.flush_denormal=maybe"])

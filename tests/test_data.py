@@ -186,10 +186,12 @@ def test_tail_truncation_keeps_the_end(tmp_path):
     assert [p.tokenizer.id_to_token(int(i)) for i in ids] == [f"w{i}" for i in range(90, 100)]
 
 
-@pytest.mark.parametrize("world", [1, 2, 4])
-def test_shards_disjoint_and_cover_each_epoch(world):
+@pytest.mark.parametrize("world, micro", [(1, 0), (2, 0), (4, 0), (1, 16), (2, 8), (2, 16), (4, 4)])
+def test_shards_disjoint_and_cover_each_epoch(world, micro):
+    """Every sample of an epoch in exactly one micro-batch of one rank, with and without gradient accumulation."""
     lengths = np.random.default_rng(0).integers(1, 300, 1001)
-    layout = Layout.build(64, world)
+    layout = Layout.build(64, world, micro)
+    assert layout.accum_steps == (64 // world // micro if micro else 1)
     for epoch in range(2):
         batches = epoch_batches(lengths, 64, seed=5, epoch=epoch, bucket_batches=8)
         per_rank = [np.concatenate([m for b in batches for m in layout.micro_batches(b, r)]) for r in range(world)]

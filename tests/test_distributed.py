@@ -27,6 +27,16 @@ def test_two_process_run_trains_and_agrees(tmp_path, synth_imdb, cache_env):
     assert test and test[0]["test/n"] == 400 and test[0]["test/acc"] > 0.75
     train_steps = [r["step"] for r in rows if "train/loss" in r]
     assert train_steps == list(range(1, len(train_steps) + 1))
+    # which reviews each process scored: the 2-process test pass must give what one process gives on the whole
+    # test split with the same model (a process scoring another's share keeps the count right but not the loss)
+    proc = subprocess.run([sys.executable, "-m", "distsent.evaluate", "--model", str(run_dir / "best"), "--split",
+                           "test"], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    alone = json.loads(proc.stdout.splitlines()[0])
+    assert alone["n"] == 400 and (alone["tp"], alone["fp"], alone["tn"], alone["fn"]) == tuple(
+        test[0][f"test/{k}"] for k in ("tp", "fp", "tn", "fn"))
+    assert test[0]["test/loss"] == pytest.approx(alone["loss"], abs=1e-5)
+    assert test[0]["test/roc_auc"] == pytest.approx(alone["roc_auc"], abs=1e-5)
     for name in ("config.yaml", "tokenizer.json", "status.json", "best/model.safetensors", "best/tokenizer.json",
                  "best/config.yaml"):
         assert (run_dir / name).is_file(), name
@@ -86,6 +96,17 @@ def test_bf16_on_cpu_trains(tmp_path, synth_imdb, cache_env):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mixed precision bf16" in proc.stderr
     assert [r for r in read_jsonl(run_dir / "metrics.jsonl") if "test/acc" in r]
+
+
+def test_auto_precision_says_what_it_chose(tmp_path, synth_imdb, cache_env):
+    from distsent.precision import resolve
+
+    run_dir = tmp_path / "auto"
+    proc = run(direct_cmd(tiny_overrides(run_dir, synth_imdb, **{"train.mixed_precision": "auto", "train.epochs": 1})))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    chosen, why = resolve("auto", "cpu")
+    assert f"mixed precision auto -> {chosen}: {why}" in proc.stderr
+    assert f"mixed precision {chosen}" in proc.stderr  # the start-up line shows what Accelerate runs
 
 
 @pytest.mark.skipif(not REAL_IMDB.is_dir(), reason="the local IMDB copy (../shared/data/imdb) is not here")

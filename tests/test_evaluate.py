@@ -28,8 +28,10 @@ def test_ece_small_when_calibrated_large_when_overconfident():
     overconfident = np.where(p >= 0.5, 1.0, 0.0)
     assert score(overconfident, y)["ece"] > 0.2
     m = score(p, y)
-    assert m["tp"] + m["fp"] + m["tn"] + m["fn"] == m["n"]
-    assert abs(m["acc"] - ((p >= 0.5) == y).mean()) < 1e-12
+    pred = p > 0.5
+    assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (int((pred & (y == 1)).sum()), int((pred & (y == 0)).sum()),
+                                                    int((~pred & (y == 0)).sum()), int((~pred & (y == 1)).sum()))
+    assert abs(m["acc"] - ((p > 0.5) == y).mean()) < 1e-12
 
 
 def test_evaluate_command_on_a_labeled_file(model_dir, tmp_path):

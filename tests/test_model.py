@@ -46,11 +46,17 @@ def test_overfits_tiny_batch():
 
 
 def test_bf16_fallback_runs_rnn_in_fp32():
+    """With the fallback on, the recurrent layer computes in fp32 under bf16 autocast (on any CPU); the classifier
+    layer still runs in bf16."""
     model = build_model(50, ModelConfig(embedding_dim=8, hidden_dim=8, num_layers=1))
-    model.rnn_fp32_on_cpu = True
+    model.rnn_fp32 = True
+    seen = {}
+    model.rnn.register_forward_hook(lambda m, args, out: seen.update(rnn=(args[0].dtype, out[0].dtype)))
+    model.fc.register_forward_hook(lambda m, args, out: seen.update(fc=out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randint(2, 50, (3, 7)), torch.tensor([7, 5, 2]))
     out.float().sum().backward()
+    assert seen == {"rnn": (torch.float32, torch.float32), "fc": torch.bfloat16}
     assert out.shape == (3,) and model.embedding.weight.grad is not None
 
 

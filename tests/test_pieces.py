@@ -298,6 +298,40 @@ def test_eval_metrics_per_head_accuracy_and_logits_not_mistaken_for_probabilitie
     assert out["n"] == 4 and out["tp"] + out["fn"] == 2
 
 
+# --- precision that fits the machine ------------------------------------------------------------------------------
+
+def test_auto_precision_picks_fp32_where_bf16_is_not_native(monkeypatch):
+    from distsent import precision
+
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx2", "fma"})  # an AVX2-only processor
+    assert precision.resolve("auto", "cpu")[0] == "no"
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(precision, "cpu_supports_bf16_rnn", lambda: True)
+    assert precision.resolve("auto", "cpu")[0] == "bf16"
+    monkeypatch.setattr(precision, "cpu_supports_bf16_rnn", lambda: False)  # flags, but oneDNN cannot run it
+    assert precision.resolve("auto", "cpu")[0] == "no"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91200)  # before cuDNN 9.13: no bf16 LSTM
+    assert precision.resolve("auto", "cuda") == ("no", "cuDNN 91200 runs bf16 LSTMs only from version 91300: fp32")
+    monkeypatch.setattr(torch.backends.cudnn, "version", lambda: 91300)
+    assert precision.resolve("auto", "cuda")[0] == "bf16"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert precision.resolve("auto", "cuda")[0] == "no"
+    assert precision.resolve("fp16", "cuda") == ("fp16", "as configured")
+
+
+@pytest.mark.skipif("avx512_bf16" not in open("/proc/cpuinfo").read(), reason="this CPU has no native bf16")
+def test_auto_precision_is_bf16_on_this_cpu_with_native_bf16():
+    from distsent import precision
+
+    assert precision.resolve("auto", "cpu")[0] == "bf16"
+
+
+def test_every_shipped_config_chooses_its_precision_by_the_machine():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        assert load_config(path).train.mixed_precision == "auto", path.name
+
+
 # --- early stopping, a real run ----------------------------------------------------------------------------------
 
 @pytest.mark.slow

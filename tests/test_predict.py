@@ -5,6 +5,8 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
+import torch
 
 from conftest import REPO, make_reviews
 from distsent.predict import Predictor
@@ -29,7 +31,9 @@ def test_awkward_inputs_get_defined_answers(model_dir):
     p = Predictor.load(model_dir)
     long = "good0 " * 5000
     out = p.predict(["good0 word1", "", "   ", long, "?!...", None])
-    assert out[0]["label"] in ("positive", "negative") and 0.5 <= out[0]["probability"] <= 1
+    first = out[0]
+    assert first["label"] == ("positive" if first["p_positive"] > 0.5 else "negative")
+    assert first["probability"] == pytest.approx(max(first["p_positive"], 1 - first["p_positive"]), abs=2e-6)
     assert out[1]["error"].startswith("empty text") and out[2]["error"].startswith("empty text")
     assert "truncated" in out[3] and "5000 words" in out[3]["truncated"]
     assert "warning" in out[4]
@@ -53,3 +57,15 @@ def test_missing_model_folder_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "distsent.predict", "--model", str(tmp_path), "x"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "config.yaml: missing" in proc.stderr
+
+
+@pytest.mark.parametrize("bias, label", [(-6.0, "negative"), (6.0, "positive")])
+def test_probability_is_that_of_the_predicted_label(model_dir, bias, label):
+    """A model pushed to one side by its output bias: the probability reported is that of the label it gives."""
+    p = Predictor.load(model_dir)
+    with torch.no_grad():
+        p.model.fc.bias.fill_(bias)
+    for result in p.predict(["good0 great movie", "bad0 awful plot", "word1"]):
+        assert result["label"] == label and result["probability"] > 0.99
+        assert result["probability"] == pytest.approx(1 - result["p_positive"] if label == "negative"
+                                                      else result["p_positive"], abs=2e-6)
