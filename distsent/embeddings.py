@@ -34,6 +34,8 @@ def load_vectors(path: str | Path, vocab: dict[str, int], dim: int) -> tuple[tor
                         vectors[idx] = torch.tensor([float(v) for v in parts[1:]])
                     except ValueError:
                         raise DataError(f"{path}:{n}: not a number among the values") from None
+                    if not torch.isfinite(vectors[idx]).all():
+                        raise DataError(f"{path}:{n}: {parts[0]!r} has a non-finite value (nan or inf)")
                     found[idx] = True
     return vectors, found
 

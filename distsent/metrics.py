@@ -125,3 +125,50 @@ class TrainSums:
         if self.acc.is_main_process:
             for k, v in saved.items():  # a checkpoint of an earlier version may lack a key: it stays 0
                 self.sums[k] += v
+
+
+# Exit status of distsent-train when a non-finite loss or gradient stopped the run (2: a bad config, data or
+# checkpoint; 75: preempted).
+EXIT_NONFINITE = 3
+
+
+class NonFiniteError(RuntimeError):
+    """Training met a non-finite loss or gradient norm; the message names the step and the quantity."""
+
+
+class NonFiniteWatch:
+    """The first step whose training loss or gradient norm was not finite, kept on the device, so that a step
+    never waits for the host; check() reads it where the run synchronizes anyway (a logged row, an evaluation, a
+    checkpoint), before anything is written from the weights."""
+
+    QUANTITIES = ("training loss", "gradient norm")
+
+    def __init__(self, accelerator):
+        self.acc = accelerator
+        # under fp16 the gradient scaler skips steps with inf/NaN gradients instead (counted as skipped_steps)
+        self.enabled = accelerator.scaler is None
+        self.first = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # 0: none so far
+
+    def see(self, step: int, loss: torch.Tensor | None = None, grad_norm: torch.Tensor | None = None) -> None:
+        if not self.enabled:
+            return
+        for i, value in enumerate((loss, grad_norm)):
+            if value is not None:
+                bad = ~torch.isfinite(value.detach())
+                self.first[i] = torch.where(bad & (self.first[i] == 0), float(step), self.first[i])
+
+    def check(self) -> None:
+        """Collective: NonFiniteError on every process if any process saw a non-finite value."""
+        if not self.enabled:
+            return
+        seen = self.acc.gather(self.first.unsqueeze(0)).cpu()  # [processes, quantities]
+        found = []
+        for i, name in enumerate(self.QUANTITIES):
+            steps = seen[:, i][seen[:, i] > 0]
+            if steps.numel():
+                found.append(f"{name} at step {int(steps.min())}")
+        if found:
+            raise NonFiniteError(
+                "non-finite " + " and ".join(found) + ": the run stopped before writing anything from these weights "
+                "(the last checkpoint and best/ are from before). Check the data and any pretrained embeddings, or lower "
+                "optim.lr or optim.clip_grad_norm; resuming as it is repeats the same steps.")

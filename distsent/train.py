@@ -39,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stop = StopFlag(cfg.dist.stop_signals)  # before the slow start-up: a stop signal during it is kept, not fatal
     from .build import close_process_group
+    from .metrics import EXIT_NONFINITE, NonFiniteError
     from .trainer import Trainer
 
     # RANK from the launcher, not PartialState(): the Trainer must be first to set up the distributed state
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, IntegrityError) as exc:  # IntegrityError: a checkpoint or best/ that is unusable
         print(f"distsent-train: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
+    except NonFiniteError as exc:
+        print(f"distsent-train: {exc}", file=sys.stderr)
+        return EXIT_NONFINITE
     finally:  # also when the start-up failed after the process group was created
         trainer.close() if trainer is not None else close_process_group()
     return 0

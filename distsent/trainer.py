@@ -16,7 +16,7 @@ from . import checkpoint as ckpt
 from .build import (batch_tensors, build_accelerator, build_data, build_layout, build_optimizer, build_run_model,
                     build_scheduler, close_process_group, new_run_id, run_identity, setup_threads)
 from .config import ExperimentConfig
-from .metrics import EvalMetrics, TrainSums
+from .metrics import EXIT_NONFINITE, EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums
 from .preemption import EXIT_PREEMPTED, StopFlag
 from .sampler import epoch_batches
 from .state import TrainState
@@ -59,7 +59,7 @@ class Trainer:
             self.total_steps = min(self.total_steps, cfg.train.max_steps)
         self.scheduler = build_scheduler(cfg, self.optimizer.optimizer, self.total_steps)
         self.state = TrainState(world_size=acc.num_processes)
-        self.sums = TrainSums(acc)
+        self.sums, self.watch = TrainSums(acc), NonFiniteWatch(acc)
         self.checkpoints = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint, acc, self.model, self.optimizer, {
             "train_state": self.state, "log_sums": self.sums, "scheduler": self.scheduler, "scaler": acc.scaler})
         self.identity = run_identity(cfg, self.data.tokenizer)
@@ -92,6 +92,7 @@ class Trainer:
                     samples, tokens = samples + len(batch), tokens + int(self.data.train.lengths[batch].sum())
                     bar.update(1)
                     if state.step % cfg.train.log_every == 0:
+                        self.watch.check()  # nothing is logged, evaluated or saved from non-finite weights
                         now = time.perf_counter()
                         row = self.sums.row(now - t_log, state.samples_seen - samples_log) | {
                             "lr": self.scheduler.get_last_lr()[0], "epoch": self._epoch_float()}
@@ -101,6 +102,7 @@ class Trainer:
                         t_log, samples_log = now, state.samples_seen
                     epoch_end = state.batch_in_epoch == len(batches)
                     if epoch_end or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
+                        self.watch.check()
                         self._validate(runlog)
                     if epoch_end:  # the epoch's figures without the time spent evaluating
                         train_s = time.perf_counter() - t_epoch - (self.eval_seconds - eval_before)
@@ -110,20 +112,26 @@ class Trainer:
                         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                     stopping = self.stop.agreed(acc)  # one tiny all-reduce: every process stops at the same step
                     if stopping or epoch_end or state.stopped_early or self.checkpoints.due(state.step):
+                        self.watch.check()
                         self._save()
                     if stopping:
                         raise Preempted()
                     if epoch_end:
                         break
-        except Preempted:
+        except (Preempted, NonFiniteError) as exc:
             bar.close()
-            if acc.is_main_process:
+            preempted = isinstance(exc, Preempted)
+            if acc.is_main_process and preempted:
                 log.warning("stopped by a signal at step %d after writing its checkpoint; exit code %d",
                             state.step, EXIT_PREEMPTED)
-                write_status(self.run_dir, state="preempted", step=state.step, exit_code=EXIT_PREEMPTED)
+            if acc.is_main_process:
+                write_status(self.run_dir, state="preempted" if preempted else "failed", step=state.step,
+                             exit_code=EXIT_PREEMPTED if preempted else EXIT_NONFINITE,
+                             **({} if preempted else {"error": str(exc)}))
             runlog.finish()
             raise
         bar.close()
+        self.watch.check()
         self.debug.weights(state.step, self.raw_model)
         result = self._test(runlog)
         runlog.finish()
@@ -161,6 +169,7 @@ class Trainer:
                 if acc.sync_gradients:
                     max_norm = self.cfg.optim.clip_grad_norm or float("inf")
                     norm = acc.clip_grad_norm_(self.model.parameters(), max_norm).detach().double()
+                    self.watch.see(self.state.step + 1, losses.detach().sum(), norm)
                     share = 1.0 / acc.num_processes  # every process sees the same norm: count each step once
                     self.sums.add(grad_norm=norm * share, clipped=(norm > max_norm).double() * share, steps=share)
                     self.optimizer.step()

@@ -176,6 +176,20 @@ def test_prepare_caches_and_reuses(tmp_path, splits):
     assert first.train.lengths.max() <= cfg.max_len
 
 
+def test_a_damaged_cache_entry_is_reported_and_rebuilt(tmp_path, splits, caplog):
+    """A node that died while writing, or a full disk, can leave a cached array cut short: the next run says which
+    file and rebuilds it, instead of failing in numpy."""
+    cfg = DataConfig(path=str(write_parquet(tmp_path / "d", splits)), cache_dir=str(tmp_path / "c"), min_freq=1)
+    first = prepare(cfg)
+    (cached,) = (tmp_path / "c").glob("*/tok-*/train.npz")
+    cached.write_bytes(cached.read_bytes()[:100])
+    with caplog.at_level("WARNING"):
+        again = prepare(cfg)
+    assert not again.cache_hit and f"{cached}: " in caplog.text and "rebuilding" in caplog.text
+    assert (again.train.tokens == first.train.tokens).all()
+    assert prepare(cfg).cache_hit  # the rebuilt entry is whole again
+
+
 def test_tail_truncation_keeps_the_end(tmp_path):
     texts = [" ".join(f"w{i}" for i in range(100))]
     data = {"train": (texts * 4, [1, 0, 1, 0]), "test": (texts, [1])}

@@ -51,3 +51,18 @@ def test_evaluate_command_on_a_labeled_file(model_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "distsent.evaluate", "--model", str(model_dir), "--file", str(bad)],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
     assert proc.returncode == 2 and "bad.jsonl: row 0 has label 3" in proc.stderr
+
+
+def test_evaluate_without_matplotlib_writes_the_metrics_and_says_so_in_one_line(model_dir, tmp_path):
+    texts, labels = make_reviews(20, 8)
+    f = tmp_path / "labeled.jsonl"
+    f.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels)))
+    out = tmp_path / "eval"
+    code = ("import sys, torchmetrics  # loaded first: it looks for matplotlib itself\n"
+            "sys.modules['matplotlib'] = None  # as on an install without it\n"
+            "from distsent.evaluate import main\n"
+            f"sys.exit(main(['--model', {str(model_dir)!r}, '--file', {str(f)!r}, '--out', {str(out)!r}]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads((out / "metrics.json").read_text())["n"] == 20
+    assert "no figures: the figures need matplotlib" in proc.stderr and "Traceback" not in proc.stderr

@@ -41,10 +41,11 @@ def test_fp16_scaler_skips_an_inf_step_counts_it_and_is_checkpointed(synth_imdb,
     """A step whose gradients hold an inf is skipped by the scaler (weights unchanged), counted in the logs, and
     the scaler's state (its lowered scale) travels through a checkpoint."""
     from distsent.config import load_config
+    from distsent.preemption import StopFlag
     from distsent.trainer import Trainer
 
     args = tiny_overrides(tmp_path / "run", synth_imdb, **{"train.mixed_precision": "fp16", "train.epochs": 1})
-    trainer = Trainer(load_config(REPO / "configs" / "smoke.yaml", args))
+    trainer = Trainer(load_config(REPO / "configs" / "smoke.yaml", args), stop=StopFlag([]))
     try:
         poison = {"on": True}
         trainer.raw_model.fc.weight.register_hook(lambda g: g * float("inf") if poison["on"] else g)

@@ -76,6 +76,9 @@ def test_pretrained_embeddings_initialise_known_words(tmp_path):
     f.write_text("good 1 2 3\n")
     with pytest.raises(DataError, match=r"vectors.txt:1: 3 values, model.embedding_dim is 4"):
         init_embedding(emb, str(f), vocab, freeze=False)
+    f.write_text("good 1 2 3 4\nbad 1 nan 3 4\n")
+    with pytest.raises(DataError, match=r"vectors.txt:2: 'bad' has a non-finite value"):
+        init_embedding(emb, str(f), vocab, freeze=False)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])

@@ -353,3 +353,32 @@ def test_early_stopping_stops_after_patience_and_a_rerun_does_not_train_on(synth
     proc = run(direct_cmd(args))  # the same command again: resumes, sees the stop, does not train further
     assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
     assert train_rows(run_dir)[-1]["step"] == steps
+
+
+# --- the non-finite guard, in process ----------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_a_non_finite_gradient_stops_the_run_before_anything_is_written(synth_imdb, tmp_path, cache_env):
+    """A NaN cannot be made to appear on demand in real training, so a gradient hook injects one at step 5 (the only
+    stand-in here). The run must stop at its next check with the step and quantity named, write no checkpoint,
+    metrics row or best/ from the poisoned weights, leave the earlier checkpoint intact and say 'failed'."""
+    from distsent.metrics import NonFiniteError
+    from distsent.preemption import StopFlag
+    from distsent.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{
+        "checkpoint.every": 4, "train.log_every": 3, "train.eval_every": 100}))
+    trainer = Trainer(cfg, stop=StopFlag([]))  # no signal handlers in the test process
+    try:
+        trainer.raw_model.fc.weight.register_hook(
+            lambda g: g * float("nan") if trainer.state.step == 4 else g)  # the backward of step 5
+        with pytest.raises(NonFiniteError, match="gradient norm at step 5"):
+            trainer.fit()
+    finally:
+        trainer.close()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and status["exit_code"] == 3 and "step 5" in status["error"]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000004"]
+    ckpt.verify(run_dir / "checkpoints" / "step-00000004")
+    assert [r["step"] for r in train_rows(run_dir)] == [3] and not (run_dir / "best").exists()
