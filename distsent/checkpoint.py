@@ -19,6 +19,7 @@ import logging
 import random
 import re
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -106,6 +107,9 @@ def prune(root: Path, keep_last: int) -> None:
     for tmp in root.glob(".tmp-step-*"):
         if int(tmp.name.rsplit("-", 1)[1]) <= newest:
             shutil.rmtree(tmp, ignore_errors=True)
+    for old in root.glob(".step-*.old"):
+        if old.with_name(old.name[1: -len(".old")]).is_dir():
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def _by_step(root: Path) -> list[tuple[int, Path]]:
@@ -132,6 +136,8 @@ def verify(path: Path) -> dict:
 
 def find_latest(root: Path) -> Path | None:
     """The newest checkpoint that verifies; broken or incomplete ones are skipped with a warning naming them."""
+    for old in Path(root).glob(".step-*.old"):  # a crash while a step was saved again: put the earlier one back
+        files.recover(old.with_name(old.name[1: -len(".old")]))
     for _, path in _by_step(root):
         try:
             verify(path)
@@ -207,9 +213,13 @@ class CheckpointManager:
 
     def save(self, step: int, identity: dict) -> Path:
         """Collective: every process calls it. The stateful objects' state_dict() may be collective too."""
+        t0 = time.perf_counter()
         state = {name: obj.state_dict() if obj is not None else None for name, obj in self.stateful.items()}
-        return save(self.root, step, self.acc, self.model, self.optimizer, {**state, "identity": identity},
+        path = save(self.root, step, self.acc, self.model, self.optimizer, {**state, "identity": identity},
                     self.cfg.keep_last)
+        if self.acc.is_main_process:
+            log.info("checkpoint %s written in %.2f s", path.name, time.perf_counter() - t0)
+        return path
 
     def restore(self, path: Path, identity: dict, seed: int) -> None:
         """Load model, optimizer, every stateful object and the random streams from `path`, after checking that

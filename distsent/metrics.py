@@ -25,20 +25,23 @@ class EvalMetrics:
         from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryConfusionMatrix,
                                                  MulticlassCalibrationError)
 
-        self.confusion = BinaryConfusionMatrix().to(device)
-        self.auroc = BinaryAUROC().to(device)  # exact (thresholds=None): ties count half, as in the rank statistic
+        # validate_args=False, nan_strategy="disable": their checks read values on the host, a GPU sync per batch
+        self.confusion = BinaryConfusionMatrix(validate_args=False).to(device)
+        # exact (thresholds=None): ties count half, as in the rank statistic
+        self.auroc = BinaryAUROC(validate_args=False).to(device)
         # top-label calibration: the classes' probabilities [1 - p, p], confidence = the larger one
-        self.ece = MulticlassCalibrationError(num_classes=2, n_bins=ECE_BINS, norm="l1").to(device)
-        self.loss = SumMetric().to(device).set_dtype(torch.float64)  # 25,000 reviews: float32 would lose digits
-        self.heads = {name: BinaryAccuracy().to(device).set_dtype(torch.float64) for name in head_names} \
-            if len(head_names) > 1 else {}
+        self.ece = MulticlassCalibrationError(num_classes=2, n_bins=ECE_BINS, norm="l1", validate_args=False).to(device)
+        # float64: 25,000 reviews' losses summed in float32 would lose digits
+        self.loss = SumMetric(nan_strategy="disable").to(device).set_dtype(torch.float64)
+        self.heads = {name: BinaryAccuracy(validate_args=False).to(device).set_dtype(torch.float64)
+                      for name in head_names} if len(head_names) > 1 else {}
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, head_logits: torch.Tensor | None = None) -> None:
         """logits [n] of the model, labels [n] in {0, 1}, head_logits [n, heads] when there are several heads."""
         # probabilities, never logits: torchmetrics would take a batch of logits that happen to lie in [0, 1] for
-        # probabilities; float64 stays float64 (distsent-evaluate's exact ROC-AUC)
-        logits, target = logits.to(torch.promote_types(logits.dtype, torch.float32)), labels.long()
+        # probabilities; in float64, where float32 would round confident ones to exactly 1 and tie them
+        logits, target = logits.double(), labels.long()
         p = torch.sigmoid(logits)
         self.confusion.update(p, target)
         self.auroc.update(p, target)
@@ -170,5 +173,5 @@ class NonFiniteWatch:
         if found:
             raise NonFiniteError(
                 "non-finite " + " and ".join(found) + ": the run stopped before writing anything from these weights "
-                "(the last checkpoint and best/ are from before). Check the data and any pretrained embeddings, or lower "
-                "optim.lr or optim.clip_grad_norm; resuming as it is repeats the same steps.")
+                "(the last checkpoint and best/ are from before). Check the data and any pretrained embeddings, or "
+                "lower optim.lr or optim.clip_grad_norm; resuming as it is repeats the same steps.")

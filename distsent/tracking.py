@@ -1,5 +1,5 @@
-"""Run records on the main process: metrics.jsonl, status.json, the launch topology, and Accelerate's trackers
-(W&B with its media, TensorBoard, ...).
+"""Run records: metrics.jsonl, status.json, the launch topology and Accelerate's trackers (W&B with its media,
+TensorBoard, ...) on the main process; per-process debug records.
 
 A tracker that cannot start or fails mid-run is dropped with a warning: logging never stops training.
 """

@@ -40,6 +40,7 @@ def main(argv: list[str] | None = None) -> int:
     stop = StopFlag(cfg.dist.stop_signals)  # before the slow start-up: a stop signal during it is kept, not fatal
     from .build import close_process_group
     from .metrics import EXIT_NONFINITE, NonFiniteError
+    from .runlock import RunLockedError
     from .trainer import Trainer
 
     # RANK from the launcher, not PartialState(): the Trainer must be first to set up the distributed state
@@ -51,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, stop=stop)
         trainer.fit()
-    except (ConfigError, DataError, IntegrityError) as exc:  # IntegrityError: a checkpoint or best/ that is unusable
+    except (ConfigError, DataError, IntegrityError, RunLockedError) as exc:  # IntegrityError: checkpoint or best/
         print(f"distsent-train: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     except NonFiniteError as exc:

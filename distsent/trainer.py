@@ -18,6 +18,7 @@ from .build import (batch_tensors, build_accelerator, build_data, build_layout, 
 from .config import ExperimentConfig
 from .metrics import EXIT_NONFINITE, EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums
 from .preemption import EXIT_PREEMPTED, StopFlag
+from .runlock import lock_run_dir
 from .sampler import epoch_batches
 from .state import TrainState
 from .tokenizer import TokenizedSplit
@@ -40,6 +41,7 @@ class Trainer:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)
         self.layout = build_layout(cfg, acc)
+        self.lock = lock_run_dir(self.run_dir, acc)  # a second launch into this directory stops here
         setup_threads(cfg)
         if acc.is_main_process:
             print(f"distsent: run directory {self.run_dir.resolve()}", flush=True)
@@ -113,11 +115,12 @@ class Trainer:
                     stopping = self.stop.agreed(acc)  # one tiny all-reduce: every process stops at the same step
                     if stopping or epoch_end or state.stopped_early or self.checkpoints.due(state.step):
                         self.watch.check()
-                        self._save()
+                        self.checkpoints.save(state.step, self.identity)
                     if stopping:
                         raise Preempted()
                     if epoch_end:
                         break
+            self.watch.check()  # the last steps, before the weights are tested and exported
         except (Preempted, NonFiniteError) as exc:
             bar.close()
             preempted = isinstance(exc, Preempted)
@@ -131,7 +134,6 @@ class Trainer:
             runlog.finish()
             raise
         bar.close()
-        self.watch.check()
         self.debug.weights(state.step, self.raw_model)
         result = self._test(runlog)
         runlog.finish()
@@ -172,11 +174,13 @@ class Trainer:
                     self.watch.see(self.state.step + 1, losses.detach().sum(), norm)
                     share = 1.0 / acc.num_processes  # every process sees the same norm: count each step once
                     self.sums.add(grad_norm=norm * share, clipped=(norm > max_norm).double() * share, steps=share)
+                    # fp16: the scaler skips a step with inf/NaN gradients and lowers its scale; compared on the
+                    # device (Accelerate's step_was_skipped cannot see it with fused Adam, which skips in-kernel)
+                    scale = acc.scaler._scale.clone() if acc.scaler is not None else None
                     self.optimizer.step()
-                    if acc.optimizer_step_was_skipped:  # fp16: the scaler found inf/NaN gradients and skipped it
-                        self.sums.add(skipped=share)
-                    else:
-                        self.scheduler.step()
+                    if scale is not None:
+                        self.sums.add(skipped=(acc.scaler._scale < scale).double().sum() * share)
+                    self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():  # running sums stay on the device: no host sync until the next log
                 self.sums.add(loss=losses.detach().sum() * weight, samples=len(idx) * weight,
@@ -236,9 +240,10 @@ class Trainer:
         """The best model (best/, verified) on the test split, once."""
         if self.state.best_step < 0:  # stopped by max_steps before any evaluation
             self._validate(runlog)
-        self.accelerator.wait_for_everyone()
         best = self.run_dir / "best"
-        ckpt.verify_model_folder(best)
+        if self.accelerator.is_main_process:  # checks (and after a crash, repairs) it once, for every process
+            ckpt.verify_model_folder(best)
+        self.accelerator.wait_for_everyone()
         ckpt.load_weights(best, self.raw_model)
         metrics = self.evaluate(self.data.test)
         state = self.state
@@ -277,13 +282,6 @@ class Trainer:
             write_status(self.run_dir, state="running", step=state.step, pid=os.getpid())
         return runlog
 
-    def _save(self) -> Path:
-        t0 = time.perf_counter()
-        path = self.checkpoints.save(self.state.step, self.identity)
-        if self.accelerator.is_main_process:
-            log.info("checkpoint %s written in %.2f s", path.name, time.perf_counter() - t0)
-        return path
-
     def _epoch_float(self) -> float:
         return self.state.epoch + self.state.batch_in_epoch / self.steps_per_epoch
 
@@ -299,3 +297,4 @@ class Trainer:
         self.model = self.optimizer = self.checkpoints = None
         gc.collect()
         close_process_group()
+        self.lock.release()

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REAL_IMDB, direct_cmd, launch_cmd, read_jsonl, run, tiny_overrides
+from conftest import REAL_IMDB, direct_cmd, launch_cmd, read_jsonl, run, tiny_overrides, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -96,6 +96,27 @@ def test_bf16_on_cpu_trains(tmp_path, synth_imdb, cache_env):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mixed precision bf16" in proc.stderr
     assert [r for r in read_jsonl(run_dir / "metrics.jsonl") if "test/acc" in r]
+
+
+def test_a_second_launch_into_a_live_run_directory_is_refused(tmp_path, synth_imdb, cache_env):
+    """Two launches into one run directory (a second sbatch with the same output_dir=): the second stops before
+    writing anything, naming the owner, on all its processes; the first runs on undisturbed."""
+    from test_resume import start, wait_for_step
+
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(run_dir, synth_imdb, **{"train.epochs": 4})
+    first = start(1, args)
+    wait_for_step(run_dir, 5, first)
+    owner = json.loads((run_dir / "run.lock").read_text())
+    second = run(launch_cmd(2, args))
+    assert second.returncode != 0 and "is in use by a live run" in second.stderr, second.stderr[-3000:]
+    assert f"pid {owner['pid']}" in second.stderr
+    _, err = first.communicate(timeout=300)
+    assert first.returncode == 0, err[-3000:]
+    steps = [r["step"] for r in train_rows(run_dir)]
+    assert steps == list(range(1, 181))  # one writer: every step once
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    assert not (run_dir / "run.lock").exists()  # released when the run ended
 
 
 def test_auto_precision_says_what_it_chose(tmp_path, synth_imdb, cache_env):

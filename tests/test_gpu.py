@@ -62,7 +62,7 @@ def test_fp16_scaler_skips_an_inf_step_counts_it_and_is_checkpointed(synth_imdb,
         trainer.train_step(batch)
         assert not torch.equal(trainer.raw_model.fc.weight, before)
         trainer.state.step = 2
-        trainer._save()
+        trainer.checkpoints.save(2, trainer.identity)
         saved = json.loads((tmp_path / "run" / "checkpoints" / "step-00000002" / "state.json").read_text())
         assert saved["scaler"]["scale"] == trainer.accelerator.scaler.get_scale()
     finally:

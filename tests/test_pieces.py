@@ -295,7 +295,7 @@ def test_eval_metrics_per_head_accuracy_and_logits_not_mistaken_for_probabilitie
     m.update(heads.sum(1), labels, heads)
     out = m.compute()
     assert out["acc_rnn"] == 0.5 and out["acc_ngram"] == 0.5  # rnn calls every row positive; ngram rows 2 and 3
-    assert out["n"] == 4 and out["tp"] + out["fn"] == 2
+    assert (out["n"], out["tp"], out["fp"], out["tn"], out["fn"]) == (4, 1, 1, 1, 1)  # the summed logit
 
 
 # --- precision that fits the machine ------------------------------------------------------------------------------
@@ -353,6 +353,43 @@ def test_early_stopping_stops_after_patience_and_a_rerun_does_not_train_on(synth
     proc = run(direct_cmd(args))  # the same command again: resumes, sees the stop, does not train further
     assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
     assert train_rows(run_dir)[-1]["step"] == steps
+
+
+# --- one live run per run directory ------------------------------------------------------------------------------
+
+def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, monkeypatch, caplog):
+    import socket
+
+    from distsent.runlock import RunLock, RunLockedError
+
+    lock_file = tmp_path / "run.lock"
+    host, now = socket.gethostname(), time.time()
+    live = {"host": host, "pid": os.getppid(), "started": now, "slurm_job_id": "", "heartbeat": now}
+    lock_file.write_text(json.dumps(live))
+    with pytest.raises(RunLockedError, match=f"in use by a live run \\(host {host}, pid {os.getppid()}"):
+        RunLock(tmp_path).acquire()
+    assert json.loads(lock_file.read_text()) == live  # refused without touching anything
+
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    dead_cases = [
+        ({**live, "pid": gone.pid}, "on this host is gone"),  # kill -9, then a restart on the same machine
+        ({**live, "host": "elsewhere", "heartbeat": now - 120}, "heartbeat is 120 s old"),  # a lost node
+        ({**live, "host": "elsewhere", "slurm_job_id": "77"}, "earlier attempt of this Slurm job"),  # requeued
+    ]
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    for held, why in dead_cases:
+        lock_file.write_text(json.dumps(held))
+        lock = RunLock(tmp_path, heartbeat_s=0.05)
+        with caplog.at_level("WARNING"):
+            lock.acquire()
+        assert why in caplog.text
+        mine = json.loads(lock_file.read_text())
+        assert (mine["pid"], mine["slurm_job_id"]) == (os.getpid(), "77")
+        time.sleep(0.2)
+        assert json.loads(lock_file.read_text())["heartbeat"] > mine["heartbeat"]  # kept fresh
+        lock.release()
+        assert not lock_file.exists()
 
 
 # --- the non-finite guard, in process ----------------------------------------------------------------------------

@@ -1,0 +1,136 @@
+"""One live run per run directory: `<run>/run.lock` names its owner and is kept fresh by a heartbeat; a second launch
+is refused before it writes anything, and a lock left by a dead run is taken over.
+
+Advisory file locks (flock) are not reliable across hosts on shared filesystems such as NFS, so liveness is read
+from the heartbeat: a lock whose heartbeat is older than `stale_s` belongs to a dead run. Sooner than that, a lock
+is also known dead when it was written on this host by a process that no longer exists, or by an earlier attempt
+of the same Slurm job (a requeued job runs again under its id).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+from .files import atomic_write
+
+log = logging.getLogger(__name__)
+
+LOCK = "run.lock"
+
+
+class RunLockedError(RuntimeError):
+    """The run directory belongs to a live run; the message names it and how to proceed."""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+class RunLock:
+    def __init__(self, run_dir: Path, heartbeat_s: float = 10.0, stale_s: float = 60.0):
+        self.path, self.heartbeat_s, self.stale_s = Path(run_dir) / LOCK, heartbeat_s, stale_s
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
+                   "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_text())
+        except FileNotFoundError:
+            return None
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+            try:  # being created by another launch this instant, or damaged: its age is its file's
+                return {"heartbeat": self.path.stat().st_mtime}
+            except OSError:
+                return None
+
+    def _why_dead(self, held: dict) -> str | None:
+        """Why the holder of `held` is known to be gone, or None if it may be alive."""
+        age = time.time() - held.get("heartbeat", 0)
+        if age > self.stale_s:
+            return f"its heartbeat is {age:.0f} s old"
+        if held.get("slurm_job_id") and held["slurm_job_id"] == self.me["slurm_job_id"]:
+            return f"it is an earlier attempt of this Slurm job ({held['slurm_job_id']})"
+        if held.get("host") == self.me["host"] and not _pid_alive(held.get("pid", -1)):
+            return f"its process {held.get('pid')} on this host is gone"
+        return None
+
+    def acquire(self) -> None:
+        """Take the lock, or RunLockedError naming the live owner."""
+        held = self._read()
+        if held is not None:
+            why = self._why_dead(held)
+            if why is None:
+                age = time.time() - held.get("heartbeat", 0)
+                job = f", Slurm job {held['slurm_job_id']}" if held.get("slurm_job_id") else ""
+                started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("started", 0)))
+                raise RunLockedError(
+                    f"{self.path.parent} is in use by a live run (host {held.get('host')}, pid {held.get('pid')}"
+                    f"{job}, started {started}, heartbeat {age:.0f} s ago). Wait for it to end, stop it (it "
+                    f"checkpoints, and this command then resumes it), or choose another output_dir. If that run "
+                    f"is dead, its lock is taken over once the heartbeat is {self.stale_s:.0f} s old, or delete "
+                    f"{self.path}.")
+            log.warning("taking over %s from a run that ended without releasing it: %s", self.path, why)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        if held is None:  # created exclusively: of two launches at the same instant, one wins
+            try:
+                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+            except FileExistsError:
+                return self.acquire()  # the other launch won: refused now that its lock is there
+        self._write()
+        self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _write(self) -> None:
+        atomic_write(self.path, json.dumps({**self.me, "heartbeat": time.time()}))
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            try:
+                self._write()
+            except OSError as exc:  # a full disk must not kill the run; a stale heartbeat only risks a takeover
+                log.warning("could not refresh %s: %s", self.path, exc)
+
+    def release(self) -> None:
+        """Stop the heartbeat and remove the lock if it is still ours."""
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        held = self._read() or {}
+        if (held.get("host"), held.get("pid")) == (self.me["host"], self.me["pid"]):
+            self.path.unlink(missing_ok=True)
+
+
+def lock_run_dir(run_dir: Path, accelerator) -> RunLock:
+    """The main process takes the run directory's lock; every process raises RunLockedError if it is refused, so
+    that all of them stop together, before anything is written."""
+    lock, refused = RunLock(run_dir), ""
+    if accelerator.is_main_process:
+        try:
+            lock.acquire()
+        except RunLockedError as exc:
+            refused = str(exc)
+    if accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        box = [refused]
+        broadcast_object_list(box, from_process=0)
+        refused = box[0]
+    if refused:
+        raise RunLockedError(refused)
+    return lock
