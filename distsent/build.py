@@ -21,7 +21,7 @@ from .model import build_model
 from .precision import bf16_rnn_runs_on, resolve
 from .sampler import Layout
 from .tokenizer import TokenizedSplit
-from .tracking import local_processes
+from .tracking import local_processes, num_machines
 
 log = logging.getLogger("distsent")
 
@@ -33,7 +33,8 @@ def build_accelerator(cfg: ExperimentConfig, run_dir: Path):
     if cfg.train.deterministic:
         # before the first CUDA call: cuBLAS needs a fixed workspace for deterministic results
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
+        # warn_only: an op without a deterministic kernel (in evaluation metrics, say) warns instead of failing
+        torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     # None: take the launch config's (ACCELERATE_MIXED_PRECISION)
     mp, why = resolve(cfg.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
@@ -69,6 +70,16 @@ def setup_threads(cfg: ExperimentConfig) -> None:
     torch.set_flush_denormal(cfg.train.flush_denormal)
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     torch.set_num_threads(cfg.train.threads or max(1, cores // local_processes()))
+
+
+def announce(acc, layout: Layout, run_dir: Path) -> None:
+    """The start-up lines: where the run writes, and how it is laid out over processes and threads."""
+    if acc.is_main_process:
+        print(f"distsent: run directory {run_dir.resolve()}", flush=True)
+        log.info("%d process(es) on %d machine(s), device %s, mixed precision %s, global batch %d = %d x %d x %d "
+                 "(processes x micro-batch x accumulation), %d threads per process", acc.num_processes,
+                 num_machines(), acc.device, acc.mixed_precision, layout.global_batch, layout.world_size,
+                 layout.micro_batch, layout.accum_steps, torch.get_num_threads())
 
 
 def build_data(cfg: ExperimentConfig, acc, run_dir: Path) -> tuple[PreparedData, float]:

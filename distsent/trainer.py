@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
-from .build import (batch_tensors, build_accelerator, build_data, build_layout, build_optimizer, build_run_model,
-                    build_scheduler, close_process_group, new_run_id, run_identity, setup_threads)
+from .build import (announce, batch_tensors, build_accelerator, build_data, build_layout, build_optimizer,
+                    build_run_model, build_scheduler, close_process_group, new_run_id, run_identity, setup_threads)
 from .config import ExperimentConfig
 from .metrics import EXIT_NONFINITE, EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums
 from .preemption import EXIT_PREEMPTED, StopFlag
@@ -22,8 +22,7 @@ from .runlock import lock_run_dir
 from .sampler import epoch_batches
 from .state import TrainState
 from .tokenizer import TokenizedSplit
-from .tracking import (DebugRecords, RunLog, eval_media, example_predictions, launch_topology, num_machines,
-                       write_status)
+from .tracking import DebugRecords, RunLog, eval_media, example_predictions, launch_topology, write_status
 
 log = logging.getLogger("distsent")
 
@@ -43,12 +42,7 @@ class Trainer:
         self.layout = build_layout(cfg, acc)
         self.lock = lock_run_dir(self.run_dir, acc)  # a second launch into this directory stops here
         setup_threads(cfg)
-        if acc.is_main_process:
-            print(f"distsent: run directory {self.run_dir.resolve()}", flush=True)
-            log.info("%d process(es) on %d machine(s), device %s, mixed precision %s, global batch %d = %d x %d x %d "
-                     "(processes x micro-batch x accumulation), %d threads per process", acc.num_processes,
-                     num_machines(), acc.device, acc.mixed_precision, self.layout.global_batch,
-                     self.layout.world_size, self.layout.micro_batch, self.layout.accum_steps, torch.get_num_threads())
+        announce(acc, self.layout, self.run_dir)
         # an explicitly named checkpoint that is broken fails here, before the slow start-up
         self.resume_from = ckpt.resume_path(cfg.checkpoint, self.run_dir / "checkpoints")
         self.data, self.prepare_s = build_data(cfg, acc, self.run_dir)
@@ -56,9 +50,7 @@ class Trainer:
         self.model, self.optimizer = acc.prepare(model, build_optimizer(cfg, model))
         self.raw_model = acc.unwrap_model(self.model)
         self.steps_per_epoch = len(epoch_batches(self.data.train.lengths, self.layout.global_batch, 0, 0, 1))
-        self.total_steps = self.steps_per_epoch * cfg.train.epochs
-        if cfg.train.max_steps:
-            self.total_steps = min(self.total_steps, cfg.train.max_steps)
+        self.total_steps = min(self.steps_per_epoch * cfg.train.epochs, cfg.train.max_steps or 1 << 62)
         self.scheduler = build_scheduler(cfg, self.optimizer.optimizer, self.total_steps)
         self.state = TrainState(world_size=acc.num_processes)
         self.sums, self.watch = TrainSums(acc), NonFiniteWatch(acc)

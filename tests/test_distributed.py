@@ -123,7 +123,9 @@ def test_auto_precision_says_what_it_chose(tmp_path, synth_imdb, cache_env):
     from distsent.precision import resolve
 
     run_dir = tmp_path / "auto"
-    proc = run(direct_cmd(tiny_overrides(run_dir, synth_imdb, **{"train.mixed_precision": "auto", "train.epochs": 1})))
+    # train.deterministic rides along: its settings must not break a CPU run
+    proc = run(direct_cmd(tiny_overrides(run_dir, synth_imdb, **{"train.mixed_precision": "auto", "train.epochs": 1,
+                                                                 "train.deterministic": "true"})))
     assert proc.returncode == 0, proc.stderr[-3000:]
     chosen, why = resolve("auto", "cpu")
     assert f"mixed precision auto -> {chosen}: {why}" in proc.stderr
