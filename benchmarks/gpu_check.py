@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         result["bound"] = [json.loads(line) for line in bound["out"].splitlines() if line.startswith("{")]
         bench_json = Path(tmp) / "benchmark.json"
         sizes = ["--limit", "300", "--test-limit", "100", "--prep-limit", "300", "--skip-seed", "--threads", "1",
-                 "--precisions", "no"] if args.quick else ["--limit", "3000", "--test-limit", "1000", "--prep-limit",
+                 "--precisions", "bf16"] if args.quick else ["--limit", "3000", "--test-limit", "1000", "--prep-limit",
                                                            "3000"]
         bench = step("benchmark", [sys.executable, "benchmarks/run.py", "--data", args.data, *sizes, "--out",
                                    str(bench_json), *(["--gpu", "--only-gpu"] if args.device == "cuda" else [])],

@@ -14,19 +14,19 @@ pytestmark = pytest.mark.slow
 def test_benchmark_runs_on_tiny_subset(tmp_path, synth_imdb, cache_env):
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, "benchmarks/run.py", "--data", str(synth_imdb), "--limit", "120",
-                           "--test-limit", "40", "--epochs", "1", "--threads", "2", "--repeat", "2", "--precisions", "no,bf16",
+                           "--test-limit", "40", "--epochs", "1", "--threads", "2", "--repeat", "2", "--precisions", "no",
                            "--out", str(out)],
                           cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     results = json.loads(out.read_text())
-    assert set(results["runs"]) == {"seed", "ds-1x2", "ds-2x1", "ds-1x2-bf16", "ds-2x1-bf16"}
+    assert set(results["runs"]) == {"seed", "ds-1x2", "ds-2x1"}  # bf16 rows: see the GPU check's test below
     for name, r in results["runs"].items():
         for key in ("train_samples_per_s", "eval_samples_per_s", "prep_cold_s", "epoch_s", "peak_rss_mib"):
             assert r[key] is not None and r[key] > 0, (name, key)
         assert len(r["acc_per_epoch"]) == 1
     assert results["runs"]["ds-1x2"]["predict_reviews_per_s"] > 0
     assert results["runs"]["ds-2x1"]["train_tokens_per_s"] > 0
-    assert set(results["ratios_vs_seed"]) == {"ds-1x2", "ds-2x1", "ds-1x2-bf16", "ds-2x1-bf16"}
+    assert set(results["ratios_vs_seed"]) == {"ds-1x2", "ds-2x1"}
     assert len(results["ratios_per_round"]) == 2  # the reported ratio is the median of the two rounds'
     rounds = sorted(p["ds-2x1"]["train_samples_per_s"] for p in results["ratios_per_round"])
     assert results["ratios_vs_seed"]["ds-2x1"]["train_samples_per_s"] == pytest.approx(sum(rounds) / 2)
@@ -66,7 +66,8 @@ def test_gpu_check_runs_every_step_on_a_cpu(tmp_path, synth_imdb, cache_env):
     result = json.loads((out / "gpu_check.json").read_text())
     assert result["gpu_tests"]["rc"] == 0 and any("skipped" in line for line in result["gpu_tests"]["summary"])
     assert result["bound"] and result["bound"][0]["ms_per_step"] > 0
-    assert result["benchmark"]["rc"] == 0 and result["benchmark"]["runs"]["ds-1x1"]["train_samples_per_s"] > 0
+    # its quick benchmark runs distsent in bf16 (a row of its own; fp32 rows are tested above)
+    assert result["benchmark"]["rc"] == 0 and result["benchmark"]["runs"]["ds-1x1-bf16"]["train_samples_per_s"] > 0
     for name in ("imdb_lstm", "imdb_best"):
         assert result[name]["rc"] == 0 and result[name]["test_acc"] is not None, result[name]["log_tail"]
     assert "gpu_check: all steps ran" in (out / "gpu_check.log").read_text()
