@@ -17,6 +17,7 @@ import torch
 from . import files
 from .config import ConfigError, ExperimentConfig, resume_identity, save_config
 from .data import PreparedData, prepare
+from .runlock import RunLock, RunLockedError
 from .model import build_model
 from .precision import bf16_rnn_runs_on, resolve
 from .sampler import Layout
@@ -87,7 +88,17 @@ def build_data(cfg: ExperimentConfig, acc, run_dir: Path) -> tuple[PreparedData,
     vocabulary, and its resolved config.yaml."""
     tok_path = run_dir / "tokenizer.json"
     t0 = time.perf_counter()
-    with acc.main_process_first():  # main builds the vocabulary and the token cache; the others then read them
+    # the main process builds the vocabulary and the token cache, then the others read them; if it cannot (bad
+    # data), they stop with it in one line instead of failing out of a collective
+    data, failure = None, ""
+    if acc.is_main_process:
+        try:
+            data = prepare(cfg.data, tok_path if tok_path.is_file() else None)
+        except Exception as exc:  # re-raised below, on this process, with its traceback
+            failure = exc
+    if from_main(acc, str(failure)):
+        raise failure if acc.is_main_process else PeerFailed("process 0 could not prepare the data")
+    if not acc.is_main_process:
         data = prepare(cfg.data, tok_path if tok_path.is_file() else None)
     seconds = time.perf_counter() - t0
     if acc.is_main_process:
@@ -169,12 +180,40 @@ def new_run_id(acc) -> str:
     """One run id for all processes (the tracker run continues under it after a resume)."""
     import secrets
 
-    rid = [secrets.token_hex(4) if acc.is_main_process else ""]
-    if acc.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
+    return from_main(acc, secrets.token_hex(4) if acc.is_main_process else "")
 
-        broadcast_object_list(rid, from_process=0)
-    return rid[0]
+
+class PeerFailed(RuntimeError):
+    """Another process stopped on an error it printed; this one stops with it."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{what} (its error is printed above); this process stops with it")
+
+
+def from_main(acc, value):
+    """The main process's `value` on every process (collective when there are several)."""
+    if acc.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def lock_run_dir(run_dir: Path, acc) -> RunLock:
+    """The main process takes the run directory's lock; every process raises RunLockedError if it is refused, so
+    that all of them stop together, before anything is written."""
+    lock, refused = RunLock(run_dir), ""
+    if acc.is_main_process:
+        try:
+            lock.acquire()
+        except RunLockedError as exc:
+            refused = str(exc)
+    refused = from_main(acc, refused)
+    if refused:
+        raise RunLockedError(refused)
+    return lock
 
 
 def close_process_group() -> None:

@@ -114,23 +114,3 @@ class RunLock:
         held = self._read() or {}
         if (held.get("host"), held.get("pid")) == (self.me["host"], self.me["pid"]):
             self.path.unlink(missing_ok=True)
-
-
-def lock_run_dir(run_dir: Path, accelerator) -> RunLock:
-    """The main process takes the run directory's lock; every process raises RunLockedError if it is refused, so
-    that all of them stop together, before anything is written."""
-    lock, refused = RunLock(run_dir), ""
-    if accelerator.is_main_process:
-        try:
-            lock.acquire()
-        except RunLockedError as exc:
-            refused = str(exc)
-    if accelerator.num_processes > 1:
-        from accelerate.utils import broadcast_object_list
-
-        box = [refused]
-        broadcast_object_list(box, from_process=0)
-        refused = box[0]
-    if refused:
-        raise RunLockedError(refused)
-    return lock

@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     from .preemption import StopFlag
 
     stop = StopFlag(cfg.dist.stop_signals)  # before the slow start-up: a stop signal during it is kept, not fatal
-    from .build import close_process_group
+    from .build import PeerFailed, close_process_group
     from .metrics import EXIT_NONFINITE, NonFiniteError
     from .runlock import RunLockedError
     from .trainer import Trainer
@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, stop=stop)
         trainer.fit()
-    except (ConfigError, DataError, IntegrityError, RunLockedError) as exc:  # IntegrityError: checkpoint or best/
+    except (ConfigError, DataError, IntegrityError, RunLockedError, PeerFailed) as exc:  # Integrity: checkpoint, best/
         print(f"distsent-train: {type(exc).__name__}: {exc}", file=sys.stderr)
         return 2
     except NonFiniteError as exc:

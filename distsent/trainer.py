@@ -14,11 +14,11 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .build import (announce, batch_tensors, build_accelerator, build_data, build_layout, build_optimizer,
-                    build_run_model, build_scheduler, close_process_group, new_run_id, run_identity, setup_threads)
+                    build_run_model, build_scheduler, close_process_group, lock_run_dir, new_run_id, run_identity,
+                    setup_threads)
 from .config import ExperimentConfig
 from .metrics import EXIT_NONFINITE, EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums
 from .preemption import EXIT_PREEMPTED, StopFlag
-from .runlock import lock_run_dir
 from .sampler import epoch_batches
 from .state import TrainState
 from .tokenizer import TokenizedSplit

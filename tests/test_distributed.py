@@ -119,6 +119,21 @@ def test_a_second_launch_into_a_live_run_directory_is_refused(tmp_path, synth_im
     assert not (run_dir / "run.lock").exists()  # released when the run ended
 
 
+def test_bad_data_stops_every_process_with_one_clear_line(tmp_path, cache_env):
+    """The main process prepares the data first; when it cannot, the others stop with it and say where the cause
+    is, instead of failing out of a collective with a gloo traceback."""
+    from conftest import make_reviews, write_parquet
+
+    texts, labels = make_reviews(200, 3)
+    labels[17] = 3
+    data = write_parquet(tmp_path / "data", {"train": (texts, labels), "test": make_reviews(40, 4)})
+    proc = run(launch_cmd(2, tiny_overrides(tmp_path / "run", data)))
+    assert proc.returncode != 0
+    assert proc.stderr.count("train.parquet: row 17 has label 3; labels must be 0 or 1") == 1, proc.stderr[-3000:]
+    assert "process 0 could not prepare the data (its error is printed above)" in proc.stderr
+    assert "Connection closed by peer" not in proc.stderr and "gloo" not in proc.stderr.lower()
+
+
 def test_auto_precision_says_what_it_chose(tmp_path, synth_imdb, cache_env):
     from distsent.precision import resolve
 
