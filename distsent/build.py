@@ -22,6 +22,7 @@ from .model import build_model
 from .precision import bf16_rnn_runs_on, resolve
 from .sampler import Layout
 from .tokenizer import TokenizedSplit
+from .together import fail_together, forget_group, from_main
 from .tracking import local_processes, num_machines
 
 log = logging.getLogger("distsent")
@@ -89,22 +90,21 @@ def build_data(cfg: ExperimentConfig, acc, run_dir: Path) -> tuple[PreparedData,
     tok_path = run_dir / "tokenizer.json"
     t0 = time.perf_counter()
     # the main process builds the vocabulary and the token cache, then the others read them; if it cannot (bad
-    # data), they stop with it in one line instead of failing out of a collective
-    data, failure = None, ""
+    # data, a full disk), they stop with it in one line instead of failing out of a collective
+    data, failure = None, None
     if acc.is_main_process:
         try:
             data = prepare(cfg.data, tok_path if tok_path.is_file() else None)
-        except Exception as exc:  # re-raised below, on this process, with its traceback
+            if not tok_path.is_file():
+                files.atomic_write(tok_path, data.tokenizer.to_str())
+            save_config(cfg, run_dir / "config.yaml")
+        except Exception as exc:  # raised by fail_together, on this process, with its traceback
             failure = exc
-    if from_main(acc, str(failure)):
-        raise failure if acc.is_main_process else PeerFailed("process 0 could not prepare the data")
+    fail_together(acc, failure, "prepare the data")
     if not acc.is_main_process:
         data = prepare(cfg.data, tok_path if tok_path.is_file() else None)
     seconds = time.perf_counter() - t0
     if acc.is_main_process:
-        if not tok_path.is_file():
-            files.atomic_write(tok_path, data.tokenizer.to_str())
-        save_config(cfg, run_dir / "config.yaml")
         log.info("data: %d train / %d val / %d test reviews, vocabulary %d (%s)", len(data.train), len(data.val),
                  len(data.test), data.tokenizer.get_vocab_size(), "from cache" if data.cache_hit else "tokenized now")
     return data, seconds
@@ -183,24 +183,6 @@ def new_run_id(acc) -> str:
     return from_main(acc, secrets.token_hex(4) if acc.is_main_process else "")
 
 
-class PeerFailed(RuntimeError):
-    """Another process stopped on an error it printed; this one stops with it."""
-
-    def __init__(self, what: str):
-        super().__init__(f"{what} (its error is printed above); this process stops with it")
-
-
-def from_main(acc, value):
-    """The main process's `value` on every process (collective when there are several)."""
-    if acc.num_processes == 1:
-        return value
-    from accelerate.utils import broadcast_object_list
-
-    box = [value]
-    broadcast_object_list(box, from_process=0)
-    return box[0]
-
-
 def lock_run_dir(run_dir: Path, acc) -> RunLock:
     """The main process takes the run directory's lock; every process raises RunLockedError if it is refused, so
     that all of them stop together, before anything is written."""
@@ -221,4 +203,5 @@ def close_process_group() -> None:
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():
+        forget_group()
         dist.destroy_process_group()

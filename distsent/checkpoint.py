@@ -14,6 +14,7 @@ A checkpoint is written under `.tmp-step-NNNNNNNN/` and renamed into place only 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import random
@@ -27,7 +28,8 @@ import torch
 
 from . import files
 from .config import save_config
-from .files import IntegrityError
+from .files import IntegrityError, WriteError
+from .together import fail_together
 
 log = logging.getLogger(__name__)
 
@@ -75,27 +77,59 @@ def seed_dropout(seed: int, step: int, rank: int) -> None:
 # --- save ------------------------------------------------------------------------------------------------------
 
 def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep_last: int) -> Path:
-    """Write checkpoint `step` collectively (every process calls this) and prune old ones; returns its path."""
-    final, tmp = step_dir(root, step), root / f".tmp-step-{step:08d}"
-    if accelerator.is_main_process:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    accelerator.wait_for_everyone()
-    torch.save(rng_state(), tmp / f"rng-rank{accelerator.process_index:05d}.pt")
-    if accelerator.is_main_process:
-        from safetensors.torch import save_file
+    """Write checkpoint `step` collectively (every process calls this) and prune old ones; returns its path.
 
-        weights = {k: v.detach().cpu().contiguous() for k, v in accelerator.unwrap_model(model).state_dict().items()}
-        save_file(weights, tmp / "model.safetensors")
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
-    accelerator.wait_for_everyone()  # every rank's files are in place
-    if accelerator.is_main_process:
-        files.seal(tmp, step=step)
-        files.publish(tmp, final)  # the same step saved again (an epoch end that is also a periodic step) replaces
-        prune(root, keep_last)
-    accelerator.wait_for_everyone()
+    If any process cannot write its part (a full disk, no permission), every process raises (WriteError naming
+    the file there, PeerFailed on the others), the partial folder is removed and earlier checkpoints stay as they
+    were: a checkpoint is either complete and published or not there at all.
+    """
+    final, tmp = step_dir(root, step), root / f".tmp-step-{step:08d}"
+    main = accelerator.is_main_process
+
+    def start():
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            with files.writing(tmp):
+                tmp.mkdir(parents=True)
+
+    def fill():
+        files.atomic_write(tmp / f"rng-rank{accelerator.process_index:05d}.pt", _torch_bytes(rng_state()))
+        if main:
+            from safetensors.torch import save as safetensors_bytes
+
+            weights = {k: v.detach().cpu().contiguous()
+                       for k, v in accelerator.unwrap_model(model).state_dict().items()}
+            files.atomic_write(tmp / "model.safetensors", safetensors_bytes(weights))
+            files.atomic_write(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
+            files.atomic_write(tmp / "state.json", json.dumps(state, indent=1))
+
+    def finish():
+        if main:
+            files.seal(tmp, step=step)
+            files.publish(tmp, final)  # the same step saved again (an epoch end that is also periodic) replaces
+            prune(root, keep_last)
+
+    for phase in (start, fill, finish):  # each ends in a barrier that also tells every process of any failure
+        failure = None
+        try:
+            phase()
+        except WriteError as exc:
+            failure = exc
+        try:
+            fail_together(accelerator, failure, f"write checkpoint {final}")
+        except Exception:
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return final
+
+
+def _torch_bytes(obj) -> bytes:
+    """torch.save into memory: torch.save and safetensors' save_file report a full disk as a RuntimeError that
+    names no file; serialized first, every write goes through files.atomic_write (WriteError naming the file)."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    return buf.getvalue()
 
 
 def prune(root: Path, keep_last: int) -> None:
@@ -253,18 +287,20 @@ class CheckpointManager:
 
 def export_model(folder: Path, model, tokenizer, cfg, meta: dict) -> None:
     """Write a self-contained model folder (weights, tokenizer, config, meta), sealed and swapped in atomically."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save as safetensors_bytes
 
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
-    tokenizer.save(str(tmp / "tokenizer.json"))
-    save_config(cfg, tmp / "config.yaml")
-    (tmp / "meta.json").write_text(json.dumps(meta))
-    files.seal(tmp, kind="model")
-    files.publish(tmp, folder)
+    with files.writing(folder, partial=tmp):  # a failed write removes the partial folder; `folder` is untouched
+        tmp.mkdir(parents=True)
+        files.atomic_write(tmp / "model.safetensors", safetensors_bytes(
+            {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
+        files.atomic_write(tmp / "tokenizer.json", tokenizer.to_str(pretty=True))
+        save_config(cfg, tmp / "config.yaml")
+        files.atomic_write(tmp / "meta.json", json.dumps(meta))
+        files.seal(tmp, kind="model")
+        files.publish(tmp, folder)
 
 
 def verify_model_folder(folder: Path) -> None:

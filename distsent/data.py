@@ -89,7 +89,8 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
     else:
         counts = np.bincount(index[: offsets[bounds[1]]], minlength=len(distinct))
         tok = build_tokenizer(vocabulary(distinct, counts, cfg.min_freq), cfg.lowercase, cfg.strip_html)
-        split_dir.mkdir(parents=True, exist_ok=True)
+        with files.writing(split_dir):
+            split_dir.mkdir(parents=True, exist_ok=True)
         files.atomic_write(tok_file, tok.to_str())
         tok_text = tok_file.read_text()
     if tokenizer_rules(tok) != (cfg.lowercase, cfg.strip_html):
@@ -109,10 +110,11 @@ def _store(final: Path, splits: dict[str, TokenizedSplit]) -> None:
     """Write the id arrays into a sealed folder; if another process finished the same entry first, keep theirs."""
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    for name, split in splits.items():
-        split.save(tmp / f"{name}.npz")
-    files.seal(tmp, kind="token-cache")
+    with files.writing(final, partial=tmp):  # a full disk leaves no half-written entry
+        tmp.mkdir(parents=True)
+        for name, split in splits.items():
+            split.save(tmp / f"{name}.npz")
+        files.seal(tmp, kind="token-cache")
     try:
         tmp.rename(final)
     except OSError:

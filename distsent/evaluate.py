@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import sys
 from pathlib import Path
@@ -15,9 +16,20 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError
-from .files import IntegrityError, atomic_write
+from .files import IntegrityError, WriteError, atomic_write, writing
 from .metrics import ECE_BINS, score
 from .sources import DataError, carve, find_source, read_labeled_file, read_split
+
+
+def save_png(fig, path: Path) -> None:
+    """Rendered in memory, written atomically: a full disk leaves no half-written image."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
 
 
 def write_figures(result: dict, out: Path) -> list[Path]:
@@ -37,9 +49,7 @@ def write_figures(result: dict, out: Path) -> list[Path]:
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
     ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["negative", "positive"], yticklabels=["negative", "positive"],
            xlabel="predicted", ylabel="actual", title=f"accuracy {result['acc']:.4f}")
-    fig.tight_layout()
-    fig.savefig(out / "confusion.png", dpi=120)
-    plt.close(fig)
+    save_png(fig, out / "confusion.png")
     fig, ax = plt.subplots(figsize=(4.5, 4))
     rel = result["reliability"]
     ax.plot([0.5, 1], [0.5, 1], "--", color="grey", label="perfect calibration")
@@ -49,9 +59,7 @@ def write_figures(result: dict, out: Path) -> list[Path]:
     ax.set(xlim=(0.5, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
            title=f"reliability (ECE {result['ece']:.4f})")
     ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "reliability.png", dpi=120)
-    plt.close(fig)
+    save_png(fig, out / "reliability.png")
     return [out / "confusion.png", out / "reliability.png"]
 
 
@@ -85,12 +93,16 @@ def main(argv: list[str] | None = None) -> int:
     summary = {k: v for k, v in result.items() if k != "reliability"}
     print(json.dumps(summary))
     if args.out:
-        args.out.mkdir(parents=True, exist_ok=True)
-        atomic_write(args.out / "metrics.json", json.dumps(result, indent=1))
-        print(f"wrote {args.out / 'metrics.json'}", file=sys.stderr)
         try:
+            with writing(args.out):
+                args.out.mkdir(parents=True, exist_ok=True)
+            atomic_write(args.out / "metrics.json", json.dumps(result, indent=1))
+            print(f"wrote {args.out / 'metrics.json'}", file=sys.stderr)
             for f in write_figures(result, args.out):
                 print(f"wrote {f}", file=sys.stderr)
+        except WriteError as exc:
+            print(f"distsent-evaluate: {exc}", file=sys.stderr)
+            return exc.exit_code
         except RuntimeError as exc:  # the metrics are written; say what is missing in one line
             print(f"distsent-evaluate: no figures: {exc}", file=sys.stderr)
     return 0

@@ -6,6 +6,8 @@ never a half-written file (a kill, a lost node or a full disk in the middle of a
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -13,24 +15,63 @@ import shutil
 from pathlib import Path
 
 MANIFEST = "manifest.json"
+EXIT_WRITE = 74  # exit status of a run that could not write its files (sysexits' EX_IOERR)
 
 
 class IntegrityError(RuntimeError):
     """A sealed folder is incomplete or corrupted; the message names the file at fault."""
 
 
+class WriteError(OSError):
+    """A file or folder could not be written (a full disk, no permission, ...); the message names it and why."""
+
+    exit_code = EXIT_WRITE
+
+    @classmethod
+    def of(cls, path: str | Path, exc: OSError) -> "WriteError":
+        cause = exc.strerror or str(exc)
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            with contextlib.suppress(OSError):
+                free = shutil.disk_usage(_existing_parent(Path(path))).free
+                cause += f" ({free / 2**20:.1f} MiB free there)"
+        return cls(exc.errno, f"cannot write {path}: {cause}")
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
+def _existing_parent(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+@contextlib.contextmanager
+def writing(path: str | Path, partial: Path | None = None):
+    """Turn an OSError raised inside into a WriteError naming `path` and the cause, after removing `partial`
+    (the temporary folder being filled), so that a failed write leaves nothing half-written behind."""
+    try:
+        yield
+    except OSError as exc:
+        if partial is not None:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise exc if isinstance(exc, WriteError) else WriteError.of(path, exc) from exc
+
+
 def atomic_write(path: str | Path, data: str | bytes) -> None:
-    """Write `data` to `path` through a temporary in the same folder and a rename (atomic on POSIX)."""
+    """Write `data` to `path` through a temporary in the same folder and a rename (atomic on POSIX).
+    WriteError if it cannot be written; the earlier version of `path`, if any, is then left as it was."""
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
+        with writing(path), open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+            os.replace(tmp, path)
     finally:
-        tmp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # nothing to remove, or a read-only filesystem (already reported)
+            tmp.unlink(missing_ok=True)
 
 
 def sha256_file(path: Path) -> str:
@@ -94,10 +135,15 @@ def publish(tmp: Path, final: Path) -> None:
     """
     old = final.with_name(f".{final.name}.old")
     shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        os.rename(final, old)
-    os.rename(tmp, final)
-    fsync_path(final.parent)
+    with writing(final, partial=tmp):
+        if final.exists():
+            os.rename(final, old)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            recover(final)
+            raise
+        fsync_path(final.parent)
     shutil.rmtree(old, ignore_errors=True)
 
 

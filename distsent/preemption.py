@@ -7,6 +7,8 @@ import logging
 import os
 import signal
 
+from .together import agree
+
 log = logging.getLogger(__name__)
 
 # Exit status of a process that stopped on a signal after writing its checkpoint (EX_TEMPFAIL: try again later).
@@ -19,11 +21,16 @@ class StopFlag:
 
     def __init__(self, signal_names: list[str]):
         self.received: int | None = None
-        self._group = None
-        for name in signal_names:
-            signal.signal(getattr(signal, name), self._handle)
+        self.signals = [getattr(signal, name) for name in signal_names]
+        for signum in self.signals:
+            signal.signal(signum, self._handle)
         if _started_by_launcher():
             self._stop_with_launcher()
+
+    def ignore(self) -> None:
+        """From now on the stop signals do nothing (the process is already stopping)."""
+        for signum in self.signals:
+            signal.signal(signum, signal.SIG_IGN)
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
@@ -40,22 +47,11 @@ class StopFlag:
         except (OSError, AttributeError):  # not Linux
             pass
 
-    def agreed(self, accelerator) -> bool:
-        """True on every process if any process received a stop signal.
-
-        One tiny all-reduce per step, on the CPU over gloo: with NCCL it would force a GPU sync every step.
-        """
-        if accelerator.num_processes == 1:
-            return self.received is not None
-        import torch
-        import torch.distributed as dist
-
-        if self._group is None:
-            self._group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
-        flag = torch.tensor([0 if self.received is None else 1])
-        dist.all_reduce(flag, group=self._group)
-        return bool(flag.item())
-
+    def agreed(self, accelerator, failure: BaseException | None = None, what: str = "") -> bool:
+        """True on every process if any process received a stop signal; one tiny all-reduce per step (on the CPU
+        over gloo: with NCCL it would force a GPU sync every step). It also carries a write `failure` that happened
+        on one process since the last step, raised there and as PeerFailed on the others (together.agree)."""
+        return agree(accelerator, self.received is not None, failure, what)
 
 
 def _started_by_launcher() -> bool:

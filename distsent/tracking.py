@@ -6,13 +6,14 @@ A tracker that cannot start or fails mid-run is dropped with a warning: logging 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import time
 from pathlib import Path
 
-from .files import atomic_write
+from .files import WriteError, atomic_write, writing
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,19 @@ def software_versions() -> dict:
 
 
 def write_status(run_dir: Path, **fields) -> None:
-    """status.json tells schedulers and people how the run ended: running, preempted, finished or failed."""
-    atomic_write(run_dir / "status.json", json.dumps({**fields, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1))
+    """status.json tells schedulers and people how the run ended: running, preempted, finished or failed.
+
+    On a full disk the atomic write (a new file) can fail where rewriting the existing small file in place still
+    fits in its own blocks: tried second, so that a run stopped by a full disk can still say so."""
+    path, text = run_dir / "status.json", json.dumps({**fields, "time": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=1)
+    try:
+        atomic_write(path, text)
+    except WriteError:
+        if not path.is_file():
+            raise
+        with writing(path), open(path, "r+") as f:
+            f.write(text)
+            f.truncate()
 
 
 def launch_topology(accelerator, layout) -> dict:
@@ -148,10 +160,14 @@ class RunLog:
         self.path = run_dir / "metrics.jsonl"
         self.trackers_on = False
         self.run_id = run_id
+        self.failure: WriteError | None = None  # metrics.jsonl could not be written: the trainer stops at its step
         if not self.active:
             return
         if resume_step is not None:
-            drop_rows_after(self.path, resume_step)
+            try:
+                drop_rows_after(self.path, resume_step)
+            except WriteError as exc:
+                self.failure = exc
         self.cfg = cfg
         if cfg.log.trackers:
             project = wandb_settings(cfg, run_dir)["project"]
@@ -166,8 +182,15 @@ class RunLog:
     def log(self, metrics: dict, step: int) -> None:
         if not self.active:
             return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.failure is None:
+            size = self.path.stat().st_size if self.path.is_file() else 0
+            try:
+                with writing(self.path), open(self.path, "a") as f:
+                    f.write(json.dumps({"step": step, **metrics}) + "\n")
+            except WriteError as exc:
+                self.failure = exc
+                with contextlib.suppress(OSError):  # no partial line left behind
+                    os.truncate(self.path, size)
         if self.trackers_on:
             try:
                 self.accelerator.log(metrics, step=step)

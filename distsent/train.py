@@ -10,13 +10,19 @@ Any config key can be overridden as key.sub=value. `--help-config` lists every k
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import logging
 import os
 import sys
+import time
+from pathlib import Path
 
 from .config import ConfigError, describe, load_config
-from .files import IntegrityError
+from .files import IntegrityError, WriteError
 from .sources import DataError
+
+PEER_EXIT_DELAY_S = 2.0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,15 +38,15 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
-        print(f"distsent-train: config error: {exc}", file=sys.stderr)
-        return 2
+        return fail(f"config error: {exc}", 2)
 
     from .preemption import StopFlag
 
     stop = StopFlag(cfg.dist.stop_signals)  # before the slow start-up: a stop signal during it is kept, not fatal
-    from .build import PeerFailed, close_process_group
+    from .build import close_process_group
     from .metrics import EXIT_NONFINITE, NonFiniteError
     from .runlock import RunLockedError
+    from .together import PeerFailed
     from .trainer import Trainer
 
     # RANK from the launcher, not PartialState(): the Trainer must be first to set up the distributed state
@@ -52,15 +58,33 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, stop=stop)
         trainer.fit()
-    except (ConfigError, DataError, IntegrityError, RunLockedError, PeerFailed) as exc:  # Integrity: checkpoint, best/
-        print(f"distsent-train: {type(exc).__name__}: {exc}", file=sys.stderr)
-        return 2
+    except (ConfigError, DataError, IntegrityError, RunLockedError) as exc:  # Integrity: checkpoint, best/
+        return fail(f"{type(exc).__name__}: {exc}", 2)
+    except WriteError as exc:  # a full disk, no permission
+        return fail(f"{type(exc).__name__}: {exc}", exc.exit_code)
+    except PeerFailed as exc:  # another process's error
+        code = fail(f"{type(exc).__name__}: {exc}", exc.exit_code)
+        # give the failing process a moment to end first, so that the launcher's summary names it as the root
+        # cause; the launcher's SIGTERM to the rest meanwhile changes nothing
+        stop.ignore()
+        time.sleep(PEER_EXIT_DELAY_S)
+        return code
     except NonFiniteError as exc:
-        print(f"distsent-train: {exc}", file=sys.stderr)
-        return EXIT_NONFINITE
+        return fail(str(exc), EXIT_NONFINITE)
     finally:  # also when the start-up failed after the process group was created
         trainer.close() if trainer is not None else close_process_group()
     return 0
+
+
+def fail(message: str, exit_code: int) -> int:
+    """One line on stderr; under `accelerate launch` / torchrun also in the error file its failure summary shows
+    for this process (instead of "To enable traceback see ...")."""
+    print(f"distsent-train: {message}", file=sys.stderr)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with contextlib.suppress(OSError):
+            Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+    return exit_code
 
 
 if __name__ == "__main__":

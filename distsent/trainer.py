@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -17,10 +18,12 @@ from .build import (announce, batch_tensors, build_accelerator, build_data, buil
                     build_run_model, build_scheduler, close_process_group, lock_run_dir, new_run_id, run_identity,
                     setup_threads)
 from .config import ExperimentConfig
+from .files import WriteError
 from .metrics import EXIT_NONFINITE, EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums
 from .preemption import EXIT_PREEMPTED, StopFlag
 from .sampler import epoch_batches
 from .state import TrainState
+from .together import PeerFailed, fail_together
 from .tokenizer import TokenizedSplit
 from .tracking import DebugRecords, RunLog, eval_media, example_predictions, launch_topology, write_status
 
@@ -104,7 +107,8 @@ class Trainer:
                                     "throughput/epoch_samples_per_s": samples / train_s,
                                     "throughput/epoch_tokens_per_s": tokens / train_s}, state.step)
                         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                    stopping = self.stop.agreed(acc)  # one tiny all-reduce: every process stops at the same step
+                    # one tiny all-reduce: every process stops at the same step, on a signal or a failed write
+                    stopping = self.stop.agreed(acc, runlog.failure, f"write {runlog.path}")
                     if stopping or epoch_end or state.stopped_early or self.checkpoints.due(state.step):
                         self.watch.check()
                         self.checkpoints.save(state.step, self.identity)
@@ -113,24 +117,16 @@ class Trainer:
                     if epoch_end:
                         break
             self.watch.check()  # the last steps, before the weights are tested and exported
-        except (Preempted, NonFiniteError) as exc:
             bar.close()
-            preempted = isinstance(exc, Preempted)
-            if acc.is_main_process and preempted:
-                log.warning("stopped by a signal at step %d after writing its checkpoint; exit code %d",
-                            state.step, EXIT_PREEMPTED)
-            if acc.is_main_process:
-                write_status(self.run_dir, state="preempted" if preempted else "failed", step=state.step,
-                             exit_code=EXIT_PREEMPTED if preempted else EXIT_NONFINITE,
-                             **({} if preempted else {"error": str(exc)}))
+            self.debug.weights(state.step, self.raw_model)
+            result = self._test(runlog)
+            self._write_records(runlog, state="finished", step=state.step, exit_code=0)
+        except (Preempted, NonFiniteError, WriteError, PeerFailed) as exc:
+            bar.close()
+            self._record_failure(exc)
             runlog.finish()
             raise
-        bar.close()
-        self.debug.weights(state.step, self.raw_model)
-        result = self._test(runlog)
         runlog.finish()
-        if acc.is_main_process:
-            write_status(self.run_dir, state="finished", step=state.step, exit_code=0)
         return result
 
     def _done(self) -> bool:
@@ -205,6 +201,37 @@ class Trainer:
         out = scores.compute()
         return {**out, "samples_per_s": out["n"] / (time.perf_counter() - t0)}
 
+    def _record_failure(self, exc: BaseException) -> None:
+        """status.json for a run that stops early: preempted (checkpoint written) or failed, with the error."""
+        state = self.state
+        if isinstance(exc, Preempted):
+            status = {"state": "preempted", "exit_code": EXIT_PREEMPTED}
+            if self.accelerator.is_main_process:
+                log.warning("stopped by a signal at step %d after writing its checkpoint; exit code %d",
+                            state.step, EXIT_PREEMPTED)
+        else:
+            error = str(exc)
+            if self.stop.received is not None:  # a stop signal came, but the checkpoint it asked for failed
+                error += (f"; a stop signal ({signal.Signals(self.stop.received).name}) came but its checkpoint "
+                          f"could not be written: a restart resumes from the latest complete checkpoint")
+            status = {"state": "failed", "exit_code": getattr(exc, "exit_code", EXIT_NONFINITE), "error": error}
+        if self.accelerator.is_main_process:
+            try:
+                write_status(self.run_dir, step=state.step, **status)
+            except WriteError as write_exc:  # already stopping on an error: say this one too, do not mask it
+                log.error("%s (the run's state: %s)", write_exc, status)
+
+    def _write_records(self, runlog: RunLog, **status) -> None:
+        """Collective: the final status on the main process, failing on every process if it or metrics.jsonl
+        could not be written (a run whose records are lost is not reported finished)."""
+        failure = runlog.failure
+        if self.accelerator.is_main_process and failure is None:
+            try:
+                write_status(self.run_dir, **status)
+            except WriteError as exc:
+                failure = exc
+        fail_together(self.accelerator, failure, f"write the run's records in {self.run_dir}")
+
     def _validate(self, runlog: RunLog) -> None:
         t0 = time.perf_counter()
         metrics = self.evaluate(self.data.val)
@@ -215,11 +242,15 @@ class Trainer:
         runlog.log_wandb(lambda wandb: eval_media(wandb, metrics, example_predictions(
             self.raw_model, self.data.val, self.data.tokenizer, self.accelerator)), state.step)
         if state.record_eval(metrics["acc"]):
+            failure = None
             if self.accelerator.is_main_process:
-                ckpt.export_model(self.run_dir / "best", self.raw_model, self.data.tokenizer, self.cfg,
-                                  {"step": state.step, "val_acc": state.best_val_acc,
-                                   "vocab_size": self.data.tokenizer.get_vocab_size()})
-            self.accelerator.wait_for_everyone()
+                try:
+                    ckpt.export_model(self.run_dir / "best", self.raw_model, self.data.tokenizer, self.cfg,
+                                      {"step": state.step, "val_acc": state.best_val_acc,
+                                       "vocab_size": self.data.tokenizer.get_vocab_size()})
+                except WriteError as exc:
+                    failure = exc
+            fail_together(self.accelerator, failure, f"write {self.run_dir / 'best'}")
             runlog.summary({"best/val_acc": metrics["acc"], "best/step": state.step})
         elif patience and state.evals_since_best >= patience:
             state.stopped_early = True
@@ -270,8 +301,7 @@ class Trainer:
                 row.update({"event/world_size_old": event["old_world_size"],
                             "event/world_size_new": event["new_world_size"]})
         runlog.log(row, state.step + (1 if self.resume_from else 0))
-        if acc.is_main_process:
-            write_status(self.run_dir, state="running", step=state.step, pid=os.getpid())
+        self._write_records(runlog, state="running", step=state.step, pid=os.getpid())
         return runlog
 
     def _epoch_float(self) -> float:

@@ -141,3 +141,29 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def train_rows(run_dir: Path) -> list[dict]:
     return [r for r in read_jsonl(run_dir / "metrics.jsonl") if "train/loss" in r]
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 2 MiB filesystem (tmpfs) to fill up; mounting one needs root, so elsewhere the test is skipped."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    made = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(mount)], capture_output=True,
+                          text=True)
+    if made.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs (needs root): {made.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def fill_disk(mount: Path, leave: int = 0) -> Path:
+    """Fill a filesystem with one file, leaving about `leave` bytes free; delete the file to free the space."""
+    filler = mount / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(b"\0" * 65536)
+        except OSError:  # full
+            pass
+    os.truncate(filler, max(0, filler.stat().st_size - leave))
+    return filler

@@ -129,8 +129,12 @@ def test_bad_data_stops_every_process_with_one_clear_line(tmp_path, cache_env):
     data = write_parquet(tmp_path / "data", {"train": (texts, labels), "test": make_reviews(40, 4)})
     proc = run(launch_cmd(2, tiny_overrides(tmp_path / "run", data)))
     assert proc.returncode != 0
-    assert proc.stderr.count("train.parquet: row 17 has label 3; labels must be 0 or 1") == 1, proc.stderr[-3000:]
+    cause = "train.parquet: row 17 has label 3; labels must be 0 or 1"
+    assert proc.stderr.count(f"distsent-train: DataError: {data / cause}") == 1, proc.stderr[-3000:]
     assert "process 0 could not prepare the data (its error is printed above)" in proc.stderr
+    # the launcher's summary names the cause too, as the root cause: the failing process ended first
+    root = proc.stderr.split("Root Cause")[1]
+    assert "exitcode  : 2" in root and f"traceback : DataError: {data / cause}" in root
     assert "Connection closed by peer" not in proc.stderr and "gloo" not in proc.stderr.lower()
 
 

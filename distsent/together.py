@@ -1,0 +1,74 @@
+"""Processes stop together: when one process meets a clear error (bad data, a full disk), every process stops at the
+same point, that one with its message and the others with one line pointing at it, not with a traceback out of
+the next collective it never reached."""
+
+from __future__ import annotations
+
+EXIT_ERROR = 2  # the exit status of a clear error in the config, the data or a checkpoint
+
+
+class PeerFailed(RuntimeError):
+    """Another process stopped on an error it printed; this one stops with it, with the same exit status."""
+
+    def __init__(self, what: str, exit_code: int = EXIT_ERROR):
+        super().__init__(f"{what} (its error is printed above); this process stops with it")
+        self.exit_code = exit_code
+
+
+_group = None
+
+
+def cpu_group():
+    """A gloo group for the small agreements: with NCCL they would cost a GPU sync each."""
+    global _group
+    import torch.distributed as dist
+
+    if _group is None:  # created on first use, which every process reaches at the same call
+        _group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+    return _group
+
+
+def forget_group() -> None:
+    global _group
+    _group = None
+
+
+def from_main(acc, value):
+    """The main process's `value` on every process (collective when there are several)."""
+    if acc.num_processes == 1:
+        return value
+    from accelerate.utils import broadcast_object_list
+
+    box = [value]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
+
+
+def agree(acc, stop: bool, failure: BaseException | None, what: str) -> bool:
+    """Collective, one all-reduce: True if any process wants to stop. If any process has a `failure`, it is raised
+    there and PeerFailed("process R could not <what>") on the others, R being the first that failed."""
+    if acc.num_processes == 1:
+        if failure is not None:
+            raise failure
+        return stop
+    import torch
+    import torch.distributed as dist
+
+    # [stop, exit status of each process's failure (0: none)]
+    flags = torch.zeros(acc.num_processes + 1, dtype=torch.int64)
+    flags[0] = int(stop)
+    if failure is not None:
+        flags[1 + acc.process_index] = getattr(failure, "exit_code", EXIT_ERROR)
+    dist.all_reduce(flags, group=cpu_group())
+    if failure is not None:
+        raise failure
+    failed = flags[1:].nonzero()
+    if len(failed):
+        rank = int(failed[0])
+        raise PeerFailed(f"process {rank} could not {what}", int(flags[1 + rank]))
+    return bool(flags[0])
+
+
+def fail_together(acc, failure: BaseException | None, what: str) -> None:
+    """A barrier that raises on every process if any had a `failure` (see agree)."""
+    agree(acc, False, failure, what)
