@@ -123,8 +123,11 @@ def build_run_model(cfg: ExperimentConfig, acc, data: PreparedData):
     """The model with identical initial weights on every process, pretrained embeddings and n-gram ratios set."""
     from accelerate.utils import set_seed
 
+    if data.num_classes > 2 and cfg.model.ngram_max_n:
+        raise ConfigError(f"model.ngram_max_n={cfg.model.ngram_max_n}: the n-gram head is for two classes and this "
+                          f"data has {data.num_classes} ({', '.join(data.label_names)}); set it to 0")
     set_seed(cfg.train.seed)
-    model = build_model(data.tokenizer.get_vocab_size(), cfg.model)
+    model = build_model(data.tokenizer.get_vocab_size(), cfg.model, data.num_classes)
     if acc.mixed_precision == "bf16" and not bf16_rnn_runs_on(acc.device.type):
         model.rnn_fp32 = True
         if acc.is_main_process:
@@ -170,10 +173,19 @@ def build_scheduler(cfg: ExperimentConfig, optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, total_steps))
 
 
-def run_identity(cfg: ExperimentConfig, tokenizer) -> dict:
-    """What a checkpoint must share with this run to be resumed: the config's resume identity and the vocabulary."""
-    vocab = hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()
-    return {**resume_identity(cfg), "vocab_sha256": vocab}
+def run_identity(cfg: ExperimentConfig, data: PreparedData) -> dict:
+    """What a checkpoint must share with this run to be resumed: the config's resume identity, the vocabulary and
+    the classes."""
+    vocab = hashlib.sha256(json.dumps(sorted(data.tokenizer.get_vocab().items())).encode()).hexdigest()
+    return {**resume_identity(cfg), "vocab_sha256": vocab, "label_names": data.label_names}
+
+
+def class_weights(cfg: ExperimentConfig, data: PreparedData, device) -> torch.Tensor | None:
+    """train.class_weights=balanced: n / (classes x count of the class) per class, over the training split."""
+    if cfg.train.class_weights == "none":
+        return None
+    counts = np.bincount(np.asarray(data.train.labels), minlength=data.num_classes)
+    return torch.tensor(len(data.train) / (data.num_classes * counts), dtype=torch.float32, device=device)
 
 
 def new_run_id(acc) -> str:

@@ -195,7 +195,7 @@ def load_weights(path: Path, model, optimizer=None) -> None:
 def check_compatible(saved: dict, current: dict, path: Path) -> None:
     """Refuse a resume whose identity (config.resume_identity + vocabulary) differs from the checkpoint's, naming
     every differing key. Sections are compared key by key, so a newly marked setting is checked too."""
-    saved = _upgrade_identity(saved)
+    saved = _upgrade_identity(saved, current)
     problems = []
     for key in sorted(set(saved) | set(current)):
         old, new = saved.get(key), current.get(key)
@@ -209,12 +209,25 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
                               + "; ".join(problems) + ". Use a new output_dir or checkpoint.resume=never.")
 
 
-def _upgrade_identity(saved: dict) -> dict:
-    """Checkpoints written before the identity was grouped by config section kept the train keys at the top."""
-    if "train" in saved or "seed" not in saved:
-        return saved
+# What checkpoints of earlier versions had, where their identity lacks a key: two classes, selection by accuracy,
+# no class weights.
+_EARLIER_DEFAULTS = {"label_names": ["negative", "positive"],
+                     "train": {"select_metric": "acc", "class_weights": "none"}}
+
+
+def _upgrade_identity(saved: dict, current: dict) -> dict:
+    """Identities of earlier versions: the train keys at the top (before the identity was grouped by config
+    section); keys added since take the value every run had before them."""
     saved = dict(saved)
-    saved["train"] = {k: saved.pop(k) for k in ("global_batch_size", "seed")}
+    if "train" not in saved and "seed" in saved:
+        saved["train"] = {k: saved.pop(k) for k in ("global_batch_size", "seed")}
+    for key, default in _EARLIER_DEFAULTS.items():
+        if key not in current:
+            continue
+        if isinstance(default, dict) and isinstance(saved.get(key), dict):
+            saved[key] = {k: v for k, v in default.items() if k in current[key]} | saved[key]
+        else:
+            saved.setdefault(key, default)
     return saved
 
 

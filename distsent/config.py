@@ -32,9 +32,23 @@ def _doc(text: str, default, resume: bool = False, cache: str = ""):
 
 @dataclass
 class DataConfig:
-    path: str = _doc("Local IMDB copy: a folder with train/test.parquet, or an aclImdb folder. Empty: the "
+    path: str = _doc("Local data: a folder with train / test files (and optionally validation, valid, val or dev), "
+                     "each .csv, .jsonl or .parquet; or an aclImdb folder. Empty: data.train_file etc., else the "
                      "DISTSENT_DATA_PATH environment variable, else the Hugging Face hub.", "")
+    train_file: str = _doc("Training file (.csv, .jsonl or .parquet), when the files are named one by one.", "")
+    validation_file: str = _doc("Validation file; empty: validation is carved from training (data.val_fraction).", "")
+    test_file: str = _doc("Test file (needed with data.train_file).", "")
+    text_column: str = _doc("Column (or JSON key) holding the text.", "text", cache="split")
+    label_column: str = _doc("Column (or JSON key) holding the label: an integer or a string.", "label",
+                             cache="split")
+    label_names: list[str] = _doc("The class names in order. String labels are looked up by name, integer labels are "
+                             "indices into it. Empty: a hub ClassLabel's names, else the sorted training labels "
+                             "(integer labels 0/1: negative, positive).", [], cache="split")
     hub_name: str = _doc("Hub dataset used when no local path is given.", "stanfordnlp/imdb")
+    hub_config: str = _doc("Configuration of the hub dataset (empty: its default).", "", cache="split")
+    hub_train_split: str = _doc("Hub split to train on.", "train", cache="split")
+    hub_validation_split: str = _doc("Hub split for validation; empty: carved from training.", "", cache="split")
+    hub_test_split: str = _doc("Hub split to test on.", "test", cache="split")
     limit: int = _doc("Use at most this many training reviews (seeded random subset); 0 = all.", 0, resume=True,
                        cache="split")
     test_limit: int = _doc("Use at most this many test reviews; 0 = all.", 0, cache="split")
@@ -146,7 +160,14 @@ class TrainConfig:
     eval_every: int = _doc("Also evaluate every this many steps; 0 = only at epoch ends.", 0)
     max_steps: int = _doc("Stop after this many optimizer steps in all; 0 = run all epochs.", 0)
     early_stop_patience: int = _doc("Stop training after this many evaluations in a row without a better validation "
-                                    "accuracy (the best model is then tested); 0 = never stop early.", 0)
+                                    "score (train.select_metric; the best model is then tested); 0 = never stop "
+                                    "early.", 0)
+    select_metric: str = _doc("Validation metric that picks the best model (best/) and drives early stopping: 'acc' "
+                              "or 'macro_f1' (the mean of the classes' F1, for imbalanced classes).", "acc",
+                              resume=True)
+    class_weights: str = _doc("'none', or 'balanced': each review's loss weighted by n / (classes x reviews of its "
+                              "class) over the training split, so rare classes count as much as frequent ones.",
+                              "none", resume=True)
     threads: int = _doc("CPU threads per process; 0 = the cores available divided by the local processes.", 0)
     flush_denormal: bool = _doc("Flush subnormal floats to zero (much faster LSTM backward on some Intel CPUs). "
                                 "Keep it the same between a run and its resume.", True)
@@ -163,6 +184,8 @@ class TrainConfig:
         _check_min("train.eval_every", self.eval_every, 0)
         _check_min("train.max_steps", self.max_steps, 0)
         _check_min("train.early_stop_patience", self.early_stop_patience, 0)
+        _check_choice("train.select_metric", self.select_metric, ("acc", "macro_f1"))
+        _check_choice("train.class_weights", self.class_weights, ("none", "balanced"))
         _check_min("train.threads", self.threads, 0)
 
 

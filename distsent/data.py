@@ -14,7 +14,7 @@ import numpy as np
 
 from . import files
 from .config import DataConfig
-from .sources import DataError, carve, find_source, read_split
+from .sources import DataError, find_source, load_splits
 from .tokenizer import (TokenizedSplit, build_tokenizer, cut, index_words, load_tokenizer, tokenizer_rules, vocabulary,
                         word_ids)
 
@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "DISTSENT_CACHE"
 SPLIT_NAMES = ("train", "val", "test")
+CACHE_LAYOUT = "npy-1"  # flat .npy arrays and the class names (entries of earlier layouts are left alone)
 
 
 @dataclass
@@ -31,6 +32,11 @@ class PreparedData:
     test: TokenizedSplit
     tokenizer: object
     cache_hit: bool
+    label_names: list[str]  # class i is label_names[i]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.label_names)
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -42,14 +48,16 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _load_cached(folder: Path) -> list[TokenizedSplit] | None:
-    """The cached splits of `folder`, or None if absent; a damaged entry is reported, removed and rebuilt."""
+def _load_cached(folder: Path) -> tuple[list[TokenizedSplit], list[str]] | None:
+    """The cached splits of `folder` and the class names, or None if absent; a damaged entry is reported, removed
+    and rebuilt."""
     if not folder.is_dir():
         return None
     try:
-        files.verify(folder, required=tuple(f"{s}.npz" for s in SPLIT_NAMES))
-        return [TokenizedSplit.load(folder / f"{s}.npz") for s in SPLIT_NAMES]
-    except (files.IntegrityError, OSError, ValueError) as exc:
+        manifest = files.verify(folder, required=tuple(f"{s}.{a}.npy" for s in SPLIT_NAMES
+                                                       for a in TokenizedSplit.ARRAYS))
+        return [TokenizedSplit.load(folder, s) for s in SPLIT_NAMES], manifest["label_names"]
+    except (files.IntegrityError, OSError, ValueError, KeyError) as exc:
         log.warning("token cache entry damaged, rebuilding it: %s", exc)
         shutil.rmtree(folder, ignore_errors=True)
         return None
@@ -69,17 +77,18 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
     if tokenizer_path is not None and Path(tokenizer_path).is_file():
         tok_file = Path(tokenizer_path)
 
-    def ids_dir(tok_text: str) -> Path:  # token ids depend on the exact vocabulary and the cut
-        return split_dir / f"tok-{_hash([tok_text, cfg.stage_settings('cut')])}"
+    def ids_dir(tok_text: str) -> Path:  # token ids depend on the exact vocabulary, the cut and the file layout
+        return split_dir / f"tok-{_hash([tok_text, cfg.stage_settings('cut'), CACHE_LAYOUT])}"
 
     tok_text = tok_file.read_text() if tok_file.is_file() else None
     cached = _load_cached(ids_dir(tok_text)) if tok_text else None
     if cached:
-        return PreparedData(*cached, tokenizer=load_tokenizer(tok_file), cache_hit=True)
+        splits, names = cached
+        return PreparedData(*splits, tokenizer=load_tokenizer(tok_file), cache_hit=True, label_names=names)
 
     import pyarrow as pa
 
-    raw = carve(cfg, read_split(src, "train"), read_split(src, "test"))
+    raw, names = load_splits(cfg)
     # all three splits are cut into words and hashed together, once: the vocabulary counts the training part
     distinct, index, offsets = index_words(pa.concat_arrays([raw[n].texts for n in SPLIT_NAMES]), cfg.lowercase,
                                            cfg.strip_html)
@@ -102,19 +111,19 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
         first, last = offsets[a], offsets[b]
         out[name] = cut(ids[first:last], offsets[a: b + 1] - first, cfg.max_len, cfg.truncate).relabel(
             raw[name].labels, raw[name].ids)
-    _store(ids_dir(tok_text), out)
-    return PreparedData(out["train"], out["val"], out["test"], tokenizer=tok, cache_hit=False)
+    _store(ids_dir(tok_text), out, names)
+    return PreparedData(out["train"], out["val"], out["test"], tokenizer=tok, cache_hit=False, label_names=names)
 
 
-def _store(final: Path, splits: dict[str, TokenizedSplit]) -> None:
+def _store(final: Path, splits: dict[str, TokenizedSplit], label_names: list[str]) -> None:
     """Write the id arrays into a sealed folder; if another process finished the same entry first, keep theirs."""
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     with files.writing(final, partial=tmp):  # a full disk leaves no half-written entry
         tmp.mkdir(parents=True)
         for name, split in splits.items():
-            split.save(tmp / f"{name}.npz")
-        files.seal(tmp, kind="token-cache")
+            split.save(tmp, name)
+        files.seal(tmp, kind="token-cache", label_names=label_names)
     try:
         tmp.rename(final)
     except OSError:

@@ -1,7 +1,8 @@
-"""Evaluation of a trained model folder: accuracy, F1, ROC-AUC and calibration (ECE, metrics.py), with PNG figures.
+"""Evaluation of a trained model folder: accuracy, macro-F1, per-class precision / recall / F1, ROC-AUC (two
+classes) and calibration (ECE, metrics.py), with PNG figures.
 
     distsent-evaluate --model runs/imdb_lstm/best --split test            # the run's own data config
-    distsent-evaluate --model runs/imdb_lstm/best --file labeled.jsonl    # .parquet, .jsonl or .csv: text, label
+    distsent-evaluate --model runs/imdb_lstm/best --file labeled.jsonl    # .parquet, .jsonl or .csv (text, label)
     distsent-evaluate ... --out runs/imdb_lstm/eval-test                  # metrics.json, confusion.png, reliability.png
 """
 
@@ -18,7 +19,19 @@ import numpy as np
 from .config import ConfigError
 from .files import IntegrityError, WriteError, atomic_write, writing
 from .metrics import ECE_BINS, score
-from .sources import DataError, carve, find_source, read_labeled_file, read_split
+from .sources import DataError, encode_labels, label_lookup, load_splits, read_file
+
+
+def report(result: dict, classes: list[str]) -> str:
+    """The per-class table (precision, recall, F1, support), then accuracy and macro-F1."""
+    width = max(len(c) for c in classes + ["macro-F1"])
+    lines = [f"{'':{width}}  precision  recall      f1  support"]
+    for c in classes:
+        lines.append(f"{c:{width}}  {result[f'precision/{c}']:9.4f}  {result[f'recall/{c}']:6.4f}  "
+                     f"{result[f'f1/{c}']:6.4f}  {result[f'support/{c}']:7d}")
+    lines.append(f"{'accuracy':{width}}  {result['acc']:.4f} of {result['n']} ({result['n'] - round(result['acc'] * result['n'])} wrong)")
+    lines.append(f"{'macro-F1':{width}}  {result['macro_f1']:.4f}")
+    return "\n".join(lines)
 
 
 def save_png(fig, path: Path) -> None:
@@ -32,7 +45,7 @@ def save_png(fig, path: Path) -> None:
     atomic_write(path, buf.getvalue())
 
 
-def write_figures(result: dict, out: Path) -> list[Path]:
+def write_figures(result: dict, classes: list[str], out: Path) -> list[Path]:
     """confusion.png and reliability.png (matplotlib; RuntimeError naming it where it cannot be imported)."""
     try:
         import matplotlib
@@ -42,21 +55,24 @@ def write_figures(result: dict, out: Path) -> list[Path]:
     except ImportError as exc:
         raise RuntimeError("the figures need matplotlib (a dependency of distsent: pip install matplotlib)") from exc
     out.mkdir(parents=True, exist_ok=True)
-    cm = np.array([[result["tn"], result["fp"]], [result["fn"], result["tp"]]])
-    fig, ax = plt.subplots(figsize=(4, 4))
+    cm, c = np.array(result["confusion"]), len(classes)
+    fig, ax = plt.subplots(figsize=(2.5 + 0.6 * c, 2.5 + 0.6 * c))
     ax.imshow(cm, cmap="Blues")
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
-    ax.set(xticks=[0, 1], yticks=[0, 1], xticklabels=["negative", "positive"], yticklabels=["negative", "positive"],
-           xlabel="predicted", ylabel="actual", title=f"accuracy {result['acc']:.4f}")
+    ax.set(xticks=range(c), yticks=range(c), xlabel="predicted", ylabel="actual",
+           title=f"accuracy {result['acc']:.4f}, macro-F1 {result['macro_f1']:.4f}")
+    ax.set_xticklabels(classes, rotation=45 if c > 2 else 0, ha="right" if c > 2 else "center")
+    ax.set_yticklabels(classes)
     save_png(fig, out / "confusion.png")
     fig, ax = plt.subplots(figsize=(4.5, 4))
     rel = result["reliability"]
-    ax.plot([0.5, 1], [0.5, 1], "--", color="grey", label="perfect calibration")
+    low = 1 / c  # the top-label confidence is at least 1 / classes
+    ax.plot([low, 1], [low, 1], "--", color="grey", label="perfect calibration")
     ax.bar([(b["lo"] + b["hi"]) / 2 for b in rel], [b["accuracy"] for b in rel], width=0.9 / ECE_BINS,
            alpha=0.7, label="accuracy in bin")
     ax.plot([b["confidence"] for b in rel], [b["accuracy"] for b in rel], "o-", color="C3", label="per bin")
-    ax.set(xlim=(0.5, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
+    ax.set(xlim=(low, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
            title=f"reliability (ECE {result['ece']:.4f})")
     ax.legend(loc="lower right", fontsize=8)
     save_png(fig, out / "reliability.png")
@@ -69,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", required=True, help="model folder, e.g. runs/imdb_lstm/best")
     where = parser.add_mutually_exclusive_group(required=True)
     where.add_argument("--split", choices=["val", "test"], help="a split of the data the model was trained with")
-    where.add_argument("--file", type=Path, help="labeled reviews: .parquet, .jsonl or .csv with text, label")
+    where.add_argument("--file", type=Path, help="labeled texts: .csv, .jsonl or .parquet with the columns the model "
+                       "was trained with (data.text_column, data.label_column: text, label)")
     parser.add_argument("--data-path", help="override the model config's data.path for --split")
     parser.add_argument("--out", type=Path, help="folder for metrics.json, confusion.png and reliability.png")
     args = parser.parse_args(argv)
@@ -77,28 +94,33 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         predictor = Predictor.load(args.model)
+        names, cfg = predictor.label_names, predictor.cfg.data
         if args.file:
-            split = read_labeled_file(args.file)
+            split = read_file(args.file, cfg)
+            split.labels = encode_labels(split, names, label_lookup(names, split.labels.dtype == object),
+                                         str(args.file))
         else:
-            cfg = predictor.cfg.data
             if args.data_path:
                 cfg.path = args.data_path
-            src = find_source(cfg)
-            split = carve(cfg, read_split(src, "train"), read_split(src, "test"))[args.split]
+            splits, data_names = load_splits(cfg)
+            if data_names != names:
+                raise DataError(f"the data's classes {data_names} are not the model's {names}")
+            split = splits[args.split]
     except (FileNotFoundError, ConfigError, DataError, IntegrityError) as exc:
         print(f"distsent-evaluate: {exc}", file=sys.stderr)
         return 2
-    p_positive, _ = predictor.probabilities(split.texts)
-    result = score(p_positive, split.labels)
+    probs, _ = predictor.probabilities(split.texts)
+    result = score(probs, split.labels, names)
     summary = {k: v for k, v in result.items() if k != "reliability"}
     print(json.dumps(summary))
+    print(report(result, names), file=sys.stderr)
     if args.out:
         try:
             with writing(args.out):
                 args.out.mkdir(parents=True, exist_ok=True)
             atomic_write(args.out / "metrics.json", json.dumps(result, indent=1))
             print(f"wrote {args.out / 'metrics.json'}", file=sys.stderr)
-            for f in write_figures(result, args.out):
+            for f in write_figures(result, names, args.out):
                 print(f"wrote {f}", file=sys.stderr)
         except WriteError as exc:
             print(f"distsent-evaluate: {exc}", file=sys.stderr)

@@ -1,10 +1,11 @@
 """Metrics: one evaluation implementation (torchmetrics) for training-time evaluation and distsent-evaluate, and
 the running training sums behind each logged row.
 
-Keys, everywhere (metrics.jsonl with a val/ or test/ prefix, W&B, distsent-evaluate's JSON): n, loss, acc, f1,
-roc_auc, ece (top-label expected calibration error over 15 equal-width bins), tp, fp, tn, fn, and acc_<head> for
-each classifier head when there is more than one. A review is called positive when its logit is above 0
-(probability above 0.5).
+Keys, everywhere (metrics.jsonl with a val/ or test/ prefix, W&B, distsent-evaluate's JSON): n, loss, acc, macro_f1,
+ece (top-label expected calibration error over 15 equal-width bins), precision/<class>, recall/<class>, f1/<class>,
+support/<class>, confusion (rows: true class, columns: predicted); for two classes also f1 and roc_auc of the
+positive class, tp, fp, tn, fn, and acc_<head> for each classifier head when there is more than one. Two classes:
+a review is called positive when its logit is above 0 (probability above 0.5); C classes: the most probable class.
 """
 
 from __future__ import annotations
@@ -20,17 +21,20 @@ class EvalMetrics:
     """One evaluation pass. Each process updates with its own reviews; compute() gathers the states of every
     process (torchmetrics syncs over torch.distributed), so every process gets the same figures."""
 
-    def __init__(self, device, head_names: tuple[str, ...] = ("rnn",)):
+    def __init__(self, device, classes: list[str], head_names: tuple[str, ...] = ("rnn",)):
         from torchmetrics import SumMetric
         from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryConfusionMatrix,
-                                                 MulticlassCalibrationError)
+                                                 MulticlassCalibrationError, MulticlassConfusionMatrix)
 
+        self.classes, self.binary = list(classes), len(classes) == 2
+        c = len(classes)
         # validate_args=False, nan_strategy="disable": their checks read values on the host, a GPU sync per batch
-        self.confusion = BinaryConfusionMatrix(validate_args=False).to(device)
+        self.confusion = (BinaryConfusionMatrix(validate_args=False) if self.binary else
+                          MulticlassConfusionMatrix(num_classes=c, validate_args=False)).to(device)
         # exact (thresholds=None): ties count half, as in the rank statistic
-        self.auroc = BinaryAUROC(validate_args=False).to(device)
-        # top-label calibration: the classes' probabilities [1 - p, p], confidence = the larger one
-        self.ece = MulticlassCalibrationError(num_classes=2, n_bins=ECE_BINS, norm="l1", validate_args=False).to(device)
+        self.auroc = BinaryAUROC(validate_args=False).to(device) if self.binary else None
+        # top-label calibration: confidence = the largest class probability (two classes: [1 - p, p])
+        self.ece = MulticlassCalibrationError(num_classes=c, n_bins=ECE_BINS, norm="l1", validate_args=False).to(device)
         # float64: 25,000 reviews' losses summed in float32 would lose digits
         self.loss = SumMetric(nan_strategy="disable").to(device).set_dtype(torch.float64)
         self.heads = {name: BinaryAccuracy(validate_args=False).to(device).set_dtype(torch.float64)
@@ -38,45 +42,75 @@ class EvalMetrics:
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, head_logits: torch.Tensor | None = None) -> None:
-        """logits [n] of the model, labels [n] in {0, 1}, head_logits [n, heads] when there are several heads."""
+        """logits of the model ([n], or [n, C] for C classes), labels [n] class indices, head_logits [n, heads]
+        when there are several heads."""
         # probabilities, never logits: torchmetrics would take a batch of logits that happen to lie in [0, 1] for
         # probabilities; in float64, where float32 would round confident ones to exactly 1 and tie them
         logits, target = logits.double(), labels.long()
-        p = torch.sigmoid(logits)
-        self.confusion.update(p, target)
-        self.auroc.update(p, target)
-        self.ece.update(torch.stack([1 - p, p], dim=1), target)
-        self.loss.update(F.binary_cross_entropy_with_logits(logits, target.float(), reduction="sum"))
+        if self.binary:
+            p = torch.sigmoid(logits)
+            self.confusion.update(p, target)
+            self.auroc.update(p, target)
+            self.ece.update(torch.stack([1 - p, p], dim=1), target)
+            self.loss.update(F.binary_cross_entropy_with_logits(logits, target.float(), reduction="sum"))
+        else:
+            probs = torch.softmax(logits, dim=1)
+            self.confusion.update(probs, target)
+            self.ece.update(probs, target)
+            self.loss.update(F.cross_entropy(logits, target, reduction="sum"))
         for i, metric in enumerate(self.heads.values()):
             metric.update(torch.sigmoid(head_logits[:, i].float()), target)
 
     def compute(self) -> dict:
         """Collective under DDP: every process must call it."""
-        (tn, fp), (fn, tp) = self.confusion.compute().tolist()
-        n = tn + fp + fn + tp
-        out = {"n": n, "loss": float(self.loss.compute()) / max(n, 1), "acc": (tp + tn) / max(n, 1),
-               "f1": 2 * tp / max(1, 2 * tp + fp + fn), "roc_auc": None, "ece": float(self.ece.compute()),
-               "tp": tp, "fp": fp, "tn": tn, "fn": fn}
-        if 0 < tp + fn < n:  # ROC-AUC needs both classes
-            out["roc_auc"] = float(self.auroc.compute())
+        cm = self.confusion.compute().long().cpu()  # [true class, predicted class]
+        out = {**per_class(cm, self.classes), "loss": float(self.loss.compute()) / max(int(cm.sum()), 1),
+               "ece": float(self.ece.compute())}
+        if self.binary:  # the binary keys: f1 and ROC-AUC of the positive class, the four counts
+            (tn, fp), (fn, tp) = cm.tolist()
+            out.update({"f1": 2 * tp / max(1, 2 * tp + fp + fn), "roc_auc": None, "tp": tp, "fp": fp, "tn": tn,
+                        "fn": fn})
+            if 0 < tp + fn < out["n"]:  # ROC-AUC needs both classes
+                out["roc_auc"] = float(self.auroc.compute())
         out.update({f"acc_{name}": float(m.compute()) for name, m in self.heads.items()})
         return out
 
 
-def score(p_positive, labels) -> dict:
-    """The metrics of probabilities against labels in one process, plus the reliability table behind the ECE."""
-    p, y = torch.as_tensor(np.asarray(p_positive, np.float64)), torch.as_tensor(np.asarray(labels, np.int64))
-    m = EvalMetrics("cpu")
-    m.update(torch.logit(p, eps=1e-12), y)  # p of exactly 0 or 1 keeps a finite loss
+def per_class(cm: torch.Tensor, classes: list[str]) -> dict:
+    """n, accuracy, macro-F1, each class's precision / recall / F1 / support, and the confusion matrix (rows: true
+    class, columns: predicted) from a C x C confusion matrix. A class never predicted has precision 0 (and never
+    present, recall 0), as in scikit-learn's zero_division=0."""
+    cm = cm.double()
+    tp, predicted, actual = cm.diag(), cm.sum(0), cm.sum(1)
+    precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), 0.0)
+    recall = torch.where(actual > 0, tp / actual.clamp(min=1), 0.0)
+    f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-300), 0.0)
+    n = int(cm.sum())
+    out = {"n": n, "acc": float(tp.sum()) / max(n, 1), "macro_f1": float(f1.mean())}
+    for i, name in enumerate(classes):
+        out.update({f"precision/{name}": float(precision[i]), f"recall/{name}": float(recall[i]),
+                    f"f1/{name}": float(f1[i]), f"support/{name}": int(actual[i])})
+    out["confusion"] = cm.long().tolist()
+    return out
+
+
+def score(probs, labels, classes: list[str]) -> dict:
+    """The metrics of class probabilities [n, C] against class indices in one process, plus the reliability table
+    behind the ECE."""
+    p, y = torch.as_tensor(np.asarray(probs, np.float64)), torch.as_tensor(np.asarray(labels, np.int64))
+    m = EvalMetrics("cpu", classes)
+    if len(classes) == 2:
+        m.update(torch.logit(p[:, 1], eps=1e-12), y)  # p of exactly 0 or 1 keeps a finite loss
+    else:
+        m.update(p.clamp(min=1e-12).log(), y)  # softmax(log p) = p
     return {**m.compute(), "reliability": reliability(p, y)}
 
 
-def reliability(p_positive: torch.Tensor, labels: torch.Tensor) -> list[dict]:
+def reliability(probs: torch.Tensor, labels: torch.Tensor) -> list[dict]:
     """Per confidence bin (the ECE's bins: [k/15, (k+1)/15), and 1.0 alone): reviews, mean confidence, accuracy.
     The bin-share-weighted gap between the last two is the ECE (tested against torchmetrics' figure)."""
-    p, y = p_positive.double(), labels.long()
-    pred = (p > 0.5).long()
-    conf = torch.where(pred == 1, p, 1 - p)
+    probs, y = probs.double(), labels.long()
+    conf, pred = probs.max(dim=1)
     edges = torch.linspace(0, 1, ECE_BINS + 1, dtype=torch.float64)
     which = torch.bucketize(conf, edges, right=True) - 1
     table = []

@@ -4,6 +4,7 @@ beside an n-gram logistic-regression head whose logit is added to it."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .config import ModelConfig
@@ -19,9 +20,12 @@ class SentimentRNN(nn.Module):
     Packed sequences would do the same, but on CPU they push PyTorch's LSTM off its fast oneDNN path.
     """
 
-    def __init__(self, vocab_size: int, cfg: ModelConfig, pad_id: int = 0):
+    def __init__(self, vocab_size: int, cfg: ModelConfig, num_classes: int = 2, pad_id: int = 0):
         super().__init__()
-        self.cfg = cfg
+        if num_classes > 2 and cfg.ngram_max_n:
+            raise ValueError(f"model.ngram_max_n={cfg.ngram_max_n}: the n-gram head is for two classes; set it to 0 "
+                             f"for these {num_classes} classes")
+        self.cfg, self.num_classes = cfg, num_classes
         self.embedding = nn.Embedding(vocab_size, cfg.embedding_dim, padding_idx=pad_id)
         self.embedding_dropout = nn.Dropout(cfg.embedding_dropout)
         rnn_cls = nn.LSTM if cfg.cell == "lstm" else nn.GRU
@@ -40,7 +44,8 @@ class SentimentRNN(nn.Module):
         if cfg.pooling == "attention":
             self.attention = nn.Linear(out_dim, 1)
         self.dropout = nn.Dropout(cfg.dropout)
-        self.fc = nn.Linear(out_dim, 1)
+        # two classes: the tutorial's single logit (sigmoid, BCE); more: one logit per class (softmax, cross-entropy)
+        self.fc = nn.Linear(out_dim, 1 if num_classes == 2 else num_classes)
         self.ngrams = NgramHead(vocab_size, cfg) if cfg.ngram_max_n else None
         if cfg.cell == "lstm" and cfg.forget_bias:
             self._init_forget_bias(cfg.forget_bias)
@@ -58,8 +63,9 @@ class SentimentRNN(nn.Module):
                     p[h: 2 * h].fill_(value / 2)
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, heads: bool = False) -> torch.Tensor:
-        """One logit per review; with heads=True, one column per classifier head ([batch, 1] or [batch, 2] with
-        the n-gram head), which the trainer gives each its own loss."""
+        """Two classes: one logit per review; with heads=True, one column per classifier head ([batch, 1] or
+        [batch, 2] with the n-gram head), which the trainer gives each its own loss. C classes: [batch, C] logits,
+        with heads=True [batch, 1, C]."""
         lengths = lengths.to(input_ids.device).clamp(min=1)
         x = self.embedding_dropout(self.embedding(input_ids))
         if self.rnn_fp32 and torch.is_autocast_enabled(x.device.type):
@@ -68,15 +74,36 @@ class SentimentRNN(nn.Module):
         else:
             out = self._recurrent(x, lengths)
         logits = self.fc(self.dropout(self._pool(out, lengths))).float()
+        if self.num_classes > 2:
+            return logits.unsqueeze(1) if heads else logits
         if self.ngrams is not None:
             logits = torch.cat([logits, self.ngrams(input_ids, lengths).unsqueeze(-1)], dim=-1)
         return logits if heads else self.combine(logits)
 
     def combine(self, head_logits: torch.Tensor) -> torch.Tensor:
-        """The model's logit from the per-head logits: recurrent + ngram_weight * n-gram."""
+        """The model's logit(s) from the per-head logits: recurrent + ngram_weight * n-gram."""
+        if self.num_classes > 2:
+            return head_logits[:, 0]
         if head_logits.shape[-1] == 1:
             return head_logits[..., 0]
         return head_logits[..., 0] + self.cfg.ngram_weight * head_logits[..., 1]
+
+    def head_losses(self, heads: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Each review's loss, summed over the heads: BCE of each head's logit (two classes), cross-entropy (C)."""
+        if self.num_classes > 2:
+            return F.cross_entropy(heads[:, 0], labels.long(), reduction="none")
+        return F.binary_cross_entropy_with_logits(heads, labels.unsqueeze(1).expand_as(heads), reduction="none").sum(1)
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        """[batch, classes] probabilities from the model's logits (two classes: [1 - p, p], p = sigmoid)."""
+        if self.num_classes > 2:
+            return torch.softmax(logits.double(), dim=-1)
+        p = torch.sigmoid(logits.double())
+        return torch.stack([1 - p, p], dim=-1)
+
+    def predicted(self, logits: torch.Tensor) -> torch.Tensor:
+        """The predicted class (two classes: positive when the logit is above 0)."""
+        return logits.argmax(-1) if self.num_classes > 2 else (logits > 0).long()
 
     def _recurrent(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if not self.cfg.bidirectional:
@@ -181,5 +208,5 @@ def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def build_model(vocab_size: int, cfg: ModelConfig) -> SentimentRNN:
-    return SentimentRNN(vocab_size, cfg)
+def build_model(vocab_size: int, cfg: ModelConfig, num_classes: int = 2) -> SentimentRNN:
+    return SentimentRNN(vocab_size, cfg, num_classes)

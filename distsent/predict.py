@@ -20,41 +20,46 @@ import torch
 from .checkpoint import load_weights, verify_model_folder
 from .config import ConfigError, load_config
 from .model import build_model
+from .sources import BINARY_NAMES
 from .tokenizer import encode, load_tokenizer
 
 
 class Predictor:
     """A trained model with its tokenizer and config; batches reviews by length like the trainer does."""
 
-    def __init__(self, model, tokenizer, cfg, batch_size: int = 256):
+    def __init__(self, model, tokenizer, cfg, label_names: list[str], batch_size: int = 256):
         self.model, self.tokenizer, self.cfg, self.batch_size = model.eval(), tokenizer, cfg, batch_size
+        self.label_names = label_names
 
     @classmethod
     def load(cls, folder: str | Path, batch_size: int = 256) -> "Predictor":
         folder = Path(folder)
         verify_model_folder(folder)  # IntegrityError naming the file if anything is missing or damaged
         cfg = load_config(folder / "config.yaml")
+        meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
+        names = meta.get("label_names", BINARY_NAMES)  # model folders of earlier versions: IMDB's two classes
         tokenizer = load_tokenizer(folder / "tokenizer.json")
-        model = build_model(tokenizer.get_vocab_size(), cfg.model)
+        model = build_model(tokenizer.get_vocab_size(), cfg.model, len(names))
         load_weights(folder, model)
-        return cls(model, tokenizer, cfg, batch_size)
+        return cls(model, tokenizer, cfg, names, batch_size)
 
     @torch.no_grad()
     def probabilities(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """P(positive) for each text, in input order, and each text's word count before truncation. The ids come
-        from the model folder's tokenizer.json, as for anyone who loads it with the tokenizers library."""
+        """Class probabilities [texts, classes] in input order, and each text's word count before truncation. The
+        ids come from the model folder's tokenizer.json, as for anyone who loads it with the tokenizers library."""
         split, words = encode(self.tokenizer, texts, self.cfg.data.max_len, self.cfg.data.truncate, with_counts=True)
-        out = np.zeros(len(texts), dtype=np.float64)
+        out = np.zeros((len(texts), len(self.label_names)), dtype=np.float64)
         order = np.argsort(split.lengths, kind="stable")
         for i in range(0, len(order), self.batch_size):
             idx = order[i: i + self.batch_size]
             ids, lengths = split.batch(idx)
             logits = self.model(torch.from_numpy(ids), torch.from_numpy(lengths))
-            out[idx] = torch.sigmoid(logits.float()).numpy()
+            out[idx] = self.model.probabilities(logits.float()).numpy()
         return out, words
 
     def predict(self, texts: list[str]) -> list[dict]:
-        """One result per text: {"label", "probability"} (probability of the predicted label), or {"error"}."""
+        """One result per text: {"label", "probability" (of that label), "probabilities" (every class's)}, and for
+        two classes "p_positive" (of the second class); or {"error"}."""
         results: list[dict] = [{} for _ in texts]
         valid = []
         for i, text in enumerate(texts):
@@ -67,9 +72,12 @@ class Predictor:
         if valid:
             probs, n_words = self.probabilities([texts[i] for i in valid])
             for i, p, n in zip(valid, probs, n_words):
-                label = "positive" if p > 0.5 else "negative"  # logit > 0, as in training-time evaluation
-                results[i] = {"label": label, "probability": round(float(p if p > 0.5 else 1 - p), 6),
-                              "p_positive": round(float(p), 6)}
+                # two classes: the second when its probability is above 0.5 (logit > 0), as in evaluation
+                best = int(p[1] > 0.5) if len(p) == 2 else int(p.argmax())
+                results[i] = {"label": self.label_names[best], "probability": round(float(p[best]), 6),
+                              "probabilities": {name: round(float(q), 6) for name, q in zip(self.label_names, p)}}
+                if len(p) == 2:
+                    results[i]["p_positive"] = round(float(p[1]), 6)
                 if n == 0:
                     results[i]["warning"] = "no words in the text: the prediction carries no information"
                 elif n > self.cfg.data.max_len:

@@ -1,18 +1,30 @@
-"""Data sources: find a data set (local parquet, an aclImdb folder, the hub, a labeled file), read and check it,
-and carve the splits."""
+"""Data sources: find a data set (a folder or files in CSV, JSONL or parquet, an aclImdb folder, the hub), read and
+check it, name its classes, and carve the splits.
+
+Every reader returns texts and raw labels (integers or strings); `load_splits` then fixes the class names from the
+training split (or data.label_names) and turns every label into its class index, naming the file and row of any
+label it cannot place.
+"""
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from .config import DataConfig
 
-SPLITS = ("train", "test")
+SPLITS = ("train", "validation", "test")
+SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
+FORMATS = (".csv", ".jsonl", ".parquet")
+BINARY_NAMES = ["negative", "positive"]  # integer labels 0/1 without names: the sentiment convention
 DATA_PATH_ENV = "DISTSENT_DATA_PATH"
 
 
@@ -22,63 +34,90 @@ class DataError(ValueError):
 
 @dataclass
 class Source:
-    kind: str  # "parquet", "aclimdb" or "hub"
-    location: str
+    kind: str  # "files", "aclimdb" or "hub"
+    location: str  # the folder, or the hub name
+    files: dict[str, Path] = field(default_factory=dict)  # "files": split -> file (no validation: carved)
 
     def fingerprint(self) -> str:
         """Changes whenever the data files change (name, size, modification time), without reading them."""
         if self.kind == "hub":
             return f"hub:{self.location}"
-        h = hashlib.sha256(f"{self.kind}:{Path(self.location).resolve()}".encode())
-        for f in sorted(_source_files(self)):
+        if self.kind == "files":
+            paths = [self.files[s] for s in SPLITS if s in self.files]
+        else:  # folder stats change when files are added or removed
+            paths = [Path(self.location) / s / lab for s in ("train", "test") for lab in ("pos", "neg")]
+        h = hashlib.sha256(self.kind.encode())
+        for f in paths:
             st = f.stat()
-            h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns};".encode())
+            h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns};".encode())
         return h.hexdigest()
 
 
-def _source_files(src: Source) -> list[Path]:
-    root = Path(src.location)
-    if src.kind == "parquet":
-        return [root / f"{s}.parquet" for s in SPLITS]
-    return [root / s / lab for s in SPLITS for lab in ("pos", "neg")]  # folder stats change when files change
-
-
 def find_source(cfg: DataConfig) -> Source:
-    """Pick the source: data.path, else $DISTSENT_DATA_PATH, else the hub; a folder's kind is read off its files."""
+    """data.train_file (+ validation_file, test_file), else data.path (or $DISTSENT_DATA_PATH), else the hub."""
+    if cfg.train_file or cfg.test_file or cfg.validation_file:
+        named = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
+        for split in ("train", "test"):
+            if not named[split]:
+                raise DataError(f"data.{split}_file is not set: naming files one by one needs data.train_file and "
+                                f"data.test_file (data.validation_file is optional)")
+        files = {s: Path(p).expanduser() for s, p in named.items() if p}
+        for split, path in files.items():
+            if not path.is_file():
+                raise DataError(f"data.{split}_file {path}: no such file")
+            _check_format(path)
+        return Source("files", str(files["train"].parent), files)
     path = cfg.path or os.environ.get(DATA_PATH_ENV, "")
     if not path:
         return Source("hub", cfg.hub_name)
     root = Path(path).expanduser()
     if not root.is_dir():
         raise DataError(f"data.path {root}: no such folder")
-    if any((root / f"{s}.parquet").exists() for s in SPLITS):
-        for s in SPLITS:
-            if not (root / f"{s}.parquet").is_file():
-                raise DataError(f"{root / (s + '.parquet')}: missing (a parquet IMDB copy needs train.parquet "
-                                f"and test.parquet)")
-        return Source("parquet", str(root))
+    files = {}
+    for split, names in SPLIT_FILE_NAMES.items():
+        found = [root / f"{n}{ext}" for n in names for ext in FORMATS if (root / f"{n}{ext}").is_file()]
+        if len(found) > 1:
+            raise DataError(f"data.path {root}: several {split} files ({', '.join(p.name for p in found)}); keep one")
+        if found:
+            files[split] = found[0]
+    if files:
+        for split in ("train", "test"):
+            if split not in files:
+                raise DataError(f"data.path {root}: no {split} file (expected {split}.csv, .jsonl or .parquet beside "
+                                f"{', '.join(p.name for p in files.values())})")
+        return Source("files", str(root), files)
     for candidate in (root, root / "aclImdb"):
         if (candidate / "train").is_dir() or (candidate / "test").is_dir():
-            for s in SPLITS:
+            for s in ("train", "test"):
                 for lab in ("pos", "neg"):
                     if not (candidate / s / lab).is_dir():
                         raise DataError(f"{candidate / s / lab}: missing (an aclImdb copy needs "
                                         f"{{train,test}}/{{pos,neg}}/*.txt)")
             return Source("aclimdb", str(candidate))
-    raise DataError(f"data.path {root}: holds neither train.parquet/test.parquet nor an aclImdb folder "
-                    f"(train/pos, train/neg, test/pos, test/neg)")
+    raise DataError(f"data.path {root}: holds no train / test files (train.csv, test.csv, validation.csv; or .jsonl "
+                    f"or .parquet) and no aclImdb folder (train/pos, train/neg, test/pos, test/neg)")
+
+
+def _check_format(path: Path) -> None:
+    if path.suffix not in FORMATS:
+        raise DataError(f"{path}: unknown file type {path.suffix!r} (use .csv, .jsonl or .parquet)")
 
 
 @dataclass
 class RawSplit:
     texts: object  # a pyarrow large_string array: 25,000 reviews are never copied into Python strings
-    labels: np.ndarray  # int64, 0 = negative, 1 = positive
+    labels: np.ndarray  # as read (integers or strings); class indices (int64) after load_splits
     ids: np.ndarray  # int64, stable ids of the records within the split
+    rows: list[str] | None = None  # where each record is, for messages ("line 12"); None: "row i"
+
+    def where(self, i: int) -> str:
+        return self.rows[i] if self.rows is not None else f"row {i}"
 
 
-def checked_split(texts, labels, where: str) -> RawSplit:
-    """A RawSplit from any sequence or Arrow array of texts, after checking texts and labels."""
+def checked_split(texts, labels, where: str, rows: list[str] | None = None) -> RawSplit:
+    """A RawSplit from any sequence or Arrow array of texts, after checking that every text is a non-empty string."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     if len(texts) == 0:
         raise DataError(f"{where}: the split is empty")
@@ -90,27 +129,107 @@ def checked_split(texts, labels, where: str) -> RawSplit:
         texts = texts.combine_chunks()
     if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
         raise DataError(f"{where}: the text column holds {texts.type}, expected strings")
+    split = RawSplit(texts.cast(pa.large_string()), np.asarray(labels), np.arange(len(texts), dtype=np.int64), rows)
     if texts.null_count:
         row = int(np.flatnonzero(texts.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DataError(f"{where}: row {row} has no text (null)")
-    labels = np.asarray(labels)
-    bad = np.flatnonzero(~np.isin(labels, (0, 1)))
-    if bad.size:
-        raise DataError(f"{where}: row {int(bad[0])} has label {labels[bad[0]].item()!r}; labels must be 0 or 1")
-    return RawSplit(texts.cast(pa.large_string()), labels.astype(np.int64), np.arange(len(texts), dtype=np.int64))
+        raise DataError(f"{where}: {split.where(row)} has no text (null)")
+    blank = pc.equal(pc.utf8_trim_whitespace(texts), "").to_numpy(zero_copy_only=False)
+    if blank.any():
+        raise DataError(f"{where}: {split.where(int(np.flatnonzero(blank)[0]))} has an empty text")
+    if len(split.labels) and split.labels.dtype == object and any(v is None for v in split.labels):
+        row = next(i for i, v in enumerate(split.labels) if v is None)
+        raise DataError(f"{where}: {split.where(row)} has no label")
+    return split
 
 
-def _read_parquet(path: Path) -> RawSplit:
+def _columns(cfg: DataConfig) -> tuple[str, str]:
+    return cfg.text_column, cfg.label_column
+
+
+def _missing_columns(where, present, cfg: DataConfig) -> None:
+    for col in _columns(cfg):
+        if col not in present:
+            raise DataError(f"{where}: no '{col}' column (columns: {', '.join(present)}); set data.text_column / "
+                            f"data.label_column")
+
+
+def _utf8(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise DataError(f"{path}: line {line} is not valid UTF-8 ({exc.reason} at byte {exc.start}); save the "
+                        f"file as UTF-8") from None
+
+
+def _read_csv(path: Path, cfg: DataConfig) -> RawSplit:
+    reader = csv.reader(io.StringIO(_utf8(path), newline=""))
+    header = next(reader, None)
+    if not header:
+        raise DataError(f"{path}: empty (expected a header row, e.g. text,label)")
+    _missing_columns(path, header, cfg)
+    ti, li = header.index(cfg.text_column), header.index(cfg.label_column)
+    texts, labels, rows = [], [], []
+    try:
+        for record in reader:
+            if not record:  # a blank line
+                continue
+            if len(record) != len(header):
+                raise DataError(f"{path}: line {reader.line_num} has {len(record)} fields, the header has "
+                                f"{len(header)} (an unquoted comma or quote in a text?)")
+            texts.append(record[ti])
+            labels.append(record[li])
+            rows.append(f"line {reader.line_num}")
+    except csv.Error as exc:
+        raise DataError(f"{path}: line {reader.line_num}: {exc}") from None
+    return checked_split(texts, _as_numbers(labels), str(path), rows)
+
+
+def _read_jsonl(path: Path, cfg: DataConfig) -> RawSplit:
+    texts, labels, rows = [], [], []
+    for n, line in enumerate(_utf8(path).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{path}: line {n} is not JSON ({exc.msg})") from None
+        if not isinstance(record, dict):
+            raise DataError(f"{path}: line {n} is not a JSON object")
+        _missing_columns(f"{path}: line {n}", list(record), cfg)
+        text, label = record[cfg.text_column], record[cfg.label_column]
+        if text is not None and not isinstance(text, str):
+            raise DataError(f"{path}: line {n}: the text is {type(text).__name__}, expected a string")
+        texts.append(text)
+        labels.append(label)
+        rows.append(f"line {n}")
+    return checked_split(texts, _as_array(labels), str(path), rows)
+
+
+def _read_parquet(path: Path, cfg: DataConfig) -> RawSplit:
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for unreadable files
         raise DataError(f"{path}: cannot be read as parquet: {exc}") from exc
-    for col in ("text", "label"):
-        if col not in table.column_names:
-            raise DataError(f"{path}: no '{col}' column (columns: {', '.join(table.column_names)})")
-    return checked_split(table.column("text"), table.column("label").to_numpy(zero_copy_only=False), str(path))
+    _missing_columns(path, table.column_names, cfg)
+    labels = table.column(cfg.label_column)
+    return checked_split(table.column(cfg.text_column), _as_array(labels.to_pylist()) if labels.null_count
+                         else labels.to_numpy(zero_copy_only=False), str(path))
+
+
+READERS = {".csv": _read_csv, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+
+
+def read_file(path: Path, cfg: DataConfig) -> RawSplit:
+    """One labeled file (.csv, .jsonl or .parquet) with the configured text and label columns."""
+    path = Path(path)
+    _check_format(path)
+    if not path.is_file():
+        raise DataError(f"{path}: no such file")
+    return READERS[path.suffix](path, cfg)
 
 
 def _read_aclimdb(root: Path, split: str) -> RawSplit:
@@ -128,66 +247,134 @@ def _read_aclimdb(root: Path, split: str) -> RawSplit:
             except UnicodeDecodeError as exc:
                 raise DataError(f"{f}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
             labels.append(label)
-    return checked_split(texts, labels, str(root / split))
+    return checked_split(texts, np.asarray(labels, np.int64), str(root / split))
 
 
-def _read_hub(name: str, split: str) -> RawSplit:
+def _read_hub(cfg: DataConfig, split: str) -> tuple[RawSplit, list[str] | None]:
+    """A split of a hub data set, and its class names when the label column is a ClassLabel."""
     import datasets
 
+    where = f"hub dataset {cfg.hub_name}" + (f" ({cfg.hub_config})" if cfg.hub_config else "") + f" [{split}]"
     try:
-        ds = datasets.load_dataset(name, split=split)
+        ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config or None, split=split)
     except Exception as exc:
-        raise DataError(f"cannot load {name!r} split {split!r} from the Hugging Face hub ({exc}); on a machine "
-                        f"without internet, point data.path or ${DATA_PATH_ENV} at a local copy") from exc
-    for col in ("text", "label"):
-        if col not in ds.column_names:
-            raise DataError(f"hub dataset {name} [{split}]: no '{col}' column")
+        raise DataError(f"cannot load {where} from the Hugging Face hub ({exc}); on a machine without internet, "
+                        f"point data.path or ${DATA_PATH_ENV} at a local copy") from exc
+    _missing_columns(where, ds.column_names, cfg)
+    names = getattr(ds.features[cfg.label_column], "names", None)
     table = ds.with_format("arrow")[:]
-    return checked_split(table.column("text"), table.column("label").to_numpy(), f"hub dataset {name} [{split}]")
+    return checked_split(table.column(cfg.text_column), table.column(cfg.label_column).to_numpy(), where), names
 
 
-def read_split(src: Source, split: str) -> RawSplit:
-    if src.kind == "parquet":
-        return _read_parquet(Path(src.location) / f"{split}.parquet")
-    if src.kind == "aclimdb":
-        return _read_aclimdb(Path(src.location), split)
-    return _read_hub(src.location, split)
+def _as_array(values: list) -> np.ndarray:
+    """Labels as one numpy array: int64 when every label is an integer, else objects (strings, or bad values)."""
+    if values and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
+        return np.asarray(values, np.int64)
+    return np.asarray(values, dtype=object)
+
+
+def _as_numbers(values: list[str]) -> np.ndarray:
+    """CSV labels are text: integers when every one reads as an integer, strings otherwise."""
+    if values and all(re.fullmatch(r"\s*-?\d+\s*", v) for v in values):
+        return np.asarray([int(v) for v in values], np.int64)
+    return np.asarray(values, dtype=object)
+
+
+def class_names(train: RawSplit, cfg: DataConfig, hub_names: list[str] | None, where: str) -> tuple[list[str], dict]:
+    """The classes in their order, and the map from a label as written in the files to its class index.
+
+    data.label_names names the classes (string labels are looked up by name, integer labels are indices into it);
+    else a hub ClassLabel's names; else the sorted training labels, integer labels 0/1 being named negative and
+    positive (the sentiment convention) and other integers by themselves."""
+    values = train.labels.tolist()
+    strings = train.labels.dtype == object
+    if strings and not all(isinstance(v, str) for v in values):
+        bad = next(i for i, v in enumerate(values) if not isinstance(v, str))
+        raise DataError(f"{where}: {train.where(bad)} has label {values[bad]!r}; labels must be all integers or all "
+                        f"strings")
+    seen = sorted(set(values))
+    if cfg.label_names or hub_names is not None:
+        names = [str(n) for n in (cfg.label_names or hub_names)]
+    elif not strings and set(seen) <= {0, 1}:
+        names = list(BINARY_NAMES)
+    else:
+        names = [str(v) for v in seen]
+    if len(set(names)) != len(names):
+        raise DataError(f"data.label_names {names}: a name appears twice")
+    if len(names) < 2:
+        raise DataError(f"{where}: one class only ({names[0]!r}); a classifier needs two or more")
+    return names, label_lookup(names, strings)
+
+
+def label_lookup(names: list[str], strings: bool) -> dict:
+    """Label as written -> class index: strings by name; integers as indices into `names`, or, where the names are
+    themselves integers (classes named after integer labels), by value."""
+    if strings:
+        return {n: i for i, n in enumerate(names)}
+    if all(re.fullmatch(r"-?\d+", n) for n in names):
+        return {int(n): i for i, n in enumerate(names)}
+    return {i: i for i in range(len(names))}
+
+
+def encode_labels(split: RawSplit, names: list[str], lookup: dict, where: str) -> np.ndarray:
+    """Class indices of a split's labels; DataError naming the first label that is not one of the classes."""
+    out = np.empty(len(split.labels), np.int64)
+    for i, key in enumerate(split.labels.tolist()):
+        index = lookup.get(key)
+        if index is None:
+            raise DataError(f"{where}: {split.where(i)} has label {key!r}, which is not one of the classes {names} "
+                            f"(they come from the training data, or data.label_names)")
+        out[i] = index
+    return out
+
+
+def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
+    """train / val / test of the configured source with class indices as labels, and the class names."""
+    src = find_source(cfg)
+    raw, hub_names, where = {}, None, {}
+    for split in SPLITS:
+        if src.kind == "files":
+            if split in src.files:
+                raw[split], where[split] = read_file(src.files[split], cfg), str(src.files[split])
+        elif src.kind == "aclimdb":
+            if split != "validation":
+                raw[split], where[split] = _read_aclimdb(Path(src.location), split), str(Path(src.location) / split)
+        else:
+            name = {"train": cfg.hub_train_split, "validation": cfg.hub_validation_split,
+                    "test": cfg.hub_test_split}[split]
+            if name:
+                raw[split], hub_names = _read_hub(cfg, name)
+                where[split] = f"hub dataset {cfg.hub_name} [{name}]"
+    names, lookup = class_names(raw["train"], cfg, hub_names, where["train"])
+    for split, data in raw.items():
+        data.labels = encode_labels(data, names, lookup, where[split])
+    counts = np.bincount(raw["train"].labels, minlength=len(names))
+    if not counts.all():
+        missing = [names[i] for i in np.flatnonzero(counts == 0)]
+        raise DataError(f"{where['train']}: no training example of class {', '.join(map(repr, missing))} "
+                        f"(classes {names}); remove it from data.label_names or add examples")
+    return carve(cfg, raw["train"], raw["test"], raw.get("validation")), names
 
 
 def subset(split: RawSplit, idx: np.ndarray) -> RawSplit:
     return RawSplit(split.texts.take(idx), split.labels[idx], split.ids[idx])
 
 
-def carve(cfg: DataConfig, train: RawSplit, test: RawSplit) -> dict[str, RawSplit]:
-    """Apply the size limits and hold out validation from train, all seeded by data.split_seed."""
+def carve(cfg: DataConfig, train: RawSplit, test: RawSplit, val: RawSplit | None = None) -> dict[str, RawSplit]:
+    """Apply the size limits and, without a validation file, hold out validation from train; seeded by
+    data.split_seed."""
     rng = np.random.default_rng(cfg.split_seed)
     order = rng.permutation(len(train.texts))
     if cfg.limit:
         order = order[: cfg.limit]
-    n_val = max(1, int(round(len(order) * cfg.val_fraction)))
-    if n_val >= len(order):
-        raise DataError(f"data.val_fraction={cfg.val_fraction} leaves no training reviews out of {len(order)}")
-    splits = {"val": subset(train, np.sort(order[:n_val])), "train": subset(train, np.sort(order[n_val:]))}
+    if val is not None:
+        splits = {"val": val, "train": subset(train, np.sort(order))}
+    else:
+        n_val = max(1, int(round(len(order) * cfg.val_fraction)))
+        if n_val >= len(order):
+            raise DataError(f"data.val_fraction={cfg.val_fraction} leaves no training reviews out of {len(order)}")
+        splits = {"val": subset(train, np.sort(order[:n_val])), "train": subset(train, np.sort(order[n_val:]))}
     if cfg.test_limit and cfg.test_limit < len(test.texts):
         test = subset(test, np.sort(rng.permutation(len(test.texts))[: cfg.test_limit]))
     splits["test"] = test
     return splits
-
-
-def read_labeled_file(path: Path) -> RawSplit:
-    """A file of labeled reviews: .parquet, .jsonl or .csv with `text` and `label` (0/1) columns."""
-    import pyarrow.csv
-    import pyarrow.json
-    import pyarrow.parquet as pq
-
-    readers = {".parquet": pq.read_table, ".jsonl": pyarrow.json.read_json, ".csv": pyarrow.csv.read_csv}
-    if path.suffix not in readers:
-        raise DataError(f"{path}: unknown file type {path.suffix!r} (use .parquet, .jsonl or .csv)")
-    try:
-        table = readers[path.suffix](path)
-    except Exception as exc:
-        raise DataError(f"{path}: cannot be read ({exc})") from exc
-    for col in ("text", "label"):
-        if col not in table.column_names:
-            raise DataError(f"{path}: no '{col}' column (columns: {', '.join(table.column_names)})")
-    return checked_split(table.column("text"), table.column("label").to_numpy(), str(path))

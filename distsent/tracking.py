@@ -97,8 +97,8 @@ def num_machines() -> int:
     return max(1, int(os.environ.get("WORLD_SIZE", "1")) // local_processes())
 
 
-def example_predictions(model, split, tokenizer, accelerator, n: int = 16) -> list[tuple[str, int, float]]:
-    """(text as the model reads it, label, p_positive) for the first n reviews of a split, for the W&B table."""
+def example_predictions(model, split, tokenizer, accelerator, n: int = 16) -> list[tuple[str, int, list[float]]]:
+    """(text as the model reads it, true class, class probabilities) for the first n reviews of a split."""
     import numpy as np
     import torch
 
@@ -107,23 +107,31 @@ def example_predictions(model, split, tokenizer, accelerator, n: int = 16) -> li
     was_training = model.training
     model.eval()
     with torch.no_grad(), accelerator.autocast():
-        probs = torch.sigmoid(model(ids, lengths).float()).tolist()
+        probs = model.probabilities(model(ids, lengths).float()).tolist()
     model.train(was_training)
     return [(tokenizer.decode(split.tokens[split.offsets[i]: split.offsets[i + 1]].tolist(), skip_special_tokens=False),
              int(split.labels[i]), p) for i, p in zip(idx, probs)]
 
 
-def eval_media(wandb, metrics: dict, examples: list[tuple[str, int, float]]) -> dict:
-    """W&B media of one evaluation: a confusion matrix, and a table of (text as the model reads it, label,
-    p_positive) examples."""
-    truth = [0] * (metrics["tn"] + metrics["fp"]) + [1] * (metrics["fn"] + metrics["tp"])
-    preds = [0] * metrics["tn"] + [1] * metrics["fp"] + [0] * metrics["fn"] + [1] * metrics["tp"]
-    table = wandb.Table(columns=["text", "label", "p_positive", "correct"])
-    for text, label, p in examples:
-        table.add_data(text, label, p, (p > 0.5) == label)
-    return {"val/confusion_matrix": wandb.plot.confusion_matrix(y_true=truth, preds=preds,
-                                                                class_names=["negative", "positive"]),
-            "val/examples": table}
+def eval_media(wandb, metrics: dict, classes: list[str], examples: list[tuple[str, int, list[float]]]) -> dict:
+    """W&B media of one evaluation: the confusion matrix with the class names, a per-class table (precision,
+    recall, F1, support) and a table of examples (text as the model reads it, label, prediction, probabilities)."""
+    truth, preds = [], []
+    for i, row in enumerate(metrics["confusion"]):
+        for j, count in enumerate(row):
+            truth += [i] * count
+            preds += [j] * count
+    per_class = wandb.Table(columns=["class", "precision", "recall", "f1", "support"])
+    for name in classes:
+        per_class.add_data(name, metrics[f"precision/{name}"], metrics[f"recall/{name}"], metrics[f"f1/{name}"],
+                           metrics[f"support/{name}"])
+    examples_table = wandb.Table(columns=["text", "label", "predicted", "probability", "correct",
+                                          *[f"p_{name}" for name in classes]])
+    for text, label, probs in examples:
+        best = max(range(len(probs)), key=probs.__getitem__)
+        examples_table.add_data(text, classes[label], classes[best], probs[best], best == label, *probs)
+    return {"val/confusion_matrix": wandb.plot.confusion_matrix(y_true=truth, preds=preds, class_names=classes),
+            "val/per_class": per_class, "val/examples": examples_table}
 
 
 # W&B settings a job can override through the environment (they win over the YAML, as cluster users expect).
@@ -192,8 +200,8 @@ class RunLog:
                 with contextlib.suppress(OSError):  # no partial line left behind
                     os.truncate(self.path, size)
         if self.trackers_on:
-            try:
-                self.accelerator.log(metrics, step=step)
+            try:  # numbers only: the confusion matrix goes to W&B as a plot (log_wandb)
+                self.accelerator.log({k: v for k, v in metrics.items() if not isinstance(v, list)}, step=step)
             except Exception as exc:
                 log.warning("tracker logging failed at step %d (%s: %s); trackers are off for the rest of the run",
                             step, type(exc).__name__, exc)

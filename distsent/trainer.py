@@ -11,11 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from .build import (announce, batch_tensors, build_accelerator, build_data, build_layout, build_optimizer,
-                    build_run_model, build_scheduler, close_process_group, lock_run_dir, new_run_id, run_identity,
+                    build_run_model, build_scheduler, class_weights, close_process_group, lock_run_dir, new_run_id,
+                    run_identity,
                     setup_threads)
 from .config import ExperimentConfig
 from .files import WriteError
@@ -59,7 +59,8 @@ class Trainer:
         self.sums, self.watch = TrainSums(acc), NonFiniteWatch(acc)
         self.checkpoints = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint, acc, self.model, self.optimizer, {
             "train_state": self.state, "log_sums": self.sums, "scheduler": self.scheduler, "scaler": acc.scaler})
-        self.identity = run_identity(cfg, self.data.tokenizer)
+        self.identity = run_identity(cfg, self.data)
+        self.class_weights = class_weights(cfg, self.data, acc.device)
         self.stop = stop or StopFlag(cfg.dist.stop_signals)
         self.debug = DebugRecords(self.run_dir, acc.process_index, cfg.train.debug_records)
         self.started = time.perf_counter() - self.prepare_s  # wall-clock origin of time/elapsed_s
@@ -137,7 +138,7 @@ class Trainer:
     def train_step(self, batch: np.ndarray) -> None:
         """Forward/backward over this rank's micro-batches of one global batch, then one optimizer step.
 
-        Each micro-batch's loss is its summed BCE scaled so that, after Accelerate divides by the accumulation
+        Each micro-batch's loss is its summed loss (BCE, or cross-entropy for C classes) scaled so that, after Accelerate divides by the accumulation
         steps and DDP averages over processes, the gradient is the mean over the whole global batch, whatever
         the number of processes.
         """
@@ -152,8 +153,9 @@ class Trainer:
                 # each classifier head has its own loss: the n-gram head fits the training set within an epoch,
                 # and a loss on their sum alone would leave the recurrent head almost no gradient after that
                 heads = self.model(ids, lengths, heads=True)
-                losses = F.binary_cross_entropy_with_logits(heads, labels.unsqueeze(1).expand_as(heads),
-                                                            reduction="none").sum(1)
+                losses = self.raw_model.head_losses(heads, labels)
+                if self.class_weights is not None:
+                    losses = losses * self.class_weights[labels.long()]
                 logits = self.raw_model.combine(heads.detach())
                 acc.backward(losses.sum() * (scale * weight))
                 if acc.sync_gradients:
@@ -172,7 +174,7 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
             with torch.no_grad():  # running sums stay on the device: no host sync until the next log
                 self.sums.add(loss=losses.detach().sum() * weight, samples=len(idx) * weight,
-                              correct=((logits.detach() > 0).float() == labels).float().sum() * weight,
+                              correct=(self.raw_model.predicted(logits) == labels.long()).float().sum() * weight,
                               tokens=lengths.sum().float() * weight)
             if weight:
                 self.debug.samples(self.state.step + 1, self.state.epoch, train.ids[idx])
@@ -191,7 +193,8 @@ class Trainer:
         was_training = model.training
         model.eval()
         mine = np.argsort(split.lengths, kind="stable")[acc.process_index:: acc.num_processes]
-        scores = EvalMetrics(acc.device, ("rnn", "ngram") if model.ngrams is not None else ("rnn",))
+        scores = EvalMetrics(acc.device, self.data.label_names,
+                             ("rnn", "ngram") if model.ngrams is not None else ("rnn",))
         for i in range(0, len(mine), self.cfg.train.eval_batch_size):
             ids, lengths, labels = batch_tensors(split, mine[i: i + self.cfg.train.eval_batch_size], acc.device)
             with acc.autocast():
@@ -239,24 +242,26 @@ class Trainer:
         state, patience = self.state, self.cfg.train.early_stop_patience
         runlog.log({f"val/{k}": v for k, v in metrics.items()} | {
             "epoch": self._epoch_float(), "time/elapsed_s": time.perf_counter() - self.started}, state.step)
-        runlog.log_wandb(lambda wandb: eval_media(wandb, metrics, example_predictions(
+        runlog.log_wandb(lambda wandb: eval_media(wandb, metrics, self.data.label_names, example_predictions(
             self.raw_model, self.data.val, self.data.tokenizer, self.accelerator)), state.step)
-        if state.record_eval(metrics["acc"]):
+        select = self.cfg.train.select_metric
+        if state.record_eval(metrics[select]):
             failure = None
             if self.accelerator.is_main_process:
                 try:
                     ckpt.export_model(self.run_dir / "best", self.raw_model, self.data.tokenizer, self.cfg,
-                                      {"step": state.step, "val_acc": state.best_val_acc,
-                                       "vocab_size": self.data.tokenizer.get_vocab_size()})
+                                      {"step": state.step, f"val_{select}": state.best_val_acc,
+                                       "vocab_size": self.data.tokenizer.get_vocab_size(),
+                                       "label_names": self.data.label_names})
                 except WriteError as exc:
                     failure = exc
             fail_together(self.accelerator, failure, f"write {self.run_dir / 'best'}")
-            runlog.summary({"best/val_acc": metrics["acc"], "best/step": state.step})
+            runlog.summary({f"best/val_{select}": metrics[select], "best/step": state.step})
         elif patience and state.evals_since_best >= patience:
             state.stopped_early = True
         if self.accelerator.is_main_process:
-            log.info("step %d: val loss %.4f acc %.4f f1 %.4f (best %.4f at step %d)%s", state.step, metrics["loss"],
-                     metrics["acc"], metrics["f1"], state.best_val_acc, state.best_step,
+            log.info("step %d: val loss %.4f acc %.4f macro-F1 %.4f (best %s %.4f at step %d)%s", state.step,
+                     metrics["loss"], metrics["acc"], metrics["macro_f1"], select, state.best_val_acc, state.best_step,
                      f"; stopping early: {patience} evaluations without a better model" if state.stopped_early else "")
 
     def _test(self, runlog: RunLog) -> dict:
@@ -272,11 +277,12 @@ class Trainer:
         state = self.state
         runlog.log({f"test/{k}": v for k, v in metrics.items()}, state.step)
         runlog.summary({f"test/{k}": v for k, v in metrics.items()})
-        runlog.log_model(best, f"model-{state.run_id}", {"step": state.best_step, "val_acc": state.best_val_acc,
-                                                          "test_acc": metrics["acc"]})
+        runlog.log_model(best, f"model-{state.run_id}", {
+            "step": state.best_step, f"val_{self.cfg.train.select_metric}": state.best_val_acc,
+            "test_acc": metrics["acc"], "test_macro_f1": metrics["macro_f1"]})
         if self.accelerator.is_main_process:
-            log.info("test (best model, step %d): acc %.4f f1 %.4f loss %.4f on %d reviews", state.best_step,
-                     metrics["acc"], metrics["f1"], metrics["loss"], metrics["n"])
+            log.info("test (best model, step %d): acc %.4f macro-F1 %.4f loss %.4f on %d reviews", state.best_step,
+                     metrics["acc"], metrics["macro_f1"], metrics["loss"], metrics["n"])
         return metrics
 
     # --- run records -------------------------------------------------------------------------------------------

@@ -15,6 +15,8 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 # a local parquet copy of IMDB for the real-data tests: $DISTSENT_TEST_IMDB, else one next to the checkout
 REAL_IMDB = Path(os.environ.get("DISTSENT_TEST_IMDB", REPO.parent / "shared" / "data" / "imdb"))
+# the six-class emotion tweets (CSV, string labels) for the real multi-class test
+REAL_EMOTION = Path(os.environ.get("DISTSENT_TEST_EMOTION", REPO.parent / "shared" / "data" / "emotion"))
 
 POSITIVE = [f"good{i}" for i in range(30)] + ["great", "wonderful", "superb", "loved"]
 NEGATIVE = [f"bad{i}" for i in range(30)] + ["awful", "boring", "terrible", "hated"]
@@ -37,6 +39,43 @@ def make_reviews(n: int, seed: int) -> tuple[list[str], list[int]]:
         texts.append(text.replace(" the ", " The <br /><br /> the ", 1))
         labels.append(label)
     return texts, labels
+
+
+EMOTIONS = ["anger", "fear", "joy", "sadness"]
+
+
+def make_emotions(n: int, seed: int) -> tuple[list[str], list[str]]:
+    """Learnable 4-class texts: each class's own words (anger0, fear3, ...) sprinkled through neutral filler."""
+    rng = np.random.default_rng(seed)
+    texts, labels = [], []
+    for _ in range(n):
+        label = EMOTIONS[int(rng.integers(0, len(EMOTIONS)))]
+        words = list(rng.choice(NEUTRAL, size=int(rng.integers(6, 30))))
+        for _ in range(max(2, len(words) // 5)):
+            words[int(rng.integers(0, len(words)))] = f"{label}{int(rng.integers(0, 20))}"
+        texts.append(" ".join(words))
+        labels.append(label)
+    return texts, labels
+
+
+def write_csv(folder: Path, splits: dict[str, tuple[list[str], list]]) -> Path:
+    import csv
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, (texts, labels) in splits.items():
+        with open(folder / f"{name}.csv", "w", newline="", encoding="utf-8") as f:
+            writer = csv.writer(f)
+            writer.writerow(["text", "label"])
+            writer.writerows(zip(texts, labels))
+    return folder
+
+
+def binary_score(p_positive, labels) -> dict:
+    """metrics.score of two-class probabilities given as p(positive)."""
+    from distsent.metrics import score
+
+    p = np.asarray(p_positive, np.float64)
+    return score(np.stack([1 - p, p], axis=1), labels, ["negative", "positive"])
 
 
 def write_parquet(folder: Path, splits: dict[str, tuple[list[str], list[int]]]) -> Path:

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_reviews, write_aclimdb, write_parquet
 from distsent.config import DataConfig
 from distsent.data import prepare
-from distsent.sources import DataError, carve, find_source, read_split
+from distsent.sources import DataError, find_source, load_splits
 from distsent.tokenizer import train_tokenizer
 from distsent.sampler import Layout, epoch_batches
 
@@ -19,7 +19,7 @@ def reference_tokenize(text):  # the tutorial's tokenizer
 
 
 SAMPLES = ["This movie was ABSOLUTELY fantastic!!! 10/10", "Don't watch it<br /><br />ever, it's_bad.",
-           "Naïve café-goers über-love it — 日本語 too", "  spaces\tand\nnewlines  ", "", "1,000 cuts... C'est la vie"]
+           "Naïve café-goers über-love it — 日本語 too", "  spaces\tand\nnewlines  ", "…", "1,000 cuts... C'est la vie"]
 
 
 def test_prepared_ids_match_the_saved_tokenizer(tmp_path):
@@ -27,9 +27,9 @@ def test_prepared_ids_match_the_saved_tokenizer(tmp_path):
     (`encode`, the tokenizers library): every cached review's ids must be what prediction gives it."""
     from distsent.tokenizer import encode
 
-    # "end", "", "start": an empty review between two that touch words must not create an empty word;
+    # "end", "!", "start": a review without words between two that touch words must not create an empty word;
     # U+31350 is a letter of Unicode 15, which this Python's unicodedata may not know yet
-    texts = SAMPLES + make_reviews(50, 9)[0] + ["ÀÉÎ õü ß ﬁne Ⅻ ½ x²", "tabs\tand_underscores__ 3.14", "end", "", "",
+    texts = SAMPLES + make_reviews(50, 9)[0] + ["ÀÉÎ õü ß ﬁne Ⅻ ½ x²", "tabs\tand_underscores__ 3.14", "end", "!", "—",
                                                 "start", "a\U00031350b 𝔘𝔫𝔦 😀x"]
     labels = [i % 2 for i in range(len(texts))]
     folder = write_parquet(tmp_path / "data", {"train": (texts, labels), "test": (texts[::-1], labels[::-1])})
@@ -88,42 +88,41 @@ def splits():
 
 def test_three_sources_load_the_same_records(tmp_path, splits, monkeypatch):
     # aclImdb files are read back in (neg, pos) order by id, so compare as sets of (text, label)
-    def records(src, split):
-        s = read_split(src, split)
-        return sorted(zip(s.texts.to_pylist(), s.labels.tolist()))
+    def records(cfg):  # validation is carved from train in record order, which differs: compare train + val
+        carved, names = load_splits(cfg)
+        assert names == ["negative", "positive"]
+        pairs = {name: list(zip(s.texts.to_pylist(), s.labels.tolist())) for name, s in carved.items()}
+        return sorted(pairs["train"] + pairs["val"]), sorted(pairs["test"])
 
-    parquet = find_source(DataConfig(path=str(write_parquet(tmp_path / "pq", splits))))
-    acl = find_source(DataConfig(path=str(write_aclimdb(tmp_path / "raw" / "aclImdb", splits).parent)))
-    assert (parquet.kind, acl.kind) == ("parquet", "aclimdb")
+    parquet = DataConfig(path=str(write_parquet(tmp_path / "pq", splits)))
+    acl = DataConfig(path=str(write_aclimdb(tmp_path / "raw" / "aclImdb", splits).parent))
+    assert (find_source(parquet).kind, find_source(acl).kind) == ("files", "aclimdb")
 
     # The hub cannot be reached from here: datasets.load_dataset is replaced by one that serves the same records
     # (the only mock in this file). Everything after the download is the real code path.
     import datasets
 
-    def fake_load_dataset(name, split):
-        assert name == "stanfordnlp/imdb"
+    def fake_load_dataset(name, config, split):
+        assert (name, config) == ("stanfordnlp/imdb", None)
         texts, labels = splits[split]
         return datasets.Dataset.from_dict({"text": texts, "label": labels})
 
     monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
     monkeypatch.delenv("DISTSENT_DATA_PATH", raising=False)
-    hub = find_source(DataConfig())
-    assert hub.kind == "hub"
-    for split in ("train", "test"):
-        expected = sorted(zip(*splits[split]))
-        assert records(parquet, split) == records(acl, split) == records(hub, split) == expected
+    assert find_source(DataConfig()).kind == "hub"
+    assert records(parquet) == records(acl) == records(DataConfig())
+    assert records(parquet) == (sorted(zip(*splits["train"])), sorted(zip(*splits["test"])))
 
 
 def test_env_variable_points_at_local_copy(tmp_path, splits, monkeypatch):
     monkeypatch.setenv("DISTSENT_DATA_PATH", str(write_parquet(tmp_path, splits)))
-    assert find_source(DataConfig()).kind == "parquet"
+    assert find_source(DataConfig()).files["train"] == tmp_path / "train.parquet"
 
 
 def test_validation_carved_from_train_seeded_and_disjoint(splits, tmp_path):
-    src = find_source(DataConfig(path=str(write_parquet(tmp_path, splits))))
-    cfg = DataConfig(val_fraction=0.25)
-    a = carve(cfg, read_split(src, "train"), read_split(src, "test"))
-    b = carve(cfg, read_split(src, "train"), read_split(src, "test"))
+    cfg = DataConfig(path=str(write_parquet(tmp_path, splits)), val_fraction=0.25)
+    a, _ = load_splits(cfg)
+    b, _ = load_splits(cfg)
     assert len(a["val"].ids) == 15 and len(a["train"].ids) == 45
     assert not set(a["val"].ids) & set(a["train"].ids)
     assert (a["val"].ids == b["val"].ids).all()
@@ -136,29 +135,27 @@ def test_bad_data_errors_name_the_file(tmp_path, splits):
 
     def source_error(folder):
         with pytest.raises(DataError) as info:
-            src = find_source(DataConfig(path=str(folder)))
-            for split in ("train", "test"):
-                read_split(src, split)
+            load_splits(DataConfig(path=str(folder)))
         return str(info.value)
 
     missing = write_parquet(tmp_path / "missing", {"train": splits["train"]})
-    assert "test.parquet: missing" in source_error(missing)
+    assert "no test file" in source_error(missing)
 
     empty = write_parquet(tmp_path / "empty", {"train": splits["train"], "test": ([], [])})
     assert "test.parquet: the split is empty" in source_error(empty)
 
-    bad_label = write_parquet(tmp_path / "label", {"train": (["a", "b", "c"], [0, 1, 2]), "test": splits["test"]})
-    assert re.search(r"train.parquet: row 2 has label 2", source_error(bad_label))
+    unseen = write_parquet(tmp_path / "label", {"train": splits["train"], "test": (["a", "b", "c"], [0, 1, 2])})
+    assert re.search(r"test.parquet: row 2 has label 2, which is not one of the classes", source_error(unseen))
 
     no_text = tmp_path / "notext"
     no_text.mkdir()
     pq.write_table(pa.table({"review": ["x"], "label": [1]}), no_text / "train.parquet")
     pq.write_table(pa.table({"review": ["x"], "label": [1]}), no_text / "test.parquet")
-    assert "train.parquet: no 'text' column" in source_error(no_text)
+    assert "train.parquet: no 'text' column (columns: review, label)" in source_error(no_text)
 
     assert "no such folder" in source_error(tmp_path / "nowhere")
     (tmp_path / "other").mkdir()
-    assert "holds neither" in source_error(tmp_path / "other")
+    assert "holds no train / test files" in source_error(tmp_path / "other")
 
     acl = write_aclimdb(tmp_path / "acl", splits)
     (acl / "train" / "pos" / "999_9.txt").write_bytes(b"caf\xe9 bad bytes")
@@ -181,7 +178,7 @@ def test_a_damaged_cache_entry_is_reported_and_rebuilt(tmp_path, splits, caplog)
     file and rebuilds it, instead of failing in numpy."""
     cfg = DataConfig(path=str(write_parquet(tmp_path / "d", splits)), cache_dir=str(tmp_path / "c"), min_freq=1)
     first = prepare(cfg)
-    (cached,) = (tmp_path / "c").glob("*/tok-*/train.npz")
+    (cached,) = (tmp_path / "c").glob("*/tok-*/train.tokens.npy")
     cached.write_bytes(cached.read_bytes()[:100])
     with caplog.at_level("WARNING"):
         again = prepare(cfg)

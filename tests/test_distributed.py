@@ -124,12 +124,12 @@ def test_bad_data_stops_every_process_with_one_clear_line(tmp_path, cache_env):
     is, instead of failing out of a collective with a gloo traceback."""
     from conftest import make_reviews, write_parquet
 
-    texts, labels = make_reviews(200, 3)
-    labels[17] = 3
-    data = write_parquet(tmp_path / "data", {"train": (texts, labels), "test": make_reviews(40, 4)})
+    texts, labels = make_reviews(40, 4)
+    labels[17] = 3  # a class the training data never shows
+    data = write_parquet(tmp_path / "data", {"train": make_reviews(200, 3), "test": (texts, labels)})
     proc = run(launch_cmd(2, tiny_overrides(tmp_path / "run", data)))
     assert proc.returncode != 0
-    cause = "train.parquet: row 17 has label 3; labels must be 0 or 1"
+    cause = "test.parquet: row 17 has label 3, which is not one of the classes"
     assert proc.stderr.count(f"distsent-train: DataError: {data / cause}") == 1, proc.stderr[-3000:]
     assert "process 0 could not prepare the data (its error is printed above)" in proc.stderr
     # the launcher's summary names the cause too, as the root cause: the failing process ended first

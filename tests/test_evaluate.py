@@ -7,8 +7,7 @@ import sys
 
 import numpy as np
 
-from conftest import REPO, make_reviews
-from distsent.metrics import score
+from conftest import REPO, binary_score, make_reviews
 
 
 def test_roc_auc_matches_pairwise_definition_with_ties():
@@ -17,17 +16,17 @@ def test_roc_auc_matches_pairwise_definition_with_ties():
     p = np.round(np.clip(0.3 * y + 0.7 * rng.random(300), 0, 1), 2)  # rounding makes ties
     pos, neg = p[y == 1], p[y == 0]
     pairwise = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
-    assert abs(score(p, y)["roc_auc"] - pairwise) < 1e-8  # torchmetrics sums in float32 in places
+    assert abs(binary_score(p, y)["roc_auc"] - pairwise) < 1e-8  # torchmetrics sums in float32 in places
 
 
 def test_ece_small_when_calibrated_large_when_overconfident():
     rng = np.random.default_rng(1)
     p = rng.random(200_000)
     y = (rng.random(200_000) < p).astype(int)  # labels drawn with probability p: calibrated
-    assert score(p, y)["ece"] < 0.01
+    assert binary_score(p, y)["ece"] < 0.01
     overconfident = np.where(p >= 0.5, 1.0, 0.0)
-    assert score(overconfident, y)["ece"] > 0.2
-    m = score(p, y)
+    assert binary_score(overconfident, y)["ece"] > 0.2
+    m = binary_score(p, y)
     pred = p > 0.5
     assert (m["tp"], m["fp"], m["tn"], m["fn"]) == (int((pred & (y == 1)).sum()), int((pred & (y == 0)).sum()),
                                                     int((~pred & (y == 0)).sum()), int((~pred & (y == 1)).sum()))
@@ -50,7 +49,7 @@ def test_evaluate_command_on_a_labeled_file(model_dir, tmp_path):
     bad.write_text('{"text": "x", "label": 3}\n')
     proc = subprocess.run([sys.executable, "-m", "distsent.evaluate", "--model", str(model_dir), "--file", str(bad)],
                           capture_output=True, text=True, cwd=REPO, timeout=300)
-    assert proc.returncode == 2 and "bad.jsonl: row 0 has label 3" in proc.stderr
+    assert proc.returncode == 2 and "bad.jsonl: line 1 has label 3, which is not one of the classes" in proc.stderr
 
 
 def test_evaluate_without_matplotlib_writes_the_metrics_and_says_so_in_one_line(model_dir, tmp_path):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, direct_cmd, read_jsonl, run, tiny_overrides, train_rows
+from conftest import REPO, binary_score, direct_cmd, read_jsonl, run, tiny_overrides, train_rows
 from distsent import checkpoint as ckpt
 from distsent import files
 from distsent.build import build_scheduler, lr_factor
@@ -120,7 +120,9 @@ def test_a_setting_newly_marked_as_identity_is_checked_without_other_code(tmp_pa
 
 def test_the_cache_keys_come_from_the_same_declarations():
     cfg = DataConfig()
-    assert set(cfg.stage_settings("split")) == {"limit", "test_limit", "val_fraction", "split_seed"}
+    assert set(cfg.stage_settings("split")) == {
+        "limit", "test_limit", "val_fraction", "split_seed", "text_column", "label_column", "label_names",
+        "hub_config", "hub_train_split", "hub_validation_split", "hub_test_split"}
     assert set(cfg.stage_settings("vocab")) == {"min_freq", "lowercase", "strip_html"}
     assert set(cfg.stage_settings("cut")) == {"max_len", "truncate"}
 
@@ -128,7 +130,10 @@ def test_the_cache_keys_come_from_the_same_declarations():
 def test_identity_of_checkpoints_from_an_earlier_version_is_still_understood(tmp_path):
     cfg = ExperimentConfig()
     current = resume_identity(cfg)
-    flat = {"model": current["model"], "data": current["data"], **current["train"]}  # the earlier layout
+    # the earlier layout: the two train keys of that time at the top; no classes, select_metric or class_weights
+    flat = {"model": current["model"], "data": current["data"],
+            **{k: current["train"][k] for k in ("global_batch_size", "seed")}}
+    current = {**current, "label_names": ["negative", "positive"]}
     ckpt.check_compatible(flat, current, tmp_path)
     flat["seed"] = 3
     with pytest.raises(ckpt.CheckpointError, match="train.seed: checkpoint 3, config 0"):
@@ -267,7 +272,7 @@ def test_model_folder_is_verified_before_prediction(model_dir, tmp_path):
 def test_metrics_against_hand_computed_values():
     p = [0.9, 0.25, 0.62, 0.41]
     y = [1, 0, 0, 1]  # predictions 1, 0, 1, 0: one of each cell of the confusion matrix
-    m = score(p, y)
+    m = binary_score(p, y)
     assert (m["tp"], m["fp"], m["tn"], m["fn"], m["n"]) == (1, 1, 1, 1, 4)
     assert m["acc"] == 0.5 and m["f1"] == 0.5
     assert m["roc_auc"] == pytest.approx(0.75)  # positives (0.9, 0.41) above negatives (0.25, 0.62) in 3 of 4 pairs
@@ -280,7 +285,7 @@ def test_reliability_table_adds_up_to_the_ece():
     rng = np.random.default_rng(3)
     truth = rng.random(5000)
     y = (rng.random(5000) < truth).astype(int)
-    m = score(1 / (1 + ((1 - truth) / truth) ** 3), y)  # overconfident on purpose: logits 3x too large
+    m = binary_score(1 / (1 + ((1 - truth) / truth) ** 3), y)  # overconfident on purpose: logits 3x too large
     table = m["reliability"]
     assert sum(b["n"] for b in table) == 5000
     ece = sum(b["n"] / 5000 * abs(b["accuracy"] - b["confidence"]) for b in table)
@@ -288,7 +293,7 @@ def test_reliability_table_adds_up_to_the_ece():
 
 
 def test_eval_metrics_per_head_accuracy_and_logits_not_mistaken_for_probabilities():
-    m = EvalMetrics("cpu", ("rnn", "ngram"))
+    m = EvalMetrics("cpu", ["negative", "positive"], ("rnn", "ngram"))
     labels = torch.tensor([1, 0, 1, 0])
     # the rnn head's logits all lie in [0, 1]: read as probabilities, rows 0, 1 and 3 would count as negative
     heads = torch.tensor([[0.3, -2.0], [0.2, -1.0], [0.9, 3.0], [0.1, 1.0]])

@@ -1,0 +1,138 @@
+"""More than two classes end to end: real 2-process runs on generated 4-class CSV data (DDP over gloo), a stop by
+signal and a bitwise resume, the label set as part of the run's identity, prediction, and a short run on the real
+six-class emotion tweets when a copy is there."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import (EMOTIONS, REAL_EMOTION, REPO, direct_cmd, launch_cmd, make_emotions, read_jsonl, run,
+                      tiny_overrides, train_rows, write_csv)
+from test_resume import start, wait_for_group_gone, wait_for_step
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def emotions_csv(tmp_path_factory):
+    return write_csv(tmp_path_factory.mktemp("emotions"), {"train": make_emotions(1600, 0),
+                                                           "test": make_emotions(400, 1)})
+
+
+def overrides(run_dir, data, **extra):
+    return tiny_overrides(run_dir, data, **{"train.debug_records": "true", "train.select_metric": "macro_f1",
+                                            **extra})
+
+
+def digests(run_dir):
+    return [read_jsonl(run_dir / "debug" / f"weights-rank{r}.jsonl")[-1]["sha256"] for r in (0, 1)]
+
+
+def test_four_classes_in_two_processes_learn_stop_resume_bitwise_and_predict(tmp_path, emotions_csv, cache_env):
+    ref = tmp_path / "ref"
+    proc = run(launch_cmd(2, overrides(ref, emotions_csv)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    d = digests(ref)
+    assert d[0] == d[1], "DDP ranks ended with different parameters"
+    rows = read_jsonl(ref / "metrics.jsonl")
+    val = [r for r in rows if "val/acc" in r][-1]
+    test = [r for r in rows if "test/acc" in r][0]
+    assert val["val/n"] == 160 and test["test/n"] == 400  # every review counted once over the two processes
+    assert test["test/acc"] > 0.8 and test["test/macro_f1"] > 0.8  # chance: 0.25
+    confusion = test["test/confusion"]
+    assert len(confusion) == 4 and sum(map(sum, confusion)) == 400
+    assert [sum(row) for row in confusion] == [test[f"test/support/{c}"] for c in EMOTIONS]
+    # the two ranks trained on disjoint halves that together cover each epoch
+    seen = [read_jsonl(ref / "debug" / f"samples-rank{r}.jsonl") for r in (0, 1)]
+    for epoch in (0, 1):
+        ids = [[i for row in rank if row["epoch"] == epoch for i in row["ids"]] for rank in seen]
+        assert not set(ids[0]) & set(ids[1]) and len(set(ids[0]) | set(ids[1])) == 1440
+    # the 2-process test figures are those of one process scoring the whole test file with the exported model
+    alone = subprocess.run([sys.executable, "-m", "distsent.evaluate", "--model", str(ref / "best"), "--split",
+                            "test"], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert alone.returncode == 0, alone.stderr[-3000:]
+    assert json.loads(alone.stdout.splitlines()[0])["confusion"] == confusion
+    assert "anger" in alone.stderr and "macro-F1" in alone.stderr  # the per-class report
+
+    # stopped by a signal mid-epoch, then resumed: the same weights and losses, bit for bit
+    run_dir = tmp_path / "run"
+    proc = start(2, overrides(run_dir, emotions_csv))
+    wait_for_step(run_dir, 50, proc)
+    os.kill(proc.pid, signal.SIGUSR1)
+    proc.communicate(timeout=120)
+    wait_for_group_gone(proc.pid)
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "preempted"
+    proc = run(launch_cmd(2, overrides(run_dir, emotions_csv)))
+    assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
+    assert digests(run_dir) == d
+    assert [(r["step"], r["train/loss"]) for r in train_rows(run_dir)] == [
+        (r["step"], r["train/loss"]) for r in train_rows(ref)]
+
+    # the classes are part of the run's identity: another label order cannot resume it
+    proc = run(direct_cmd(overrides(run_dir, emotions_csv, **{
+        "data.label_names": "[joy, anger, fear, sadness]", "train.epochs": 3})))
+    assert proc.returncode == 2
+    assert ("label_names: checkpoint ['anger', 'fear', 'joy', 'sadness'], config ['joy', 'anger', 'fear', "
+            "'sadness']") in proc.stderr
+
+    from distsent.predict import Predictor
+
+    predictor = Predictor.load(ref / "best")
+    assert predictor.label_names == EMOTIONS
+    out = predictor.predict(["fear1 fear2 fear7 word3", "joy4 joy5 the movie"])
+    assert [r["label"] for r in out] == ["fear", "joy"]
+    for r in out:
+        assert set(r["probabilities"]) == set(EMOTIONS) and "p_positive" not in r
+        assert sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5)
+        assert r["probability"] == max(r["probabilities"].values())
+
+
+def test_ngram_head_is_refused_for_more_than_two_classes(tmp_path, emotions_csv, cache_env):
+    proc = run(direct_cmd(tiny_overrides(tmp_path / "r", emotions_csv, **{"model.ngram_max_n": 2})))
+    assert proc.returncode == 2
+    assert "model.ngram_max_n=2: the n-gram head is for two classes and this data has 4" in proc.stderr
+
+
+def test_binary_loss_is_the_tutorials_bce():
+    """Two classes keep the single logit and BCEWithLogitsLoss per head (IMDB runs unchanged)."""
+    import torch.nn.functional as F
+
+    from distsent.config import ModelConfig
+    from distsent.model import build_model
+
+    model = build_model(30, ModelConfig(embedding_dim=8, hidden_dim=8, num_layers=1, ngram_max_n=2,
+                                        ngram_buckets=64))
+    assert model.fc.out_features == 1
+    heads, labels = torch.randn(5, 2), torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0])
+    expected = F.binary_cross_entropy_with_logits(heads, labels.unsqueeze(1).expand_as(heads), reduction="none").sum(1)
+    assert torch.equal(model.head_losses(heads, labels), expected)
+    many = build_model(30, ModelConfig(embedding_dim=8, hidden_dim=8, num_layers=1), num_classes=6)
+    assert many.fc.out_features == 6
+    logits = torch.randn(5, 6)
+    assert torch.equal(many.head_losses(logits.unsqueeze(1), labels.long()),
+                       F.cross_entropy(logits, labels.long(), reduction="none"))
+
+
+@pytest.mark.skipif(not (REAL_EMOTION / "train.csv").is_file(), reason=f"no emotion copy at {REAL_EMOTION}")
+def test_real_emotion_short_run_then_predict(tmp_path, cache_env):
+    run_dir = tmp_path / "emotion"
+    proc = run(direct_cmd([f"output_dir={run_dir}", f"data.path={REAL_EMOTION}", "train.max_steps=500",
+                           "log.trackers=[]", "train.mixed_precision=no"], config="configs/emotion.yaml"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "16000 train / 2000 val / 2000 test reviews" in proc.stderr
+    test = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "test/acc" in r][0]
+    assert test["test/n"] == 2000 and test["test/acc"] > 0.5  # six classes, the largest 35%
+    out = subprocess.run([sys.executable, "-m", "distsent.predict", "--model", str(run_dir / "best"),
+                          "i feel so happy and excited today", "i am terrified of the dark"],
+                         capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    results = [json.loads(line) for line in out.stdout.splitlines()]
+    six = {"anger", "fear", "joy", "love", "sadness", "surprise"}
+    assert all(set(r["probabilities"]) == six and r["label"] in six for r in results)

@@ -1,0 +1,136 @@
+"""Users' own data: train / validation / test files in CSV, JSONL or parquet, integer or string labels, class names
+and their order, and a clear error naming file and row for each kind of bad data."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from distsent.config import DataConfig
+from distsent.data import prepare
+from distsent.sources import DataError, find_source, load_splits
+
+# texts with the characters that break naive CSV handling: commas, quotes, newlines
+TEXTS = ['i feel "great", really', "so angry,\nso tired", "plain", "what a day, she said \"no\"", "scared\r\nstill",
+         "joy joy", "fine, i guess", "a\ttab", "\"quoted\" start", "last one"]
+LABELS = ["joy", "anger", "sadness", "joy", "fear", "joy", "sadness", "anger", "fear", "sadness"]
+
+
+def write(folder, name, fmt, texts, labels, text_col="text", label_col="label"):
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{name}.{fmt}"
+    if fmt == "csv":
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.writer(f)
+            w.writerow([label_col, "id", text_col])
+            w.writerows([y, i, t] for i, (t, y) in enumerate(zip(texts, labels)))
+    elif fmt == "jsonl":
+        path.write_text("".join(json.dumps({text_col: t, label_col: y}) + "\n" for t, y in zip(texts, labels)))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({text_col: texts, label_col: labels}), path)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_each_format_reads_every_text_exactly_with_string_labels(tmp_path, fmt):
+    write(tmp_path, "train", fmt, TEXTS, LABELS)
+    write(tmp_path, "dev", fmt, TEXTS[:4], LABELS[:4])  # "dev" is a validation name
+    write(tmp_path, "test", fmt, TEXTS[4:], LABELS[4:])
+    splits, names = load_splits(DataConfig(path=str(tmp_path)))
+    assert names == ["anger", "fear", "joy", "sadness"]  # sorted
+    assert splits["train"].texts.to_pylist() == TEXTS  # a validation file: nothing carved from train
+    assert splits["val"].texts.to_pylist() == TEXTS[:4] and splits["test"].texts.to_pylist() == TEXTS[4:]
+    assert [names[i] for i in splits["train"].labels] == LABELS
+
+
+def test_integer_labels_label_names_order_and_columns(tmp_path):
+    ints = [2, 0, 1, 2, 3, 2, 1, 0, 3, 1]
+    write(tmp_path, "train", "jsonl", TEXTS, ints, text_col="tweet", label_col="emotion")
+    write(tmp_path, "test", "jsonl", TEXTS[:3], ints[:3], text_col="tweet", label_col="emotion")
+    cfg = DataConfig(path=str(tmp_path), text_column="tweet", label_column="emotion", val_fraction=0.2)
+    splits, names = load_splits(cfg)
+    assert names == ["0", "1", "2", "3"]
+    named = DataConfig(path=str(tmp_path), text_column="tweet", label_column="emotion", val_fraction=0.2,
+                       label_names=["sadness", "joy", "love", "anger"])
+    splits, names = load_splits(named)
+    assert names == ["sadness", "joy", "love", "anger"]  # integer labels index label_names
+    assert splits["test"].labels.tolist() == ints[:3]
+    # string labels in a fixed order: indices follow label_names, not the sorted order
+    write(tmp_path / "s", "train", "csv", TEXTS, LABELS)
+    write(tmp_path / "s", "test", "csv", TEXTS, LABELS)
+    splits, names = load_splits(DataConfig(path=str(tmp_path / "s"), label_names=["sadness", "joy", "fear", "anger"]))
+    assert names == ["sadness", "joy", "fear", "anger"]
+    assert [names[i] for i in splits["test"].labels] == LABELS
+
+
+def test_files_named_one_by_one_and_numbers_in_csv(tmp_path):
+    train = write(tmp_path / "a", "mine", "csv", TEXTS, [1, 0, 1, 1, 0, 1, 0, 0, 1, 0])
+    test = write(tmp_path / "b", "held_out", "parquet", TEXTS[:2], [1, 0])
+    splits, names = load_splits(DataConfig(train_file=str(train), test_file=str(test), val_fraction=0.2))
+    assert names == ["negative", "positive"]  # integers 0/1 in a CSV: the sentiment convention
+    assert len(splits["train"].labels) + len(splits["val"].labels) == 10 and splits["test"].labels.tolist() == [1, 0]
+    with pytest.raises(DataError, match="data.test_file is not set"):
+        find_source(DataConfig(train_file=str(train)))
+
+
+def error_of(tmp_path, train, test, fmt="csv", raw_train: bytes | None = None, **cfg) -> str:
+    folder = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
+    write(folder, "train", fmt, *train)
+    write(folder, "test", fmt, *test)
+    if raw_train is not None:
+        (folder / f"train.{fmt}").write_bytes(raw_train)
+    with pytest.raises(DataError) as info:
+        load_splits(DataConfig(path=str(folder), **cfg))
+    return str(info.value)
+
+
+def test_bad_data_is_named_by_file_and_row(tmp_path):
+    good = (TEXTS, LABELS)
+    err = error_of(tmp_path, good, (["x", "y"], ["joy", "love"]))
+    assert "test.csv: line 3 has label 'love', which is not one of the classes" in err
+    err = error_of(tmp_path, good, good, label_names=["anger", "fear", "joy", "sadness", "love"])
+    assert "train.csv: no training example of class 'love'" in err
+    err = error_of(tmp_path, good, good, fmt="jsonl", text_column="tweet")
+    assert "train.jsonl: line 1: no 'tweet' column (columns: text, label)" in err
+    err = error_of(tmp_path, good, good, fmt="parquet", label_column="emotion")
+    assert "train.parquet: no 'emotion' column (columns: text, label)" in err
+    err = error_of(tmp_path, (TEXTS[:3] + ["   "] + TEXTS[4:], LABELS), good)
+    assert "train.csv: line 6 has an empty text" in err  # the header, then a text of two lines before it
+    err = error_of(tmp_path, good, good, fmt="jsonl",
+                   raw_train=b'{"text": "a", "label": "joy"}\n{"text": null, "label": "fear"}\n')
+    assert "train.jsonl: line 2 has no text (null)" in err
+    err = error_of(tmp_path, good, good, raw_train=b'label,text\njoy,fine\nfear,one, too many\n')
+    assert "train.csv: line 3 has 3 fields, the header has 2" in err
+    err = error_of(tmp_path, good, good, raw_train=b'label,text\njoy,fine\nfear,caf\xe9\n')
+    assert "train.csv: line 3 is not valid UTF-8" in err
+    err = error_of(tmp_path, (["a", "b"], ["joy", "joy"]), good)
+    assert "one class only ('joy')" in err
+    err = error_of(tmp_path, good, good, fmt="jsonl",
+                   raw_train=b'{"text": "a", "label": "joy"}\n{"text": "b", "label": 3}\n')
+    assert "train.jsonl: line 2 has label 3; labels must be all integers or all strings" in err
+
+
+def test_nothing_is_cached_when_the_data_is_bad(tmp_path):
+    write(tmp_path / "d", "train", "csv", TEXTS, LABELS)
+    write(tmp_path / "d", "test", "csv", ["x"], ["love"])
+    cache = tmp_path / "cache"
+    with pytest.raises(DataError):
+        prepare(DataConfig(path=str(tmp_path / "d"), cache_dir=str(cache), min_freq=1))
+    assert not any(cache.rglob("*.npy")) and not any(p.name.startswith("tok-") for p in cache.rglob("*"))
+
+
+def test_multiclass_cache_keeps_the_class_names_and_memory_maps(tmp_path):
+    write(tmp_path / "d", "train", "csv", TEXTS * 3, LABELS * 3)
+    write(tmp_path / "d", "test", "csv", TEXTS, LABELS)
+    cfg = DataConfig(path=str(tmp_path / "d"), cache_dir=str(tmp_path / "cache"), min_freq=1)
+    first, again = prepare(cfg), prepare(cfg)
+    assert not first.cache_hit and again.cache_hit
+    assert first.label_names == again.label_names == ["anger", "fear", "joy", "sadness"]
+    assert isinstance(again.train.tokens, np.memmap)  # every process maps the same file
+    assert (first.train.tokens == again.train.tokens).all() and (first.test.labels == again.test.labels).all()
