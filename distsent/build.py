@@ -123,9 +123,6 @@ def build_run_model(cfg: ExperimentConfig, acc, data: PreparedData):
     """The model with identical initial weights on every process, pretrained embeddings and n-gram ratios set."""
     from accelerate.utils import set_seed
 
-    if data.num_classes > 2 and cfg.model.ngram_max_n:
-        raise ConfigError(f"model.ngram_max_n={cfg.model.ngram_max_n}: the n-gram head is for two classes and this "
-                          f"data has {data.num_classes} ({', '.join(data.label_names)}); set it to 0")
     set_seed(cfg.train.seed)
     model = build_model(data.tokenizer.get_vocab_size(), cfg.model, data.num_classes)
     if acc.mixed_precision == "bf16" and not bf16_rnn_runs_on(acc.device.type):

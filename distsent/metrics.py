@@ -23,7 +23,7 @@ class EvalMetrics:
 
     def __init__(self, device, classes: list[str], head_names: tuple[str, ...] = ("rnn",)):
         from torchmetrics import SumMetric
-        from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryConfusionMatrix,
+        from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryConfusionMatrix, MulticlassAccuracy,
                                                  MulticlassCalibrationError, MulticlassConfusionMatrix)
 
         self.classes, self.binary = list(classes), len(classes) == 2
@@ -37,13 +37,17 @@ class EvalMetrics:
         self.ece = MulticlassCalibrationError(num_classes=c, n_bins=ECE_BINS, norm="l1", validate_args=False).to(device)
         # float64: 25,000 reviews' losses summed in float32 would lose digits
         self.loss = SumMetric(nan_strategy="disable").to(device).set_dtype(torch.float64)
-        self.heads = {name: BinaryAccuracy(validate_args=False).to(device).set_dtype(torch.float64)
+        def accuracy():
+            return (BinaryAccuracy(validate_args=False) if self.binary else
+                    MulticlassAccuracy(num_classes=c, average="micro", validate_args=False))
+
+        self.heads = {name: accuracy().to(device).set_dtype(torch.float64)
                       for name in head_names} if len(head_names) > 1 else {}
 
     @torch.no_grad()
     def update(self, logits: torch.Tensor, labels: torch.Tensor, head_logits: torch.Tensor | None = None) -> None:
         """logits of the model ([n], or [n, C] for C classes), labels [n] class indices, head_logits [n, heads]
-        when there are several heads."""
+        (or [n, heads, C]) when there are several heads."""
         # probabilities, never logits: torchmetrics would take a batch of logits that happen to lie in [0, 1] for
         # probabilities; in float64, where float32 would round confident ones to exactly 1 and tie them
         logits, target = logits.double(), labels.long()
@@ -59,7 +63,8 @@ class EvalMetrics:
             self.ece.update(probs, target)
             self.loss.update(F.cross_entropy(logits, target, reduction="sum"))
         for i, metric in enumerate(self.heads.values()):
-            metric.update(torch.sigmoid(head_logits[:, i].float()), target)
+            head = head_logits[:, i].float()
+            metric.update(torch.sigmoid(head) if self.binary else head, target)
 
     def compute(self) -> dict:
         """Collective under DDP: every process must call it."""

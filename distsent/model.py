@@ -22,9 +22,6 @@ class SentimentRNN(nn.Module):
 
     def __init__(self, vocab_size: int, cfg: ModelConfig, num_classes: int = 2, pad_id: int = 0):
         super().__init__()
-        if num_classes > 2 and cfg.ngram_max_n:
-            raise ValueError(f"model.ngram_max_n={cfg.ngram_max_n}: the n-gram head is for two classes; set it to 0 "
-                             f"for these {num_classes} classes")
         self.cfg, self.num_classes = cfg, num_classes
         self.embedding = nn.Embedding(vocab_size, cfg.embedding_dim, padding_idx=pad_id)
         self.embedding_dropout = nn.Dropout(cfg.embedding_dropout)
@@ -46,7 +43,7 @@ class SentimentRNN(nn.Module):
         self.dropout = nn.Dropout(cfg.dropout)
         # two classes: the tutorial's single logit (sigmoid, BCE); more: one logit per class (softmax, cross-entropy)
         self.fc = nn.Linear(out_dim, 1 if num_classes == 2 else num_classes)
-        self.ngrams = NgramHead(vocab_size, cfg) if cfg.ngram_max_n else None
+        self.ngrams = NgramHead(vocab_size, cfg, num_classes) if cfg.ngram_max_n else None
         if cfg.cell == "lstm" and cfg.forget_bias:
             self._init_forget_bias(cfg.forget_bias)
         # Set by the trainer where the device cannot run the recurrent layer under bf16 autocast (a CPU whose oneDNN
@@ -65,7 +62,7 @@ class SentimentRNN(nn.Module):
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, heads: bool = False) -> torch.Tensor:
         """Two classes: one logit per review; with heads=True, one column per classifier head ([batch, 1] or
         [batch, 2] with the n-gram head), which the trainer gives each its own loss. C classes: [batch, C] logits,
-        with heads=True [batch, 1, C]."""
+        with heads=True [batch, heads, C]."""
         lengths = lengths.to(input_ids.device).clamp(min=1)
         x = self.embedding_dropout(self.embedding(input_ids))
         if self.rnn_fp32 and torch.is_autocast_enabled(x.device.type):
@@ -75,15 +72,19 @@ class SentimentRNN(nn.Module):
             out = self._recurrent(x, lengths)
         logits = self.fc(self.dropout(self._pool(out, lengths))).float()
         if self.num_classes > 2:
-            return logits.unsqueeze(1) if heads else logits
-        if self.ngrams is not None:
+            logits = logits.unsqueeze(1)
+            if self.ngrams is not None:
+                logits = torch.cat([logits, self.ngrams(input_ids, lengths).unsqueeze(1)], dim=1)
+        elif self.ngrams is not None:
             logits = torch.cat([logits, self.ngrams(input_ids, lengths).unsqueeze(-1)], dim=-1)
         return logits if heads else self.combine(logits)
 
     def combine(self, head_logits: torch.Tensor) -> torch.Tensor:
         """The model's logit(s) from the per-head logits: recurrent + ngram_weight * n-gram."""
         if self.num_classes > 2:
-            return head_logits[:, 0]
+            if head_logits.shape[1] == 1:
+                return head_logits[:, 0]
+            return head_logits[:, 0] + self.cfg.ngram_weight * head_logits[:, 1]
         if head_logits.shape[-1] == 1:
             return head_logits[..., 0]
         return head_logits[..., 0] + self.cfg.ngram_weight * head_logits[..., 1]
@@ -91,7 +92,7 @@ class SentimentRNN(nn.Module):
     def head_losses(self, heads: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Each review's loss, summed over the heads: BCE of each head's logit (two classes), cross-entropy (C)."""
         if self.num_classes > 2:
-            return F.cross_entropy(heads[:, 0], labels.long(), reduction="none")
+            return sum(F.cross_entropy(heads[:, h], labels.long(), reduction="none") for h in range(heads.shape[1]))
         return F.binary_cross_entropy_with_logits(heads, labels.unsqueeze(1).expand_as(heads), reduction="none").sum(1)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
@@ -138,7 +139,8 @@ class NgramHead(nn.Module):
 
     Features are binary (does the review contain this word / n-gram?) and each is scaled by its naive-Bayes
     log-count ratio r = log((p / |p|) / (q / |q|)), counted over the positive (p) and negative (q) training reviews
-    with add-one smoothing (Wang & Manning 2012). The logit is the sum of r * w over the distinct n-grams present,
+    with add-one smoothing (Wang & Manning 2012). With C classes there is one such regression per class, one
+    against the rest (p: the class's reviews, q: all others), giving C logits, as multi-class NBSVM does. The logit is the sum of r * w over the distinct n-grams present,
     plus a bias; w is learned. Word n-grams (n = 2..max_n) are hashed from the word ids into a fixed number of
     buckets, so the head needs no n-gram vocabulary and works on the token ids the recurrent layer reads, in
     training and in prediction. `fit_ratios` fills r from the training split before the first step; r is a
@@ -148,15 +150,17 @@ class NgramHead(nn.Module):
     # A polynomial hash of the word ids, reduced modulo a prime after each word so it never leaves int64.
     _MULTIPLIER, _PRIME = 1_000_003, (1 << 31) - 1
 
-    def __init__(self, vocab_size: int, cfg: ModelConfig):
+    def __init__(self, vocab_size: int, cfg: ModelConfig, num_classes: int = 2):
         super().__init__()
         self.vocab_size, self.max_n, self.buckets = vocab_size, cfg.ngram_max_n, cfg.ngram_buckets
+        self.num_classes = num_classes
         rows = vocab_size + (cfg.ngram_buckets if cfg.ngram_max_n > 1 else 0)
+        shape = (rows,) if num_classes == 2 else (num_classes, rows)  # one regression, or one per class
         # zero: the head starts at its bias. r then sets how fast each feature's effective weight r * w moves
         # (Adam steps w by about lr whatever its gradient's size), so features with strong evidence learn first.
-        self.weight = nn.Parameter(torch.zeros(rows))
-        self.bias = nn.Parameter(torch.zeros(()))
-        self.register_buffer("ratio", torch.zeros(rows))
+        self.weight = nn.Parameter(torch.zeros(shape))
+        self.bias = nn.Parameter(torch.zeros(shape[:-1]))
+        self.register_buffer("ratio", torch.zeros(shape))
 
     def ngram_ids(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Row ids [batch, positions] of every word and n-gram, and a mask of those lying inside the review."""
@@ -184,18 +188,29 @@ class NgramHead(nn.Module):
     @torch.no_grad()
     def fit_ratios(self, batches) -> None:
         """Set r from (input_ids, lengths, labels) batches of the training split."""
-        counts = torch.ones(2, self.ratio.numel(), dtype=torch.float64)  # add-one smoothing
+        rows = self.ratio.shape[-1]
+        counts = torch.zeros(self.num_classes, rows, dtype=torch.float64)  # reviews of each class with each feature
         for input_ids, lengths, labels in batches:
             ids, keep = self.present(input_ids, lengths)
-            for label in (0, 1):
-                rows = keep & (labels == label).unsqueeze(1)
-                counts[label] += torch.bincount(ids[rows], minlength=self.ratio.numel()).double()
-        p, q = counts[1] / counts[1].sum(), counts[0] / counts[0].sum()
-        self.ratio.copy_((p / q).log().float())
+            for label in range(self.num_classes):
+                present = keep & (labels == label).unsqueeze(1)
+                counts[label] += torch.bincount(ids[present], minlength=rows).double()
+
+        def ratio(c: int) -> torch.Tensor:  # class c against the rest, add-one smoothed
+            p, q = counts[c] + 1, counts.sum(0) - counts[c] + 1
+            return ((p / p.sum()) / (q / q.sum())).log()
+
+        if self.num_classes == 2:
+            self.ratio.copy_(ratio(1).float())
+        else:
+            self.ratio.copy_(torch.stack([ratio(c) for c in range(self.num_classes)]).float())
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
+        """[batch] logits (two classes), or [batch, C]."""
         ids, keep = self.present(input_ids, lengths)
-        return (self.ratio[ids] * self.weight[ids] * keep).sum(1) + self.bias
+        if self.num_classes == 2:
+            return (self.ratio[ids] * self.weight[ids] * keep).sum(1) + self.bias
+        return (self.ratio[:, ids] * self.weight[:, ids] * keep).sum(-1).T + self.bias
 
 
 def _reverse_index(lengths: torch.Tensor, width: int) -> torch.Tensor:

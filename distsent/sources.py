@@ -133,7 +133,7 @@ def checked_split(texts, labels, where: str, rows: list[str] | None = None) -> R
     if texts.null_count:
         row = int(np.flatnonzero(texts.is_null().to_numpy(zero_copy_only=False))[0])
         raise DataError(f"{where}: {split.where(row)} has no text (null)")
-    blank = pc.equal(pc.utf8_trim_whitespace(texts), "").to_numpy(zero_copy_only=False)
+    blank = pc.match_substring_regex(texts, r"^\s*$").to_numpy(zero_copy_only=False)  # stops at a text's first word
     if blank.any():
         raise DataError(f"{where}: {split.where(int(np.flatnonzero(blank)[0]))} has an empty text")
     if len(split.labels) and split.labels.dtype == object and any(v is None for v in split.labels):
@@ -253,7 +253,10 @@ def _read_aclimdb(root: Path, split: str) -> RawSplit:
 def _read_hub(cfg: DataConfig, split: str) -> tuple[RawSplit, list[str] | None]:
     """A split of a hub data set, and its class names when the label column is a ClassLabel."""
     import datasets
+    from huggingface_hub.utils import logging as hub_logging
 
+    # without the hub its retries print two warnings each for half a minute; the failure is reported in one line
+    hub_logging.set_verbosity_error()
     where = f"hub dataset {cfg.hub_name}" + (f" ({cfg.hub_config})" if cfg.hub_config else "") + f" [{split}]"
     try:
         ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config or None, split=split)

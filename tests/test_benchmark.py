@@ -71,3 +71,13 @@ def test_gpu_check_runs_every_step_on_a_cpu(tmp_path, synth_imdb, cache_env):
     for name in ("imdb_lstm", "imdb_best"):
         assert result[name]["rc"] == 0 and result[name]["test_acc"] is not None, result[name]["log_tail"]
     assert "gpu_check: all steps ran" in (out / "gpu_check.log").read_text()
+
+
+def test_preparation_benchmark_reports_cold_and_cached_rows(synth_imdb):
+    proc = subprocess.run([sys.executable, "benchmarks/prepare.py", "--data", str(synth_imdb), "--copies", "1", "3"],
+                          cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = proc.stdout.splitlines()
+    assert len(rows) == 4 and all("peak RSS" in r and "file-backed" in r for r in rows)
+    assert "IMDB x1   prepare (cold cache)     1440 train" in rows[0] and "load (cached)" in rows[1]
+    assert "IMDB x3   prepare (cold cache)     4320 train" in rows[2]  # the training split, three times

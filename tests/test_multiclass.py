@@ -1,6 +1,6 @@
 """More than two classes end to end: real 2-process runs on generated 4-class CSV data (DDP over gloo), a stop by
-signal and a bitwise resume, the label set as part of the run's identity, prediction, and a short run on the real
-six-class emotion tweets when a copy is there."""
+signal and a bitwise resume, the label set as part of the run's identity, prediction, the n-gram head's per-class
+ratios, and a short run on the real six-class emotion tweets when a copy is there."""
 
 from __future__ import annotations
 
@@ -17,24 +17,22 @@ from conftest import (EMOTIONS, REAL_EMOTION, REPO, direct_cmd, launch_cmd, make
                       tiny_overrides, train_rows, write_csv)
 from test_resume import start, wait_for_group_gone, wait_for_step
 
-pytestmark = pytest.mark.slow
-
-
 @pytest.fixture(scope="module")
 def emotions_csv(tmp_path_factory):
     return write_csv(tmp_path_factory.mktemp("emotions"), {"train": make_emotions(1600, 0),
                                                            "test": make_emotions(400, 1)})
 
 
-def overrides(run_dir, data, **extra):
+def overrides(run_dir, data, **extra):  # with the n-gram head: one regression per class beside the LSTM's logits
     return tiny_overrides(run_dir, data, **{"train.debug_records": "true", "train.select_metric": "macro_f1",
-                                            **extra})
+                                            "model.ngram_max_n": 2, "model.ngram_buckets": 4096, **extra})
 
 
 def digests(run_dir):
     return [read_jsonl(run_dir / "debug" / f"weights-rank{r}.jsonl")[-1]["sha256"] for r in (0, 1)]
 
 
+@pytest.mark.slow
 def test_four_classes_in_two_processes_learn_stop_resume_bitwise_and_predict(tmp_path, emotions_csv, cache_env):
     ref = tmp_path / "ref"
     proc = run(launch_cmd(2, overrides(ref, emotions_csv)))
@@ -46,6 +44,7 @@ def test_four_classes_in_two_processes_learn_stop_resume_bitwise_and_predict(tmp
     test = [r for r in rows if "test/acc" in r][0]
     assert val["val/n"] == 160 and test["test/n"] == 400  # every review counted once over the two processes
     assert test["test/acc"] > 0.8 and test["test/macro_f1"] > 0.8  # chance: 0.25
+    assert test["test/acc_rnn"] > 0.5 and test["test/acc_ngram"] > 0.5  # each head alone
     confusion = test["test/confusion"]
     assert len(confusion) == 4 and sum(map(sum, confusion)) == 400
     assert [sum(row) for row in confusion] == [test[f"test/support/{c}"] for c in EMOTIONS]
@@ -94,10 +93,29 @@ def test_four_classes_in_two_processes_learn_stop_resume_bitwise_and_predict(tmp
         assert r["probability"] == max(r["probabilities"].values())
 
 
-def test_ngram_head_is_refused_for_more_than_two_classes(tmp_path, emotions_csv, cache_env):
-    proc = run(direct_cmd(tiny_overrides(tmp_path / "r", emotions_csv, **{"model.ngram_max_n": 2})))
-    assert proc.returncode == 2
-    assert "model.ngram_max_n=2: the n-gram head is for two classes and this data has 4" in proc.stderr
+def test_multiclass_ngram_ratios_against_a_hand_computation():
+    """One-vs-rest naive-Bayes ratios per class: r[c, f] = log((p / |p|) / (q / |q|)) with p the add-one smoothed
+    counts of reviews of class c holding word f, q those of every other class."""
+    import math
+
+    from distsent.config import ModelConfig
+    from distsent.model import NgramHead
+
+    head = NgramHead(8, ModelConfig(ngram_max_n=1), num_classes=3)
+    ids = torch.tensor([[2, 3, 0], [2, 4, 0], [4, 4, 5], [3, 0, 0]])
+    lengths, labels = torch.tensor([2, 2, 3, 1]), torch.tensor([0, 1, 2, 0])
+    head.fit_ratios([(ids, lengths, labels)])
+    has = {0: {2: 1, 3: 2}, 1: {2: 1, 4: 1}, 2: {4: 1, 5: 1}}  # reviews of each class holding each word (once each)
+    for c in range(3):
+        p = [has[c].get(f, 0) + 1 for f in range(8)]
+        q = [sum(has[k].get(f, 0) for k in has if k != c) + 1 for f in range(8)]
+        expected = [math.log((p[f] / sum(p)) / (q[f] / sum(q))) for f in range(8)]
+        assert head.ratio[c].tolist() == pytest.approx(expected, rel=1e-6)
+    with torch.no_grad():
+        head.weight.fill_(1.0)
+    logits = head(ids, lengths)  # each class's logit: the ratios of the review's distinct words
+    assert logits.shape == (4, 3)
+    assert logits[2].tolist() == pytest.approx((head.ratio[:, 4] + head.ratio[:, 5]).tolist(), rel=1e-6)
 
 
 def test_binary_loss_is_the_tutorials_bce():
@@ -120,6 +138,7 @@ def test_binary_loss_is_the_tutorials_bce():
                        F.cross_entropy(logits, labels.long(), reduction="none"))
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (REAL_EMOTION / "train.csv").is_file(), reason=f"no emotion copy at {REAL_EMOTION}")
 def test_real_emotion_short_run_then_predict(tmp_path, cache_env):
     run_dir = tmp_path / "emotion"
