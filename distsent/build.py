@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from . import files
-from .config import ConfigError, ExperimentConfig, resume_identity, save_config
+from .config import ConfigError, ExperimentConfig, resume_identity
+from .configfile import save_config
 from .data import PreparedData, prepare
 from .runlock import RunLock, RunLockedError
 from .model import build_model

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from . import files
-from .config import save_config
+from .configfile import save_config
 from .files import IntegrityError, WriteError
 from .together import fail_together
 

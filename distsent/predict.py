@@ -18,7 +18,8 @@ import numpy as np
 import torch
 
 from .checkpoint import load_weights, verify_model_folder
-from .config import ConfigError, load_config
+from .config import ConfigError
+from .configfile import load_config
 from .model import build_model
 from .sources import BINARY_NAMES
 from .tokenizer import encode, load_tokenizer

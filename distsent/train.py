@@ -18,7 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from .config import ConfigError, describe, load_config
+from .config import ConfigError
+
+from .configfile import describe, load_config
 from .files import IntegrityError, WriteError
 from .sources import DataError
 

@@ -114,7 +114,8 @@ def model_dir(tmp_path_factory):
     import torch
 
     from distsent.checkpoint import export_model
-    from distsent.config import DataConfig, load_config
+    from distsent.config import DataConfig
+    from distsent.configfile import load_config
     from distsent.model import build_model
     from distsent.tokenizer import train_tokenizer
 

@@ -4,7 +4,9 @@ from pathlib import Path
 
 import pytest
 
-from distsent.config import ConfigError, config_from_dict, load_config, save_config
+from distsent.config import ConfigError
+
+from distsent.configfile import config_from_dict, load_config, save_config
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

@@ -40,7 +40,7 @@ def test_padding_invariance_on_cuda():
 def test_fp16_scaler_skips_an_inf_step_counts_it_and_is_checkpointed(synth_imdb, tmp_path, cache_env):
     """A step whose gradients hold an inf is skipped by the scaler (weights unchanged), counted in the logs, and
     the scaler's state (its lowered scale) travels through a checkpoint."""
-    from distsent.config import load_config
+    from distsent.configfile import load_config
     from distsent.preemption import StopFlag
     from distsent.trainer import Trainer
 
@@ -114,7 +114,7 @@ def test_gpu_checkpoint_and_best_model_load_on_a_cpu(synth_imdb, tmp_path, cache
     assert proc.returncode == 0, proc.stderr[-3000:]
     code = (
         "import sys, torch; from distsent import checkpoint as ckpt; from distsent.predict import Predictor\n"
-        "from distsent.config import load_config; from distsent.model import build_model\n"
+        "from distsent.configfile import load_config; from distsent.model import build_model\n"
         f"p = Predictor.load({str(run_dir / 'best')!r}); print(p.predict(['good0 great', 'bad0 awful']))\n"
         f"last = ckpt.find_latest(__import__('pathlib').Path({str(run_dir / 'checkpoints')!r}))\n"
         "cfg = load_config(last.parent.parent / 'config.yaml')\n"

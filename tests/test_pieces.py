@@ -18,8 +18,9 @@ from conftest import REPO, binary_score, direct_cmd, read_jsonl, run, tiny_overr
 from distsent import checkpoint as ckpt
 from distsent import files
 from distsent.build import build_scheduler, lr_factor
-from distsent.config import DataConfig, ExperimentConfig, load_config, resume_identity
-from distsent.metrics import EvalMetrics, score
+from distsent.config import DataConfig, ExperimentConfig, resume_identity
+from distsent.configfile import load_config
+from distsent.metrics import EvalMetrics
 from distsent.state import TrainState
 
 

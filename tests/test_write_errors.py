@@ -117,7 +117,8 @@ def test_best_model_on_a_full_disk_keeps_the_previous_one(small_disk):
 
     from conftest import make_reviews
     from distsent.checkpoint import export_model, verify_model_folder
-    from distsent.config import DataConfig, load_config
+    from distsent.config import DataConfig
+    from distsent.configfile import load_config
     from distsent.files import WriteError, sha256_file
     from distsent.model import build_model
     from distsent.tokenizer import train_tokenizer
@@ -139,7 +140,7 @@ def test_best_model_on_a_full_disk_keeps_the_previous_one(small_disk):
 def test_run_records_on_a_full_then_read_only_disk(small_disk):
     """metrics.jsonl: the row that does not fit is removed whole and the failure kept for the trainer to stop on;
     status.json is still written on the full disk (in place); a read-only filesystem is named as such."""
-    from distsent.config import load_config
+    from distsent.configfile import load_config
     from distsent.files import WriteError
     from distsent.tracking import RunLog, write_status
 

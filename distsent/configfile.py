@@ -1,0 +1,172 @@
+"""Config files: YAML (and `key.sub=value` overrides) onto the schema of config.py, strictly checked, and back."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from pathlib import Path
+
+import yaml
+
+from .config import ConfigError, ExperimentConfig
+from .files import atomic_write
+
+
+# --- building dataclasses from plain data ----------------------------------------------------------------------
+
+def _convert(key: str, tp, value):
+    """Check `value` against the annotation `tp` and return it in that type; errors name `key`."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {type(value).__name__} {value!r}")
+        return _build(tp, value, key + ".")
+    if origin is list:
+        (item_tp,) = typing.get_args(tp)
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+        return [_convert(f"{key}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if tp is bool:
+        if isinstance(value, str) and value.lower() in _YAML11_BOOLS:  # `yes`, `off`: booleans to YAML 1.1 users
+            return _YAML11_BOOLS[value.lower()]
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+        return float(value)
+    if tp is str:
+        if value is None:
+            return ""
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+        return str(value)
+    raise TypeError(f"{key}: unsupported annotation {tp!r}")
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known keys of {prefix.rstrip('.') or 'the config'}: "
+                          f"{', '.join(sorted(names))})")
+    kwargs = {name: _convert(prefix + name, hints[name], value) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:  # pragma: no cover - defensive
+        raise ConfigError(f"{prefix.rstrip('.')}: {exc}") from exc
+
+
+def _set_path(data: dict, dotted: str, value) -> None:
+    parts = dotted.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{'.'.join(parts[:i + 1])}: is not a section, cannot set {dotted}")
+        node = child
+    node[parts[-1]] = value
+
+
+class _Loader(yaml.SafeLoader):
+    """YAML with only true/false as booleans (YAML 1.2): YAML 1.1 also reads yes/no/on/off/y/n as booleans, which
+    turned `mixed_precision: no` into False. Fields typed bool still take those words (_YAML11_BOOLS)."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+_YAML11_BOOLS = {"yes": True, "y": True, "on": True, "no": False, "n": False, "off": False}
+
+
+def _yaml(text: str):
+    return yaml.load(text, Loader=_Loader)
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """`key.sub=value` -> ("key.sub", value), the value read as YAML (so 3 is an int, [a, b] a list)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r}: expected key.sub=value")
+    try:
+        value = _yaml(raw) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{key.strip()}: cannot read value {raw!r}: {exc}") from exc
+    return key.strip(), value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> ExperimentConfig:
+    """Read a YAML file (or start from the defaults), apply overrides, and check every key and type."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = _yaml(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    for text in overrides:
+        key, value = parse_override(text)
+        _set_path(data, key, value)
+    try:
+        return _build(ExperimentConfig, _upgrade(data))
+    except ConfigError as exc:
+        where = f"{path}: " if path is not None else ""
+        raise ConfigError(where + str(exc)) from None
+
+
+def config_from_dict(data: dict) -> ExperimentConfig:
+    return _build(ExperimentConfig, _upgrade(data))
+
+
+def _upgrade(data: dict) -> dict:
+    """Read configs saved by earlier versions, whose run folders hold every key of their day.
+
+    `model.ngram_dim` (a fastText-style bag, since replaced by the n-gram head) was saved by every run, mostly as 0,
+    beside `model.ngram_max_n: 2`, which now would switch the n-gram head on: such a config means no n-gram head.
+    """
+    model = data.get("model")
+    if isinstance(model, dict) and "ngram_dim" in model:
+        model = dict(model)
+        if model.pop("ngram_dim"):
+            raise ConfigError("model.ngram_dim: this model was trained with the fastText-style n-gram bag, which this "
+                              "version replaced by the n-gram head (model.ngram_max_n); retrain it to use it here")
+        model["ngram_max_n"] = 0
+        data = {**data, "model": model}
+    return data
+
+
+def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+def describe(cls=ExperimentConfig, prefix: str = "") -> list[str]:
+    """One line per key with its default and documentation: the config reference."""
+    lines = []
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        if dataclasses.is_dataclass(hint):
+            lines.extend(describe(hint, prefix + f.name + "."))
+            continue
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        lines.append(f"{prefix}{f.name} = {default!r}: {f.metadata.get('doc', '')}")
+    return lines
