@@ -60,32 +60,43 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trainer = Trainer(cfg, stop=stop)
         trainer.fit()
-    except (ConfigError, DataError, IntegrityError, RunLockedError) as exc:  # Integrity: checkpoint, best/
+    except RunLockedError as exc:  # the directory is another live run's: its status.json stays as it is
         return fail(f"{type(exc).__name__}: {exc}", 2)
+    except (ConfigError, DataError, IntegrityError) as exc:  # Integrity: checkpoint, best/
+        return fail(f"{type(exc).__name__}: {exc}", 2, cfg, trainer)
     except WriteError as exc:  # a full disk, no permission
-        return fail(f"{type(exc).__name__}: {exc}", exc.exit_code)
+        return fail(f"{type(exc).__name__}: {exc}", exc.exit_code, cfg, trainer)
     except PeerFailed as exc:  # another process's error
-        code = fail(f"{type(exc).__name__}: {exc}", exc.exit_code)
+        code = fail(f"{type(exc).__name__}: {exc}", exc.exit_code, cfg, trainer)
         # give the failing process a moment to end first, so that the launcher's summary names it as the root
         # cause; the launcher's SIGTERM to the rest meanwhile changes nothing
         stop.ignore()
         time.sleep(PEER_EXIT_DELAY_S)
         return code
     except NonFiniteError as exc:
-        return fail(str(exc), EXIT_NONFINITE)
+        return fail(str(exc), EXIT_NONFINITE, cfg, trainer)
     finally:  # also when the start-up failed after the process group was created
         trainer.close() if trainer is not None else close_process_group()
     return 0
 
 
-def fail(message: str, exit_code: int) -> int:
+def fail(message: str, exit_code: int, cfg=None, trainer=None) -> int:
     """One line on stderr; under `accelerate launch` / torchrun also in the error file its failure summary shows
-    for this process (instead of "To enable traceback see ...")."""
+    for this process (instead of "To enable traceback see ..."). With `cfg`, the main process also records the
+    failure in status.json if the trainer did not (a failure during start-up: bad data, a refused checkpoint), so
+    that schedulers (slurm/train.sbatch) read the documented exit code."""
     print(f"distsent-train: {message}", file=sys.stderr)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         with contextlib.suppress(OSError):
             Path(error_file).write_text(json.dumps({"message": message, "timestamp": int(time.time())}))
+    run_dir = Path(cfg.output_dir) if cfg is not None else None
+    recorded = trainer is not None and trainer.failure_recorded
+    if run_dir is not None and run_dir.is_dir() and not recorded and os.environ.get("RANK", "0") == "0":
+        from .tracking import write_status
+
+        with contextlib.suppress(OSError):  # a WriteError too: the error above is what matters
+            write_status(run_dir, state="failed", exit_code=exit_code, error=message)
     return exit_code
 
 

@@ -65,6 +65,7 @@ class Trainer:
         self.debug = DebugRecords(self.run_dir, acc.process_index, cfg.train.debug_records)
         self.started = time.perf_counter() - self.prepare_s  # wall-clock origin of time/elapsed_s
         self.eval_seconds = 0.0
+        self.failure_recorded = False  # status.json tells why the run stopped (else train.py writes it)
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
@@ -206,7 +207,7 @@ class Trainer:
 
     def _record_failure(self, exc: BaseException) -> None:
         """status.json for a run that stops early: preempted (checkpoint written) or failed, with the error."""
-        state = self.state
+        state, self.failure_recorded = self.state, True
         if isinstance(exc, Preempted):
             status = {"state": "preempted", "exit_code": EXIT_PREEMPTED}
             if self.accelerator.is_main_process:

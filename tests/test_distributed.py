@@ -135,6 +135,9 @@ def test_bad_data_stops_every_process_with_one_clear_line(tmp_path, cache_env):
     # the launcher's summary names the cause too, as the root cause: the failing process ended first
     root = proc.stderr.split("Root Cause")[1]
     assert "exitcode  : 2" in root and f"traceback : DataError: {data / cause}" in root
+    # recorded for schedulers too (slurm/train.sbatch exits with it), though the trainer never started
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and status["exit_code"] == 2 and cause in status["error"]
     assert "Connection closed by peer" not in proc.stderr and "gloo" not in proc.stderr.lower()
 
 
