@@ -10,6 +10,7 @@ batch sizes. Means over --steps steps after two warm-up steps, as seen by proces
 """
 
 import argparse
+import gc
 import os
 import socket
 import time
@@ -84,6 +85,11 @@ def _worker(rank: int, args, port: int):
             step = sum(v for k, v in sums.items() if k != "backward, no all-reduce")
             print(f"| {name} | " + " | ".join(f"{1e3 * sums[k]:.0f}" for k in names) + f" | {1e3 * step:.0f} |")
         print(f"all-reduce of a {grad.numel() * 4 / 2**20:.1f} MiB gradient alone: {1e3 * allreduce:.1f} ms")
+    # the DDP wrapper's reducer holds the group and its last all-reduce's work: freed first (as Trainer.close does),
+    # else gloo's threads can still hold that work at exit and abort the process
+    del ddp, opt
+    gc.collect()
+    dist.barrier()
     dist.destroy_process_group()
 
 
