@@ -29,7 +29,8 @@ def report(result: dict, classes: list[str]) -> str:
     for c in classes:
         lines.append(f"{c:{width}}  {result[f'precision/{c}']:9.4f}  {result[f'recall/{c}']:6.4f}  "
                      f"{result[f'f1/{c}']:6.4f}  {result[f'support/{c}']:7d}")
-    lines.append(f"{'accuracy':{width}}  {result['acc']:.4f} of {result['n']} ({result['n'] - round(result['acc'] * result['n'])} wrong)")
+    wrong = result["n"] - round(result["acc"] * result["n"])
+    lines.append(f"{'accuracy':{width}}  {result['acc']:.4f} of {result['n']} ({wrong} wrong)")
     lines.append(f"{'macro-F1':{width}}  {result['macro_f1']:.4f}")
     return "\n".join(lines)
 

@@ -140,11 +140,12 @@ class NgramHead(nn.Module):
     Features are binary (does the review contain this word / n-gram?) and each is scaled by its naive-Bayes
     log-count ratio r = log((p / |p|) / (q / |q|)), counted over the positive (p) and negative (q) training reviews
     with add-one smoothing (Wang & Manning 2012). With C classes there is one such regression per class, one
-    against the rest (p: the class's reviews, q: all others), giving C logits, as multi-class NBSVM does. The logit is the sum of r * w over the distinct n-grams present,
-    plus a bias; w is learned. Word n-grams (n = 2..max_n) are hashed from the word ids into a fixed number of
-    buckets, so the head needs no n-gram vocabulary and works on the token ids the recurrent layer reads, in
-    training and in prediction. `fit_ratios` fills r from the training split before the first step; r is a
-    buffer, so checkpoints and exported models carry it.
+    against the rest (p: the class's reviews, q: all others), giving C logits, as multi-class NBSVM does. The
+    logit is the sum of r * w over the distinct n-grams present, plus a bias; w is learned. Word n-grams
+    (n = 2..max_n) are hashed from the word ids into a fixed number of buckets, so the head needs no n-gram
+    vocabulary and works on the token ids the recurrent layer reads, in training and in prediction. `fit_ratios`
+    fills r from the training split before the first step; r is a buffer, so checkpoints and exported models
+    carry it.
     """
 
     # A polynomial hash of the word ids, reduced modulo a prime after each word so it never leaves int64.

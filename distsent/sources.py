@@ -142,12 +142,8 @@ def checked_split(texts, labels, where: str, rows: list[str] | None = None) -> R
     return split
 
 
-def _columns(cfg: DataConfig) -> tuple[str, str]:
-    return cfg.text_column, cfg.label_column
-
-
 def _missing_columns(where, present, cfg: DataConfig) -> None:
-    for col in _columns(cfg):
+    for col in (cfg.text_column, cfg.label_column):
         if col not in present:
             raise DataError(f"{where}: no '{col}' column (columns: {', '.join(present)}); set data.text_column / "
                             f"data.label_column")
@@ -250,6 +246,10 @@ def _read_aclimdb(root: Path, split: str) -> RawSplit:
     return checked_split(texts, np.asarray(labels, np.int64), str(root / split))
 
 
+def _hub_where(cfg: DataConfig, split: str) -> str:
+    return f"hub dataset {cfg.hub_name}" + (f" ({cfg.hub_config})" if cfg.hub_config else "") + f" [{split}]"
+
+
 def _read_hub(cfg: DataConfig, split: str) -> tuple[RawSplit, list[str] | None]:
     """A split of a hub data set, and its class names when the label column is a ClassLabel."""
     import datasets
@@ -257,7 +257,7 @@ def _read_hub(cfg: DataConfig, split: str) -> tuple[RawSplit, list[str] | None]:
 
     # without the hub its retries print two warnings each for half a minute; the failure is reported in one line
     hub_logging.set_verbosity_error()
-    where = f"hub dataset {cfg.hub_name}" + (f" ({cfg.hub_config})" if cfg.hub_config else "") + f" [{split}]"
+    where = _hub_where(cfg, split)
     try:
         ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config or None, split=split)
     except Exception as exc:
@@ -347,7 +347,7 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
                     "test": cfg.hub_test_split}[split]
             if name:
                 raw[split], hub_names = _read_hub(cfg, name)
-                where[split] = f"hub dataset {cfg.hub_name} [{name}]"
+                where[split] = _hub_where(cfg, name)
     names, lookup = class_names(raw["train"], cfg, hub_names, where["train"])
     for split, data in raw.items():
         data.labels = encode_labels(data, names, lookup, where[split])

@@ -139,9 +139,9 @@ class Trainer:
     def train_step(self, batch: np.ndarray) -> None:
         """Forward/backward over this rank's micro-batches of one global batch, then one optimizer step.
 
-        Each micro-batch's loss is its summed loss (BCE, or cross-entropy for C classes) scaled so that, after Accelerate divides by the accumulation
-        steps and DDP averages over processes, the gradient is the mean over the whole global batch, whatever
-        the number of processes.
+        Each micro-batch's loss is its summed loss (BCE, or cross-entropy for C classes) scaled so that, after
+        Accelerate divides by the accumulation steps and DDP averages over processes, the gradient is the mean over
+        the whole global batch, whatever the number of processes.
         """
         acc, train = self.accelerator, self.data.train
         scale = self.layout.world_size * self.layout.accum_steps / len(batch)
