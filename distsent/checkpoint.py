@@ -210,9 +210,9 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
 
 
 # What checkpoints of earlier versions had, where their identity lacks a key: two classes, selection by accuracy,
-# no class weights.
+# no class weights, no label smoothing.
 _EARLIER_DEFAULTS = {"label_names": ["negative", "positive"],
-                     "train": {"select_metric": "acc", "class_weights": "none"}}
+                     "train": {"select_metric": "acc", "class_weights": "none", "label_smoothing": 0.0}}
 
 
 def _upgrade_identity(saved: dict, current: dict) -> dict:

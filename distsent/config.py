@@ -163,6 +163,8 @@ class TrainConfig:
     class_weights: str = _doc("'none', or 'balanced': each review's loss weighted by n / (classes x reviews of its "
                               "class) over the training split, so rare classes count as much as frequent ones.",
                               "none", resume=True)
+    label_smoothing: float = _doc("Label smoothing: the training target keeps 1 - this on the true class and spreads "
+                                  "this evenly over all classes (0 = plain one-hot targets).", 0.0, resume=True)
     threads: int = _doc("CPU threads per process; 0 = the cores available divided by the local processes.", 0)
     flush_denormal: bool = _doc("Flush subnormal floats to zero (much faster LSTM backward on some Intel CPUs). "
                                 "Keep it the same between a run and its resume.", True)
@@ -181,6 +183,7 @@ class TrainConfig:
         _check_min("train.early_stop_patience", self.early_stop_patience, 0)
         _check_choice("train.select_metric", self.select_metric, ("acc", "macro_f1"))
         _check_choice("train.class_weights", self.class_weights, ("none", "balanced"))
+        _check_range("train.label_smoothing", self.label_smoothing, 0, 1, high_open=True)
         _check_min("train.threads", self.threads, 0)
 
 

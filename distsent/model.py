@@ -89,11 +89,17 @@ class SentimentRNN(nn.Module):
             return head_logits[..., 0]
         return head_logits[..., 0] + self.cfg.ngram_weight * head_logits[..., 1]
 
-    def head_losses(self, heads: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Each review's loss, summed over the heads: BCE of each head's logit (two classes), cross-entropy (C)."""
+    def head_losses(self, heads: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+        """Each review's loss, summed over the heads: BCE of each head's logit (two classes), cross-entropy (C).
+
+        smoothing (label smoothing, as in torch's cross_entropy): the target puts 1 - smoothing on the true class and
+        spreads smoothing evenly over all classes; for two classes the BCE target moves from y to
+        y (1 - smoothing) + smoothing / 2, the same distribution."""
         if self.num_classes > 2:
-            return sum(F.cross_entropy(heads[:, h], labels.long(), reduction="none") for h in range(heads.shape[1]))
-        return F.binary_cross_entropy_with_logits(heads, labels.unsqueeze(1).expand_as(heads), reduction="none").sum(1)
+            return sum(F.cross_entropy(heads[:, h], labels.long(), reduction="none", label_smoothing=smoothing)
+                       for h in range(heads.shape[1]))
+        targets = labels if not smoothing else labels * (1 - smoothing) + smoothing / 2
+        return F.binary_cross_entropy_with_logits(heads, targets.unsqueeze(1).expand_as(heads), reduction="none").sum(1)
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         """[batch, classes] probabilities from the model's logits (two classes: [1 - p, p], p = sigmoid)."""

@@ -154,7 +154,7 @@ class Trainer:
                 # each classifier head has its own loss: the n-gram head fits the training set within an epoch,
                 # and a loss on their sum alone would leave the recurrent head almost no gradient after that
                 heads = self.model(ids, lengths, heads=True)
-                losses = self.raw_model.head_losses(heads, labels)
+                losses = self.raw_model.head_losses(heads, labels, self.cfg.train.label_smoothing)
                 if self.class_weights is not None:
                     losses = losses * self.class_weights[labels.long()]
                 logits = self.raw_model.combine(heads.detach())

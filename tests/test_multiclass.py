@@ -155,3 +155,28 @@ def test_real_emotion_short_run_then_predict(tmp_path, cache_env):
     results = [json.loads(line) for line in out.stdout.splitlines()]
     six = {"anger", "fear", "joy", "love", "sadness", "surprise"}
     assert all(set(r["probabilities"]) == six and r["label"] in six for r in results)
+
+def test_label_smoothing_targets():
+    """train.label_smoothing: C classes put 1 - e + e/C on the true class and e/C on each other one; two classes give
+    the single logit the same two-class distribution (its BCE equals the smoothed cross-entropy of logits [0, z])."""
+    import torch.nn.functional as F
+
+    from distsent.config import ConfigError, ModelConfig, TrainConfig
+    from distsent.model import build_model
+
+    e, labels = 0.2, torch.tensor([0, 3, 5, 1])
+    many = build_model(30, ModelConfig(embedding_dim=8, hidden_dim=8, num_layers=1), num_classes=6)
+    logits = torch.randn(4, 6, dtype=torch.float64)
+    target = torch.full((4, 6), e / 6, dtype=torch.float64)
+    target[torch.arange(4), labels] += 1 - e
+    expected = -(target * torch.log_softmax(logits, -1)).sum(1)
+    assert torch.allclose(many.head_losses(logits.unsqueeze(1), labels.float(), e), expected)
+    assert not torch.allclose(many.head_losses(logits.unsqueeze(1), labels.float()), expected)
+
+    two = build_model(30, ModelConfig(embedding_dim=8, hidden_dim=8, num_layers=1))
+    z, y = torch.randn(4, 1, dtype=torch.float64), torch.tensor([0.0, 1.0, 1.0, 0.0], dtype=torch.float64)
+    pair = torch.cat([torch.zeros_like(z), z], dim=1)  # softmax([0, z]) = [1 - sigmoid(z), sigmoid(z)]
+    assert torch.allclose(two.head_losses(z, y, e), F.cross_entropy(pair, y.long(), reduction="none",
+                                                                    label_smoothing=e))
+    with pytest.raises(ConfigError, match="train.label_smoothing"):
+        TrainConfig(label_smoothing=1.0)
