@@ -2,6 +2,7 @@
 
 Layout of `<run>/checkpoints/step-NNNNNNNN/`:
   model.safetensors   model weights (the same on every process under DDP, written once)
+  ema.safetensors     with train.ema_decay: the moving average of the weights (what is evaluated), written once
   optimizer.pt        optimizer state (tensors and numbers only: loaded with torch.load(weights_only=True))
   rng-rankNNNNN.pt    each process's python / numpy / torch (/ CUDA) random states
   state.json          train state (step, data position, best model, world size, tracker run id), scheduler,
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MODEL_FILES = ("config.yaml", "tokenizer.json", "model.safetensors")
+EMA_FILE = "ema.safetensors"
 
 
 class CheckpointError(IntegrityError):
@@ -76,8 +78,10 @@ def seed_dropout(seed: int, step: int, rank: int) -> None:
 
 # --- save ------------------------------------------------------------------------------------------------------
 
-def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep_last: int) -> Path:
+def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep_last: int,
+         averaged=None) -> Path:
     """Write checkpoint `step` collectively (every process calls this) and prune old ones; returns its path.
+    `averaged`: the moving average of the weights (train.ema_decay), saved beside the weights.
 
     If any process cannot write its part (a full disk, no permission), every process raises (WriteError naming
     the file there, PeerFailed on the others), the partial folder is removed and earlier checkpoints stay as they
@@ -95,11 +99,9 @@ def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep
     def fill():
         files.atomic_write(tmp / f"rng-rank{accelerator.process_index:05d}.pt", _torch_bytes(rng_state()))
         if main:
-            from safetensors.torch import save as safetensors_bytes
-
-            weights = {k: v.detach().cpu().contiguous()
-                       for k, v in accelerator.unwrap_model(model).state_dict().items()}
-            files.atomic_write(tmp / "model.safetensors", safetensors_bytes(weights))
+            files.atomic_write(tmp / "model.safetensors", _weights_bytes(accelerator.unwrap_model(model)))
+            if averaged is not None:
+                files.atomic_write(tmp / EMA_FILE, _weights_bytes(averaged))
             files.atomic_write(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
             files.atomic_write(tmp / "state.json", json.dumps(state, indent=1))
 
@@ -122,6 +124,12 @@ def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final
+
+
+def _weights_bytes(module) -> bytes:
+    from safetensors.torch import save as safetensors_bytes
+
+    return safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()})
 
 
 def _torch_bytes(obj) -> bytes:
@@ -181,11 +189,11 @@ def find_latest(root: Path) -> Path | None:
     return None
 
 
-def load_weights(path: Path, model, optimizer=None) -> None:
+def load_weights(path: Path, model, optimizer=None, name: str = "model.safetensors") -> None:
     from safetensors.torch import load_file
 
     try:
-        model.load_state_dict(load_file(path / "model.safetensors"))
+        model.load_state_dict(load_file(path / name))
         if optimizer is not None:
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
     except (RuntimeError, ValueError, KeyError, OSError) as exc:
@@ -210,9 +218,10 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
 
 
 # What checkpoints of earlier versions had, where their identity lacks a key: two classes, selection by accuracy,
-# no class weights, no label smoothing.
+# no class weights, no label smoothing, no moving average.
 _EARLIER_DEFAULTS = {"label_names": ["negative", "positive"],
-                     "train": {"select_metric": "acc", "class_weights": "none", "label_smoothing": 0.0}}
+                     "train": {"select_metric": "acc", "class_weights": "none", "label_smoothing": 0.0,
+                               "ema_decay": 0.0}}
 
 
 def _upgrade_identity(saved: dict, current: dict) -> dict:
@@ -248,12 +257,13 @@ class CheckpointManager:
     """Owns `<run>/checkpoints/` for one run: when to save, what to resume from, and how to restore everything.
 
     `stateful` maps names to objects with state_dict()/load_state_dict() (scheduler, scaler, train state, log
-    sums) that travel in state.json beside the model and optimizer files.
+    sums) that travel in state.json beside the model and optimizer files; `averaged` is the weights' moving
+    average (a module, or None), saved in its own weights file.
     """
 
-    def __init__(self, run_dir: Path, cfg, accelerator, model, optimizer, stateful: dict):
+    def __init__(self, run_dir: Path, cfg, accelerator, model, optimizer, stateful: dict, averaged=None):
         self.root, self.cfg, self.acc = Path(run_dir) / "checkpoints", cfg, accelerator
-        self.model, self.optimizer, self.stateful = model, optimizer, stateful
+        self.model, self.optimizer, self.stateful, self.averaged = model, optimizer, stateful, averaged
 
     def due(self, step: int) -> bool:
         return bool(self.cfg.every) and step % self.cfg.every == 0
@@ -263,7 +273,7 @@ class CheckpointManager:
         t0 = time.perf_counter()
         state = {name: obj.state_dict() if obj is not None else None for name, obj in self.stateful.items()}
         path = save(self.root, step, self.acc, self.model, self.optimizer, {**state, "identity": identity},
-                    self.cfg.keep_last)
+                    self.cfg.keep_last, self.averaged)
         if self.acc.is_main_process:
             log.info("checkpoint %s written in %.2f s", path.name, time.perf_counter() - t0)
         return path
@@ -275,6 +285,8 @@ class CheckpointManager:
         saved = verify(path)
         check_compatible(saved["identity"], identity, path)
         load_weights(path, self.acc.unwrap_model(self.model), self.optimizer.optimizer)
+        if self.averaged is not None:  # the identity (train.ema_decay) says the checkpoint has one
+            load_weights(path, self.averaged, name=EMA_FILE)
         for name, obj in self.stateful.items():
             if obj is not None and saved.get(name) is not None:
                 obj.load_state_dict(saved[name])
@@ -300,15 +312,12 @@ class CheckpointManager:
 
 def export_model(folder: Path, model, tokenizer, cfg, meta: dict) -> None:
     """Write a self-contained model folder (weights, tokenizer, config, meta), sealed and swapped in atomically."""
-    from safetensors.torch import save as safetensors_bytes
-
     folder = Path(folder)
     tmp = folder.with_name(f".{folder.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     with files.writing(folder, partial=tmp):  # a failed write removes the partial folder; `folder` is untouched
         tmp.mkdir(parents=True)
-        files.atomic_write(tmp / "model.safetensors", safetensors_bytes(
-            {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}))
+        files.atomic_write(tmp / "model.safetensors", _weights_bytes(model))
         files.atomic_write(tmp / "tokenizer.json", tokenizer.to_str(pretty=True))
         save_config(cfg, tmp / "config.yaml")
         files.atomic_write(tmp / "meta.json", json.dumps(meta))

@@ -165,6 +165,9 @@ class TrainConfig:
                               "none", resume=True)
     label_smoothing: float = _doc("Label smoothing: the training target keeps 1 - this on the true class and spreads "
                                   "this evenly over all classes (0 = plain one-hot targets).", 0.0, resume=True)
+    ema_decay: float = _doc("Keep an exponential moving average of the weights, updated after every optimizer step "
+                            "with this decay (0.999: about the last 1,000 steps); validation, best/ and the test "
+                            "use the averaged weights. 0 = off.", 0.0, resume=True)
     threads: int = _doc("CPU threads per process; 0 = the cores available divided by the local processes.", 0)
     flush_denormal: bool = _doc("Flush subnormal floats to zero (much faster LSTM backward on some Intel CPUs). "
                                 "Keep it the same between a run and its resume.", True)
@@ -184,6 +187,7 @@ class TrainConfig:
         _check_choice("train.select_metric", self.select_metric, ("acc", "macro_f1"))
         _check_choice("train.class_weights", self.class_weights, ("none", "balanced"))
         _check_range("train.label_smoothing", self.label_smoothing, 0, 1, high_open=True)
+        _check_range("train.ema_decay", self.ema_decay, 0, 1, high_open=True)
         _check_min("train.threads", self.threads, 0)
 
 

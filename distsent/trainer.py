@@ -13,10 +13,9 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .build import (announce, batch_tensors, build_accelerator, build_data, build_layout, build_optimizer,
-                    build_run_model, build_scheduler, class_weights, close_process_group, lock_run_dir, new_run_id,
-                    run_identity,
-                    setup_threads)
+from .build import (announce, batch_tensors, build_accelerator, build_data, build_ema, build_layout,
+                    build_optimizer, build_run_model, build_scheduler, class_weights, close_process_group,
+                    lock_run_dir, new_run_id, run_identity, setup_threads)
 from .config import ExperimentConfig
 from .files import WriteError
 from .metrics import EXIT_NONFINITE, EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums
@@ -52,13 +51,16 @@ class Trainer:
         model = build_run_model(cfg, acc, self.data)
         self.model, self.optimizer = acc.prepare(model, build_optimizer(cfg, model))
         self.raw_model = acc.unwrap_model(self.model)
+        self.ema = build_ema(cfg, self.raw_model)
+        self.eval_model = self.ema.module if self.ema is not None else self.raw_model  # validated, exported, tested
         self.steps_per_epoch = len(epoch_batches(self.data.train.lengths, self.layout.global_batch, 0, 0, 1))
         self.total_steps = min(self.steps_per_epoch * cfg.train.epochs, cfg.train.max_steps or 1 << 62)
         self.scheduler = build_scheduler(cfg, self.optimizer.optimizer, self.total_steps)
         self.state = TrainState(world_size=acc.num_processes)
         self.sums, self.watch = TrainSums(acc), NonFiniteWatch(acc)
         self.checkpoints = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint, acc, self.model, self.optimizer, {
-            "train_state": self.state, "log_sums": self.sums, "scheduler": self.scheduler, "scaler": acc.scaler})
+            "train_state": self.state, "log_sums": self.sums, "scheduler": self.scheduler, "scaler": acc.scaler},
+            averaged=self.ema)
         self.identity = run_identity(cfg, self.data)
         self.class_weights = class_weights(cfg, self.data, acc.device)
         self.stop = stop or StopFlag(cfg.dist.stop_signals)
@@ -173,6 +175,8 @@ class Trainer:
                         self.sums.add(skipped=(acc.scaler._scale < scale).double().sum() * share)
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
+                    if self.ema is not None:
+                        self.ema.update_parameters(self.raw_model)
             with torch.no_grad():  # running sums stay on the device: no host sync until the next log
                 self.sums.add(loss=losses.detach().sum() * weight, samples=len(idx) * weight,
                               correct=(self.raw_model.predicted(logits) == labels.long()).float().sum() * weight,
@@ -190,7 +194,7 @@ class Trainer:
         the same number of reviews (within one) and nearly the same number of tokens.
         """
         t0 = time.perf_counter()
-        acc, model = self.accelerator, self.raw_model
+        acc, model = self.accelerator, self.eval_model
         was_training = model.training
         model.eval()
         mine = np.argsort(split.lengths, kind="stable")[acc.process_index:: acc.num_processes]
@@ -244,13 +248,13 @@ class Trainer:
         runlog.log({f"val/{k}": v for k, v in metrics.items()} | {
             "epoch": self._epoch_float(), "time/elapsed_s": time.perf_counter() - self.started}, state.step)
         runlog.log_wandb(lambda wandb: eval_media(wandb, metrics, self.data.label_names, example_predictions(
-            self.raw_model, self.data.val, self.data.tokenizer, self.accelerator)), state.step)
+            self.eval_model, self.data.val, self.data.tokenizer, self.accelerator)), state.step)
         select = self.cfg.train.select_metric
         if state.record_eval(metrics[select]):
             failure = None
             if self.accelerator.is_main_process:
                 try:
-                    ckpt.export_model(self.run_dir / "best", self.raw_model, self.data.tokenizer, self.cfg,
+                    ckpt.export_model(self.run_dir / "best", self.eval_model, self.data.tokenizer, self.cfg,
                                       {"step": state.step, f"val_{select}": state.best_val_acc,
                                        "vocab_size": self.data.tokenizer.get_vocab_size(),
                                        "label_names": self.data.label_names})
@@ -273,7 +277,7 @@ class Trainer:
         if self.accelerator.is_main_process:  # checks (and after a crash, repairs) it once, for every process
             ckpt.verify_model_folder(best)
         self.accelerator.wait_for_everyone()
-        ckpt.load_weights(best, self.raw_model)
+        ckpt.load_weights(best, self.eval_model)
         metrics = self.evaluate(self.data.test)
         state = self.state
         runlog.log({f"test/{k}": v for k, v in metrics.items()}, state.step)
@@ -323,7 +327,7 @@ class Trainer:
         import gc
 
         self.accelerator.free_memory()
-        self.model = self.optimizer = self.checkpoints = None
+        self.model = self.optimizer = self.checkpoints = self.ema = None
         gc.collect()
         close_process_group()
         self.lock.release()

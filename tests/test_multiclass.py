@@ -23,9 +23,17 @@ def emotions_csv(tmp_path_factory):
                                                            "test": make_emotions(400, 1)})
 
 
-def overrides(run_dir, data, **extra):  # with the n-gram head: one regression per class beside the LSTM's logits
+def overrides(run_dir, data, **extra):
+    """With the n-gram head (one regression per class beside the LSTM's logits), label smoothing and a moving
+    average of the weights (evaluated, exported and restored on resume)."""
     return tiny_overrides(run_dir, data, **{"train.debug_records": "true", "train.select_metric": "macro_f1",
-                                            "model.ngram_max_n": 2, "model.ngram_buckets": 4096, **extra})
+                                            "model.ngram_max_n": 2, "model.ngram_buckets": 4096,
+                                            "train.label_smoothing": 0.1, "train.ema_decay": 0.95, **extra})
+
+
+def val_rows(run_dir):
+    return [(r["step"], r["val/loss"], r["val/macro_f1"]) for r in read_jsonl(run_dir / "metrics.jsonl")
+            if "val/loss" in r]
 
 
 def digests(run_dir):
@@ -73,6 +81,9 @@ def test_four_classes_in_two_processes_learn_stop_resume_bitwise_and_predict(tmp
     assert digests(run_dir) == d
     assert [(r["step"], r["train/loss"]) for r in train_rows(run_dir)] == [
         (r["step"], r["train/loss"]) for r in train_rows(ref)]
+    # validation scores the moving average, which the checkpoint carried over the stop
+    assert val_rows(run_dir) == val_rows(ref) and len(val_rows(ref)) == 2
+    assert ((run_dir / "best" / "model.safetensors").read_bytes() == (ref / "best" / "model.safetensors").read_bytes())
 
     # the classes are part of the run's identity: another label order cannot resume it
     proc = run(direct_cmd(overrides(run_dir, emotions_csv, **{

@@ -425,3 +425,36 @@ def test_a_non_finite_gradient_stops_the_run_before_anything_is_written(synth_im
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000004"]
     ckpt.verify(run_dir / "checkpoints" / "step-00000004")
     assert [r["step"] for r in train_rows(run_dir)] == [3] and not (run_dir / "best").exists()
+
+
+# --- moving average of the weights, a real run -------------------------------------------------------------------
+
+def test_moving_average_of_the_weights_is_kept_saved_and_evaluated(synth_imdb, tmp_path, cache_env):
+    """train.ema_decay=d: after step t the average is e_t = d e_(t-1) + (1 - d) w_t (e_1 = w_1), recomputed here from
+    the raw weights of each step's checkpoint; the checkpoint holds it, and best/ (evaluated at the last step) is it."""
+    from safetensors.torch import load_file
+
+    from distsent.preemption import StopFlag
+    from distsent.trainer import Trainer
+
+    run_dir, d = tmp_path / "run", 0.6
+    cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{
+        "train.ema_decay": d, "train.max_steps": 4, "checkpoint.every": 1, "checkpoint.keep_last": 4}))
+    trainer = Trainer(cfg, stop=StopFlag([]))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    steps = [run_dir / "checkpoints" / f"step-{s:08d}" for s in (1, 2, 3, 4)]
+    raw = [load_file(p / "model.safetensors") for p in steps]
+    expected = dict(raw[0])
+    for w in raw[1:]:
+        expected = {k: d * expected[k] + (1 - d) * w[k] for k in w}
+    saved = load_file(steps[-1] / ckpt.EMA_FILE)
+    assert int(saved.pop("n_averaged")) == 4
+    assert {k.removeprefix("module."): v for k, v in saved.items()}.keys() == expected.keys()
+    for k, v in expected.items():
+        assert torch.allclose(saved[f"module.{k}"], v, atol=1e-6), k
+        assert not torch.equal(v, raw[-1][k]) or k.startswith("ngrams"), f"{k}: the average is the last weights"
+    best = load_file(run_dir / "best" / "model.safetensors")
+    assert all(torch.equal(best[k], saved[f"module.{k}"]) for k in expected)
