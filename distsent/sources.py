@@ -108,13 +108,13 @@ class RawSplit:
     texts: object  # a pyarrow large_string array: 25,000 reviews are never copied into Python strings
     labels: np.ndarray  # as read (integers or strings); class indices (int64) after load_splits
     ids: np.ndarray  # int64, stable ids of the records within the split
-    rows: list[str] | None = None  # where each record is, for messages ("line 12"); None: "row i"
+    lines: np.ndarray | None = None  # each record's line in its file, for messages ("line 12"); None: "row i"
 
     def where(self, i: int) -> str:
-        return self.rows[i] if self.rows is not None else f"row {i}"
+        return f"line {self.lines[i]}" if self.lines is not None else f"row {i}"
 
 
-def checked_split(texts, labels, where: str, rows: list[str] | None = None) -> RawSplit:
+def checked_split(texts, labels, where: str, lines: list[int] | None = None) -> RawSplit:
     """A RawSplit from any sequence or Arrow array of texts, after checking that every text is a non-empty string."""
     import pyarrow as pa
     import pyarrow.compute as pc
@@ -129,7 +129,8 @@ def checked_split(texts, labels, where: str, rows: list[str] | None = None) -> R
         texts = texts.combine_chunks()
     if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
         raise DataError(f"{where}: the text column holds {texts.type}, expected strings")
-    split = RawSplit(texts.cast(pa.large_string()), np.asarray(labels), np.arange(len(texts), dtype=np.int64), rows)
+    split = RawSplit(texts.cast(pa.large_string()), np.asarray(labels), np.arange(len(texts), dtype=np.int64),
+                     None if lines is None else np.asarray(lines, dtype=np.int64))
     if texts.null_count:
         row = int(np.flatnonzero(texts.is_null().to_numpy(zero_copy_only=False))[0])
         raise DataError(f"{where}: {split.where(row)} has no text (null)")
@@ -166,7 +167,7 @@ def _read_csv(path: Path, cfg: DataConfig) -> RawSplit:
         raise DataError(f"{path}: empty (expected a header row, e.g. text,label)")
     _missing_columns(path, header, cfg)
     ti, li = header.index(cfg.text_column), header.index(cfg.label_column)
-    texts, labels, rows = [], [], []
+    texts, labels, lines = [], [], []
     try:
         for record in reader:
             if not record:  # a blank line
@@ -176,14 +177,14 @@ def _read_csv(path: Path, cfg: DataConfig) -> RawSplit:
                                 f"{len(header)} (an unquoted comma or quote in a text?)")
             texts.append(record[ti])
             labels.append(record[li])
-            rows.append(f"line {reader.line_num}")
+            lines.append(reader.line_num)
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num}: {exc}") from None
-    return checked_split(texts, _as_numbers(labels), str(path), rows)
+    return checked_split(texts, _as_numbers(labels), str(path), lines)
 
 
 def _read_jsonl(path: Path, cfg: DataConfig) -> RawSplit:
-    texts, labels, rows = [], [], []
+    texts, labels, lines = [], [], []
     for n, line in enumerate(_utf8(path).splitlines(), 1):
         if not line.strip():
             continue
@@ -199,8 +200,8 @@ def _read_jsonl(path: Path, cfg: DataConfig) -> RawSplit:
             raise DataError(f"{path}: line {n}: the text is {type(text).__name__}, expected a string")
         texts.append(text)
         labels.append(label)
-        rows.append(f"line {n}")
-    return checked_split(texts, _as_array(labels), str(path), rows)
+        lines.append(n)
+    return checked_split(texts, _as_array(labels), str(path), lines)
 
 
 def _read_parquet(path: Path, cfg: DataConfig) -> RawSplit:
