@@ -258,6 +258,21 @@ def test_plain_scancel_stops_for_good_after_a_checkpoint(cluster, job_env, synth
     assert "not requeueing" in text
 
 
+def test_a_failed_run_ends_the_job_with_the_trainers_exit_code(cluster, job_env, tmp_path):
+    """Bad data (a test label training never saw): the job fails with the trainer's documented code 2 from
+    status.json, not the launcher's catch-all 1, and its log names the file and line."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.csv").write_text("text,label\n" + "".join(f"good words {i},pos\nbad words {i},neg\n"
+                                                           for i in range(40)))
+    (data / "test.csv").write_text("text,label\ngood words,pos\nodd words,maybe\n")
+    job = sbatch(job_env, tmp_path, [], "train.sbatch", [str(CONFIG), *overrides(data)])
+    fields, text = wait_done(job), job_logs(tmp_path)
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0", text[-3000:]
+    assert status(tmp_path / "runs" / f"smoke-{job}")["exit_code"] == 2
+    assert f"{data / 'test.csv'}: line 3 has label 'maybe'" in text
+
+
 def test_sweep_file_line_per_task_and_node_rank_per_task(cluster, tmp_path):
     """Without running anything (DISTSENT_DRY_RUN): task i takes line i of the overrides file, the run directory
     is named after the array task, and the node rank is left for each srun task's own shell to expand."""
