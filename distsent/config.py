@@ -164,10 +164,12 @@ class TrainConfig:
                               "class) over the training split, so rare classes count as much as frequent ones.",
                               "none", resume=True)
     label_smoothing: float = _doc("Label smoothing: the training target keeps 1 - this on the true class and spreads "
-                                  "this evenly over all classes (0 = plain one-hot targets).", 0.0, resume=True)
+                                  "this evenly over all classes (0 = plain one-hot targets). train/loss is then the "
+                                  "smoothed loss; the val/ and test/ losses stay plain.", 0.0, resume=True)
     ema_decay: float = _doc("Keep an exponential moving average of the weights, updated after every optimizer step "
-                            "with this decay (0.999: about the last 1,000 steps); validation, best/ and the test "
-                            "use the averaged weights. 0 = off.", 0.0, resume=True)
+                            "with this decay (0.999: about the last 1,000 steps; a step the fp16 loss scaler skips "
+                            "counts too); validation, best/ and the test use the averaged weights. 0 = off.", 0.0,
+                            resume=True)
     threads: int = _doc("CPU threads per process; 0 = the cores available divided by the local processes.", 0)
     flush_denormal: bool = _doc("Flush subnormal floats to zero (much faster LSTM backward on some Intel CPUs). "
                                 "Keep it the same between a run and its resume.", True)

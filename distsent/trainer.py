@@ -327,7 +327,7 @@ class Trainer:
         import gc
 
         self.accelerator.free_memory()
-        self.model = self.optimizer = self.checkpoints = self.ema = None
+        self.model = self.optimizer = self.checkpoints = self.ema = self.eval_model = None
         gc.collect()
         close_process_group()
         self.lock.release()

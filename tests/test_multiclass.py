@@ -167,6 +167,7 @@ def test_real_emotion_short_run_then_predict(tmp_path, cache_env):
     six = {"anger", "fear", "joy", "love", "sadness", "surprise"}
     assert all(set(r["probabilities"]) == six and r["label"] in six for r in results)
 
+
 def test_label_smoothing_targets():
     """train.label_smoothing: C classes put 1 - e + e/C on the true class and e/C on each other one; two classes give
     the single logit the same two-class distribution (its BCE equals the smoothed cross-entropy of logits [0, z])."""
