@@ -189,11 +189,17 @@ def run_identity(cfg: ExperimentConfig, data: PreparedData) -> dict:
 
 
 def class_weights(cfg: ExperimentConfig, data: PreparedData, device) -> torch.Tensor | None:
-    """train.class_weights=balanced: n / (classes x count of the class) per class, over the training split."""
+    """Per-class loss weights over the training split: balanced = n / (classes x count of the class); sqrt = its
+    square root, rescaled so that the mean weight of a training review stays 1 (the learning rate keeps its
+    meaning), as balanced's already is."""
     if cfg.train.class_weights == "none":
         return None
     counts = np.bincount(np.asarray(data.train.labels), minlength=data.num_classes)
-    return torch.tensor(len(data.train) / (data.num_classes * counts), dtype=torch.float32, device=device)
+    weights = len(data.train) / (data.num_classes * counts)
+    if cfg.train.class_weights == "sqrt":
+        weights = np.sqrt(weights)
+        weights = weights * len(data.train) / (weights * counts).sum()
+    return torch.tensor(weights, dtype=torch.float32, device=device)
 
 
 def new_run_id(acc) -> str:

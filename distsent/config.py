@@ -160,9 +160,10 @@ class TrainConfig:
     select_metric: str = _doc("Validation metric that picks the best model (best/) and drives early stopping: 'acc' "
                               "or 'macro_f1' (the mean of the classes' F1, for imbalanced classes).", "acc",
                               resume=True)
-    class_weights: str = _doc("'none', or 'balanced': each review's loss weighted by n / (classes x reviews of its "
-                              "class) over the training split, so rare classes count as much as frequent ones.",
-                              "none", resume=True)
+    class_weights: str = _doc("'none'; 'balanced': each review's loss weighted by n / (classes x reviews of its "
+                              "class) over the training split, so rare classes count as much as frequent ones; "
+                              "'sqrt': the square root of that, rescaled to a mean of 1 per review (halfway, on a "
+                              "log scale).", "none", resume=True)
     label_smoothing: float = _doc("Label smoothing: the training target keeps 1 - this on the true class and spreads "
                                   "this evenly over all classes (0 = plain one-hot targets). train/loss is then the "
                                   "smoothed loss; the val/ and test/ losses stay plain.", 0.0, resume=True)
@@ -187,7 +188,7 @@ class TrainConfig:
         _check_min("train.max_steps", self.max_steps, 0)
         _check_min("train.early_stop_patience", self.early_stop_patience, 0)
         _check_choice("train.select_metric", self.select_metric, ("acc", "macro_f1"))
-        _check_choice("train.class_weights", self.class_weights, ("none", "balanced"))
+        _check_choice("train.class_weights", self.class_weights, ("none", "balanced", "sqrt"))
         _check_range("train.label_smoothing", self.label_smoothing, 0, 1, high_open=True)
         _check_range("train.ema_decay", self.ema_decay, 0, 1, high_open=True)
         _check_min("train.threads", self.threads, 0)

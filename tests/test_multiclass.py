@@ -192,3 +192,31 @@ def test_label_smoothing_targets():
                                                                     label_smoothing=e))
     with pytest.raises(ConfigError, match="train.label_smoothing"):
         TrainConfig(label_smoothing=1.0)
+
+
+def test_class_weights_balanced_and_sqrt():
+    """balanced: n / (C x count); sqrt: its square root scaled so that the mean weight of a training review is 1."""
+    from types import SimpleNamespace
+
+    import numpy as np
+
+    from distsent.build import class_weights
+    from distsent.configfile import load_config
+
+    class Split:  # what class_weights reads of a tokenized split
+        labels = np.array([0] * 6 + [1] * 3 + [2] * 1)
+
+        def __len__(self):
+            return len(self.labels)
+
+    labels, data = Split.labels, SimpleNamespace(train=Split(), num_classes=3)
+    weights = {}
+    for kind in ("none", "balanced", "sqrt"):
+        cfg = load_config(REPO / "configs" / "emotion.yaml", [f"train.class_weights={kind}"])
+        weights[kind] = class_weights(cfg, data, "cpu")
+    assert weights["none"] is None
+    assert weights["balanced"].tolist() == pytest.approx([10 / 18, 10 / 9, 10 / 3])
+    raw = np.sqrt([10 / 18, 10 / 9, 10 / 3])
+    assert weights["sqrt"].tolist() == pytest.approx((raw * 10 / (raw * [6, 3, 1]).sum()).tolist())
+    for w in (weights["balanced"], weights["sqrt"]):
+        assert float(w[torch.from_numpy(labels)].mean()) == pytest.approx(1.0)
