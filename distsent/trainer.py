@@ -297,14 +297,18 @@ class Trainer:
         cfg, acc, state = self.cfg, self.accelerator, self.state
         if self.resume_from is not None:
             self.checkpoints.restore(self.resume_from, self.identity, cfg.train.seed)
-            if state.batch_in_epoch >= self.steps_per_epoch:  # saved by an earlier version at an epoch's last step
-                state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         else:
             ckpt.seed_dropout(cfg.train.seed, 0, acc.process_index)
         self.debug.resume(state.step)
         state.run_id = state.run_id or new_run_id(acc)
         runlog = RunLog(cfg, self.run_dir, acc, state.run_id, state.step if self.resume_from else None,
                         {**cfg.to_dict(), "launch": launch_topology(acc, self.layout)})
+        if state.batch_in_epoch >= self.steps_per_epoch:
+            # saved by an earlier version at an epoch's last step, before that epoch's evaluation (unless a periodic
+            # one fell on the step): evaluate now, so that the epoch's model is a candidate for best/
+            if not (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
+                self._validate(runlog)
+            state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         # a resumed run logs its start-up rows at its first new step: the checkpoint's step is already in W&B
         row = {"data/prepare_s": self.prepare_s, "data/cache_hit": int(self.data.cache_hit)}
         for event in state.world_size_changes:

@@ -5,6 +5,7 @@ import dataclasses
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -458,3 +459,32 @@ def test_moving_average_of_the_weights_is_kept_saved_and_evaluated(synth_imdb, t
         assert not torch.equal(v, raw[-1][k]) or k.startswith("ngrams"), f"{k}: the average is the last weights"
     best = load_file(run_dir / "best" / "model.safetensors")
     assert all(torch.equal(best[k], saved[f"module.{k}"]) for k in expected)
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_an_earlier_version_saved_at_an_epochs_last_step_gets_its_evaluation(synth_imdb, tmp_path,
+                                                                                               cache_env):
+    """Earlier versions saved a periodic checkpoint at an epoch's last step before that epoch's evaluation (data
+    position: the epoch's batches all done). Made here from a checkpoint of this version by rewriting its train state
+    (and dropping the evaluation it had logged); the resume must evaluate that epoch, then train the next."""
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(run_dir, synth_imdb, **{"checkpoint.every": 45, "checkpoint.keep_last": 3})
+    proc = run(direct_cmd(args))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ref = [(r["step"], r["val/acc"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "val/acc" in r]
+    assert [s for s, _ in ref] == [45, 90]
+    ckpts = run_dir / "checkpoints"
+    shutil.rmtree(ckpts / "step-00000090")
+    state = json.loads((ckpts / "step-00000045" / "state.json").read_text())
+    assert state["train_state"]["epoch"] == 1 and state["train_state"]["batch_in_epoch"] == 0
+    state["train_state"].update(epoch=0, batch_in_epoch=45, best_val_acc=-1.0, best_step=-1)
+    (ckpts / "step-00000045" / "state.json").write_text(json.dumps(state))
+    files.seal(ckpts / "step-00000045", step=45)
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["step"] <= 45 and "val/acc" not in r]
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    shutil.rmtree(run_dir / "best")
+
+    proc = run(direct_cmd(args))
+    assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
+    assert [(r["step"], r["val/acc"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "val/acc" in r] == ref
+    assert train_rows(run_dir)[-1]["step"] == 90
