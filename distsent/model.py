@@ -70,24 +70,19 @@ class SentimentRNN(nn.Module):
                 out = self._recurrent(x.float(), lengths)
         else:
             out = self._recurrent(x, lengths)
-        logits = self.fc(self.dropout(self._pool(out, lengths))).float()
-        if self.num_classes > 2:
-            logits = logits.unsqueeze(1)
-            if self.ngrams is not None:
-                logits = torch.cat([logits, self.ngrams(input_ids, lengths).unsqueeze(1)], dim=1)
-        elif self.ngrams is not None:
-            logits = torch.cat([logits, self.ngrams(input_ids, lengths).unsqueeze(-1)], dim=-1)
+        logits = self.fc(self.dropout(self._pool(out, lengths))).float()  # [batch, 1] or [batch, C]
+        per_head = [logits if self.num_classes == 2 else logits.unsqueeze(1)]  # the heads along dimension 1
+        if self.ngrams is not None:
+            per_head.append(self.ngrams(input_ids, lengths).unsqueeze(1))
+        logits = torch.cat(per_head, dim=1) if len(per_head) > 1 else per_head[0]
         return logits if heads else self.combine(logits)
 
     def combine(self, head_logits: torch.Tensor) -> torch.Tensor:
-        """The model's logit(s) from the per-head logits: recurrent + ngram_weight * n-gram."""
-        if self.num_classes > 2:
-            if head_logits.shape[1] == 1:
-                return head_logits[:, 0]
-            return head_logits[:, 0] + self.cfg.ngram_weight * head_logits[:, 1]
-        if head_logits.shape[-1] == 1:
-            return head_logits[..., 0]
-        return head_logits[..., 0] + self.cfg.ngram_weight * head_logits[..., 1]
+        """The model's logit(s) from the per-head logits ([batch, heads] or [batch, heads, C]): recurrent +
+        ngram_weight * n-gram."""
+        if head_logits.shape[1] == 1:
+            return head_logits[:, 0]
+        return head_logits[:, 0] + self.cfg.ngram_weight * head_logits[:, 1]
 
     def head_losses(self, heads: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
         """Each review's loss, summed over the heads: BCE of each head's logit (two classes), cross-entropy (C).

@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 from .config import ConfigError
-
 from .configfile import describe, load_config
 from .files import IntegrityError, WriteError
 from .sources import DataError
