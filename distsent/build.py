@@ -19,7 +19,7 @@ from .config import ConfigError, ExperimentConfig, resume_identity
 from .configfile import save_config
 from .data import PreparedData, prepare
 from .runlock import RunLock, RunLockedError
-from .model import build_model
+from .model import build_model, members
 from .precision import bf16_rnn_runs_on, resolve
 from .sampler import Layout
 from .tokenizer import TokenizedSplit
@@ -127,22 +127,25 @@ def build_run_model(cfg: ExperimentConfig, acc, data: PreparedData):
     set_seed(cfg.train.seed)
     model = build_model(data.tokenizer.get_vocab_size(), cfg.model, data.num_classes)
     if acc.mixed_precision == "bf16" and not bf16_rnn_runs_on(acc.device.type):
-        model.rnn_fp32 = True
+        for member in members(model):
+            member.rnn_fp32 = True
         if acc.is_main_process:
             log.warning("this %s cannot run the LSTM in bf16: the recurrent layer runs in fp32, the rest under bf16 "
                         "autocast", "GPU's cuDNN" if acc.device.type == "cuda" else "CPU (oneDNN without native bf16)")
     if cfg.model.pretrained_embeddings:
         from .embeddings import init_embedding
 
-        coverage = init_embedding(model.embedding, cfg.model.pretrained_embeddings, data.tokenizer.get_vocab(),
-                                  cfg.model.freeze_embeddings)
+        coverage = init_embedding([m.embedding for m in members(model)], cfg.model.pretrained_embeddings,
+                                  data.tokenizer.get_vocab(), cfg.model.freeze_embeddings)
         if acc.is_main_process:
             log.info("embeddings: %.1f%% of the vocabulary initialised from %s", 100 * coverage,
                      cfg.model.pretrained_embeddings)
-    if model.ngrams is not None:  # naive-Bayes ratios from the training split: the same on every process
-        train = data.train
-        model.ngrams.fit_ratios(batch_tensors(train, idx) for idx in np.array_split(
+    if cfg.model.ngram_max_n:  # naive-Bayes ratios from the training split: the same on every process
+        train, first, *others = data.train, *members(model)
+        first.ngrams.fit_ratios(batch_tensors(train, idx) for idx in np.array_split(
             np.arange(len(train)), max(1, len(train) // 256)))
+        for member in others:  # the ratios depend on the data alone
+            member.ngrams.ratio.copy_(first.ngrams.ratio)
     return model
 
 

@@ -221,7 +221,8 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
 # no class weights, no label smoothing, no moving average.
 _EARLIER_DEFAULTS = {"label_names": ["negative", "positive"],
                      "train": {"select_metric": "acc", "class_weights": "none", "label_smoothing": 0.0,
-                               "ema_decay": 0.0}}
+                               "ema_decay": 0.0},
+                     "model": {"members": 1}}
 
 
 def _upgrade_identity(saved: dict, current: dict) -> dict:

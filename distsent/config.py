@@ -103,11 +103,14 @@ class ModelConfig:
                                "n-gram). Each head is trained by its own loss, so the weight only sets how much each "
                                "one's vote counts.", 1.0, resume=True)
     ngram_buckets: int = _doc("Hash buckets shared by the n-grams longer than one word.", 1 << 18, resume=True)
+    members: int = _doc("Independently initialised copies of this model (an ensemble), trained side by side on the "
+                        "same batches, each by its own loss; the model's prediction averages their class "
+                        "probabilities. Costs members x the compute and memory of one model.", 1, resume=True)
 
     def __post_init__(self):
         _check_choice("model.cell", self.cell, ("lstm", "gru"))
         _check_choice("model.pooling", self.pooling, ("last", "mean", "max", "attention"))
-        for name in ("embedding_dim", "hidden_dim", "num_layers", "ngram_buckets"):
+        for name in ("embedding_dim", "hidden_dim", "num_layers", "ngram_buckets", "members"):
             _check_min(f"model.{name}", getattr(self, name), 1)
         _check_range("model.ngram_max_n", self.ngram_max_n, 0, 4)
         _check_min("model.ngram_weight", self.ngram_weight, 0.0)

@@ -40,12 +40,16 @@ def load_vectors(path: str | Path, vocab: dict[str, int], dim: int) -> tuple[tor
     return vectors, found
 
 
-def init_embedding(embedding: torch.nn.Embedding, path: str, vocab: dict[str, int], freeze: bool) -> float:
-    """Copy pretrained vectors into the rows they cover (others keep their random init); returns the coverage."""
-    vectors, found = load_vectors(path, vocab, embedding.embedding_dim)
-    with torch.no_grad():
-        embedding.weight[found] = vectors[found]
-        if embedding.padding_idx is not None:
-            embedding.weight[embedding.padding_idx].zero_()
-    embedding.weight.requires_grad_(not freeze)
+def init_embedding(embeddings: torch.nn.Embedding | list[torch.nn.Embedding], path: str, vocab: dict[str, int],
+                   freeze: bool) -> float:
+    """Copy pretrained vectors into the rows they cover of one embedding or of several (an ensemble's; the file
+    is read once); other rows keep their random init. Returns the coverage."""
+    embeddings = embeddings if isinstance(embeddings, list) else [embeddings]
+    vectors, found = load_vectors(path, vocab, embeddings[0].embedding_dim)
+    for embedding in embeddings:
+        with torch.no_grad():
+            embedding.weight[found] = vectors[found]
+            if embedding.padding_idx is not None:
+                embedding.weight[embedding.padding_idx].zero_()
+        embedding.weight.requires_grad_(not freeze)
     return found.float().mean().item()

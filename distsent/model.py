@@ -1,7 +1,9 @@
 """The sentiment classifier: embedding -> LSTM/GRU -> pooling over the real tokens -> dropout -> linear, optionally
-beside an n-gram logistic-regression head whose logit is added to it."""
+beside an n-gram logistic-regression head whose logit is added to it; optionally an ensemble of such models."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -44,6 +46,7 @@ class SentimentRNN(nn.Module):
         # two classes: the tutorial's single logit (sigmoid, BCE); more: one logit per class (softmax, cross-entropy)
         self.fc = nn.Linear(out_dim, 1 if num_classes == 2 else num_classes)
         self.ngrams = NgramHead(vocab_size, cfg, num_classes) if cfg.ngram_max_n else None
+        self.head_names = ("rnn", "ngram") if self.ngrams is not None else ("rnn",)
         if cfg.cell == "lstm" and cfg.forget_bias:
             self._init_forget_bias(cfg.forget_bias)
         # Set by the trainer where the device cannot run the recurrent layer under bf16 autocast (a CPU whose oneDNN
@@ -225,5 +228,53 @@ def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     return x.gather(1, index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
 
 
-def build_model(vocab_size: int, cfg: ModelConfig, num_classes: int = 2) -> SentimentRNN:
+class Ensemble(nn.Module):
+    """model.members independently initialised SentimentRNNs (a deep ensemble, Lakshminarayanan et al. 2017).
+
+    Every member reads the same batches and is trained by its own loss: the members' heads are laid side by side
+    along dimension 1, so the trainer's per-head losses train each member exactly as it would train it alone. The
+    ensemble's prediction averages the members' class probabilities; its logits are those of that average
+    (log-probabilities for C classes, log-odds for two), so metrics, calibration and prediction read it like any
+    model. Member i's state lives under "members.i." in checkpoints and model folders.
+    """
+
+    def __init__(self, vocab_size: int, cfg: ModelConfig, num_classes: int = 2):
+        super().__init__()
+        self.cfg, self.num_classes = cfg, num_classes
+        self.members = nn.ModuleList(SentimentRNN(vocab_size, cfg, num_classes) for _ in range(cfg.members))
+        per_member = self.members[0].head_names
+        self.head_names = tuple(f"{name}{i}" for i in range(cfg.members) for name in per_member)
+
+    def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, heads: bool = False) -> torch.Tensor:
+        head_logits = torch.cat([m(input_ids, lengths, heads=True) for m in self.members], dim=1)
+        return head_logits if heads else self.combine(head_logits)
+
+    def combine(self, head_logits: torch.Tensor) -> torch.Tensor:
+        """The logits of the members' mean probabilities, from all heads side by side."""
+        per_member = head_logits.chunk(len(self.members), dim=1)
+        logits = torch.stack([m.combine(h) for m, h in zip(self.members, per_member)])  # [members, batch(, C)]
+        log_k = math.log(len(self.members))
+        if self.num_classes > 2:
+            return torch.logsumexp(F.log_softmax(logits, dim=-1), dim=0) - log_k
+        # log p - log(1 - p) of the mean p, in log space so that confident members do not round to 0 or 1
+        return torch.logsumexp(F.logsigmoid(logits), dim=0) - torch.logsumexp(F.logsigmoid(-logits), dim=0)
+
+    def head_losses(self, heads: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+        return self.members[0].head_losses(heads, labels, smoothing)  # summed over every member's heads
+
+    def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.members[0].probabilities(logits)
+
+    def predicted(self, logits: torch.Tensor) -> torch.Tensor:
+        return self.members[0].predicted(logits)
+
+
+def members(model: nn.Module) -> list[SentimentRNN]:
+    """The SentimentRNNs of a model: its ensemble's members, or the model itself."""
+    return list(model.members) if isinstance(model, Ensemble) else [model]
+
+
+def build_model(vocab_size: int, cfg: ModelConfig, num_classes: int = 2) -> SentimentRNN | Ensemble:
+    if cfg.members > 1:
+        return Ensemble(vocab_size, cfg, num_classes)
     return SentimentRNN(vocab_size, cfg, num_classes)

@@ -198,8 +198,7 @@ class Trainer:
         was_training = model.training
         model.eval()
         mine = np.argsort(split.lengths, kind="stable")[acc.process_index:: acc.num_processes]
-        scores = EvalMetrics(acc.device, self.data.label_names,
-                             ("rnn", "ngram") if model.ngrams is not None else ("rnn",))
+        scores = EvalMetrics(acc.device, self.data.label_names, model.head_names)
         for i in range(0, len(mine), self.cfg.train.eval_batch_size):
             ids, lengths, labels = batch_tensors(split, mine[i: i + self.cfg.train.eval_batch_size], acc.device)
             with acc.autocast():

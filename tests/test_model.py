@@ -1,4 +1,4 @@
-"""Model: padding invariance for every option, and the ability to fit a tiny batch."""
+"""Model: padding invariance for every option, the ability to fit a tiny batch, the n-gram head and ensembles."""
 
 import itertools
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from distsent.config import ModelConfig
-from distsent.model import build_model
+from distsent.model import Ensemble, SentimentRNN, build_model
 
 OPTIONS = list(itertools.product(["lstm", "gru"], [False, True], ["last", "mean", "max", "attention"]))
 
@@ -183,3 +183,51 @@ def test_both_heads_learn_from_fitted_ratios():
     heads = model(ids, lengths, heads=True)
     assert ((heads > 0).float() == labels.unsqueeze(1)).all()  # each head alone, not only their sum
     assert torch.equal(model(ids, lengths), heads[:, 0] + 4.0 * heads[:, 1])
+
+
+def _ensemble(num_classes, ngram_max_n, members=3, dropout=0.0):
+    torch.manual_seed(0)
+    cfg = ModelConfig(embedding_dim=8, hidden_dim=8, num_layers=1, bidirectional=True, pooling="max",
+                      dropout=dropout, ngram_max_n=ngram_max_n, ngram_buckets=64, ngram_weight=0.5, members=members)
+    return build_model(40, cfg, num_classes)
+
+
+@pytest.mark.parametrize("num_classes, ngram_max_n", [(2, 0), (2, 2), (5, 0), (5, 2)])
+def test_ensemble_predicts_the_mean_of_its_members_probabilities(num_classes, ngram_max_n):
+    model = _ensemble(num_classes, ngram_max_n).eval()
+    assert isinstance(model, Ensemble) and len(model.members) == 3
+    with torch.no_grad():  # give the n-gram heads something to say
+        for m in model.members:
+            if m.ngrams is not None:
+                m.ngrams.weight.normal_()
+                m.ngrams.ratio.normal_()
+    ids, lengths = torch.randint(1, 40, (6, 9)), torch.tensor([9, 1, 4, 9, 2, 7])
+    alone = torch.stack([m.probabilities(m(ids, lengths)) for m in model.members])  # each member on its own
+    assert not torch.allclose(alone[0], alone[1], atol=1e-3)  # initialised independently
+    logits = model(ids, lengths)
+    assert logits.shape == ((6,) if num_classes == 2 else (6, num_classes))
+    assert torch.allclose(model.probabilities(logits), alone.mean(0), atol=1e-6)
+    heads = model(ids, lengths, heads=True)
+    per_member = 2 if ngram_max_n else 1
+    assert heads.shape[1] == 3 * per_member and len(model.head_names) == 3 * per_member
+    assert model.head_names[:per_member] == (("rnn0", "ngram0") if ngram_max_n else ("rnn0",))
+    assert torch.equal(model.combine(heads), logits)
+    # a single model stays the tutorial's module, with the state-dict keys of earlier model folders
+    single = build_model(40, ModelConfig(embedding_dim=8, hidden_dim=8, num_layers=1))
+    assert isinstance(single, SentimentRNN) and "embedding.weight" in single.state_dict()
+    assert "members.2.embedding.weight" in model.state_dict()
+
+
+@pytest.mark.parametrize("num_classes", [2, 5])
+def test_ensemble_members_learn_as_they_would_alone(num_classes):
+    """The ensemble's summed per-head losses give each member exactly the gradient of its own loss."""
+    model = _ensemble(num_classes, ngram_max_n=2, members=2)
+    ids, lengths = torch.randint(1, 40, (8, 9)), torch.tensor([9, 1, 4, 9, 2, 7, 3, 5])
+    labels = (torch.arange(8) % num_classes).float()
+    model.head_losses(model(ids, lengths, heads=True), labels, smoothing=0.1).sum().backward()
+    for member in model.members:
+        together = [p.grad.clone() for p in member.parameters()]
+        member.zero_grad()
+        member.head_losses(member(ids, lengths, heads=True), labels, smoothing=0.1).sum().backward()
+        for a, b in zip(together, member.parameters()):
+            assert torch.allclose(a, b.grad, atol=1e-6)

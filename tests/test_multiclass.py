@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -24,10 +25,10 @@ def emotions_csv(tmp_path_factory):
 
 
 def overrides(run_dir, data, **extra):
-    """With the n-gram head (one regression per class beside the LSTM's logits), label smoothing and a moving
-    average of the weights (evaluated, exported and restored on resume)."""
+    """An ensemble of two models, each with the n-gram head (one regression per class beside the LSTM's logits),
+    label smoothing and a moving average of the weights (evaluated, exported and restored on resume)."""
     return tiny_overrides(run_dir, data, **{"train.debug_records": "true", "train.select_metric": "macro_f1",
-                                            "model.ngram_max_n": 2, "model.ngram_buckets": 4096,
+                                            "model.members": 2, "model.ngram_max_n": 2, "model.ngram_buckets": 4096,
                                             "train.label_smoothing": 0.1, "train.ema_decay": 0.95, **extra})
 
 
@@ -52,7 +53,8 @@ def test_four_classes_in_two_processes_learn_stop_resume_bitwise_and_predict(tmp
     test = [r for r in rows if "test/acc" in r][0]
     assert val["val/n"] == 160 and test["test/n"] == 400  # every review counted once over the two processes
     assert test["test/acc"] > 0.8 and test["test/macro_f1"] > 0.8  # chance: 0.25
-    assert test["test/acc_rnn"] > 0.5 and test["test/acc_ngram"] > 0.5  # each head alone
+    for head in ("rnn0", "ngram0", "rnn1", "ngram1"):  # each head of each member alone
+        assert test[f"test/acc_{head}"] > 0.5
     confusion = test["test/confusion"]
     assert len(confusion) == 4 and sum(map(sum, confusion)) == 400
     assert [sum(row) for row in confusion] == [test[f"test/support/{c}"] for c in EMOTIONS]
@@ -91,6 +93,8 @@ def test_four_classes_in_two_processes_learn_stop_resume_bitwise_and_predict(tmp
     assert proc.returncode == 2
     assert ("label_names: checkpoint ['anger', 'fear', 'joy', 'sadness'], config ['joy', 'anger', 'fear', "
             "'sadness']") in proc.stderr
+    proc = run(direct_cmd(overrides(run_dir, emotions_csv, **{"model.members": 3, "train.epochs": 3})))
+    assert proc.returncode == 2 and "model.members: checkpoint 2, config 3" in proc.stderr
 
     from distsent.predict import Predictor
 
@@ -102,6 +106,21 @@ def test_four_classes_in_two_processes_learn_stop_resume_bitwise_and_predict(tmp
         assert set(r["probabilities"]) == set(EMOTIONS) and "p_positive" not in r
         assert sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5)
         assert r["probability"] == max(r["probabilities"].values())
+    # the folder holds both members: their probabilities, each member loaded on its own, average to the prediction
+    from safetensors.torch import load_file
+
+    from distsent.model import SentimentRNN
+
+    texts = ["fear1 fear2 word3", "joy4 anger2 the movie", "sadness1"]
+    weights = load_file(ref / "best" / "model.safetensors")
+    alone = []
+    for i in (0, 1):
+        member = SentimentRNN(predictor.tokenizer.get_vocab_size(), predictor.cfg.model, 4).eval()
+        prefix = f"members.{i}."
+        member.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+        alone.append(Predictor(member, predictor.tokenizer, predictor.cfg, EMOTIONS).probabilities(texts)[0])
+    assert not np.allclose(alone[0], alone[1], atol=1e-3)
+    assert np.allclose(predictor.probabilities(texts)[0], (alone[0] + alone[1]) / 2, atol=1e-6)
 
 
 def test_multiclass_ngram_ratios_against_a_hand_computation():
