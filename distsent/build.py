@@ -140,12 +140,10 @@ def build_run_model(cfg: ExperimentConfig, acc, data: PreparedData):
         if acc.is_main_process:
             log.info("embeddings: %.1f%% of the vocabulary initialised from %s", 100 * coverage,
                      cfg.model.pretrained_embeddings)
-    if cfg.model.ngram_max_n:  # naive-Bayes ratios from the training split: the same on every process
-        train, first, *others = data.train, *members(model)
-        first.ngrams.fit_ratios(batch_tensors(train, idx) for idx in np.array_split(
+    if model.ngrams is not None:  # naive-Bayes ratios from the training split: the same on every process
+        train = data.train
+        model.ngrams.fit_ratios(batch_tensors(train, idx) for idx in np.array_split(
             np.arange(len(train)), max(1, len(train) // 256)))
-        for member in others:  # the ratios depend on the data alone
-            member.ngrams.ratio.copy_(first.ngrams.ratio)
     return model
 
 

@@ -103,9 +103,11 @@ class ModelConfig:
                                "n-gram). Each head is trained by its own loss, so the weight only sets how much each "
                                "one's vote counts.", 1.0, resume=True)
     ngram_buckets: int = _doc("Hash buckets shared by the n-grams longer than one word.", 1 << 18, resume=True)
-    members: int = _doc("Independently initialised copies of this model (an ensemble), trained side by side on the "
-                        "same batches, each by its own loss; the model's prediction averages their class "
-                        "probabilities. Costs members x the compute and memory of one model.", 1, resume=True)
+    members: int = _doc("Independently initialised copies of the recurrent model (an ensemble), trained side by "
+                        "side on the same batches, each by its own loss and gradient clip; the model's prediction "
+                        "averages their class probabilities. They share the n-gram head, if any, and start from the "
+                        "same pretrained embeddings, if any. Costs members x the compute of one model.", 1,
+                        resume=True)
 
     def __post_init__(self):
         _check_choice("model.cell", self.cell, ("lstm", "gru"))

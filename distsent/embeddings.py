@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -40,11 +41,11 @@ def load_vectors(path: str | Path, vocab: dict[str, int], dim: int) -> tuple[tor
     return vectors, found
 
 
-def init_embedding(embeddings: torch.nn.Embedding | list[torch.nn.Embedding], path: str, vocab: dict[str, int],
+def init_embedding(embeddings: torch.nn.Embedding | Iterable[torch.nn.Embedding], path: str, vocab: dict[str, int],
                    freeze: bool) -> float:
     """Copy pretrained vectors into the rows they cover of one embedding or of several (an ensemble's; the file
     is read once); other rows keep their random init. Returns the coverage."""
-    embeddings = embeddings if isinstance(embeddings, list) else [embeddings]
+    embeddings = [embeddings] if isinstance(embeddings, torch.nn.Embedding) else list(embeddings)
     vectors, found = load_vectors(path, vocab, embeddings[0].embedding_dim)
     for embedding in embeddings:
         with torch.no_grad():

@@ -3,6 +3,7 @@ beside an n-gram logistic-regression head whose logit is added to it; optionally
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -231,42 +232,54 @@ def _gather_time(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 class Ensemble(nn.Module):
     """model.members independently initialised SentimentRNNs (a deep ensemble, Lakshminarayanan et al. 2017).
 
-    Every member reads the same batches and is trained by its own loss: the members' heads are laid side by side
-    along dimension 1, so the trainer's per-head losses train each member exactly as it would train it alone. The
-    ensemble's prediction averages the members' class probabilities; its logits are those of that average
-    (log-probabilities for C classes, log-odds for two), so metrics, calibration and prediction read it like any
-    model. Member i's state lives under "members.i." in checkpoints and model folders.
+    Every member reads the same batches and is trained by its own loss: the heads are laid side by side along
+    dimension 1, so the trainer's per-head losses give each member the gradient of its own loss alone. With the
+    n-gram head there is one, shared: it starts at zero from ratios set by the data alone, so copies of it would
+    stay identical; member i's logit is rnn_i + ngram_weight * ngram, as in a single model. The ensemble's
+    prediction averages the members' class probabilities; its logits are those of that average (log-probabilities
+    for C classes, log-odds for two), so metrics, calibration and prediction read it like any model. Member i's
+    state lives under "members.i." in checkpoints and model folders, the n-gram head's under "ngrams.".
     """
 
     def __init__(self, vocab_size: int, cfg: ModelConfig, num_classes: int = 2):
         super().__init__()
         self.cfg, self.num_classes = cfg, num_classes
-        self.members = nn.ModuleList(SentimentRNN(vocab_size, cfg, num_classes) for _ in range(cfg.members))
-        per_member = self.members[0].head_names
-        self.head_names = tuple(f"{name}{i}" for i in range(cfg.members) for name in per_member)
+        rnn_only = dataclasses.replace(cfg, ngram_max_n=0, members=1)
+        self.members = nn.ModuleList(SentimentRNN(vocab_size, rnn_only, num_classes) for _ in range(cfg.members))
+        self.ngrams = NgramHead(vocab_size, cfg, num_classes) if cfg.ngram_max_n else None
+        self.head_names = tuple(f"rnn{i}" for i in range(cfg.members)) + (("ngram",) if self.ngrams else ())
 
     def forward(self, input_ids: torch.Tensor, lengths: torch.Tensor, heads: bool = False) -> torch.Tensor:
-        head_logits = torch.cat([m(input_ids, lengths, heads=True) for m in self.members], dim=1)
+        per_head = [m(input_ids, lengths, heads=True) for m in self.members]  # [batch, 1] or [batch, 1, C] each
+        if self.ngrams is not None:
+            per_head.append(self.ngrams(input_ids, lengths).unsqueeze(1))
+        head_logits = torch.cat(per_head, dim=1)
         return head_logits if heads else self.combine(head_logits)
 
     def combine(self, head_logits: torch.Tensor) -> torch.Tensor:
         """The logits of the members' mean probabilities, from all heads side by side."""
-        per_member = head_logits.chunk(len(self.members), dim=1)
-        logits = torch.stack([m.combine(h) for m, h in zip(self.members, per_member)])  # [members, batch(, C)]
-        log_k = math.log(len(self.members))
+        k = len(self.members)
+        logits = head_logits[:, :k]  # [batch, members(, C)]
+        if self.ngrams is not None:
+            logits = logits + self.cfg.ngram_weight * head_logits[:, k:]
         if self.num_classes > 2:
-            return torch.logsumexp(F.log_softmax(logits, dim=-1), dim=0) - log_k
+            return torch.logsumexp(F.log_softmax(logits, dim=-1), dim=1) - math.log(k)
         # log p - log(1 - p) of the mean p, in log space so that confident members do not round to 0 or 1
-        return torch.logsumexp(F.logsigmoid(logits), dim=0) - torch.logsumexp(F.logsigmoid(-logits), dim=0)
+        return torch.logsumexp(F.logsigmoid(logits), dim=1) - torch.logsumexp(F.logsigmoid(-logits), dim=1)
 
     def head_losses(self, heads: torch.Tensor, labels: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
-        return self.members[0].head_losses(heads, labels, smoothing)  # summed over every member's heads
+        return self.members[0].head_losses(heads, labels, smoothing)  # summed over all the heads
 
     def probabilities(self, logits: torch.Tensor) -> torch.Tensor:
         return self.members[0].probabilities(logits)
 
     def predicted(self, logits: torch.Tensor) -> torch.Tensor:
         return self.members[0].predicted(logits)
+
+    def clip_groups(self) -> list[list[nn.Parameter]]:
+        """The parameters each gradient clip covers: each member's, and the n-gram head's, apart, so that a member
+        is clipped as it would be alone."""
+        return [list(m.parameters()) for m in self.members] + ([list(self.ngrams.parameters())] if self.ngrams else [])
 
 
 def members(model: nn.Module) -> list[SentimentRNN]:

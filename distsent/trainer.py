@@ -19,6 +19,7 @@ from .build import (announce, batch_tensors, build_accelerator, build_data, buil
 from .config import ExperimentConfig
 from .files import WriteError
 from .metrics import EXIT_NONFINITE, EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums
+from .model import Ensemble
 from .preemption import EXIT_PREEMPTED, StopFlag
 from .sampler import epoch_batches
 from .state import TrainState
@@ -163,7 +164,7 @@ class Trainer:
                 acc.backward(losses.sum() * (scale * weight))
                 if acc.sync_gradients:
                     max_norm = self.cfg.optim.clip_grad_norm or float("inf")
-                    norm = acc.clip_grad_norm_(self.model.parameters(), max_norm).detach().double()
+                    norm = clip_gradients(acc, self.raw_model, max_norm).detach().double()
                     self.watch.see(self.state.step + 1, losses.detach().sum(), norm)
                     share = 1.0 / acc.num_processes  # every process sees the same norm: count each step once
                     self.sums.add(grad_norm=norm * share, clipped=(norm > max_norm).double() * share, steps=share)
@@ -334,3 +335,13 @@ class Trainer:
         gc.collect()
         close_process_group()
         self.lock.release()
+
+
+def clip_gradients(acc, model, max_norm: float) -> torch.Tensor:
+    """Clip the gradients' norm to max_norm and return it as it was before: Accelerate's clip over all parameters,
+    or, for an ensemble, each member (and the shared n-gram head) on its own, as it would be clipped alone; the
+    norm returned is then the largest of theirs."""
+    if not isinstance(model, Ensemble):
+        return acc.clip_grad_norm_(model.parameters(), max_norm)
+    acc.unscale_gradients()  # fp16: once, as acc.clip_grad_norm_ does before it clips
+    return torch.stack([torch.nn.utils.clip_grad_norm_(group, max_norm) for group in model.clip_groups()]).max()

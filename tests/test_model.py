@@ -1,5 +1,6 @@
 """Model: padding invariance for every option, the ability to fit a tiny batch, the n-gram head and ensembles."""
 
+import dataclasses
 import itertools
 
 import pytest
@@ -189,45 +190,93 @@ def _ensemble(num_classes, ngram_max_n, members=3, dropout=0.0):
     torch.manual_seed(0)
     cfg = ModelConfig(embedding_dim=8, hidden_dim=8, num_layers=1, bidirectional=True, pooling="max",
                       dropout=dropout, ngram_max_n=ngram_max_n, ngram_buckets=64, ngram_weight=0.5, members=members)
-    return build_model(40, cfg, num_classes)
+    model = build_model(40, cfg, num_classes)
+    if model.ngrams is not None:  # give the n-gram head something to say
+        with torch.no_grad():
+            for t in (model.ngrams.weight, model.ngrams.ratio, model.ngrams.bias):
+                t.normal_()
+    return model
+
+
+def _member_alone(model, i):
+    """Member i as a single model: its recurrent part and the shared n-gram head, from the ensemble's state."""
+    single = build_model(40, dataclasses.replace(model.cfg, members=1), model.num_classes).eval()
+    state = model.state_dict()
+    prefix = f"members.{i}."
+    single.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                           | {k: v for k, v in state.items() if k.startswith("ngrams.")})
+    return single
 
 
 @pytest.mark.parametrize("num_classes, ngram_max_n", [(2, 0), (2, 2), (5, 0), (5, 2)])
 def test_ensemble_predicts_the_mean_of_its_members_probabilities(num_classes, ngram_max_n):
     model = _ensemble(num_classes, ngram_max_n).eval()
     assert isinstance(model, Ensemble) and len(model.members) == 3
-    with torch.no_grad():  # give the n-gram heads something to say
-        for m in model.members:
-            if m.ngrams is not None:
-                m.ngrams.weight.normal_()
-                m.ngrams.ratio.normal_()
     ids, lengths = torch.randint(1, 40, (6, 9)), torch.tensor([9, 1, 4, 9, 2, 7])
-    alone = torch.stack([m.probabilities(m(ids, lengths)) for m in model.members])  # each member on its own
+    alone = torch.stack([m.probabilities(m(ids, lengths)) for m in (_member_alone(model, i) for i in range(3))])
     assert not torch.allclose(alone[0], alone[1], atol=1e-3)  # initialised independently
     logits = model(ids, lengths)
     assert logits.shape == ((6,) if num_classes == 2 else (6, num_classes))
     assert torch.allclose(model.probabilities(logits), alone.mean(0), atol=1e-6)
     heads = model(ids, lengths, heads=True)
-    per_member = 2 if ngram_max_n else 1
-    assert heads.shape[1] == 3 * per_member and len(model.head_names) == 3 * per_member
-    assert model.head_names[:per_member] == (("rnn0", "ngram0") if ngram_max_n else ("rnn0",))
+    assert model.head_names == ("rnn0", "rnn1", "rnn2") + (("ngram",) if ngram_max_n else ())
+    assert heads.shape[1] == len(model.head_names)
     assert torch.equal(model.combine(heads), logits)
     # a single model stays the tutorial's module, with the state-dict keys of earlier model folders
     single = build_model(40, ModelConfig(embedding_dim=8, hidden_dim=8, num_layers=1))
     assert isinstance(single, SentimentRNN) and "embedding.weight" in single.state_dict()
-    assert "members.2.embedding.weight" in model.state_dict()
+
+
+@pytest.mark.parametrize("num_classes", [2, 5])
+def test_ensemble_of_confident_members_keeps_finite_logits(num_classes):
+    """The mean probability is formed in log space: members sure at logit 40 (a sigmoid of exactly 1.0 in float32)
+    or 100 apart give the logit of their mean, not inf or nan."""
+    model = _ensemble(num_classes, ngram_max_n=0, members=2)
+    if num_classes == 2:
+        out = model.combine(torch.tensor([[40.0, 40.0], [-40.0, -40.0], [40.0, -40.0]]))
+        assert torch.allclose(out, torch.tensor([40.0, -40.0, 0.0]), atol=1e-4)
+    else:
+        sure = torch.tensor([100.0, 0, 0, 0, 0])
+        out = model.combine(torch.stack([sure, sure]).unsqueeze(0))
+        assert torch.isfinite(out).all() and out.argmax() == 0
+        assert torch.allclose(model.probabilities(out), F.softmax(sure.double(), -1), atol=1e-9)
 
 
 @pytest.mark.parametrize("num_classes", [2, 5])
 def test_ensemble_members_learn_as_they_would_alone(num_classes):
-    """The ensemble's summed per-head losses give each member exactly the gradient of its own loss."""
+    """The ensemble's summed per-head losses give each member, and the shared n-gram head, exactly the gradient of
+    its own loss."""
     model = _ensemble(num_classes, ngram_max_n=2, members=2)
     ids, lengths = torch.randint(1, 40, (8, 9)), torch.tensor([9, 1, 4, 9, 2, 7, 3, 5])
     labels = (torch.arange(8) % num_classes).float()
     model.head_losses(model(ids, lengths, heads=True), labels, smoothing=0.1).sum().backward()
-    for member in model.members:
-        together = [p.grad.clone() for p in member.parameters()]
-        member.zero_grad()
-        member.head_losses(member(ids, lengths, heads=True), labels, smoothing=0.1).sum().backward()
-        for a, b in zip(together, member.parameters()):
+    parts = [(m, lambda m=m: m(ids, lengths, heads=True)) for m in model.members]
+    parts.append((model.ngrams, lambda: model.ngrams(ids, lengths).unsqueeze(1)))
+    for part, its_heads in parts:
+        together = [p.grad.clone() for p in part.parameters()]
+        part.zero_grad()
+        model.head_losses(its_heads(), labels, smoothing=0.1).sum().backward()
+        for a, b in zip(together, part.parameters()):
             assert torch.allclose(a, b.grad, atol=1e-6)
+
+
+def test_ensemble_members_are_clipped_apart():
+    """optim.clip_grad_norm clips each member (and the n-gram head) as it would be clipped alone; the norm reported
+    is the largest."""
+    from accelerate import Accelerator
+
+    from distsent.trainer import clip_gradients
+
+    model = _ensemble(5, ngram_max_n=2, members=2)
+    for scale, part in zip((10.0, 0.5, 2.0), (*model.members, model.ngrams)):
+        params = list(part.parameters())
+        for p in params:
+            p.grad = torch.ones_like(p)
+        norm = torch.cat([p.grad.flatten() for p in params]).norm()
+        for p in params:
+            p.grad *= scale / norm
+    norm = clip_gradients(Accelerator(cpu=True), model, 1.0)
+    assert norm.item() == pytest.approx(10.0, rel=1e-5)
+    for want, part in zip((1.0, 0.5, 1.0), (*model.members, model.ngrams)):
+        got = torch.cat([p.grad.flatten() for p in part.parameters()]).norm().item()
+        assert got == pytest.approx(want, rel=1e-4)

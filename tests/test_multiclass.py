@@ -4,6 +4,7 @@ ratios, and a short run on the real six-class emotion tweets when a copy is ther
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -53,7 +54,7 @@ def test_four_classes_in_two_processes_learn_stop_resume_bitwise_and_predict(tmp
     test = [r for r in rows if "test/acc" in r][0]
     assert val["val/n"] == 160 and test["test/n"] == 400  # every review counted once over the two processes
     assert test["test/acc"] > 0.8 and test["test/macro_f1"] > 0.8  # chance: 0.25
-    for head in ("rnn0", "ngram0", "rnn1", "ngram1"):  # each head of each member alone
+    for head in ("rnn0", "rnn1", "ngram"):  # each member's recurrent head and the shared n-gram head, alone
         assert test[f"test/acc_{head}"] > 0.5
     confusion = test["test/confusion"]
     assert len(confusion) == 4 and sum(map(sum, confusion)) == 400
@@ -106,18 +107,21 @@ def test_four_classes_in_two_processes_learn_stop_resume_bitwise_and_predict(tmp
         assert set(r["probabilities"]) == set(EMOTIONS) and "p_positive" not in r
         assert sum(r["probabilities"].values()) == pytest.approx(1, abs=1e-5)
         assert r["probability"] == max(r["probabilities"].values())
-    # the folder holds both members: their probabilities, each member loaded on its own, average to the prediction
+    # the folder holds both members: their probabilities, each member (with the shared n-gram head) loaded as a
+    # single model, average to the prediction
     from safetensors.torch import load_file
 
-    from distsent.model import SentimentRNN
+    from distsent.model import build_model
 
     texts = ["fear1 fear2 word3", "joy4 anger2 the movie", "sadness1"]
     weights = load_file(ref / "best" / "model.safetensors")
     alone = []
     for i in (0, 1):
-        member = SentimentRNN(predictor.tokenizer.get_vocab_size(), predictor.cfg.model, 4).eval()
+        one = dataclasses.replace(predictor.cfg.model, members=1)
+        member = build_model(predictor.tokenizer.get_vocab_size(), one, 4).eval()
         prefix = f"members.{i}."
-        member.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)})
+        member.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
+                               | {k: v for k, v in weights.items() if k.startswith("ngrams.")})
         alone.append(Predictor(member, predictor.tokenizer, predictor.cfg, EMOTIONS).probabilities(texts)[0])
     assert not np.allclose(alone[0], alone[1], atol=1e-3)
     assert np.allclose(predictor.probabilities(texts)[0], (alone[0] + alone[1]) / 2, atol=1e-6)
