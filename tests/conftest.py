@@ -144,6 +144,19 @@ def tiny_overrides(run_dir: Path, data: Path, **extra) -> list[str]:
     return [f"{k}={v}" for k, v in base.items()]
 
 
+def member_alone(state: dict, model_cfg, vocab_size: int, num_classes: int, i: int):
+    """Member i of an ensemble's state dict as a single model: its recurrent part and the shared n-gram head."""
+    import dataclasses
+
+    from distsent.model import build_model
+
+    single = build_model(vocab_size, dataclasses.replace(model_cfg, members=1), num_classes).eval()
+    prefix = f"members.{i}."
+    single.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+                           | {k: v for k, v in state.items() if k.startswith("ngrams.")})
+    return single
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -1,12 +1,12 @@
 """Model: padding invariance for every option, the ability to fit a tiny batch, the n-gram head and ensembles."""
 
-import dataclasses
 import itertools
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import member_alone
 from distsent.config import ModelConfig
 from distsent.model import Ensemble, SentimentRNN, build_model
 
@@ -198,22 +198,13 @@ def _ensemble(num_classes, ngram_max_n, members=3, dropout=0.0):
     return model
 
 
-def _member_alone(model, i):
-    """Member i as a single model: its recurrent part and the shared n-gram head, from the ensemble's state."""
-    single = build_model(40, dataclasses.replace(model.cfg, members=1), model.num_classes).eval()
-    state = model.state_dict()
-    prefix = f"members.{i}."
-    single.load_state_dict({k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-                           | {k: v for k, v in state.items() if k.startswith("ngrams.")})
-    return single
-
-
 @pytest.mark.parametrize("num_classes, ngram_max_n", [(2, 0), (2, 2), (5, 0), (5, 2)])
 def test_ensemble_predicts_the_mean_of_its_members_probabilities(num_classes, ngram_max_n):
     model = _ensemble(num_classes, ngram_max_n).eval()
     assert isinstance(model, Ensemble) and len(model.members) == 3
     ids, lengths = torch.randint(1, 40, (6, 9)), torch.tensor([9, 1, 4, 9, 2, 7])
-    alone = torch.stack([m.probabilities(m(ids, lengths)) for m in (_member_alone(model, i) for i in range(3))])
+    singles = [member_alone(model.state_dict(), model.cfg, 40, num_classes, i) for i in range(3)]
+    alone = torch.stack([m.probabilities(m(ids, lengths)) for m in singles])
     assert not torch.allclose(alone[0], alone[1], atol=1e-3)  # initialised independently
     logits = model(ids, lengths)
     assert logits.shape == ((6,) if num_classes == 2 else (6, num_classes))

@@ -4,7 +4,6 @@ ratios, and a short run on the real six-class emotion tweets when a copy is ther
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
@@ -15,8 +14,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (EMOTIONS, REAL_EMOTION, REPO, direct_cmd, launch_cmd, make_emotions, read_jsonl, run,
-                      tiny_overrides, train_rows, write_csv)
+from conftest import (EMOTIONS, REAL_EMOTION, REPO, direct_cmd, launch_cmd, make_emotions, member_alone, read_jsonl,
+                      run, tiny_overrides, train_rows, write_csv)
 from test_resume import start, wait_for_group_gone, wait_for_step
 
 @pytest.fixture(scope="module")
@@ -26,8 +25,8 @@ def emotions_csv(tmp_path_factory):
 
 
 def overrides(run_dir, data, **extra):
-    """An ensemble of two models, each with the n-gram head (one regression per class beside the LSTM's logits),
-    label smoothing and a moving average of the weights (evaluated, exported and restored on resume)."""
+    """An ensemble of two models beside one shared n-gram head (a regression per class), label smoothing and a
+    moving average of the weights (evaluated, exported and restored on resume)."""
     return tiny_overrides(run_dir, data, **{"train.debug_records": "true", "train.select_metric": "macro_f1",
                                             "model.members": 2, "model.ngram_max_n": 2, "model.ngram_buckets": 4096,
                                             "train.label_smoothing": 0.1, "train.ema_decay": 0.95, **extra})
@@ -111,18 +110,11 @@ def test_four_classes_in_two_processes_learn_stop_resume_bitwise_and_predict(tmp
     # single model, average to the prediction
     from safetensors.torch import load_file
 
-    from distsent.model import build_model
-
     texts = ["fear1 fear2 word3", "joy4 anger2 the movie", "sadness1"]
     weights = load_file(ref / "best" / "model.safetensors")
-    alone = []
-    for i in (0, 1):
-        one = dataclasses.replace(predictor.cfg.model, members=1)
-        member = build_model(predictor.tokenizer.get_vocab_size(), one, 4).eval()
-        prefix = f"members.{i}."
-        member.load_state_dict({k[len(prefix):]: v for k, v in weights.items() if k.startswith(prefix)}
-                               | {k: v for k, v in weights.items() if k.startswith("ngrams.")})
-        alone.append(Predictor(member, predictor.tokenizer, predictor.cfg, EMOTIONS).probabilities(texts)[0])
+    vocab = predictor.tokenizer.get_vocab_size()
+    alone = [Predictor(member_alone(weights, predictor.cfg.model, vocab, 4, i), predictor.tokenizer, predictor.cfg,
+                       EMOTIONS).probabilities(texts)[0] for i in (0, 1)]
     assert not np.allclose(alone[0], alone[1], atol=1e-3)
     assert np.allclose(predictor.probabilities(texts)[0], (alone[0] + alone[1]) / 2, atol=1e-6)
 
