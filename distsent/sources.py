@@ -251,16 +251,21 @@ def _hub_where(cfg: DataConfig, split: str) -> str:
     return f"hub dataset {cfg.hub_name}" + (f" ({cfg.hub_config})" if cfg.hub_config else "") + f" [{split}]"
 
 
-def _read_hub(cfg: DataConfig, split: str) -> tuple[RawSplit, list[str] | None]:
-    """A split of a hub data set, and its class names when the label column is a ClassLabel."""
+def _read_hub(cfg: DataConfig, role: str) -> tuple[RawSplit, list[str] | None]:
+    """The split of a hub data set that data.hub_{role}_split names, and its class names when the label column is a
+    ClassLabel."""
     import datasets
     from huggingface_hub.utils import logging as hub_logging
 
     # without the hub its retries print two warnings each for half a minute; the failure is reported in one line
     hub_logging.set_verbosity_error()
+    split = getattr(cfg, f"hub_{role}_split")
     where = _hub_where(cfg, split)
     try:
         ds = datasets.load_dataset(cfg.hub_name, cfg.hub_config or None, split=split)
+    except ValueError as exc:  # datasets' word for a split or configuration the data set does not have
+        raise DataError(f"{where}: {exc} (data.hub_config={cfg.hub_config!r}, "
+                        f"data.hub_{role}_split={split!r})") from exc
     except Exception as exc:
         raise DataError(f"cannot load {where} from the Hugging Face hub ({exc}); on a machine without internet, "
                         f"point data.path or ${DATA_PATH_ENV} at a local copy") from exc
@@ -344,10 +349,9 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
             if split != "validation":
                 raw[split], where[split] = _read_aclimdb(Path(src.location), split), str(Path(src.location) / split)
         else:
-            name = {"train": cfg.hub_train_split, "validation": cfg.hub_validation_split,
-                    "test": cfg.hub_test_split}[split]
+            name = getattr(cfg, f"hub_{split}_split")
             if name:
-                raw[split], hub_names = _read_hub(cfg, name)
+                raw[split], hub_names = _read_hub(cfg, split)
                 where[split] = _hub_where(cfg, name)
     names, lookup = class_names(raw["train"], cfg, hub_names, where["train"])
     for split, data in raw.items():

@@ -79,6 +79,38 @@ def test_files_named_one_by_one_and_numbers_in_csv(tmp_path):
         find_source(DataConfig(train_file=str(train)))
 
 
+def test_hub_class_label_names_and_order(tmp_path, monkeypatch):
+    """A hub data set whose labels are a ClassLabel (as dair-ai/emotion's: integers, names in its own order, not
+    sorted). The hub cannot be reached from here, so data.hub_name names a local folder in the hub's layout
+    (data/{split}-00000-of-00001.parquet, features in the parquet metadata): the real datasets.load_dataset reads
+    it, nothing is replaced."""
+    import datasets
+
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.delenv("DISTSENT_DATA_PATH", raising=False)
+    names = ["sadness", "joy", "love", "anger", "fear", "surprise"]
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    labels = {"train": [0, 1, 2, 3, 4, 5, 1, 0, 3, 1, 4, 5], "validation": [5, 4, 3, 2, 1, 0], "test": [2, 2, 0]}
+    for split, ys in labels.items():
+        texts = [f"{split} tweet {i} about {names[y]}" for i, y in enumerate(ys)]
+        ds = datasets.Dataset.from_dict({"text": texts, "label": ys}, features=features)
+        ds.to_parquet(tmp_path / "emotion" / "data" / f"{split}-00000-of-00001.parquet")
+
+    cfg = DataConfig(hub_name=str(tmp_path / "emotion"), hub_validation_split="validation")
+    assert find_source(cfg).kind == "hub"
+    splits, got = load_splits(cfg)
+    assert got == names  # the ClassLabel's order, not sorted
+    assert splits["val"].labels.tolist() == labels["validation"] and splits["test"].labels.tolist() == labels["test"]
+    assert sorted(splits["train"].labels.tolist()) == sorted(labels["train"])
+    assert splits["val"].texts.to_pylist()[0] == "validation tweet 0 about surprise"
+    # a split or configuration the data set lacks is named, with what it has, and not blamed on the network
+    for bad, named in ((dict(hub_test_split="dev"), ("data.hub_test_split='dev'", "'train', 'validation', 'test'")),
+                       (dict(hub_config="tweets"), ("data.hub_config='tweets'", "['default']"))):
+        with pytest.raises(DataError) as info:
+            load_splits(DataConfig(hub_name=str(tmp_path / "emotion"), **bad))
+        assert all(n in str(info.value) for n in named) and "without internet" not in str(info.value), info.value
+
+
 def error_of(tmp_path, train, test, fmt="csv", raw_train: bytes | None = None, **cfg) -> str:
     folder = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
     write(folder, "train", fmt, *train)
