@@ -2,6 +2,7 @@
 
     distsent-predict --model runs/imdb_lstm/best "A wonderful film." "Dull and far too long."
     distsent-predict --model runs/imdb_lstm/best --file reviews.txt      # one review per line
+    distsent-predict --model runs/tickets/best --file new.csv            # .csv/.jsonl/.parquet: the text column
     cat reviews.txt | distsent-predict --model runs/imdb_lstm/best -
 
 Python:  Predictor.load("runs/imdb_lstm/best").predict(["A wonderful film."])
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from .checkpoint import load_weights, verify_model_folder
 from .config import ConfigError
 from .configfile import load_config
 from .model import build_model
-from .sources import BINARY_NAMES
+from .sources import BINARY_NAMES, FORMATS, DataError, read_file
 from .tokenizer import encode, load_tokenizer
 
 
@@ -101,7 +103,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distsent-predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder, e.g. runs/imdb_lstm/best")
-    parser.add_argument("--file", help="a file with one review per line")
+    parser.add_argument("--file", help="a file with one review per line; a .csv, .jsonl or .parquet file is read as "
+                        "training reads it (texts may hold commas and newlines) and its text column classified")
+    parser.add_argument("--text-column", help="the text column of a .csv/.jsonl/.parquet --file (default: the "
+                        "model's data.text_column)")
     parser.add_argument("texts", nargs="*", help="reviews to classify; '-' reads them from stdin, one per line")
     args = parser.parse_args(argv)
     try:
@@ -109,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
     except (FileNotFoundError, ConfigError, ValueError, RuntimeError) as exc:
         print(f"distsent-predict: cannot load {args.model}: {exc}", file=sys.stderr)
         return 2
+    if args.file and Path(args.file).suffix in FORMATS:
+        return _predict_table(predictor, Path(args.file), args.text_column)
     if args.file:
         try:
             with open(args.file, "rb") as f:
@@ -127,6 +134,21 @@ def main(argv: list[str] | None = None) -> int:
     for text, err in items:
         record = {"error": err} if err else {"text": text[:80], **next(results)}
         print(json.dumps(record, ensure_ascii=False))
+    return 0
+
+
+def _predict_table(predictor: Predictor, path: Path, text_column: str | None) -> int:
+    """One JSON line per record of a data file, in file order, each with its line (CSV, JSONL) or row (parquet)."""
+    cfg = replace(predictor.cfg.data, text_column=text_column or predictor.cfg.data.text_column)
+    try:
+        split = read_file(path, cfg, labeled=False)
+    except DataError as exc:
+        print(f"distsent-predict: {exc}", file=sys.stderr)
+        return 2
+    texts = split.texts.to_pylist()
+    for i, (text, result) in enumerate(zip(texts, predictor.predict(texts))):
+        place = {"line": int(split.lines[i])} if split.lines is not None else {"row": i}
+        print(json.dumps({**place, "text": text[:80], **result}, ensure_ascii=False))
     return 0
 
 

@@ -143,8 +143,8 @@ def checked_split(texts, labels, where: str, lines: list[int] | None = None) -> 
     return split
 
 
-def _missing_columns(where, present, cfg: DataConfig) -> None:
-    for col in (cfg.text_column, cfg.label_column):
+def _missing_columns(where, present, cfg: DataConfig, labeled: bool = True) -> None:
+    for col in (cfg.text_column, cfg.label_column) if labeled else (cfg.text_column,):
         if col not in present:
             raise DataError(f"{where}: no '{col}' column (columns: {', '.join(present)}); set data.text_column / "
                             f"data.label_column")
@@ -160,30 +160,33 @@ def _utf8(path: Path) -> str:
                         f"file as UTF-8") from None
 
 
-def _read_csv(path: Path, cfg: DataConfig) -> RawSplit:
+def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
     reader = csv.reader(io.StringIO(_utf8(path), newline=""))
     header = next(reader, None)
     if not header:
         raise DataError(f"{path}: empty (expected a header row, e.g. text,label)")
-    _missing_columns(path, header, cfg)
-    ti, li = header.index(cfg.text_column), header.index(cfg.label_column)
+    _missing_columns(path, header, cfg, labeled)
+    ti, li = header.index(cfg.text_column), header.index(cfg.label_column) if labeled else None
     texts, labels, lines = [], [], []
+    end = reader.line_num
     try:
         for record in reader:
+            first, end = end + 1, reader.line_num  # a quoted text may run over several lines: name the first
             if not record:  # a blank line
                 continue
             if len(record) != len(header):
-                raise DataError(f"{path}: line {reader.line_num} has {len(record)} fields, the header has "
+                raise DataError(f"{path}: line {first} has {len(record)} fields, the header has "
                                 f"{len(header)} (an unquoted comma or quote in a text?)")
             texts.append(record[ti])
-            labels.append(record[li])
-            lines.append(reader.line_num)
+            if labeled:
+                labels.append(record[li])
+            lines.append(first)
     except csv.Error as exc:
         raise DataError(f"{path}: line {reader.line_num}: {exc}") from None
     return checked_split(texts, _as_numbers(labels), str(path), lines)
 
 
-def _read_jsonl(path: Path, cfg: DataConfig) -> RawSplit:
+def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
     texts, labels, lines = [], [], []
     for n, line in enumerate(_utf8(path).splitlines(), 1):
         if not line.strip():
@@ -194,24 +197,27 @@ def _read_jsonl(path: Path, cfg: DataConfig) -> RawSplit:
             raise DataError(f"{path}: line {n} is not JSON ({exc.msg})") from None
         if not isinstance(record, dict):
             raise DataError(f"{path}: line {n} is not a JSON object")
-        _missing_columns(f"{path}: line {n}", list(record), cfg)
-        text, label = record[cfg.text_column], record[cfg.label_column]
+        _missing_columns(f"{path}: line {n}", list(record), cfg, labeled)
+        text = record[cfg.text_column]
         if text is not None and not isinstance(text, str):
             raise DataError(f"{path}: line {n}: the text is {type(text).__name__}, expected a string")
         texts.append(text)
-        labels.append(label)
+        if labeled:
+            labels.append(record[cfg.label_column])
         lines.append(n)
     return checked_split(texts, _as_array(labels), str(path), lines)
 
 
-def _read_parquet(path: Path, cfg: DataConfig) -> RawSplit:
+def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
     import pyarrow.parquet as pq
 
     try:
         table = pq.read_table(path)
     except Exception as exc:  # pyarrow raises several types for unreadable files
         raise DataError(f"{path}: cannot be read as parquet: {exc}") from exc
-    _missing_columns(path, table.column_names, cfg)
+    _missing_columns(path, table.column_names, cfg, labeled)
+    if not labeled:
+        return checked_split(table.column(cfg.text_column), [], str(path))
     labels = table.column(cfg.label_column)
     return checked_split(table.column(cfg.text_column), _as_array(labels.to_pylist()) if labels.null_count
                          else labels.to_numpy(zero_copy_only=False), str(path))
@@ -220,13 +226,14 @@ def _read_parquet(path: Path, cfg: DataConfig) -> RawSplit:
 READERS = {".csv": _read_csv, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
 
 
-def read_file(path: Path, cfg: DataConfig) -> RawSplit:
-    """One labeled file (.csv, .jsonl or .parquet) with the configured text and label columns."""
+def read_file(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
+    """One file (.csv, .jsonl or .parquet) with the configured text column and, if labeled, label column (else the
+    RawSplit's labels are empty)."""
     path = Path(path)
     _check_format(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    return READERS[path.suffix](path, cfg)
+    return READERS[path.suffix](path, cfg, labeled)
 
 
 def _read_aclimdb(root: Path, split: str) -> RawSplit:

@@ -53,6 +53,32 @@ def test_cli_arguments_file_and_stdin(model_dir, tmp_path):
     assert predict_cli(model_dir, "-", stdin=f.read_bytes()) == by_file
 
 
+def test_cli_data_files_read_their_text_column(model_dir, tmp_path):
+    """A .csv / .jsonl / .parquet --file is read as training reads it: a CSV text holding commas, quotes and a newline
+    stays one record, no label column is needed, and each result names its record's line (row for parquet)."""
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = ['good0 great, "really"', "bad1 awful\nand long", "word1"]
+    by_args = predict_cli(model_dir, *texts)
+    with open(tmp_path / "new.csv", "w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows([["id", "tweet"]] + [[i, t] for i, t in enumerate(texts)])
+    (tmp_path / "new.jsonl").write_text("".join(json.dumps({"tweet": t}) + "\n\n" for t in texts))
+    pq.write_table(pa.table({"tweet": texts}), tmp_path / "new.parquet")
+    places = {"csv": [{"line": 2}, {"line": 3}, {"line": 5}], "jsonl": [{"line": 1}, {"line": 3}, {"line": 5}],
+              "parquet": [{"row": 0}, {"row": 1}, {"row": 2}]}
+    for fmt, where in places.items():
+        out = predict_cli(model_dir, "--file", str(tmp_path / f"new.{fmt}"), "--text-column", "tweet")
+        assert [{k: r[k] for k in w} for r, w in zip(out, where)] == where and len(out) == 3, fmt
+        assert [r["p_positive"] for r in out] == [r["p_positive"] for r in by_args], fmt
+    # the column the model was trained with (text) is not in the file: named, with the columns there are
+    proc = subprocess.run([sys.executable, "-m", "distsent.predict", "--model", str(model_dir), "--file",
+                           str(tmp_path / "new.csv")], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "new.csv: no 'text' column (columns: id, tweet)" in proc.stderr
+
+
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "distsent.predict", "--model", str(tmp_path), "x"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
