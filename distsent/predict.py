@@ -66,7 +66,9 @@ class Predictor:
         results: list[dict] = [{} for _ in texts]
         valid = []
         for i, text in enumerate(texts):
-            if not isinstance(text, str):
+            if text is None:
+                results[i] = {"error": "no text (null)"}
+            elif not isinstance(text, str):
                 results[i] = {"error": f"expected a string, got {type(text).__name__}"}
             elif not text.strip():
                 results[i] = {"error": "empty text: nothing to classify"}
@@ -103,18 +105,23 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distsent-predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder, e.g. runs/imdb_lstm/best")
-    parser.add_argument("--file", help="a file with one review per line; a .csv, .jsonl or .parquet file is read as "
-                        "training reads it (texts may hold commas and newlines) and its text column classified")
+    parser.add_argument("--file", help="a file with one review per line, or a .csv, .jsonl or .parquet file, read as "
+                        "training reads it (texts may hold commas and newlines), whose text column is classified")
     parser.add_argument("--text-column", help="the text column of a .csv/.jsonl/.parquet --file (default: the "
                         "model's data.text_column)")
     parser.add_argument("texts", nargs="*", help="reviews to classify; '-' reads them from stdin, one per line")
     args = parser.parse_args(argv)
+    table = bool(args.file) and Path(args.file).suffix.lower() in FORMATS
+    if args.file and args.texts:
+        parser.error("give texts or --file, not both")
+    if args.text_column and not table:
+        parser.error("--text-column is for a .csv, .jsonl or .parquet --file")
     try:
         predictor = Predictor.load(args.model)
     except (FileNotFoundError, ConfigError, ValueError, RuntimeError) as exc:
         print(f"distsent-predict: cannot load {args.model}: {exc}", file=sys.stderr)
         return 2
-    if args.file and Path(args.file).suffix in FORMATS:
+    if table:
         return _predict_table(predictor, Path(args.file), args.text_column)
     if args.file:
         try:
@@ -148,7 +155,7 @@ def _predict_table(predictor: Predictor, path: Path, text_column: str | None) ->
     texts = split.texts.to_pylist()
     for i, (text, result) in enumerate(zip(texts, predictor.predict(texts))):
         place = {"line": int(split.lines[i])} if split.lines is not None else {"row": i}
-        print(json.dumps({**place, "text": text[:80], **result}, ensure_ascii=False))
+        print(json.dumps({**place, "text": text[:80] if text is not None else None, **result}, ensure_ascii=False))
     return 0
 
 

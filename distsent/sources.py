@@ -99,7 +99,7 @@ def find_source(cfg: DataConfig) -> Source:
 
 
 def _check_format(path: Path) -> None:
-    if path.suffix not in FORMATS:
+    if path.suffix.lower() not in FORMATS:
         raise DataError(f"{path}: unknown file type {path.suffix!r} (use .csv, .jsonl or .parquet)")
 
 
@@ -114,13 +114,14 @@ class RawSplit:
         return f"line {self.lines[i]}" if self.lines is not None else f"row {i}"
 
 
-def checked_split(texts, labels, where: str, lines: list[int] | None = None) -> RawSplit:
-    """A RawSplit from any sequence or Arrow array of texts, after checking that every text is a non-empty string."""
+def checked_split(texts, labels, where: str, lines: list[int] | None = None, labeled: bool = True) -> RawSplit:
+    """A RawSplit from any sequence or Arrow array of texts, after checking that every text is a non-empty string.
+    Unlabeled texts (to classify) may be empty or null: prediction answers each of those with an error of its own."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     if len(texts) == 0:
-        raise DataError(f"{where}: the split is empty")
+        raise DataError(f"{where}: " + ("the split is empty" if labeled else "no records"))
     try:
         texts = pa.array(texts) if not isinstance(texts, (pa.Array, pa.ChunkedArray)) else texts
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
@@ -131,6 +132,8 @@ def checked_split(texts, labels, where: str, lines: list[int] | None = None) -> 
         raise DataError(f"{where}: the text column holds {texts.type}, expected strings")
     split = RawSplit(texts.cast(pa.large_string()), np.asarray(labels), np.arange(len(texts), dtype=np.int64),
                      None if lines is None else np.asarray(lines, dtype=np.int64))
+    if not labeled:
+        return split
     if texts.null_count:
         row = int(np.flatnonzero(texts.is_null().to_numpy(zero_copy_only=False))[0])
         raise DataError(f"{where}: {split.where(row)} has no text (null)")
@@ -144,14 +147,17 @@ def checked_split(texts, labels, where: str, lines: list[int] | None = None) -> 
 
 
 def _missing_columns(where, present, cfg: DataConfig, labeled: bool = True) -> None:
+    hint = "set data.text_column / data.label_column" if labeled else "name it with distsent-predict --text-column"
     for col in (cfg.text_column, cfg.label_column) if labeled else (cfg.text_column,):
         if col not in present:
-            raise DataError(f"{where}: no '{col}' column (columns: {', '.join(present)}); set data.text_column / "
-                            f"data.label_column")
+            raise DataError(f"{where}: no '{col}' column (columns: {', '.join(present)}); {hint}")
 
 
 def _utf8(path: Path) -> str:
-    data = path.read_bytes()
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -161,7 +167,8 @@ def _utf8(path: Path) -> str:
 
 
 def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
-    reader = csv.reader(io.StringIO(_utf8(path), newline=""))
+    # strict: a stray quote is an error naming its line, not a field that swallows the rest of the file
+    reader = csv.reader(io.StringIO(_utf8(path), newline=""), strict=True)
     header = next(reader, None)
     if not header:
         raise DataError(f"{path}: empty (expected a header row, e.g. text,label)")
@@ -182,13 +189,14 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
                 labels.append(record[li])
             lines.append(first)
     except csv.Error as exc:
-        raise DataError(f"{path}: line {reader.line_num}: {exc}") from None
-    return checked_split(texts, _as_numbers(labels), str(path), lines)
+        raise DataError(f"{path}: line {end + 1}: {exc}") from None
+    return checked_split(texts, _as_numbers(labels), str(path), lines, labeled)
 
 
 def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
     texts, labels, lines = [], [], []
-    for n, line in enumerate(_utf8(path).splitlines(), 1):
+    # split at "\n" only: str.splitlines() also splits at U+2028 and other characters JSON strings may hold raw
+    for n, line in enumerate(_utf8(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
@@ -205,7 +213,7 @@ def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
         if labeled:
             labels.append(record[cfg.label_column])
         lines.append(n)
-    return checked_split(texts, _as_array(labels), str(path), lines)
+    return checked_split(texts, _as_array(labels), str(path), lines, labeled)
 
 
 def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
@@ -217,7 +225,7 @@ def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit
         raise DataError(f"{path}: cannot be read as parquet: {exc}") from exc
     _missing_columns(path, table.column_names, cfg, labeled)
     if not labeled:
-        return checked_split(table.column(cfg.text_column), [], str(path))
+        return checked_split(table.column(cfg.text_column), [], str(path), labeled=False)
     labels = table.column(cfg.label_column)
     return checked_split(table.column(cfg.text_column), _as_array(labels.to_pylist()) if labels.null_count
                          else labels.to_numpy(zero_copy_only=False), str(path))
@@ -233,7 +241,7 @@ def read_file(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
     _check_format(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    return READERS[path.suffix](path, cfg, labeled)
+    return READERS[path.suffix.lower()](path, cfg, labeled)
 
 
 def _read_aclimdb(root: Path, split: str) -> RawSplit:

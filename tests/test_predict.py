@@ -16,7 +16,7 @@ def predict_cli(model_dir, *args, stdin=None):
     proc = subprocess.run([sys.executable, "-m", "distsent.predict", "--model", str(model_dir), *args], input=stdin,
                           capture_output=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()
-    return [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    return [json.loads(line) for line in proc.stdout.decode().split("\n") if line]  # not splitlines(): U+2028
 
 
 def test_batched_equals_one_by_one(model_dir):
@@ -30,14 +30,14 @@ def test_batched_equals_one_by_one(model_dir):
 def test_awkward_inputs_get_defined_answers(model_dir):
     p = Predictor.load(model_dir)
     long = "good0 " * 5000
-    out = p.predict(["good0 word1", "", "   ", long, "?!...", None])
+    out = p.predict(["good0 word1", "", "   ", long, "?!...", 7, None])
     first = out[0]
     assert first["label"] == ("positive" if first["p_positive"] > 0.5 else "negative")
     assert first["probability"] == pytest.approx(max(first["p_positive"], 1 - first["p_positive"]), abs=2e-6)
     assert out[1]["error"].startswith("empty text") and out[2]["error"].startswith("empty text")
     assert "truncated" in out[3] and "5000 words" in out[3]["truncated"]
     assert "warning" in out[4]
-    assert "expected a string" in out[5]["error"]
+    assert "expected a string, got int" in out[5]["error"] and out[6]["error"] == "no text (null)"
 
 
 def test_cli_arguments_file_and_stdin(model_dir, tmp_path):
@@ -55,28 +55,39 @@ def test_cli_arguments_file_and_stdin(model_dir, tmp_path):
 
 def test_cli_data_files_read_their_text_column(model_dir, tmp_path):
     """A .csv / .jsonl / .parquet --file is read as training reads it: a CSV text holding commas, quotes and a newline
-    stays one record, no label column is needed, and each result names its record's line (row for parquet)."""
+    stays one record, a raw U+2028 inside a JSON string does not end its line, no label column is needed, each result
+    names its record's line (row for parquet), and an empty or null text gets an error of its own."""
     import csv
 
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    texts = ['good0 great, "really"', "bad1 awful\nand long", "word1"]
+    texts = ['good0 great, "really"\u2028ok', "bad1 awful\nand long", "word1"]
     by_args = predict_cli(model_dir, *texts)
     with open(tmp_path / "new.csv", "w", newline="", encoding="utf-8") as f:
-        csv.writer(f).writerows([["id", "tweet"]] + [[i, t] for i, t in enumerate(texts)])
-    (tmp_path / "new.jsonl").write_text("".join(json.dumps({"tweet": t}) + "\n\n" for t in texts))
-    pq.write_table(pa.table({"tweet": texts}), tmp_path / "new.parquet")
-    places = {"csv": [{"line": 2}, {"line": 3}, {"line": 5}], "jsonl": [{"line": 1}, {"line": 3}, {"line": 5}],
-              "parquet": [{"row": 0}, {"row": 1}, {"row": 2}]}
-    for fmt, where in places.items():
-        out = predict_cli(model_dir, "--file", str(tmp_path / f"new.{fmt}"), "--text-column", "tweet")
-        assert [{k: r[k] for k in w} for r, w in zip(out, where)] == where and len(out) == 3, fmt
-        assert [r["p_positive"] for r in out] == [r["p_positive"] for r in by_args], fmt
+        csv.writer(f).writerows([["id", "tweet"]] + [[i, t] for i, t in enumerate(texts + [" "])])
+    (tmp_path / "new.JSONL").write_text("".join(json.dumps({"tweet": t}, ensure_ascii=False) + "\n\n"
+                                                for t in texts + [""]), encoding="utf-8")
+    pq.write_table(pa.table({"tweet": texts + [None]}), tmp_path / "new.parquet")
+    places = {"new.csv": [{"line": 2}, {"line": 3}, {"line": 5}, {"line": 6}],
+              "new.JSONL": [{"line": 1}, {"line": 3}, {"line": 5}, {"line": 7}],
+              "new.parquet": [{"row": 0}, {"row": 1}, {"row": 2}, {"row": 3}]}
+    for name, where in places.items():
+        out = predict_cli(model_dir, "--file", str(tmp_path / name), "--text-column", "tweet")
+        assert [{k: r[k] for k in w} for r, w in zip(out, where)] == where and len(out) == 4, name
+        assert [r["p_positive"] for r in out[:3]] == [r["p_positive"] for r in by_args], name
+        assert out[3]["error"] == ("no text (null)" if name == "new.parquet" else "empty text: nothing to classify")
     # the column the model was trained with (text) is not in the file: named, with the columns there are
     proc = subprocess.run([sys.executable, "-m", "distsent.predict", "--model", str(model_dir), "--file",
                            str(tmp_path / "new.csv")], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 2 and "new.csv: no 'text' column (columns: id, tweet)" in proc.stderr
+    assert "--text-column" in proc.stderr
+    (tmp_path / "new.txt").write_text("word1\n")
+    for args, message in ((["--file", str(tmp_path / "new.txt"), "--text-column", "tweet"], "--text-column is for a"),
+                          (["--file", str(tmp_path / "new.txt"), "word1"], "give texts or --file, not both")):
+        proc = subprocess.run([sys.executable, "-m", "distsent.predict", "--model", str(model_dir), *args],
+                              capture_output=True, text=True, cwd=REPO, timeout=120)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):

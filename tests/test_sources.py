@@ -139,8 +139,15 @@ def test_bad_data_is_named_by_file_and_row(tmp_path):
     assert "train.jsonl: line 2 has no text (null)" in err
     err = error_of(tmp_path, good, good, raw_train=b'label,text\njoy,fine\nfear,one, too many\n')
     assert "train.csv: line 3 has 3 fields, the header has 2" in err
+    # a stray quote opens a field that would swallow the rest of the file: refused at the line it opens on
+    err = error_of(tmp_path, good, good, raw_train=b'label,text\njoy,fine\nfear,"oops\njoy,more\nsadness,end\n')
+    assert "train.csv: line 3: unexpected end of data" in err
     err = error_of(tmp_path, good, good, raw_train=b'label,text\njoy,fine\nfear,caf\xe9\n')
     assert "train.csv: line 3 is not valid UTF-8" in err
+    # U+2028 (a line separator) may stand raw in a JSON string: it is part of the text, not a line break
+    err = error_of(tmp_path, good, good, fmt="jsonl",
+                   raw_train='{"text": "a\u2028b", "label": "joy"}\n{"text": "c", "label": null}\n'.encode())
+    assert "train.jsonl: line 2 has no label" in err
     err = error_of(tmp_path, (["a", "b"], ["joy", "joy"]), good)
     assert "one class only ('joy')" in err
     err = error_of(tmp_path, good, good, fmt="jsonl",
