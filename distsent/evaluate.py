@@ -12,6 +12,7 @@ import argparse
 import io
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -88,16 +89,21 @@ def main(argv: list[str] | None = None) -> int:
     where.add_argument("--split", choices=["val", "test"], help="a split of the data the model was trained with")
     where.add_argument("--file", type=Path, help="labeled texts: .csv, .jsonl or .parquet with the columns the model "
                        "was trained with (data.text_column, data.label_column: text, label)")
+    parser.add_argument("--text-column", help="the text column of --file (default: the model's data.text_column)")
+    parser.add_argument("--label-column", help="the label column of --file (default: the model's data.label_column)")
     parser.add_argument("--data-path", help="override the model config's data.path for --split")
     parser.add_argument("--out", type=Path, help="folder for metrics.json, confusion.png and reliability.png")
     args = parser.parse_args(argv)
+    if (args.text_column or args.label_column) and not args.file:
+        parser.error("--text-column and --label-column are for --file")
     from .predict import Predictor
 
     try:
         predictor = Predictor.load(args.model)
         names, cfg = predictor.label_names, predictor.cfg.data
         if args.file:
-            split = read_file(args.file, cfg)
+            split = read_file(args.file, replace(cfg, text_column=args.text_column or cfg.text_column,
+                                                 label_column=args.label_column or cfg.label_column))
             split.labels = encode_labels(split, names, label_lookup(names, split.labels.dtype == object),
                                          str(args.file))
         else:

@@ -45,6 +45,14 @@ def test_evaluate_command_on_a_labeled_file(model_dir, tmp_path):
     assert summary["n"] == 40 and {"acc", "f1", "roc_auc", "ece"} <= set(summary)
     for png in ("confusion.png", "reliability.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the same records under other column names, named on the command line: the same metrics
+    other = tmp_path / "other.jsonl"
+    other.write_text("".join(json.dumps({"review": t, "stars": y}) + "\n" for t, y in zip(texts, labels)))
+    proc = subprocess.run([sys.executable, "-m", "distsent.evaluate", "--model", str(model_dir), "--file", str(other),
+                           "--text-column", "review", "--label-column", "stars"],
+                          capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout.splitlines()[0]) == summary
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "x", "label": 3}\n')
     proc = subprocess.run([sys.executable, "-m", "distsent.evaluate", "--model", str(model_dir), "--file", str(bad)],
