@@ -44,6 +44,14 @@ class Trainer:
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)
         self.layout = build_layout(cfg, acc)
         self.lock = lock_run_dir(self.run_dir, acc)  # a second launch into this directory stops here
+        try:
+            self._assemble(cfg, acc, stop)
+        except BaseException:  # a start that fails (bad data, a refused checkpoint) frees the directory too
+            self.lock.release()
+            raise
+
+    def _assemble(self, cfg: ExperimentConfig, acc, stop: StopFlag | None) -> None:
+        """Data, model, optimizer, schedule, checkpoints and records, once the run directory is this run's."""
         setup_threads(cfg)
         announce(acc, self.layout, self.run_dir)
         # an explicitly named checkpoint that is broken fails here, before the slow start-up

@@ -138,6 +138,7 @@ def test_bad_data_stops_every_process_with_one_clear_line(tmp_path, cache_env):
     # recorded for schedulers too (slurm/train.sbatch exits with it), though the trainer never started
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "failed" and status["exit_code"] == 2 and cause in status["error"]
+    assert not (tmp_path / "run" / "run.lock").exists()  # a start that failed leaves the directory free
     assert "Connection closed by peer" not in proc.stderr and "gloo" not in proc.stderr.lower()
 
 
