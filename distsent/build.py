@@ -106,7 +106,7 @@ def build_data(cfg: ExperimentConfig, acc, run_dir: Path) -> tuple[PreparedData,
         data = prepare(cfg.data, tok_path if tok_path.is_file() else None)
     seconds = time.perf_counter() - t0
     if acc.is_main_process:
-        log.info("data: %d train / %d val / %d test reviews, vocabulary %d (%s)", len(data.train), len(data.val),
+        log.info("data: %d train / %d val / %d test texts, vocabulary %d (%s)", len(data.train), len(data.val),
                  len(data.test), data.tokenizer.get_vocab_size(), "from cache" if data.cache_hit else "tokenized now")
     return data, seconds
 

@@ -395,7 +395,7 @@ def carve(cfg: DataConfig, train: RawSplit, test: RawSplit, val: RawSplit | None
     else:
         n_val = max(1, int(round(len(order) * cfg.val_fraction)))
         if n_val >= len(order):
-            raise DataError(f"data.val_fraction={cfg.val_fraction} leaves no training reviews out of {len(order)}")
+            raise DataError(f"data.val_fraction={cfg.val_fraction} leaves no training texts out of {len(order)}")
         splits = {"val": subset(train, np.sort(order[:n_val])), "train": subset(train, np.sort(order[n_val:]))}
     if cfg.test_limit and cfg.test_limit < len(test.texts):
         test = subset(test, np.sort(rng.permutation(len(test.texts))[: cfg.test_limit]))

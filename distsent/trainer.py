@@ -294,7 +294,7 @@ class Trainer:
             "step": state.best_step, f"val_{self.cfg.train.select_metric}": state.best_val_acc,
             "test_acc": metrics["acc"], "test_macro_f1": metrics["macro_f1"]})
         if self.accelerator.is_main_process:
-            log.info("test (best model, step %d): acc %.4f macro-F1 %.4f loss %.4f on %d reviews", state.best_step,
+            log.info("test (best model, step %d): acc %.4f macro-F1 %.4f loss %.4f on %d texts", state.best_step,
                      metrics["acc"], metrics["macro_f1"], metrics["loss"], metrics["n"])
         return metrics
 

@@ -171,7 +171,7 @@ def test_real_emotion_short_run_then_predict(tmp_path, cache_env):
     proc = run(direct_cmd([f"output_dir={run_dir}", f"data.path={REAL_EMOTION}", "train.max_steps=500",
                            "log.trackers=[]", "train.mixed_precision=no"], config="configs/emotion.yaml"))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "16000 train / 2000 val / 2000 test reviews" in proc.stderr
+    assert "16000 train / 2000 val / 2000 test texts" in proc.stderr
     test = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "test/acc" in r][0]
     assert test["test/n"] == 2000 and test["test/acc"] > 0.5  # six classes, the largest 35%
     out = subprocess.run([sys.executable, "-m", "distsent.predict", "--model", str(run_dir / "best"),
