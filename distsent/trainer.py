@@ -107,7 +107,10 @@ class Trainer:
                         row = self.sums.row(now - t_log, state.samples_seen - samples_log) | {
                             "lr": self.scheduler.get_last_lr()[0], "epoch": self._epoch_float()}
                         runlog.log(row, state.step)
-                        bar.set_postfix(loss=f"{row['train/loss']:.4f}", acc=f"{row['train/acc']:.3f}")
+                        # refresh=False: the bar redraws on its own clock (every 30 s when stderr is a file, as
+                        # under sbatch), not at every log row
+                        bar.set_postfix(loss=f"{row['train/loss']:.4f}", acc=f"{row['train/acc']:.3f}",
+                                        refresh=False)
                         self.sums.reset()
                         t_log, samples_log = now, state.samples_seen
                     epoch_end = state.batch_in_epoch == len(batches)

@@ -1,6 +1,7 @@
 """Real multi-process runs through `accelerate launch` (DDP over gloo on CPU), and a short run on real IMDB."""
 
 import json
+import re
 import subprocess
 import sys
 
@@ -16,6 +17,9 @@ def test_two_process_run_trains_and_agrees(tmp_path, synth_imdb, cache_env):
     proc = run(launch_cmd(2, tiny_overrides(run_dir, synth_imdb, **{"train.debug_records": "true"})))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stderr and "global batch 32 = 2 x 16 x 1" in proc.stderr
+    # stderr is a file here, as under sbatch: the progress bar is drawn at start and end (and every 30 s), not at
+    # each of the 90 log rows
+    assert len(re.findall(r"\d+/90 \[", proc.stderr)) <= 3, proc.stderr[-3000:]
 
     digests = [read_jsonl(run_dir / "debug" / f"weights-rank{r}.jsonl")[-1]["sha256"] for r in (0, 1)]
     assert digests[0] == digests[1], "DDP ranks ended with different parameters"
