@@ -219,7 +219,11 @@ def lock_run_dir(run_dir: Path, acc) -> RunLock:
             lock.acquire()
         except RunLockedError as exc:
             refused = str(exc)
-    refused = from_main(acc, refused)
+    try:
+        refused = from_main(acc, refused)
+    except BaseException:  # a peer lost (or Ctrl-C) while the refusal is shared: the lock must not outlive this
+        lock.release()
+        raise
     if refused:
         raise RunLockedError(refused)
     return lock

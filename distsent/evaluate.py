@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if (args.text_column or args.label_column) and not args.file:
         parser.error("--text-column and --label-column are for --file")
+    if args.data_path and args.file:
+        parser.error("--data-path is for --split (a --file is read as it is)")
     from .predict import Predictor
 
     try:

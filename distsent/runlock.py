@@ -113,4 +113,8 @@ class RunLock:
         self._thread = None
         held = self._read() or {}
         if (held.get("host"), held.get("pid")) == (self.me["host"], self.me["pid"]):
-            self.path.unlink(missing_ok=True)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError as exc:  # released while an error is on its way: that error is the one to report
+                log.warning("could not remove %s: %s (a later run takes it over once this process is gone)",
+                            self.path, exc)

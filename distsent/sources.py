@@ -128,6 +128,8 @@ def checked_split(texts, labels, where: str, lines: list[int] | None = None, lab
         raise DataError(f"{where}: the texts are not all strings ({exc})") from exc
     if isinstance(texts, pa.ChunkedArray):
         texts = texts.combine_chunks()
+    if pa.types.is_null(texts.type):  # every text null: Arrow cannot tell their type; each is reported below
+        texts = texts.cast(pa.large_string())
     if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
         raise DataError(f"{where}: the text column holds {texts.type}, expected strings")
     split = RawSplit(texts.cast(pa.large_string()), np.asarray(labels), np.arange(len(texts), dtype=np.int64),
@@ -147,7 +149,7 @@ def checked_split(texts, labels, where: str, lines: list[int] | None = None, lab
 
 
 def _missing_columns(where, present, cfg: DataConfig, labeled: bool = True) -> None:
-    hint = "set data.text_column / data.label_column" if labeled else "name it with distsent-predict --text-column"
+    hint = "name the column with data.text_column / data.label_column, or --text-column / --label-column"
     for col in (cfg.text_column, cfg.label_column) if labeled else (cfg.text_column,):
         if col not in present:
             raise DataError(f"{where}: no '{col}' column (columns: {', '.join(present)}); {hint}")
@@ -173,7 +175,8 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
     if not header:
         raise DataError(f"{path}: empty (expected a header row, e.g. text,label)")
     _missing_columns(path, header, cfg, labeled)
-    ti, li = header.index(cfg.text_column), header.index(cfg.label_column) if labeled else None
+    ti = header.index(cfg.text_column)
+    li = header.index(cfg.label_column) if labeled else None
     texts, labels, lines = [], [], []
     end = reader.line_num
     try:
@@ -189,14 +192,16 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
                 labels.append(record[li])
             lines.append(first)
     except csv.Error as exc:
-        raise DataError(f"{path}: line {end + 1}: {exc}") from None
+        raise DataError(f"{path}: line {end + 1}: {exc} (a quote left open, or followed by something other than a "
+                        f"comma; inside a quoted text write a quote as \"\")") from None
     return checked_split(texts, _as_numbers(labels), str(path), lines, labeled)
 
 
 def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
     texts, labels, lines = [], [], []
-    # split at "\n" only: str.splitlines() also splits at U+2028 and other characters JSON strings may hold raw
-    for n, line in enumerate(_utf8(path).split("\n"), 1):
+    # lines end at \n, \r\n or \r only (a JSON string holds those escaped); str.splitlines() would also split at
+    # U+2028 and other characters a JSON string may hold raw
+    for n, line in enumerate(_utf8(path).replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
         if not line.strip():
             continue
         try:

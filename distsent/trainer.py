@@ -86,7 +86,7 @@ class Trainer:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=self.total_steps, initial=state.step, disable=not acc.is_main_process, unit="step",
-                   dynamic_ncols=True, mininterval=0.1 if sys.stderr.isatty() else 30)
+                   dynamic_ncols=True, **_bar_intervals(sys.stderr.isatty()))
         self.model.train()
         t_log, samples_log = time.perf_counter(), state.samples_seen
         try:
@@ -107,8 +107,7 @@ class Trainer:
                         row = self.sums.row(now - t_log, state.samples_seen - samples_log) | {
                             "lr": self.scheduler.get_last_lr()[0], "epoch": self._epoch_float()}
                         runlog.log(row, state.step)
-                        # refresh=False: the bar redraws on its own clock (every 30 s when stderr is a file, as
-                        # under sbatch), not at every log row
+                        # refresh=False: the bar redraws on its own clock (_bar_intervals), not at every log row
                         bar.set_postfix(loss=f"{row['train/loss']:.4f}", acc=f"{row['train/acc']:.3f}",
                                         refresh=False)
                         self.sums.reset()
@@ -346,6 +345,12 @@ class Trainer:
         gc.collect()
         close_process_group()
         self.lock.release()
+
+
+def _bar_intervals(tty: bool) -> dict:
+    """How often the progress bar redraws: often on a terminal; every 30 s into a file (a Slurm log), where each
+    redraw is a line. maxinterval too: tqdm's monitor thread otherwise forces a redraw every 10 s."""
+    return {"mininterval": 0.1} if tty else {"mininterval": 30, "maxinterval": 30}
 
 
 def clip_gradients(acc, model, max_norm: float) -> torch.Tensor:

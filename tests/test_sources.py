@@ -79,6 +79,20 @@ def test_files_named_one_by_one_and_numbers_in_csv(tmp_path):
         find_source(DataConfig(train_file=str(train)))
 
 
+def test_texts_to_classify_need_no_label_and_keep_their_empty_records(tmp_path):
+    """Unlabeled reading (what distsent-predict --file uses): no label column, and an empty or null text is kept for
+    prediction to answer on its own instead of refusing the file; JSONL lines may end in \\r alone (old Mac files)."""
+    from distsent.sources import read_file
+
+    (tmp_path / "nulls.jsonl").write_text('{"text": null}\n{"text": null}\n')
+    assert read_file(tmp_path / "nulls.jsonl", DataConfig(), labeled=False).texts.to_pylist() == [None, None]
+    (tmp_path / "mac.jsonl").write_bytes(b'{"text": "a", "label": "joy"}\r{"text": "", "label": "joy"}\r')
+    split = read_file(tmp_path / "mac.jsonl", DataConfig(), labeled=False)
+    assert split.texts.to_pylist() == ["a", ""] and split.lines.tolist() == [1, 2] and len(split.labels) == 0
+    with pytest.raises(DataError, match="mac.jsonl: line 2 has an empty text"):  # training still refuses it
+        read_file(tmp_path / "mac.jsonl", DataConfig())
+
+
 def test_hub_class_label_names_and_order(tmp_path, monkeypatch):
     """A hub data set whose labels are a ClassLabel (as dair-ai/emotion's: integers, names in its own order, not
     sorted). The hub cannot be reached from here, so data.hub_name names a local folder in the hub's layout
