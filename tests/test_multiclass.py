@@ -4,6 +4,7 @@ ratios, and a short run on the real six-class emotion tweets when a copy is ther
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -181,6 +182,17 @@ def test_real_emotion_short_run_then_predict(tmp_path, cache_env):
     results = [json.loads(line) for line in out.stdout.splitlines()]
     six = {"anger", "fear", "joy", "love", "sadness", "surprise"}
     assert all(set(r["probabilities"]) == six and r["label"] in six for r in results)
+    # the test file itself through --file (its label column unused): the trainer's test accuracy, tweet for tweet
+    # up to the last bits of a differently padded batch
+    out = subprocess.run([sys.executable, "-m", "distsent.predict", "--model", str(run_dir / "best"), "--file",
+                          str(REAL_EMOTION / "test.csv")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 0, out.stderr
+    results = [json.loads(line) for line in out.stdout.split("\n") if line]
+    with open(REAL_EMOTION / "test.csv", newline="", encoding="utf-8") as f:
+        gold = [row["label"] for row in csv.DictReader(f)]
+    assert len(results) == len(gold) == 2000 and results[0]["line"] == 2
+    right = sum(r["label"] == y for r, y in zip(results, gold))
+    assert abs(right - round(test["test/acc"] * 2000)) <= 2
 
 
 def test_label_smoothing_targets():
