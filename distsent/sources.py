@@ -41,8 +41,11 @@ class Source:
     def fingerprint(self) -> str:
         """Changes whenever the data files change (name, size, modification time), without reading them."""
         if self.kind == "hub":
-            return f"hub:{self.location}"
-        if self.kind == "files":
+            if not Path(self.location).is_dir():  # a hub name: its files are datasets' to keep
+                return f"hub:{self.location}"
+            # a local folder in the hub's layout (load_dataset reads those too): a changed file is new data
+            paths = sorted(f for f in Path(self.location).rglob("*") if f.is_file())
+        elif self.kind == "files":
             paths = [self.files[s] for s in SPLITS if s in self.files]
         else:  # folder stats change when files are added or removed
             paths = [Path(self.location) / s / lab for s in ("train", "test") for lab in ("pos", "neg")]
