@@ -14,7 +14,8 @@ import numpy as np
 
 from . import files
 from .config import DataConfig
-from .sources import DataError, find_source, load_splits
+from .readers import DataError
+from .sources import find_source, load_splits
 from .tokenizer import (TokenizedSplit, build_tokenizer, cut, index_words, load_tokenizer, tokenizer_rules, vocabulary,
                         word_ids)
 

@@ -20,7 +20,8 @@ import numpy as np
 from .config import ConfigError
 from .files import IntegrityError, WriteError, atomic_write, writing
 from .metrics import ECE_BINS, score
-from .sources import DataError, encode_labels, label_lookup, load_splits, read_file
+from .readers import DataError, read_file
+from .sources import encode_labels, label_lookup, load_splits
 
 
 def report(result: dict, classes: list[str]) -> str:

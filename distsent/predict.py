@@ -23,7 +23,8 @@ from .checkpoint import load_weights, verify_model_folder
 from .config import ConfigError
 from .configfile import load_config
 from .model import build_model
-from .sources import BINARY_NAMES, FORMATS, DataError, read_file
+from .readers import FORMATS, DataError, read_file
+from .sources import BINARY_NAMES
 from .tokenizer import encode, load_tokenizer
 
 

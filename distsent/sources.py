@@ -1,17 +1,14 @@
-"""Data sources: find a data set (a folder or files in CSV, JSONL or parquet, an aclImdb folder, the hub), read and
-check it, name its classes, and carve the splits.
+"""Data sources: find a data set (a folder or files in CSV, JSONL or parquet, an aclImdb folder, the hub), read it,
+name its classes, and carve the splits.
 
-Every reader returns texts and raw labels (integers or strings); `load_splits` then fixes the class names from the
-training split (or data.label_names) and turns every label into its class index, naming the file and row of any
-label it cannot place.
+Every reader (readers.py for the file formats) returns texts and raw labels (integers or strings); `load_splits`
+then fixes the class names from the training split (or data.label_names) and turns every label into its class index,
+naming the file and row of any label it cannot place.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
-import json
 import os
 import re
 from dataclasses import dataclass, field
@@ -20,16 +17,12 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig
+from .readers import FORMATS, DataError, RawSplit, check_format, checked_split, missing_columns, read_file
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
-FORMATS = (".csv", ".jsonl", ".parquet")
 BINARY_NAMES = ["negative", "positive"]  # integer labels 0/1 without names: the sentiment convention
 DATA_PATH_ENV = "DISTSENT_DATA_PATH"
-
-
-class DataError(ValueError):
-    """The data is missing or malformed; the message names the file (and row) at fault."""
 
 
 @dataclass
@@ -68,7 +61,7 @@ def find_source(cfg: DataConfig) -> Source:
         for split, path in files.items():
             if not path.is_file():
                 raise DataError(f"data.{split}_file {path}: no such file")
-            _check_format(path)
+            check_format(path)
         return Source("files", str(files["train"].parent), files)
     path = cfg.path or os.environ.get(DATA_PATH_ENV, "")
     if not path:
@@ -99,157 +92,6 @@ def find_source(cfg: DataConfig) -> Source:
             return Source("aclimdb", str(candidate))
     raise DataError(f"data.path {root}: holds no train / test files (train.csv, test.csv, validation.csv; or .jsonl "
                     f"or .parquet) and no aclImdb folder (train/pos, train/neg, test/pos, test/neg)")
-
-
-def _check_format(path: Path) -> None:
-    if path.suffix.lower() not in FORMATS:
-        raise DataError(f"{path}: unknown file type {path.suffix!r} (use .csv, .jsonl or .parquet)")
-
-
-@dataclass
-class RawSplit:
-    texts: object  # a pyarrow large_string array: 25,000 reviews are never copied into Python strings
-    labels: np.ndarray  # as read (integers or strings); class indices (int64) after load_splits
-    ids: np.ndarray  # int64, stable ids of the records within the split
-    lines: np.ndarray | None = None  # each record's line in its file, for messages ("line 12"); None: "row i"
-
-    def where(self, i: int) -> str:
-        return f"line {self.lines[i]}" if self.lines is not None else f"row {i}"
-
-
-def checked_split(texts, labels, where: str, lines: list[int] | None = None, labeled: bool = True) -> RawSplit:
-    """A RawSplit from any sequence or Arrow array of texts, after checking that every text is a non-empty string.
-    Unlabeled texts (to classify) may be empty or null: prediction answers each of those with an error of its own."""
-    import pyarrow as pa
-    import pyarrow.compute as pc
-
-    if len(texts) == 0:
-        raise DataError(f"{where}: " + ("the split is empty" if labeled else "no records"))
-    try:
-        texts = pa.array(texts) if not isinstance(texts, (pa.Array, pa.ChunkedArray)) else texts
-    except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
-        raise DataError(f"{where}: the texts are not all strings ({exc})") from exc
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks()
-    if pa.types.is_null(texts.type):  # every text null: Arrow cannot tell their type; each is reported below
-        texts = texts.cast(pa.large_string())
-    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
-        raise DataError(f"{where}: the text column holds {texts.type}, expected strings")
-    split = RawSplit(texts.cast(pa.large_string()), np.asarray(labels), np.arange(len(texts), dtype=np.int64),
-                     None if lines is None else np.asarray(lines, dtype=np.int64))
-    if not labeled:
-        return split
-    if texts.null_count:
-        row = int(np.flatnonzero(texts.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DataError(f"{where}: {split.where(row)} has no text (null)")
-    blank = pc.match_substring_regex(texts, r"^\s*$").to_numpy(zero_copy_only=False)  # stops at a text's first word
-    if blank.any():
-        raise DataError(f"{where}: {split.where(int(np.flatnonzero(blank)[0]))} has an empty text")
-    if len(split.labels) and split.labels.dtype == object and any(v is None for v in split.labels):
-        row = next(i for i, v in enumerate(split.labels) if v is None)
-        raise DataError(f"{where}: {split.where(row)} has no label")
-    return split
-
-
-def _missing_columns(where, present, cfg: DataConfig, labeled: bool = True) -> None:
-    hint = "name the column with data.text_column / data.label_column, or --text-column / --label-column"
-    for col in (cfg.text_column, cfg.label_column) if labeled else (cfg.text_column,):
-        if col not in present:
-            raise DataError(f"{where}: no '{col}' column (columns: {', '.join(present)}); {hint}")
-
-
-def _utf8(path: Path) -> str:
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        line = data[: exc.start].count(b"\n") + 1
-        raise DataError(f"{path}: line {line} is not valid UTF-8 ({exc.reason} at byte {exc.start}); save the "
-                        f"file as UTF-8") from None
-
-
-def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
-    # strict: a stray quote is an error naming its line, not a field that swallows the rest of the file
-    reader = csv.reader(io.StringIO(_utf8(path), newline=""), strict=True)
-    header = next(reader, None)
-    if not header:
-        raise DataError(f"{path}: empty (expected a header row, e.g. text,label)")
-    _missing_columns(path, header, cfg, labeled)
-    ti = header.index(cfg.text_column)
-    li = header.index(cfg.label_column) if labeled else None
-    texts, labels, lines = [], [], []
-    end = reader.line_num
-    try:
-        for record in reader:
-            first, end = end + 1, reader.line_num  # a quoted text may run over several lines: name the first
-            if not record:  # a blank line
-                continue
-            if len(record) != len(header):
-                raise DataError(f"{path}: line {first} has {len(record)} fields, the header has "
-                                f"{len(header)} (an unquoted comma or quote in a text?)")
-            texts.append(record[ti])
-            if labeled:
-                labels.append(record[li])
-            lines.append(first)
-    except csv.Error as exc:
-        raise DataError(f"{path}: line {end + 1}: {exc} (a quote left open, or followed by something other than a "
-                        f"comma; inside a quoted text write a quote as \"\")") from None
-    return checked_split(texts, _as_numbers(labels), str(path), lines, labeled)
-
-
-def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
-    texts, labels, lines = [], [], []
-    # lines end at \n, \r\n or \r only (a JSON string holds those escaped); str.splitlines() would also split at
-    # U+2028 and other characters a JSON string may hold raw
-    for n, line in enumerate(_utf8(path).replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {n} is not JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: line {n} is not a JSON object")
-        _missing_columns(f"{path}: line {n}", list(record), cfg, labeled)
-        text = record[cfg.text_column]
-        if text is not None and not isinstance(text, str):
-            raise DataError(f"{path}: line {n}: the text is {type(text).__name__}, expected a string")
-        texts.append(text)
-        if labeled:
-            labels.append(record[cfg.label_column])
-        lines.append(n)
-    return checked_split(texts, _as_array(labels), str(path), lines, labeled)
-
-
-def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
-    import pyarrow.parquet as pq
-
-    try:
-        table = pq.read_table(path)
-    except Exception as exc:  # pyarrow raises several types for unreadable files
-        raise DataError(f"{path}: cannot be read as parquet: {exc}") from exc
-    _missing_columns(path, table.column_names, cfg, labeled)
-    if not labeled:
-        return checked_split(table.column(cfg.text_column), [], str(path), labeled=False)
-    labels = table.column(cfg.label_column)
-    return checked_split(table.column(cfg.text_column), _as_array(labels.to_pylist()) if labels.null_count
-                         else labels.to_numpy(zero_copy_only=False), str(path))
-
-
-READERS = {".csv": _read_csv, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
-
-
-def read_file(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
-    """One file (.csv, .jsonl or .parquet) with the configured text column and, if labeled, label column (else the
-    RawSplit's labels are empty)."""
-    path = Path(path)
-    _check_format(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such file")
-    return READERS[path.suffix.lower()](path, cfg, labeled)
 
 
 def _read_aclimdb(root: Path, split: str) -> RawSplit:
@@ -292,24 +134,10 @@ def _read_hub(cfg: DataConfig, role: str) -> tuple[RawSplit, list[str] | None]:
     except Exception as exc:
         raise DataError(f"cannot load {where} from the Hugging Face hub ({exc}); on a machine without internet, "
                         f"point data.path or ${DATA_PATH_ENV} at a local copy") from exc
-    _missing_columns(where, ds.column_names, cfg)
+    missing_columns(where, ds.column_names, cfg)
     names = getattr(ds.features[cfg.label_column], "names", None)
     table = ds.with_format("arrow")[:]
     return checked_split(table.column(cfg.text_column), table.column(cfg.label_column).to_numpy(), where), names
-
-
-def _as_array(values: list) -> np.ndarray:
-    """Labels as one numpy array: int64 when every label is an integer, else objects (strings, or bad values)."""
-    if values and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-        return np.asarray(values, np.int64)
-    return np.asarray(values, dtype=object)
-
-
-def _as_numbers(values: list[str]) -> np.ndarray:
-    """CSV labels are text: integers when every one reads as an integer, strings otherwise."""
-    if values and all(re.fullmatch(r"\s*-?\d+\s*", v) for v in values):
-        return np.asarray([int(v) for v in values], np.int64)
-    return np.asarray(values, dtype=object)
 
 
 def class_names(train: RawSplit, cfg: DataConfig, hub_names: list[str] | None, where: str) -> tuple[list[str], dict]:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig
-from .sources import DataError
+from .readers import DataError
 
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID = 0

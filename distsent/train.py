@@ -21,7 +21,7 @@ from pathlib import Path
 from .config import ConfigError
 from .configfile import describe, load_config
 from .files import IntegrityError, WriteError
-from .sources import DataError
+from .readers import DataError
 
 PEER_EXIT_DELAY_S = 2.0
 

@@ -9,7 +9,8 @@ import pytest
 from conftest import make_reviews, write_aclimdb, write_parquet
 from distsent.config import DataConfig
 from distsent.data import prepare
-from distsent.sources import DataError, find_source, load_splits
+from distsent.readers import DataError
+from distsent.sources import find_source, load_splits
 from distsent.tokenizer import train_tokenizer
 from distsent.sampler import Layout, epoch_batches
 

@@ -11,7 +11,8 @@ import pytest
 
 from distsent.config import DataConfig
 from distsent.data import prepare
-from distsent.sources import DataError, find_source, load_splits
+from distsent.readers import DataError, read_file
+from distsent.sources import find_source, load_splits
 
 # texts with the characters that break naive CSV handling: commas, quotes, newlines
 TEXTS = ['i feel "great", really', "so angry,\nso tired", "plain", "what a day, she said \"no\"", "scared\r\nstill",
@@ -82,8 +83,6 @@ def test_files_named_one_by_one_and_numbers_in_csv(tmp_path):
 def test_texts_to_classify_need_no_label_and_keep_their_empty_records(tmp_path):
     """Unlabeled reading (what distsent-predict --file uses): no label column, and an empty or null text is kept for
     prediction to answer on its own instead of refusing the file; JSONL lines may end in \\r alone (old Mac files)."""
-    from distsent.sources import read_file
-
     (tmp_path / "nulls.jsonl").write_text('{"text": null}\n{"text": null}\n')
     assert read_file(tmp_path / "nulls.jsonl", DataConfig(), labeled=False).texts.to_pylist() == [None, None]
     (tmp_path / "mac.jsonl").write_bytes(b'{"text": "a", "label": "joy"}\r{"text": "", "label": "joy"}\r')
