@@ -401,6 +401,24 @@ def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, monke
         assert not lock_file.exists()
 
 
+def test_the_run_lock_is_released_when_sharing_the_decision_fails(tmp_path, monkeypatch):
+    """The main process has taken the lock, then the collective that tells the others fails (a peer lost at that
+    moment: from_main is replaced by one that raises, the only stand-in here, since a peer cannot be made to die
+    inside that one collective): the lock must not outlive the failed start."""
+    from types import SimpleNamespace
+
+    from distsent import build
+
+    def peer_lost(acc, value):
+        assert (tmp_path / "run.lock").exists()  # taken before the decision is shared
+        raise RuntimeError("Connection closed by peer")
+
+    monkeypatch.setattr(build, "from_main", peer_lost)
+    with pytest.raises(RuntimeError, match="Connection closed by peer"):
+        build.lock_run_dir(tmp_path, SimpleNamespace(is_main_process=True))
+    assert not (tmp_path / "run.lock").exists()
+
+
 # --- the non-finite guard, in process ----------------------------------------------------------------------------
 
 @pytest.mark.slow
