@@ -61,7 +61,8 @@ def test_gpu_check_runs_every_step_on_a_cpu(tmp_path, synth_imdb, cache_env):
     """The GPU check's plumbing, tiny and on the CPU (its GPU tests then skip): a log and a JSON with every step."""
     out = tmp_path / "out"
     proc = subprocess.run(["bash", "benchmarks/gpu_check.sh", str(out), str(synth_imdb), "--device", "cpu",
-                           "--quick"], cwd=REPO, env=run_env({"PYTHON": sys.executable}), capture_output=True, text=True, timeout=900)
+                           "--quick"], cwd=REPO, env=run_env({"PYTHON": sys.executable}), capture_output=True,
+                          text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "gpu_check.json").read_text())
     assert result["gpu_tests"]["rc"] == 0 and any("skipped" in line for line in result["gpu_tests"]["summary"])
