@@ -85,7 +85,7 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
     cached = _load_cached(ids_dir(tok_text)) if tok_text else None
     if cached:
         splits, names = cached
-        return PreparedData(*splits, tokenizer=load_tokenizer(tok_file), cache_hit=True, label_names=names)
+        return PreparedData(*splits, tokenizer=_load_checked(tok_file, cfg), cache_hit=True, label_names=names)
 
     import pyarrow as pa
 
@@ -95,7 +95,7 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
                                            cfg.strip_html)
     bounds = np.cumsum([0] + [len(raw[n].labels) for n in SPLIT_NAMES])
     if tok_text:
-        tok = load_tokenizer(tok_file)
+        tok = _load_checked(tok_file, cfg)
     else:
         counts = np.bincount(index[: offsets[bounds[1]]], minlength=len(distinct))
         tok = build_tokenizer(vocabulary(distinct, counts, cfg.min_freq), cfg.lowercase, cfg.strip_html)
@@ -103,9 +103,6 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
             split_dir.mkdir(parents=True, exist_ok=True)
         files.atomic_write(tok_file, tok.to_str())
         tok_text = tok_file.read_text()
-    if tokenizer_rules(tok) != (cfg.lowercase, cfg.strip_html):
-        raise DataError(f"{tok_file}: its rules (lowercase, strip_html) = {tokenizer_rules(tok)} differ from the "
-                        f"config's data.lowercase={cfg.lowercase}, data.strip_html={cfg.strip_html}")
     ids = word_ids(tok, distinct)[index]
     out = {}
     for name, a, b in zip(SPLIT_NAMES, bounds[:-1], bounds[1:]):
@@ -114,6 +111,16 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
             raw[name].labels, raw[name].ids)
     _store(ids_dir(tok_text), out, names)
     return PreparedData(out["train"], out["val"], out["test"], tokenizer=tok, cache_hit=False, label_names=names)
+
+
+def _load_checked(tok_file: Path, cfg: DataConfig):
+    """A saved tokenizer (a resumed run's, or the cache's), refused if its text rules are not the config's: the ids
+    it gives would not be the ones the config asks for."""
+    tok = load_tokenizer(tok_file)
+    if tokenizer_rules(tok) != (cfg.lowercase, cfg.strip_html):
+        raise DataError(f"{tok_file}: its rules (lowercase, strip_html) = {tokenizer_rules(tok)} differ from the "
+                        f"config's data.lowercase={cfg.lowercase}, data.strip_html={cfg.strip_html}")
+    return tok
 
 
 def _store(final: Path, splits: dict[str, TokenizedSplit], label_names: list[str]) -> None:

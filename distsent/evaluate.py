@@ -92,7 +92,8 @@ def main(argv: list[str] | None = None) -> int:
                        "was trained with (data.text_column, data.label_column: text, label)")
     parser.add_argument("--text-column", help="the text column of --file (default: the model's data.text_column)")
     parser.add_argument("--label-column", help="the label column of --file (default: the model's data.label_column)")
-    parser.add_argument("--data-path", help="override the model config's data.path for --split")
+    parser.add_argument("--data-path", help="read --split from this folder instead of the model config's data "
+                        "(data.path, or the files data.train_file etc. name)")
     parser.add_argument("--out", type=Path, help="folder for metrics.json, confusion.png and reliability.png")
     args = parser.parse_args(argv)
     if (args.text_column or args.label_column) and not args.file:
@@ -110,13 +111,13 @@ def main(argv: list[str] | None = None) -> int:
             split.labels = encode_labels(split, names, label_lookup(names, split.labels.dtype == object),
                                          str(args.file))
         else:
-            if args.data_path:
-                cfg.path = args.data_path
+            if args.data_path:  # the folder replaces every file the config names, which find_source would prefer
+                cfg = replace(cfg, path=args.data_path, train_file="", validation_file="", test_file="")
             splits, data_names = load_splits(cfg)
             if data_names != names:
                 raise DataError(f"the data's classes {data_names} are not the model's {names}")
             split = splits[args.split]
-    except (FileNotFoundError, ConfigError, DataError, IntegrityError) as exc:
+    except (ConfigError, DataError, IntegrityError, OSError, ValueError, RuntimeError) as exc:
         print(f"distsent-evaluate: {exc}", file=sys.stderr)
         return 2
     probs, _ = predictor.probabilities(split.texts)

@@ -119,7 +119,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--text-column is for a .csv, .jsonl or .parquet --file")
     try:
         predictor = Predictor.load(args.model)
-    except (FileNotFoundError, ConfigError, ValueError, RuntimeError) as exc:
+    except (ConfigError, OSError, ValueError, RuntimeError) as exc:
         print(f"distsent-predict: cannot load {args.model}: {exc}", file=sys.stderr)
         return 2
     if table:

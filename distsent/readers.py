@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import re
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,7 @@ import numpy as np
 from .config import DataConfig
 
 FORMATS = (".csv", ".jsonl", ".parquet")
+INT64_MAX = np.iinfo(np.int64).max
 
 
 class DataError(ValueError):
@@ -49,20 +51,26 @@ def checked_split(texts, labels, where: str, lines: list[int] | None = None, lab
         texts = pa.array(texts) if not isinstance(texts, (pa.Array, pa.ChunkedArray)) else texts
     except (pa.ArrowInvalid, pa.ArrowTypeError) as exc:
         raise DataError(f"{where}: the texts are not all strings ({exc})") from exc
-    if isinstance(texts, pa.ChunkedArray):
-        texts = texts.combine_chunks()
     if pa.types.is_null(texts.type):  # every text null: Arrow cannot tell their type; each is reported below
         texts = texts.cast(pa.large_string())
+    if pa.types.is_dictionary(texts.type):  # a pandas category column, say: the strings behind the codes
+        texts = texts.cast(texts.type.value_type)
     if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
         raise DataError(f"{where}: the text column holds {texts.type}, expected strings")
-    split = RawSplit(texts.cast(pa.large_string()), np.asarray(labels), np.arange(len(texts), dtype=np.int64),
+    # 64-bit offsets before the chunks are joined: 32-bit ones overflow past 2 GiB of text
+    texts = texts.cast(pa.large_string())
+    if isinstance(texts, pa.ChunkedArray):
+        texts = texts.combine_chunks()
+    split = RawSplit(texts, np.asarray(labels), np.arange(len(texts), dtype=np.int64),
                      None if lines is None else np.asarray(lines, dtype=np.int64))
     if not labeled:
         return split
     if texts.null_count:
         row = int(np.flatnonzero(texts.is_null().to_numpy(zero_copy_only=False))[0])
         raise DataError(f"{where}: {split.where(row)} has no text (null)")
-    blank = pc.match_substring_regex(texts, r"^\s*$").to_numpy(zero_copy_only=False)  # stops at a text's first word
+    # blank: Python's whitespace (str.isspace, as prediction's text.strip()); RE2's \s alone is ASCII. The match
+    # stops at a text's first other character.
+    blank = pc.match_substring_regex(texts, r"^[\s\x0b\x1c-\x1f\x85\p{Z}]*$").to_numpy(zero_copy_only=False)
     if blank.any():
         raise DataError(f"{where}: {split.where(int(np.flatnonzero(blank)[0]))} has an empty text")
     if len(split.labels) and split.labels.dtype == object and any(v is None for v in split.labels):
@@ -72,10 +80,13 @@ def checked_split(texts, labels, where: str, lines: list[int] | None = None, lab
 
 
 def missing_columns(where, present, cfg: DataConfig, labeled: bool = True) -> None:
+    """DataError unless the text column (and, if labeled, the label column) is there exactly once."""
     hint = "name the column with data.text_column / data.label_column, or --text-column / --label-column"
     for col in (cfg.text_column, cfg.label_column) if labeled else (cfg.text_column,):
         if col not in present:
             raise DataError(f"{where}: no '{col}' column (columns: {', '.join(present)}); {hint}")
+        if list(present).count(col) > 1:
+            raise DataError(f"{where}: {list(present).count(col)} columns are named '{col}'; rename all but one")
 
 
 def _utf8(path: Path) -> str:
@@ -92,6 +103,8 @@ def _utf8(path: Path) -> str:
 
 
 def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
+    # Python's csv refuses fields over 128 KiB by default: a long text is not an error (JSONL and parquet take it)
+    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
     # strict: a stray quote is an error naming its line, not a field that swallows the rest of the file
     reader = csv.reader(io.StringIO(_utf8(path), newline=""), strict=True)
     header = next(reader, None)
@@ -111,13 +124,13 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
                 raise DataError(f"{path}: line {first} has {len(record)} fields, the header has "
                                 f"{len(header)} (an unquoted comma or quote in a text?)")
             texts.append(record[ti])
-            if labeled:
-                labels.append(record[li])
+            if labeled:  # spaces around a label are not part of it; an empty cell is no label (None)
+                labels.append(record[li].strip() or None)
             lines.append(first)
     except csv.Error as exc:
         raise DataError(f"{path}: line {end + 1}: {exc} (a quote left open, or followed by something other than a "
                         f"comma; inside a quoted text write a quote as \"\")") from None
-    return checked_split(texts, _as_numbers(labels), str(path), lines, labeled)
+    return checked_split(texts, _as_numbers(labels, path, lines), str(path), lines, labeled)
 
 
 def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
@@ -141,7 +154,7 @@ def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
         if labeled:
             labels.append(record[cfg.label_column])
         lines.append(n)
-    return checked_split(texts, _as_array(labels), str(path), lines, labeled)
+    return checked_split(texts, _as_array(labels, path, lines), str(path), lines, labeled)
 
 
 def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
@@ -155,7 +168,7 @@ def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit
     if not labeled:
         return checked_split(table.column(cfg.text_column), [], str(path), labeled=False)
     labels = table.column(cfg.label_column)
-    return checked_split(table.column(cfg.text_column), _as_array(labels.to_pylist()) if labels.null_count
+    return checked_split(table.column(cfg.text_column), _as_array(labels.to_pylist(), path) if labels.null_count
                          else labels.to_numpy(zero_copy_only=False), str(path))
 
 
@@ -172,15 +185,24 @@ def read_file(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
     return READERS[path.suffix.lower()](path, cfg, labeled)
 
 
-def _as_array(values: list) -> np.ndarray:
+def _as_array(values: list, path: Path, lines: list[int] | None = None) -> np.ndarray:
     """Labels as one numpy array: int64 when every label is an integer, else objects (strings, or bad values)."""
     if values and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
-        return np.asarray(values, np.int64)
+        return _int64(values, path, lines)
     return np.asarray(values, dtype=object)
 
 
-def _as_numbers(values: list[str]) -> np.ndarray:
-    """CSV labels are text: integers when every one reads as an integer, strings otherwise."""
-    if values and all(re.fullmatch(r"\s*-?\d+\s*", v) for v in values):
-        return np.asarray([int(v) for v in values], np.int64)
+def _as_numbers(values: list[str | None], path: Path, lines: list[int]) -> np.ndarray:
+    """CSV labels are text: integers when every one reads as an integer, strings otherwise (None: no label)."""
+    if values and all(v is not None and re.fullmatch(r"-?\d+", v) for v in values):
+        return _int64([int(v) for v in values], path, lines)
     return np.asarray(values, dtype=object)
+
+
+def _int64(values: list[int], path: Path, lines: list[int] | None) -> np.ndarray:
+    big = next((i for i, v in enumerate(values) if abs(v) > INT64_MAX), None)
+    if big is not None:
+        at = f"line {lines[big]}" if lines is not None else f"row {big}"
+        raise DataError(f"{path}: {at} has label {values[big]}, too large for an integer label; name the classes "
+                        f"with strings or small integers")
+    return np.asarray(values, np.int64)

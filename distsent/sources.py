@@ -40,12 +40,25 @@ class Source:
             paths = sorted(f for f in Path(self.location).rglob("*") if f.is_file())
         elif self.kind == "files":
             paths = [self.files[s] for s in SPLITS if s in self.files]
-        else:  # folder stats change when files are added or removed
-            paths = [Path(self.location) / s / lab for s in ("train", "test") for lab in ("pos", "neg")]
+        else:
+            return self._review_files_fingerprint()
         h = hashlib.sha256(self.kind.encode())
         for f in paths:
             st = f.stat()
             h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns};".encode())
+        return h.hexdigest()
+
+
+    def _review_files_fingerprint(self) -> str:
+        """aclImdb: every review file's name, size and modification time (rewriting a file in place changes no
+        folder's); os.scandir, as 50,000 Path.stat() and resolve() calls take seconds."""
+        root = Path(self.location).resolve()
+        h = hashlib.sha256(f"aclimdb:{root}".encode())
+        for folder in (f"{s}/{lab}" for s in ("train", "test") for lab in ("pos", "neg")):
+            with os.scandir(root / folder) as entries:
+                stats = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries
+                               if e.name.endswith(".txt"))
+            h.update(f"{folder}:{stats}".encode())
         return h.hexdigest()
 
 
@@ -140,12 +153,10 @@ def _read_hub(cfg: DataConfig, role: str) -> tuple[RawSplit, list[str] | None]:
     return checked_split(table.column(cfg.text_column), table.column(cfg.label_column).to_numpy(), where), names
 
 
-def class_names(train: RawSplit, cfg: DataConfig, hub_names: list[str] | None, where: str) -> tuple[list[str], dict]:
-    """The classes in their order, and the map from a label as written in the files to its class index.
-
-    data.label_names names the classes (string labels are looked up by name, integer labels are indices into it);
-    else a hub ClassLabel's names; else the sorted training labels, integer labels 0/1 being named negative and
-    positive (the sentiment convention) and other integers by themselves."""
+def class_names(train: RawSplit, cfg: DataConfig, hub_names: list[str] | None, where: str) -> list[str]:
+    """The classes in their order: data.label_names; else a hub ClassLabel's names; else the sorted training labels,
+    integer labels 0/1 being named negative and positive (the sentiment convention) and other integers by
+    themselves."""
     values = train.labels.tolist()
     strings = train.labels.dtype == object
     if strings and not all(isinstance(v, str) for v in values):
@@ -163,15 +174,16 @@ def class_names(train: RawSplit, cfg: DataConfig, hub_names: list[str] | None, w
         raise DataError(f"data.label_names {names}: a name appears twice")
     if len(names) < 2:
         raise DataError(f"{where}: one class only ({names[0]!r}); a classifier needs two or more")
-    return names, label_lookup(names, strings)
+    return names
 
 
-def label_lookup(names: list[str], strings: bool) -> dict:
+def label_lookup(names: list[str], strings: bool, indices: bool = False) -> dict:
     """Label as written -> class index: strings by name; integers as indices into `names`, or, where the names are
-    themselves integers (classes named after integer labels), by value."""
+    themselves integers (classes named after integer labels), by value. indices: integers are indices whatever the
+    names (a hub ClassLabel's values, even where its names are digits, as yelp_polarity's "1" and "2")."""
     if strings:
         return {n: i for i, n in enumerate(names)}
-    if all(re.fullmatch(r"-?\d+", n) for n in names):
+    if not indices and all(re.fullmatch(r"-?\d+", n) for n in names):
         return {int(n): i for i, n in enumerate(names)}
     return {i: i for i in range(len(names))}
 
@@ -204,8 +216,10 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
             if name:
                 raw[split], hub_names = _read_hub(cfg, split)
                 where[split] = _hub_where(cfg, name)
-    names, lookup = class_names(raw["train"], cfg, hub_names, where["train"])
+    names = class_names(raw["train"], cfg, hub_names, where["train"])
     for split, data in raw.items():
+        # each file's own label type: integer labels in train.csv and the same written as strings in test.jsonl
+        lookup = label_lookup(names, data.labels.dtype == object, indices=hub_names is not None and not cfg.label_names)
         data.labels = encode_labels(data, names, lookup, where[split])
     counts = np.bincount(raw["train"].labels, minlength=len(names))
     if not counts.all():

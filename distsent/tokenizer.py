@@ -153,8 +153,10 @@ def build_tokenizer(vocab_words: list[str], lowercase: bool, strip_html: bool):
 
     vocab = {PAD: 0, UNK: 1, **{w: i + 2 for i, w in enumerate(vocab_words)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token=UNK))
+    # Lowercase follows Unicode's full mapping, which turns U+0130 (dotted capital I) into "i" and a combining dot
+    # that splits the word; preparation's utf8_lower gives "i" alone, and so must prediction
     steps = ([normalizers.Replace(Regex(HTML_BREAK), " ")] if strip_html else []) + (
-        [normalizers.Lowercase()] if lowercase else [])
+        [normalizers.Replace("\u0130", "i"), normalizers.Lowercase()] if lowercase else [])
     if steps:
         tok.normalizer = normalizers.Sequence(steps)
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(NON_WORD), behavior="removed")
@@ -189,7 +191,8 @@ def tokenizer_rules(tok) -> tuple[bool, bool]:
     """(lowercase, strip_html) as saved in a tokenizer.json."""
     norm = json.loads(tok.to_str()).get("normalizer") or {}
     steps = norm.get("normalizers", [norm]) if norm else []
-    return (any(s.get("type") == "Lowercase" for s in steps), any(s.get("type") == "Replace" for s in steps))
+    return (any(s.get("type") == "Lowercase" for s in steps),
+            any(s.get("type") == "Replace" and s.get("pattern") == {"Regex": HTML_BREAK} for s in steps))
 
 
 def word_ids(tok, distinct) -> np.ndarray:

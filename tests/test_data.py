@@ -29,9 +29,10 @@ def test_prepared_ids_match_the_saved_tokenizer(tmp_path):
     from distsent.tokenizer import encode
 
     # "end", "!", "start": a review without words between two that touch words must not create an empty word;
-    # U+31350 is a letter of Unicode 15, which this Python's unicodedata may not know yet
+    # U+31350 is a letter of Unicode 15, which this Python's unicodedata may not know yet; U+0130 (İ) lowercases to
+    # "i" plus a combining dot in Unicode's full mapping, which is not a word character
     texts = SAMPLES + make_reviews(50, 9)[0] + ["ÀÉÎ õü ß ﬁne Ⅻ ½ x²", "tabs\tand_underscores__ 3.14", "end", "!", "—",
-                                                "start", "a\U00031350b 𝔘𝔫𝔦 😀x"]
+                                                "start", "a\U00031350b 𝔘𝔫𝔦 😀x", "İstanbul'da İYİ", "İstanbul"]
     labels = [i % 2 for i in range(len(texts))]
     folder = write_parquet(tmp_path / "data", {"train": (texts, labels), "test": (texts[::-1], labels[::-1])})
     sources = {"train": texts, "val": texts, "test": texts[::-1]}
@@ -113,6 +114,35 @@ def test_three_sources_load_the_same_records(tmp_path, splits, monkeypatch):
     assert find_source(DataConfig()).kind == "hub"
     assert records(parquet) == records(acl) == records(DataConfig())
     assert records(parquet) == (sorted(zip(*splits["train"])), sorted(zip(*splits["test"])))
+
+
+def test_an_aclimdb_review_rewritten_in_place_is_new_data(tmp_path, splits):
+    """Rewriting a review file changes no folder's stats: the cache key must still change, or the old tokens are
+    served for the new text."""
+    cfg = DataConfig(path=str(write_aclimdb(tmp_path / "aclImdb", splits).parent), cache_dir=str(tmp_path / "cache"),
+                     min_freq=1)
+    first = prepare(cfg)
+    assert prepare(cfg).cache_hit
+    review = sorted((tmp_path / "aclImdb" / "train" / "pos").glob("*.txt"))[0]
+    review.write_text("zebra crossings everywhere, a brand new review")
+    again = prepare(cfg)
+    assert not again.cache_hit and "zebra" in again.tokenizer.get_vocab()
+    assert "zebra" not in first.tokenizer.get_vocab()
+
+
+def test_a_saved_tokenizer_with_other_rules_is_refused_from_the_cache_too(tmp_path, splits):
+    """A resumed run's tokenizer.json lowercases; a config that does not is refused, whether or not the token cache
+    already holds that tokenizer's ids (the ids would not be the ones the config asks for)."""
+    folder = write_parquet(tmp_path / "pq", splits)
+    cfg = DataConfig(path=str(folder), cache_dir=str(tmp_path / "cache"), min_freq=1)
+    tok = tmp_path / "tokenizer.json"
+    tok.write_text(prepare(cfg).tokenizer.to_str())
+    assert prepare(cfg, tok).cache_hit
+    for other in (DataConfig(path=str(folder), cache_dir=str(tmp_path / "cache"), min_freq=1, lowercase=False),
+                  DataConfig(path=str(folder), cache_dir=str(tmp_path / "cache"), min_freq=1, lowercase=False,
+                             max_len=7)):  # a cache hit, then a miss
+        with pytest.raises(DataError, match="differ from the config's data.lowercase=False"):
+            prepare(other, tok)
 
 
 def test_env_variable_points_at_local_copy(tmp_path, splits, monkeypatch):

@@ -73,3 +73,49 @@ def test_evaluate_without_matplotlib_writes_the_metrics_and_says_so_in_one_line(
     assert proc.returncode == 0, proc.stderr
     assert json.loads((out / "metrics.json").read_text())["n"] == 20
     assert "no figures: the figures need matplotlib" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def export_tiny_model(folder, overrides, built_with=None):
+    """A model folder with random weights from `overrides`; built_with: the model's own overrides, where its weights
+    should not fit the config the folder records."""
+    import torch
+
+    from distsent.checkpoint import export_model
+    from distsent.config import DataConfig
+    from distsent.configfile import load_config
+    from distsent.model import build_model
+    from distsent.tokenizer import train_tokenizer
+
+    small = ["model.embedding_dim=16", "model.hidden_dim=16", "data.max_len=20", "data.min_freq=1"]
+    cfg = load_config(None, small + overrides)
+    tok = train_tokenizer(make_reviews(50, 0)[0], DataConfig(min_freq=1))
+    torch.manual_seed(0)
+    model = build_model(tok.get_vocab_size(), load_config(None, small + (built_with or overrides)).model)
+    export_model(folder, model, tok, cfg, {"step": 0})
+    return folder
+
+
+def test_evaluate_data_path_replaces_the_files_the_config_names(tmp_path, capsys):
+    """A model trained on files named one by one (data.train_file, ...) is evaluated on a folder given with
+    --data-path: the folder replaces them (they were preferred over it, and did not exist here)."""
+    from conftest import write_parquet
+    from distsent.evaluate import main
+
+    gone = tmp_path / "elsewhere"
+    model = export_tiny_model(tmp_path / "run" / "best", [f"data.train_file={gone}/train.csv",
+                                                          f"data.test_file={gone}/test.csv"])
+    data = write_parquet(tmp_path / "data", {"train": make_reviews(60, 1), "test": make_reviews(30, 2)})
+    assert main(["--model", str(model), "--split", "test", "--data-path", str(data)]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 30
+
+
+def test_evaluate_a_model_folder_whose_weights_do_not_fit_its_config_is_one_line(tmp_path, capsys):
+    from distsent.evaluate import main
+
+    model = export_tiny_model(tmp_path / "best", ["model.hidden_dim=32"], built_with=["model.hidden_dim=16"])
+    texts, labels = make_reviews(10, 3)
+    f = tmp_path / "labeled.jsonl"
+    f.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels)))
+    assert main(["--model", str(model), "--file", str(f)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("distsent-evaluate: ") and "size mismatch" in err, err

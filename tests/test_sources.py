@@ -116,6 +116,13 @@ def test_hub_class_label_names_and_order(tmp_path, monkeypatch):
     assert find_source(cfg).fingerprint() != before
     splits, got = load_splits(cfg)
     assert got == names  # the ClassLabel's order, not sorted
+    # a ClassLabel's values are indices even where its names are digits (yelp_polarity's "1" and "2")
+    digits = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["2", "1", "0"])})
+    for split in ("train", "test"):
+        datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 2]}, features=digits).to_parquet(
+            tmp_path / "digits" / "data" / f"{split}-00000-of-00001.parquet")
+    loaded, got = load_splits(DataConfig(hub_name=str(tmp_path / "digits"), val_fraction=0.34))
+    assert got == ["2", "1", "0"] and loaded["test"].labels.tolist() == [0, 1, 2]
     assert splits["val"].labels.tolist() == labels["validation"] and splits["test"].labels.tolist() == labels["test"]
     assert sorted(splits["train"].labels.tolist()) == sorted(labels["train"])
     assert splits["val"].texts.to_pylist()[0] == "validation tweet 0 about surprise"
@@ -166,9 +173,56 @@ def test_bad_data_is_named_by_file_and_row(tmp_path):
     assert "train.jsonl: line 2 has no label" in err
     err = error_of(tmp_path, (["a", "b"], ["joy", "joy"]), good)
     assert "one class only ('joy')" in err
+    # an empty label cell is no label (not a class named ""), in training and where another split has integers
+    err = error_of(tmp_path, good, good, raw_train=b'label,text\njoy,fine\n,unlabeled\nfear,x\n')
+    assert "train.csv: line 3 has no label" in err
+    err = error_of(tmp_path, (TEXTS, [i % 3 for i in range(10)]), (["x", "y", "z"], [1, "", 2]))
+    assert "test.csv: line 3 has no label" in err
+    err = error_of(tmp_path, good, good, raw_train=b'label,text,label\njoy,fine,fear\n')
+    assert "train.csv: 2 columns are named 'label'; rename all but one" in err
+    err = error_of(tmp_path, good, good, raw_train=b'label,text\n1,fine\n99999999999999999999,big\n')
+    assert "train.csv: line 3 has label 99999999999999999999, too large for an integer label" in err
+    # a text of Unicode spaces only (no-break, ideographic) is as empty as prediction finds it
+    err = error_of(tmp_path, good, good, raw_train='label,text\njoy,fine\nfear,\u00a0\u3000\x0b\n'.encode())
+    assert "train.csv: line 3 has an empty text" in err
     err = error_of(tmp_path, good, good, fmt="jsonl",
                    raw_train=b'{"text": "a", "label": "joy"}\n{"text": "b", "label": 3}\n')
     assert "train.jsonl: line 2 has label 3; labels must be all integers or all strings" in err
+
+
+def test_long_texts_padded_labels_category_columns_and_mixed_formats(tmp_path):
+    """Valid data that reading used to refuse or misread: a CSV text over the csv module's 128 KiB field limit,
+    labels written with spaces around them, a parquet text column stored as a category (dictionary), and integer
+    labels in train.csv that test.jsonl writes as strings."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    long_text = "word " * 40_000
+    write(tmp_path / "a", "train", "csv", [long_text] + TEXTS[1:], [" joy "] + LABELS[1:])
+    splits = read_file(tmp_path / "a" / "train.csv", DataConfig())
+    assert splits.texts[0].as_py() == long_text and splits.labels[0] == "joy"
+    write(tmp_path / "b", "train", "csv", TEXTS, [1, 2, 3, 1, 2, 3, 1, 2, 3, 1])
+    write(tmp_path / "b", "test", "jsonl", TEXTS[:3], ["3", "1", "2"])
+    loaded, names = load_splits(DataConfig(path=str(tmp_path / "b")))
+    assert names == ["1", "2", "3"] and loaded["test"].labels.tolist() == [2, 0, 1]
+    (tmp_path / "c").mkdir()
+    pq.write_table(pa.table({"text": pa.array(TEXTS).dictionary_encode(), "label": LABELS}),
+                   tmp_path / "c" / "train.parquet")
+    assert read_file(tmp_path / "c" / "train.parquet", DataConfig()).texts.to_pylist() == TEXTS
+
+
+@pytest.mark.slow
+def test_a_text_column_over_two_gib_is_read(tmp_path):
+    """Parquet row groups (and the hub's Arrow tables) arrive in chunks; joined with 32-bit offsets, more than 2 GiB
+    of text overflows. About 3.5 GB of memory for a few seconds."""
+    import pyarrow as pa
+
+    from distsent.readers import checked_split
+
+    chunk = pa.array(["x" * (1 << 20)] * 1100)  # 1.1 GiB of text per chunk
+    split = checked_split(pa.chunked_array([chunk, chunk]), np.zeros(2200, np.int64), "big")
+    assert len(split.texts) == 2200 and split.texts.type == pa.large_string()
+    assert len(split.texts[2199].as_py()) == 1 << 20
 
 
 def test_nothing_is_cached_when_the_data_is_bad(tmp_path):
