@@ -32,8 +32,11 @@ _ASCII_WORD[np.frombuffer(b"0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNO
 
 
 def _word_chars(code_points: np.ndarray) -> np.ndarray:
-    """Whether each code point is a word character, by the same regex engine (RE2) and Unicode tables as the
-    pattern above: Python's own `unicodedata` can be older and miss recently assigned letters."""
+    """Whether each code point is a word character, by the pattern above in pyarrow's regex engine (RE2): Python's
+    own `unicodedata` can be older and miss recently assigned letters. The saved tokenizer.json applies the same
+    pattern with its own engine (Oniguruma), whose tables can differ in the newest letters: those of Unicode 16
+    (2024, e.g. U+105C0) are word characters there and not here, so a word holding one is cut differently at
+    prediction."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
