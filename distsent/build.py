@@ -16,7 +16,6 @@ import torch
 
 from . import files
 from .config import ConfigError, ExperimentConfig, resume_identity
-from .configfile import save_config
 from .data import PreparedData, prepare
 from .runlock import RunLock, RunLockedError
 from .model import build_model, members
@@ -87,7 +86,7 @@ def announce(acc, layout: Layout, run_dir: Path) -> None:
 
 def build_data(cfg: ExperimentConfig, acc, run_dir: Path) -> tuple[PreparedData, float]:
     """The tokenized splits (and the seconds it took); the run keeps its tokenizer.json, so a resume keeps its
-    vocabulary, and its resolved config.yaml."""
+    vocabulary."""
     tok_path = run_dir / "tokenizer.json"
     t0 = time.perf_counter()
     # the main process builds the vocabulary and the token cache, then the others read them; if it cannot (bad
@@ -98,7 +97,6 @@ def build_data(cfg: ExperimentConfig, acc, run_dir: Path) -> tuple[PreparedData,
             data = prepare(cfg.data, tok_path if tok_path.is_file() else None)
             if not tok_path.is_file():
                 files.atomic_write(tok_path, data.tokenizer.to_str())
-            save_config(cfg, run_dir / "config.yaml")
         except Exception as exc:  # raised by fail_together, on this process, with its traceback
             failure = exc
     fail_together(acc, failure, "prepare the data")

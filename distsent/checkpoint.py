@@ -214,7 +214,7 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
             problems.append(f"{key}: checkpoint {old!r}, config {new!r}")
     if problems:
         raise CheckpointError(f"{path} was trained with a different setup and cannot be resumed with this config: "
-                              + "; ".join(problems) + ". Use a new output_dir or checkpoint.resume=never.")
+                              + "; ".join(problems) + ". Use a new output_dir for the new setup.")
 
 
 # What checkpoints of earlier versions had, where their identity lacks a key: two classes, selection by accuracy,
@@ -245,6 +245,11 @@ def resume_path(cfg, root: Path) -> Path | None:
     """checkpoint.resume: 'auto' = the latest valid checkpoint under root (if any), 'never', or a path (must be
     valid: CheckpointError otherwise)."""
     if cfg.resume == "never":
+        earlier = [path.name for _, path in _by_step(root)]
+        if earlier:
+            raise CheckpointError(f"checkpoint.resume=never: {root} holds an earlier run's checkpoints (up to "
+                                  f"{earlier[0]}); a fresh start there would mix the two runs' checkpoints, "
+                                  f"metrics and best model. Use a new output_dir, or remove that run first")
         return None
     if cfg.resume == "auto":
         return find_latest(root)

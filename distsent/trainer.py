@@ -17,6 +17,7 @@ from .build import (announce, batch_tensors, build_accelerator, build_data, buil
                     build_optimizer, build_run_model, build_scheduler, class_weights, close_process_group,
                     lock_run_dir, new_run_id, run_identity, setup_threads)
 from .config import ExperimentConfig
+from .configfile import save_config
 from .files import WriteError
 from .metrics import EXIT_NONFINITE, EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums
 from .model import Ensemble
@@ -239,12 +240,15 @@ class Trainer:
             except WriteError as write_exc:  # already stopping on an error: say this one too, do not mask it
                 log.error("%s (the run's state: %s)", write_exc, status)
 
-    def _write_records(self, runlog: RunLog, **status) -> None:
-        """Collective: the final status on the main process, failing on every process if it or metrics.jsonl
-        could not be written (a run whose records are lost is not reported finished)."""
+    def _write_records(self, runlog: RunLog, config: bool = False, **status) -> None:
+        """Collective: the status (and with config, the run's config.yaml) on the main process, failing on every
+        process if it or metrics.jsonl could not be written (a run whose records are lost is not reported
+        finished)."""
         failure = runlog.failure
         if self.accelerator.is_main_process and failure is None:
             try:
+                if config:
+                    save_config(self.cfg, self.run_dir / "config.yaml")
                 write_status(self.run_dir, **status)
             except WriteError as exc:
                 failure = exc
@@ -326,7 +330,8 @@ class Trainer:
                 row.update({"event/world_size_old": event["old_world_size"],
                             "event/world_size_new": event["new_world_size"]})
         runlog.log(row, state.step + (1 if self.resume_from else 0))
-        self._write_records(runlog, state="running", step=state.step, pid=os.getpid())
+        # the resolved config.yaml only now: a refused resume leaves the directory's config as it was
+        self._write_records(runlog, config=True, state="running", step=state.step, pid=os.getpid())
         return runlog
 
     def _epoch_float(self) -> float:

@@ -192,9 +192,20 @@ def test_broken_checkpoints_are_skipped_or_refused(reference, synth_imdb, tmp_pa
 def test_changed_model_shape_is_refused_but_more_epochs_allowed(reference, synth_imdb, tmp_path, cache_env):
     run_dir = tmp_path / "run"
     shutil.copytree(reference[1], run_dir)
+    config_before = (run_dir / "config.yaml").read_text()
     proc = run(direct_cmd(overrides(run_dir, synth_imdb, **{"model.hidden_dim": 48})))
     assert proc.returncode == 2
     assert "model.hidden_dim: checkpoint 64, config 48" in proc.stderr
+    assert (run_dir / "config.yaml").read_text() == config_before  # the refused config is not recorded
+    # starting over in a used directory would mix two runs: refused, nothing touched but the attempt's status
+    def files():
+        return sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*")
+                      if p.name != "status.json")
+
+    before = files()
+    proc = run(direct_cmd(overrides(run_dir, synth_imdb, **{"model.hidden_dim": 48, "checkpoint.resume": "never"})))
+    assert proc.returncode == 2 and "holds an earlier run's checkpoints" in proc.stderr, proc.stderr[-2000:]
+    assert files() == before and json.loads((run_dir / "status.json").read_text())["state"] == "failed"
     proc = run(launch_cmd(1, overrides(run_dir, synth_imdb, **{"train.epochs": 4})))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and train_rows(run_dir)[-1]["step"] == 180
