@@ -181,10 +181,11 @@ def build_scheduler(cfg: ExperimentConfig, optimizer, total_steps: int):
 
 
 def run_identity(cfg: ExperimentConfig, data: PreparedData) -> dict:
-    """What a checkpoint must share with this run to be resumed: the config's resume identity, the vocabulary and
-    the classes."""
+    """What a checkpoint must share with this run to be resumed: the config's resume identity, the vocabulary, the
+    classes and the training data's content (data_content: the same texts and labels, wherever they lie now)."""
     vocab = hashlib.sha256(json.dumps(sorted(data.tokenizer.get_vocab().items())).encode()).hexdigest()
-    return {**resume_identity(cfg), "vocab_sha256": vocab, "label_names": data.label_names}
+    return {**resume_identity(cfg), "vocab_sha256": vocab, "label_names": data.label_names,
+            "data_content": data.content}
 
 
 def class_weights(cfg: ExperimentConfig, data: PreparedData, device) -> torch.Tensor | None:

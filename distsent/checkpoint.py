@@ -211,7 +211,8 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
             problems += [f"{key}.{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}"
                          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         elif old != new:
-            problems.append(f"{key}: checkpoint {old!r}, config {new!r}")
+            why = " (the training or validation texts or labels differ)" if key == "data_content" else ""
+            problems.append(f"{key}: checkpoint {old!r}, config {new!r}{why}")
     if problems:
         raise CheckpointError(f"{path} was trained with a different setup and cannot be resumed with this config: "
                               + "; ".join(problems) + ". Use a new output_dir for the new setup.")
@@ -238,6 +239,8 @@ def _upgrade_identity(saved: dict, current: dict) -> dict:
             saved[key] = {k: v for k, v in default.items() if k in current[key]} | saved[key]
         else:
             saved.setdefault(key, default)
+    # checkpoints of earlier versions did not record their data's content: nothing to compare it with
+    saved.setdefault("data_content", current.get("data_content"))
     return saved
 
 

@@ -34,6 +34,7 @@ class PreparedData:
     tokenizer: object
     cache_hit: bool
     label_names: list[str]  # class i is label_names[i]
+    content: str = ""  # what the model learns from and is selected on: see training_content()
 
     @property
     def num_classes(self) -> int:
@@ -49,15 +50,23 @@ def _hash(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def _load_cached(folder: Path) -> tuple[list[TokenizedSplit], list[str]] | None:
-    """The cached splits of `folder` and the class names, or None if absent; a damaged entry is reported, removed
-    and rebuilt."""
+def training_content(manifest: dict) -> str:
+    """A digest of the train and validation token arrays (ids, lengths, labels, record ids) and the class names,
+    from the token cache's checksums: the same data gives the same digest wherever it lies and whenever it was
+    prepared; an edited text or label changes it. The test split is left out (evaluated once, at the end)."""
+    arrays = {name: meta["sha256"] for name, meta in manifest["files"].items() if name.startswith(("train.", "val."))}
+    return _hash([arrays, manifest["label_names"]])
+
+
+def _load_cached(folder: Path) -> tuple[list[TokenizedSplit], dict] | None:
+    """The cached splits of `folder` and its manifest (class names, checksums), or None if absent; a damaged entry
+    is reported, removed and rebuilt."""
     if not folder.is_dir():
         return None
     try:
         manifest = files.verify(folder, required=tuple(f"{s}.{a}.npy" for s in SPLIT_NAMES
                                                        for a in TokenizedSplit.ARRAYS))
-        return [TokenizedSplit.load(folder, s) for s in SPLIT_NAMES], manifest["label_names"]
+        return [TokenizedSplit.load(folder, s) for s in SPLIT_NAMES], manifest
     except (files.IntegrityError, OSError, ValueError, KeyError) as exc:
         log.warning("token cache entry damaged, rebuilding it: %s", exc)
         shutil.rmtree(folder, ignore_errors=True)
@@ -84,8 +93,9 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
     tok_text = tok_file.read_text() if tok_file.is_file() else None
     cached = _load_cached(ids_dir(tok_text)) if tok_text else None
     if cached:
-        splits, names = cached
-        return PreparedData(*splits, tokenizer=_load_checked(tok_file, cfg), cache_hit=True, label_names=names)
+        splits, manifest = cached
+        return PreparedData(*splits, tokenizer=_load_checked(tok_file, cfg), cache_hit=True,
+                            label_names=manifest["label_names"], content=training_content(manifest))
 
     import pyarrow as pa
 
@@ -109,8 +119,9 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
         first, last = offsets[a], offsets[b]
         out[name] = cut(ids[first:last], offsets[a: b + 1] - first, cfg.max_len, cfg.truncate).relabel(
             raw[name].labels, raw[name].ids)
-    _store(ids_dir(tok_text), out, names)
-    return PreparedData(out["train"], out["val"], out["test"], tokenizer=tok, cache_hit=False, label_names=names)
+    manifest = _store(ids_dir(tok_text), out, names)
+    return PreparedData(out["train"], out["val"], out["test"], tokenizer=tok, cache_hit=False, label_names=names,
+                        content=training_content(manifest))
 
 
 def _load_checked(tok_file: Path, cfg: DataConfig):
@@ -123,16 +134,18 @@ def _load_checked(tok_file: Path, cfg: DataConfig):
     return tok
 
 
-def _store(final: Path, splits: dict[str, TokenizedSplit], label_names: list[str]) -> None:
-    """Write the id arrays into a sealed folder; if another process finished the same entry first, keep theirs."""
+def _store(final: Path, splits: dict[str, TokenizedSplit], label_names: list[str]) -> dict:
+    """Write the id arrays into a sealed folder and return its manifest; if another process finished the same
+    entry first, keep theirs (the same arrays)."""
     tmp = final.with_name(final.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     with files.writing(final, partial=tmp):  # a full disk leaves no half-written entry
         tmp.mkdir(parents=True)
         for name, split in splits.items():
             split.save(tmp, name)
-        files.seal(tmp, kind="token-cache", label_names=label_names)
+        manifest = files.seal(tmp, kind="token-cache", label_names=label_names)
     try:
         tmp.rename(final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+    return manifest

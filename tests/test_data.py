@@ -145,6 +145,24 @@ def test_a_saved_tokenizer_with_other_rules_is_refused_from_the_cache_too(tmp_pa
             prepare(other, tok)
 
 
+def test_training_content_digest_follows_the_data_not_its_place(tmp_path, splits):
+    """The resume identity's data_content: the same records copied elsewhere (new paths and file times, a fresh
+    cache) give the same digest; one edited training label changes it; a different test split does not."""
+    import shutil
+
+    first = prepare(DataConfig(path=str(write_parquet(tmp_path / "a", splits)), cache_dir=str(tmp_path / "c1")))
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    moved = prepare(DataConfig(path=str(tmp_path / "b"), cache_dir=str(tmp_path / "c2")))
+    assert first.content and moved.content == first.content and not moved.cache_hit
+    texts, labels = splits["train"]
+    edited = {"train": (texts, [1 - labels[0]] + labels[1:]), "test": splits["test"]}
+    changed = prepare(DataConfig(path=str(write_parquet(tmp_path / "e", edited)), cache_dir=str(tmp_path / "c1")))
+    assert changed.content != first.content
+    other_test = {"train": splits["train"], "test": (splits["test"][0][:5], splits["test"][1][:5])}
+    same = prepare(DataConfig(path=str(write_parquet(tmp_path / "t", other_test)), cache_dir=str(tmp_path / "c1")))
+    assert same.content == first.content
+
+
 def test_env_variable_points_at_local_copy(tmp_path, splits, monkeypatch):
     monkeypatch.setenv("DISTSENT_DATA_PATH", str(write_parquet(tmp_path, splits)))
     assert find_source(DataConfig()).files["train"] == tmp_path / "train.parquet"

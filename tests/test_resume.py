@@ -206,6 +206,20 @@ def test_changed_model_shape_is_refused_but_more_epochs_allowed(reference, synth
     proc = run(direct_cmd(overrides(run_dir, synth_imdb, **{"model.hidden_dim": 48, "checkpoint.resume": "never"})))
     assert proc.returncode == 2 and "holds an earlier run's checkpoints" in proc.stderr, proc.stderr[-2000:]
     assert files() == before and json.loads((run_dir / "status.json").read_text())["state"] == "failed"
+    # the same command on edited data (one training label flipped) is another run, not this one's resume
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    edited = tmp_path / "edited"
+    shutil.copytree(synth_imdb, edited)
+    table = pq.read_table(edited / "train.parquet")
+    labels = table.column("label").to_pylist()
+    pq.write_table(table.set_column(table.schema.get_field_index("label"), "label",
+                                    pa.array([1 - labels[0]] + labels[1:], pa.int64())),
+                   edited / "train.parquet")
+    proc = run(direct_cmd(overrides(run_dir, edited)))
+    assert proc.returncode == 2 and "data_content: checkpoint" in proc.stderr, proc.stderr[-2000:]
+    assert "the training or validation texts or labels differ" in proc.stderr
     proc = run(launch_cmd(1, overrides(run_dir, synth_imdb, **{"train.epochs": 4})))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and train_rows(run_dir)[-1]["step"] == 180
