@@ -84,14 +84,17 @@ class EvalMetrics:
 def per_class(cm: torch.Tensor, classes: list[str]) -> dict:
     """n, accuracy, macro-F1, each class's precision / recall / F1 / support, and the confusion matrix (rows: true
     class, columns: predicted) from a C x C confusion matrix. A class never predicted has precision 0 (and never
-    present, recall 0), as in scikit-learn's zero_division=0."""
+    present, recall 0), as in scikit-learn's zero_division=0. Macro-F1 averages the classes that occur in the
+    labels or the predictions, as scikit-learn does: a class absent from both (a small test file without any
+    example of it) is not counted as an F1 of 0."""
     cm = cm.double()
     tp, predicted, actual = cm.diag(), cm.sum(0), cm.sum(1)
     precision = torch.where(predicted > 0, tp / predicted.clamp(min=1), 0.0)
     recall = torch.where(actual > 0, tp / actual.clamp(min=1), 0.0)
     f1 = torch.where(precision + recall > 0, 2 * precision * recall / (precision + recall).clamp(min=1e-300), 0.0)
     n = int(cm.sum())
-    out = {"n": n, "acc": float(tp.sum()) / max(n, 1), "macro_f1": float(f1.mean())}
+    seen = (actual > 0) | (predicted > 0)
+    out = {"n": n, "acc": float(tp.sum()) / max(n, 1), "macro_f1": float(f1[seen].mean()) if seen.any() else 0.0}
     for i, name in enumerate(classes):
         out.update({f"precision/{name}": float(precision[i]), f"recall/{name}": float(recall[i]),
                     f"f1/{name}": float(f1[i]), f"support/{name}": int(actual[i])})

@@ -33,6 +33,22 @@ def test_ece_small_when_calibrated_large_when_overconfident():
     assert abs(m["acc"] - ((p > 0.5) == y).mean()) < 1e-12
 
 
+def test_multiclass_metrics_by_hand_and_a_class_absent_from_the_split():
+    """Per-class precision / recall / F1, the confusion matrix and macro-F1 for four classes, worked by hand; a
+    class that neither occurs nor is predicted (a small file without it) does not enter macro-F1 as a zero."""
+    from distsent.metrics import score
+
+    classes = ["anger", "joy", "love", "fear"]
+    labels = np.array([0, 0, 0, 1, 1, 2])  # no "fear"
+    predicted = np.array([0, 0, 1, 1, 1, 1])
+    m = score(np.eye(4)[predicted] * 0.7 + 0.075, labels, classes)
+    assert m["confusion"] == [[2, 1, 0, 0], [0, 2, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]
+    assert (m["precision/anger"], m["recall/anger"], m["f1/anger"]) == (1.0, 2 / 3, 0.8)
+    assert (m["precision/joy"], m["recall/joy"]) == (0.5, 1.0) and abs(m["f1/joy"] - 2 / 3) < 1e-12
+    assert m["f1/love"] == 0.0 and m["support/love"] == 1 and m["support/fear"] == 0
+    assert abs(m["macro_f1"] - (0.8 + 2 / 3 + 0.0) / 3) < 1e-12 and abs(m["acc"] - 4 / 6) < 1e-12
+
+
 def test_evaluate_command_on_a_labeled_file(model_dir, tmp_path):
     texts, labels = make_reviews(40, 7)
     f = tmp_path / "labeled.jsonl"
