@@ -124,13 +124,17 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
+    given = {}  # key -> the override that set it, to blame the command line rather than the file
     for text in overrides:
         key, value = parse_override(text)
         _set_path(data, key, value)
+        given[key] = text
     try:
         return _build(ExperimentConfig, _upgrade(data))
     except ConfigError as exc:
-        where = f"{path}: " if path is not None else ""
+        bad = str(exc).split(":", 1)[0]  # every message starts with the full key path
+        override = next((t for k, t in given.items() if bad == k or bad.startswith((k + ".", k + "["))), None)
+        where = f"the override {override}: " if override else f"{path}: " if path is not None else ""
         raise ConfigError(where + str(exc)) from None
 
 

@@ -61,6 +61,14 @@ def test_bad_yaml_file_names_file_and_key(tmp_path):
     p.write_text("model:\n  hidden_dim: 12\n  layers: 3\n")
     with pytest.raises(ConfigError, match=r"bad.yaml: model.layers: unknown key"):
         load_config(p)
+    # a bad value given on the command line is blamed on the override, not on the file beside it
+    p.write_text("model:\n  hidden_dim: 12\n")
+    for override, message in (("train.epochs=two", "the override train.epochs=two: train.epochs: expected an integer"),
+                              ("model.hidden_dim=0", "the override model.hidden_dim=0: model.hidden_dim: must be >= 1"),
+                              ("model.layers=3", "the override model.layers=3: model.layers: unknown key")):
+        with pytest.raises(ConfigError) as info:
+            load_config(p, [override])
+        assert str(info.value).startswith(message) and "bad.yaml" not in str(info.value), info.value
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
 
