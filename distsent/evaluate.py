@@ -113,7 +113,13 @@ def main(argv: list[str] | None = None) -> int:
         else:
             if args.data_path:  # the folder replaces every file the config names, which find_source would prefer
                 cfg = replace(cfg, path=args.data_path, train_file="", validation_file="", test_file="")
-            splits, data_names = load_splits(cfg)
+            try:
+                splits, data_names = load_splits(cfg)
+            except DataError as exc:
+                if args.data_path:
+                    raise
+                raise DataError(f"{exc} (the model's own data settings; --data-path DIR reads the splits from a "
+                                f"folder)") from exc
             if data_names != names:
                 raise DataError(f"the data's classes {data_names} are not the model's {names}")
             split = splits[args.split]

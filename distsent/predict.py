@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -64,6 +65,8 @@ class Predictor:
     def predict(self, texts: list[str]) -> list[dict]:
         """One result per text: {"label", "probability" (of that label), "probabilities" (every class's)}, and for
         two classes "p_positive" (of the second class); or {"error"}."""
+        if isinstance(texts, str):  # it would be read as a list of characters
+            raise TypeError("predict() takes a list of texts; to classify one, pass [text]")
         results: list[dict] = [{} for _ in texts]
         valid = []
         for i, text in enumerate(texts):
@@ -103,6 +106,14 @@ def _read_lines(stream) -> list[tuple[str | None, str | None]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    except BrokenPipeError:  # the reader stopped early (`| head`): no traceback (the handling Python's docs give)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 1
+
+
+def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="distsent-predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder, e.g. runs/imdb_lstm/best")
@@ -129,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             with open(args.file, "rb") as f:
                 items = _read_lines(f)
         except OSError as exc:
-            print(f"distsent-predict: {exc}", file=sys.stderr)
+            print(f"distsent-predict: --file {args.file}: {exc.strerror or exc}", file=sys.stderr)
             return 2
     elif args.texts == ["-"]:
         items = _read_lines(sys.stdin.buffer)

@@ -65,6 +65,9 @@ def checked_split(texts, labels, where: str, lines: list[int] | None = None, lab
                      None if lines is None else np.asarray(lines, dtype=np.int64))
     if not labeled:
         return split
+    if split.labels.dtype == object:  # string labels of any format: spaces around one are not part of it
+        split.labels = np.fromiter((v.strip() or None if isinstance(v, str) else v for v in split.labels), object,
+                                   len(split.labels))
     if texts.null_count:
         row = int(np.flatnonzero(texts.is_null().to_numpy(zero_copy_only=False))[0])
         raise DataError(f"{where}: {split.where(row)} has no text (null)")

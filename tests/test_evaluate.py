@@ -121,6 +121,8 @@ def test_evaluate_data_path_replaces_the_files_the_config_names(tmp_path, capsys
     model = export_tiny_model(tmp_path / "run" / "best", [f"data.train_file={gone}/train.csv",
                                                           f"data.test_file={gone}/test.csv"])
     data = write_parquet(tmp_path / "data", {"train": make_reviews(60, 1), "test": make_reviews(30, 2)})
+    assert main(["--model", str(model), "--split", "test"]) == 2
+    assert "--data-path DIR reads the splits from a folder" in capsys.readouterr().err
     assert main(["--model", str(model), "--split", "test", "--data-path", str(data)]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 30
 

@@ -38,6 +38,17 @@ def test_awkward_inputs_get_defined_answers(model_dir):
     assert "truncated" in out[3] and "5000 words" in out[3]["truncated"]
     assert "warning" in out[4]
     assert "expected a string, got int" in out[5]["error"] and out[6]["error"] == "no text (null)"
+    with pytest.raises(TypeError, match=r"takes a list of texts; to classify one, pass \[text\]"):
+        p.predict("good0 word1")  # not 11 one-character texts
+
+
+def test_cli_output_into_a_closed_pipe_ends_quietly(model_dir, tmp_path):
+    """`distsent-predict ... | head -1`: the reader leaves after one line; no BrokenPipeError traceback."""
+    f = tmp_path / "many.txt"
+    f.write_text("good0 great\n" * 20000)
+    proc = subprocess.run(f"{sys.executable} -m distsent.predict --model {model_dir} --file {f} | head -1",
+                          shell=True, capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert len(proc.stdout.splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
 def test_cli_arguments_file_and_stdin(model_dir, tmp_path):

@@ -201,6 +201,11 @@ def test_long_texts_padded_labels_category_columns_and_mixed_formats(tmp_path):
     write(tmp_path / "a", "train", "csv", [long_text] + TEXTS[1:], [" joy "] + LABELS[1:])
     splits = read_file(tmp_path / "a" / "train.csv", DataConfig())
     assert splits.texts[0].as_py() == long_text and splits.labels[0] == "joy"
+    write(tmp_path / "j", "train", "jsonl", TEXTS, ["sadness\t"] + LABELS[1:])  # any format, not just CSV
+    assert read_file(tmp_path / "j" / "train.jsonl", DataConfig()).labels[0] == "sadness"
+    with pytest.raises(DataError, match="train.jsonl: line 1 has no label"):
+        write(tmp_path / "j", "train", "jsonl", TEXTS, [" "] + LABELS[1:])
+        read_file(tmp_path / "j" / "train.jsonl", DataConfig())
     write(tmp_path / "b", "train", "csv", TEXTS, [1, 2, 3, 1, 2, 3, 1, 2, 3, 1])
     write(tmp_path / "b", "test", "jsonl", TEXTS[:3], ["3", "1", "2"])
     loaded, names = load_splits(DataConfig(path=str(tmp_path / "b")))
