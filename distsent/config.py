@@ -216,8 +216,9 @@ class CheckpointConfig:
 @dataclass
 class DistConfig:
     timeout_s: int = _doc("Collective timeout: a process whose peer died exits after at most this long.", 600)
-    stop_signals: list[str] = _doc("Signals that make the run checkpoint and exit (preemption).",
-                                   ["SIGTERM", "SIGUSR1"])
+    stop_signals: list[str] = _doc("Signals that make the run checkpoint and exit (preemption; SIGINT: Ctrl-C, "
+                                   "a second Ctrl-C stops at once without a checkpoint).",
+                                   ["SIGTERM", "SIGUSR1", "SIGINT"])
 
     def __post_init__(self):
         _check_min("dist.timeout_s", self.timeout_s, 1)

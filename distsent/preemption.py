@@ -21,7 +21,9 @@ class StopFlag:
 
     def __init__(self, signal_names: list[str]):
         self.received: int | None = None
-        self.signals = [getattr(signal, name) for name in signal_names]
+        # a process started with Ctrl-C ignored (a shell's background job) keeps ignoring it
+        self.signals = [s for s in (getattr(signal, name) for name in signal_names)
+                        if not (s == signal.SIGINT and signal.getsignal(s) == signal.SIG_IGN)]
         for signum in self.signals:
             signal.signal(signum, self._handle)
         if _started_by_launcher():
@@ -34,7 +36,11 @@ class StopFlag:
 
     def _handle(self, signum, frame) -> None:
         if self.received is None:
-            log.warning("received %s: will checkpoint and stop at the next step boundary", signal.Signals(signum).name)
+            again = " (Ctrl-C again: stop at once, without a checkpoint)" if signum == signal.SIGINT else ""
+            log.warning("received %s: will checkpoint and stop at the next step boundary%s",
+                        signal.Signals(signum).name, again)
+        if signum == signal.SIGINT:  # the next Ctrl-C interrupts as Python's does (KeyboardInterrupt)
+            signal.signal(signal.SIGINT, signal.default_int_handler)
         self.received = signum
 
     @staticmethod

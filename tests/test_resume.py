@@ -118,6 +118,30 @@ def test_signal_mid_epoch_then_resume_is_bitwise_exact(nproc, sig, reference, sy
         assert sorted(ids) == sorted(ids_per_epoch(ref)[epoch]) and len(ids) == len(set(ids)) == 1440, epoch
 
 
+def test_ctrl_c_checkpoints_and_stops_and_a_plain_interrupt_is_one_line(synth_imdb, tmp_path, cache_env):
+    """Ctrl-C (SIGINT, a default stop signal) checkpoints and stops like a preemption; where SIGINT is not a stop
+    signal (or at a second Ctrl-C) the run stops at once: one line, no traceback, status.json not left "running"."""
+    run_dir = tmp_path / "run"
+
+    def interrupt_at(step, *extra):
+        # SIGINT at its default disposition in the child: a shell's background job would start with it ignored
+        proc = subprocess.Popen(direct_cmd(overrides(run_dir, synth_imdb, **dict(extra))), cwd=REPO, env=run_env(),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        wait_for_step(run_dir, step, proc)
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        return proc.returncode, err, json.loads((run_dir / "status.json").read_text())
+
+    code, err, status = interrupt_at(30)
+    assert code == EXIT_PREEMPTED and status["state"] == "preempted", err[-3000:]
+    assert ckpt.find_latest(run_dir / "checkpoints").name == f"step-{status['step']:08d}"
+    assert "Ctrl-C again: stop at once, without a checkpoint" in err
+    code, err, status = interrupt_at(status["step"] + 20, ("dist.stop_signals", "[SIGTERM]"))
+    assert code == 130 and "interrupted (Ctrl-C) without a checkpoint" in err and "Traceback" not in err, err[-3000:]
+    assert status["state"] == "failed" and status["exit_code"] == 130
+
+
 def test_kill_9_at_random_moments_always_resumes(reference, synth_imdb, tmp_path, cache_env):
     run_dir = tmp_path / "run"
     args = overrides(run_dir, synth_imdb, **{"checkpoint.every": 2})
