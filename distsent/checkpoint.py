@@ -169,6 +169,12 @@ def verify(path: Path) -> dict:
     path = Path(path)
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
+    if (path / "checkpoints").is_dir():
+        raise CheckpointError(f"{path} is a run directory, not a checkpoint: name one of its checkpoints/step-* "
+                              f"folders, or resume it with output_dir={path} and checkpoint.resume=auto")
+    if (path / "tokenizer.json").is_file() and not (path / "optimizer.pt").is_file():
+        raise CheckpointError(f"{path} is a model folder (such as <run>/best), which has no optimizer state to "
+                              f"resume from: name a folder under <run>/checkpoints/")
     try:
         files.verify(path, required=("model.safetensors", "optimizer.pt", "state.json"))
     except IntegrityError as exc:
@@ -339,6 +345,9 @@ def verify_model_folder(folder: Path) -> None:
     folders had a manifest are accepted (with a warning) if their files are present."""
     folder = Path(folder)
     files.recover(folder)
+    if (folder / "optimizer.pt").is_file() and not (folder / "config.yaml").is_file():
+        raise IntegrityError(f"{folder} is a training checkpoint, not a model folder: use the run's best/ (written "
+                             f"at every better evaluation)")
     if (folder / files.MANIFEST).is_file() or not folder.is_dir():
         files.verify(folder, required=MODEL_FILES)
         return

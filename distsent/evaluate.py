@@ -87,7 +87,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder, e.g. runs/imdb_lstm/best")
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--split", choices=["val", "test"], help="a split of the data the model was trained with")
+    where.add_argument("--split", choices=["train", "val", "validation", "test"],
+                       help="a split of the data the model was trained with (val and validation are the same)")
     where.add_argument("--file", type=Path, help="labeled texts: .csv, .jsonl or .parquet with the columns the model "
                        "was trained with (data.text_column, data.label_column: text, label)")
     parser.add_argument("--text-column", help="the text column of --file (default: the model's data.text_column)")
@@ -122,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f"folder)") from exc
             if data_names != names:
                 raise DataError(f"the data's classes {data_names} are not the model's {names}")
-            split = splits[args.split]
+            split = splits["val" if args.split == "validation" else args.split]
     except (ConfigError, DataError, IntegrityError, OSError, ValueError, RuntimeError) as exc:
         print(f"distsent-evaluate: {exc}", file=sys.stderr)
         return 2

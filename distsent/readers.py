@@ -87,6 +87,8 @@ def missing_columns(where, present, cfg: DataConfig, labeled: bool = True) -> No
     hint = "name the column with data.text_column / data.label_column, or --text-column / --label-column"
     for col in (cfg.text_column, cfg.label_column) if labeled else (cfg.text_column,):
         if col not in present:
+            if len(present) == 1 and any(sep in present[0] for sep in ";\t|"):
+                hint = "the file reads as one column: distsent reads CSV separated by commas"
             raise DataError(f"{where}: no '{col}' column (columns: {', '.join(present)}); {hint}")
         if list(present).count(col) > 1:
             raise DataError(f"{where}: {list(present).count(col)} columns are named '{col}'; rename all but one")

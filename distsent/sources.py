@@ -80,6 +80,9 @@ def find_source(cfg: DataConfig) -> Source:
     if not path:
         return Source("hub", cfg.hub_name)
     root = Path(path).expanduser()
+    if root.is_file():
+        raise DataError(f"data.path {root} is a file; data.path names a folder of train / test files, "
+                        f"data.train_file and data.test_file name files one by one")
     if not root.is_dir():
         raise DataError(f"data.path {root}: no such folder")
     files = {}

@@ -117,3 +117,22 @@ def test_probability_is_that_of_the_predicted_label(model_dir, bias, label):
         assert result["label"] == label and result["probability"] > 0.99
         assert result["probability"] == pytest.approx(1 - result["p_positive"] if label == "negative"
                                                       else result["p_positive"], abs=2e-6)
+
+
+def test_a_checkpoint_a_model_folder_and_a_run_directory_are_told_apart(model_dir, tmp_path):
+    """The three folders a run writes, each named where another is expected: predict on a checkpoint, a resume from
+    best/ or from the run directory itself; each error says what the folder is and which one to use."""
+    from distsent import checkpoint as ckpt
+    from distsent.files import IntegrityError
+
+    step = tmp_path / "run" / "checkpoints" / "step-00000007"
+    step.mkdir(parents=True)
+    for name in ("model.safetensors", "optimizer.pt", "state.json"):
+        (step / name).write_bytes(b"x")  # the kind of folder is told by its files, before any is checked
+    with pytest.raises(IntegrityError, match="is a training checkpoint, not a model folder: use the run's best/"):
+        Predictor.load(step)
+    with pytest.raises(ckpt.CheckpointError, match=r"is a model folder \(such as <run>/best\), which has no optimizer"):
+        ckpt.verify(model_dir)
+    with pytest.raises(ckpt.CheckpointError, match="is a run directory, not a checkpoint: name one of its"):
+        ckpt.verify(tmp_path / "run")
+

@@ -180,6 +180,10 @@ def test_bad_data_is_named_by_file_and_row(tmp_path):
     assert "test.csv: line 3 has no label" in err
     err = error_of(tmp_path, good, good, raw_train=b'label,text,label\njoy,fine,fear\n')
     assert "train.csv: 2 columns are named 'label'; rename all but one" in err
+    err = error_of(tmp_path, good, good, raw_train=b'text;label\nfine;joy\n')
+    assert "columns: text;label); the file reads as one column: distsent reads CSV separated by commas" in err
+    with pytest.raises(DataError, match="train.csv is a file; data.path names a folder of train / test files"):
+        find_source(DataConfig(path=str(write(tmp_path / "f", "train", "csv", TEXTS, LABELS))))
     err = error_of(tmp_path, good, good, raw_train=b'label,text\n1,fine\n99999999999999999999,big\n')
     assert "train.csv: line 3 has label 99999999999999999999, too large for an integer label" in err
     # a text of Unicode spaces only (no-break, ideographic) is as empty as prediction finds it
