@@ -8,6 +8,7 @@ import logging
 import math
 import os
 import time
+import warnings
 from datetime import timedelta
 from pathlib import Path
 
@@ -45,7 +46,10 @@ def build_accelerator(cfg: ExperimentConfig, run_dir: Path):
     # machine without GPUs, cpu=True gives DDP over gloo instead of N unconnected single processes.
     cpu = not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1
     # broadcast_buffers=False: the model's only buffer, the n-gram head's ratios, is computed identically on every
-    # process and never changes, so DDP need not re-send its 4 MB before every forward
+    # process and never changes, so DDP need not re-send its 4 MB before every forward. PyTorch 2.13 deprecates the
+    # argument (for forward_sync_buffers), but Accelerate passes it to DDP whatever its value: its FutureWarning,
+    # printed twice per process at every start, tells the user of nothing they can change.
+    warnings.filterwarnings("ignore", message="`broadcast_buffers` is deprecated", category=FutureWarning)
     acc = Accelerator(cpu=cpu or None, mixed_precision=mp, log_with=list(cfg.log.trackers) or None,
                       project_dir=str(run_dir),
                       kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=cfg.dist.timeout_s)),

@@ -20,6 +20,7 @@ def test_two_process_run_trains_and_agrees(tmp_path, synth_imdb, cache_env):
     # stderr is a file here, as under sbatch: the progress bar is drawn at start and end (and every 30 s), not at
     # each of the 90 log rows
     assert len(re.findall(r"\d+/90 \[", proc.stderr)) <= 3, proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]  # nothing a user could act on (see build_accelerator)
 
     digests = [read_jsonl(run_dir / "debug" / f"weights-rank{r}.jsonl")[-1]["sha256"] for r in (0, 1)]
     assert digests[0] == digests[1], "DDP ranks ended with different parameters"
