@@ -88,9 +88,10 @@ def announce(acc, layout: Layout, run_dir: Path) -> None:
                  layout.micro_batch, layout.accum_steps, torch.get_num_threads())
 
 
-def build_data(cfg: ExperimentConfig, acc, run_dir: Path) -> tuple[PreparedData, float]:
-    """The tokenized splits (and the seconds it took); the run keeps its tokenizer.json, so a resume keeps its
-    vocabulary."""
+def build_data(cfg: ExperimentConfig, acc, run_dir: Path, resuming: bool) -> tuple[PreparedData, float]:
+    """The tokenized splits (and the seconds it took). The run keeps its tokenizer.json, so a resume keeps its
+    vocabulary; a fresh start builds the vocabulary from the data (a tokenizer.json left by a start that failed
+    before its first checkpoint may come from other data)."""
     tok_path = run_dir / "tokenizer.json"
     t0 = time.perf_counter()
     # the main process builds the vocabulary and the token cache, then the others read them; if it cannot (bad
@@ -98,8 +99,8 @@ def build_data(cfg: ExperimentConfig, acc, run_dir: Path) -> tuple[PreparedData,
     data, failure = None, None
     if acc.is_main_process:
         try:
-            data = prepare(cfg.data, tok_path if tok_path.is_file() else None)
-            if not tok_path.is_file():
+            data = prepare(cfg.data, tok_path if resuming and tok_path.is_file() else None)
+            if not (resuming and tok_path.is_file()):
                 files.atomic_write(tok_path, data.tokenizer.to_str())
         except Exception as exc:  # raised by fail_together, on this process, with its traceback
             failure = exc

@@ -217,7 +217,8 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
             problems += [f"{key}.{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}"
                          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         elif old != new:
-            why = " (the training or validation texts or labels differ)" if key == "data_content" else ""
+            why = (" (the tokenized training or validation data differ: edited data, or a change in how it is "
+                   "tokenized)") if key == "data_content" else ""
             problems.append(f"{key}: checkpoint {old!r}, config {new!r}{why}")
     if problems:
         raise CheckpointError(f"{path} was trained with a different setup and cannot be resumed with this config: "
@@ -254,11 +255,12 @@ def resume_path(cfg, root: Path) -> Path | None:
     """checkpoint.resume: 'auto' = the latest valid checkpoint under root (if any), 'never', or a path (must be
     valid: CheckpointError otherwise)."""
     if cfg.resume == "never":
-        earlier = [path.name for _, path in _by_step(root)]
+        run_dir = root.parent
+        earlier = [p.name for p in (root, run_dir / "best", run_dir / "metrics.jsonl") if p.exists()]
         if earlier:
-            raise CheckpointError(f"checkpoint.resume=never: {root} holds an earlier run's checkpoints (up to "
-                                  f"{earlier[0]}); a fresh start there would mix the two runs' checkpoints, "
-                                  f"metrics and best model. Use a new output_dir, or remove that run first")
+            raise CheckpointError(f"checkpoint.resume=never: {run_dir} holds an earlier run ({', '.join(earlier)}); "
+                                  f"a fresh start there would mix the two runs' checkpoints, metrics and best model. "
+                                  f"Use a new output_dir, or remove that run first")
         return None
     if cfg.resume == "auto":
         return find_latest(root)

@@ -204,7 +204,8 @@ class CheckpointConfig:
     every: int = _doc("Write a checkpoint every this many optimizer steps (and at every epoch end); 0 = epoch ends.", 0)
     keep_last: int = _doc("Checkpoints kept; older ones are deleted once a newer one is complete.", 2)
     resume: str = _doc("'auto' (latest valid checkpoint of output_dir, if any), 'never' (a fresh start; refused "
-                       "where output_dir holds an earlier run's checkpoints), or a checkpoint path.", "auto")
+                       "where output_dir holds an earlier run's checkpoints, best/ or metrics), or a checkpoint path.",
+                       "auto")
 
     def __post_init__(self):
         _check_min("checkpoint.every", self.every, 0)

@@ -23,7 +23,9 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "DISTSENT_CACHE"
 SPLIT_NAMES = ("train", "val", "test")
-CACHE_LAYOUT = "npy-1"  # flat .npy arrays and the class names (entries of earlier layouts are left alone)
+# flat .npy arrays and the class names; npy-2: labels read by the stricter rules of readers.py (stripped, an empty
+# one refused), so entries prepared by the earlier rules are prepared again (and left alone)
+CACHE_LAYOUT = "npy-2"
 
 
 @dataclass

@@ -24,10 +24,16 @@ class StopFlag:
         # a process started with Ctrl-C ignored (a shell's background job) keeps ignoring it
         self.signals = [s for s in (getattr(signal, name) for name in signal_names)
                         if not (s == signal.SIGINT and signal.getsignal(s) == signal.SIG_IGN)]
+        self.previous = {s: signal.getsignal(s) for s in self.signals}  # put back by restore()
         for signum in self.signals:
             signal.signal(signum, self._handle)
         if _started_by_launcher():
             self._stop_with_launcher()
+
+    def restore(self) -> None:
+        """The handlers from before (a Python session that trained gets its Ctrl-C back)."""
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
 
     def ignore(self) -> None:
         """From now on the stop signals do nothing (the process is already stopping)."""
@@ -39,8 +45,8 @@ class StopFlag:
             again = " (Ctrl-C again: stop at once, without a checkpoint)" if signum == signal.SIGINT else ""
             log.warning("received %s: will checkpoint and stop at the next step boundary%s",
                         signal.Signals(signum).name, again)
-        if signum == signal.SIGINT:  # the next Ctrl-C interrupts as Python's does (KeyboardInterrupt)
-            signal.signal(signal.SIGINT, signal.default_int_handler)
+        if signum == signal.SIGINT:  # the next Ctrl-C does what it did before: KeyboardInterrupt in Python
+            signal.signal(signal.SIGINT, self.previous[signal.SIGINT] or signal.SIG_DFL)
         self.received = signum
 
     @staticmethod

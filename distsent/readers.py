@@ -205,7 +205,7 @@ def _as_numbers(values: list[str | None], path: Path, lines: list[int]) -> np.nd
 
 
 def _int64(values: list[int], path: Path, lines: list[int] | None) -> np.ndarray:
-    big = next((i for i, v in enumerate(values) if abs(v) > INT64_MAX), None)
+    big = next((i for i, v in enumerate(values) if not -INT64_MAX - 1 <= v <= INT64_MAX), None)
     if big is not None:
         at = f"line {lines[big]}" if lines is not None else f"row {big}"
         raise DataError(f"{path}: {at} has label {values[big]}, too large for an integer label; name the classes "

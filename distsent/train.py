@@ -75,8 +75,9 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteError as exc:
         return fail(str(exc), EXIT_NONFINITE, cfg, trainer)
     except KeyboardInterrupt:  # a second Ctrl-C, or one with SIGINT not among dist.stop_signals
-        return fail("interrupted (Ctrl-C) without a checkpoint; the same command resumes from the latest one", 130,
-                    cfg, trainer)
+        # status.json only if the run directory was this run's (before the lock it may be another live run's)
+        return fail("interrupted (Ctrl-C) without a checkpoint; checkpoint.resume=auto (the default) resumes from "
+                    "the latest one", 130, cfg if trainer is not None else None, trainer)
     finally:  # also when the start-up failed after the process group was created
         trainer.close() if trainer is not None else close_process_group()
     return 0

@@ -57,7 +57,7 @@ class Trainer:
         announce(acc, self.layout, self.run_dir)
         # an explicitly named checkpoint that is broken fails here, before the slow start-up
         self.resume_from = ckpt.resume_path(cfg.checkpoint, self.run_dir / "checkpoints")
-        self.data, self.prepare_s = build_data(cfg, acc, self.run_dir)
+        self.data, self.prepare_s = build_data(cfg, acc, self.run_dir, resuming=self.resume_from is not None)
         model = build_run_model(cfg, acc, self.data)
         self.model, self.optimizer = acc.prepare(model, build_optimizer(cfg, model))
         self.raw_model = acc.unwrap_model(self.model)
@@ -350,6 +350,7 @@ class Trainer:
         gc.collect()
         close_process_group()
         self.lock.release()
+        self.stop.restore()
 
 
 def _bar_intervals(tty: bool) -> dict:

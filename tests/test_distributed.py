@@ -20,7 +20,7 @@ def test_two_process_run_trains_and_agrees(tmp_path, synth_imdb, cache_env):
     # stderr is a file here, as under sbatch: the progress bar is drawn at start and end (and every 30 s), not at
     # each of the 90 log rows
     assert len(re.findall(r"\d+/90 \[", proc.stderr)) <= 3, proc.stderr[-3000:]
-    assert "Warning" not in proc.stderr, proc.stderr[-3000:]  # nothing a user could act on (see build_accelerator)
+    assert "broadcast_buffers" not in proc.stderr, proc.stderr[-3000:]  # a warning no user can act on (see build.py)
 
     digests = [read_jsonl(run_dir / "debug" / f"weights-rank{r}.jsonl")[-1]["sha256"] for r in (0, 1)]
     assert digests[0] == digests[1], "DDP ranks ended with different parameters"
@@ -101,6 +101,22 @@ def test_bf16_on_cpu_trains(tmp_path, synth_imdb, cache_env):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "mixed precision bf16" in proc.stderr
     assert [r for r in read_jsonl(run_dir / "metrics.jsonl") if "test/acc" in r]
+
+
+def test_a_fresh_start_builds_its_vocabulary_from_its_data(tmp_path, synth_imdb, cache_env):
+    """A tokenizer.json left in the run directory by a start that failed before its first checkpoint (on other data,
+    say) is not reused: only a resume keeps the run's vocabulary."""
+    from distsent.config import DataConfig
+    from distsent.tokenizer import load_tokenizer, train_tokenizer
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    stray = train_tokenizer(["zebra"] * 3, DataConfig(min_freq=1, strip_html=True))  # the same rules as the run's
+    (run_dir / "tokenizer.json").write_text(stray.to_str())
+    proc = run(direct_cmd(tiny_overrides(run_dir, synth_imdb, **{"train.max_steps": 2})))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    vocab = load_tokenizer(run_dir / "tokenizer.json").get_vocab()
+    assert "zebra" not in vocab and len(vocab) > 100
 
 
 def test_a_second_launch_into_a_live_run_directory_is_refused(tmp_path, synth_imdb, cache_env):

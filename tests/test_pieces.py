@@ -137,11 +137,53 @@ def test_identity_of_checkpoints_from_an_earlier_version_is_still_understood(tmp
     earlier_model = {k: v for k, v in current["model"].items() if k != "members"}
     flat = {"model": earlier_model, "data": current["data"],
             **{k: current["train"][k] for k in ("global_batch_size", "seed")}}
-    current = {**current, "label_names": ["negative", "positive"]}
-    ckpt.check_compatible(flat, current, tmp_path)
+    current = {**current, "label_names": ["negative", "positive"], "data_content": "0123abcd"}
+    ckpt.check_compatible(flat, current, tmp_path)  # no data_content recorded then: not compared
+    with pytest.raises(ckpt.CheckpointError, match="data_content: checkpoint 'ffff', config '0123abcd'"):
+        ckpt.check_compatible({**flat, "data_content": "ffff"}, current, tmp_path)
     flat["seed"] = 3
     with pytest.raises(ckpt.CheckpointError, match="train.seed: checkpoint 3, config 0"):
         ckpt.check_compatible(flat, current, tmp_path)
+
+
+def test_resume_never_refuses_a_directory_holding_an_earlier_run(tmp_path):
+    from distsent.config import CheckpointConfig
+
+    never = CheckpointConfig(resume="never")
+    assert ckpt.resume_path(never, tmp_path / "checkpoints") is None  # nothing there: a fresh start
+    for earlier in ("metrics.jsonl", "best", "checkpoints"):  # a run killed before its first checkpoint counts
+        run_dir = tmp_path / earlier
+        run_dir.mkdir()
+        if earlier == "metrics.jsonl":
+            (run_dir / earlier).write_text("{}\n")
+        else:
+            (run_dir / earlier).mkdir()
+        with pytest.raises(ckpt.CheckpointError, match=f"holds an earlier run \\({earlier}\\)"):
+            ckpt.resume_path(never, run_dir / "checkpoints")
+
+
+def test_ctrl_c_once_flags_a_stop_twice_interrupts_and_the_handlers_come_back():
+    """StopFlag in this process: the first SIGINT only flags a stop, the second raises KeyboardInterrupt (the
+    handler from before), restore() puts every handler back; a SIGINT ignored at start stays ignored."""
+    from distsent.preemption import StopFlag
+
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)
+    flag = StopFlag(["SIGUSR1", "SIGINT"])
+    try:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)  # the handler runs between bytecodes of this thread
+        assert flag.received == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    finally:
+        flag.restore()
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)) == before
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        assert StopFlag(["SIGINT"]).signals == [] and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, before[0])
 
 
 # --- crash-safe files --------------------------------------------------------------------------------------------

@@ -228,7 +228,8 @@ def test_changed_model_shape_is_refused_but_more_epochs_allowed(reference, synth
 
     before = files()
     proc = run(direct_cmd(overrides(run_dir, synth_imdb, **{"model.hidden_dim": 48, "checkpoint.resume": "never"})))
-    assert proc.returncode == 2 and "holds an earlier run's checkpoints" in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "holds an earlier run (checkpoints, best, metrics.jsonl)" in proc.stderr
     assert files() == before and json.loads((run_dir / "status.json").read_text())["state"] == "failed"
     # the same command on edited data (one training label flipped) is another run, not this one's resume
     import pyarrow as pa
@@ -243,7 +244,7 @@ def test_changed_model_shape_is_refused_but_more_epochs_allowed(reference, synth
                    edited / "train.parquet")
     proc = run(direct_cmd(overrides(run_dir, edited)))
     assert proc.returncode == 2 and "data_content: checkpoint" in proc.stderr, proc.stderr[-2000:]
-    assert "the training or validation texts or labels differ" in proc.stderr
+    assert "the tokenized training or validation data differ: edited data" in proc.stderr
     proc = run(launch_cmd(1, overrides(run_dir, synth_imdb, **{"train.epochs": 4})))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "resumed from" in proc.stderr and train_rows(run_dir)[-1]["step"] == 180
