@@ -129,8 +129,8 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
                 raise DataError(f"{path}: line {first} has {len(record)} fields, the header has "
                                 f"{len(header)} (an unquoted comma or quote in a text?)")
             texts.append(record[ti])
-            if labeled:  # spaces around a label are not part of it; an empty cell is no label (None)
-                labels.append(record[li].strip() or None)
+            if labeled:
+                labels.append(record[li])
             lines.append(first)
     except csv.Error as exc:
         raise DataError(f"{path}: line {end + 1}: {exc} (a quote left open, or followed by something other than a "
@@ -197,9 +197,10 @@ def _as_array(values: list, path: Path, lines: list[int] | None = None) -> np.nd
     return np.asarray(values, dtype=object)
 
 
-def _as_numbers(values: list[str | None], path: Path, lines: list[int]) -> np.ndarray:
-    """CSV labels are text: integers when every one reads as an integer, strings otherwise (None: no label)."""
-    if values and all(v is not None and re.fullmatch(r"-?\d+", v) for v in values):
+def _as_numbers(values: list[str], path: Path, lines: list[int]) -> np.ndarray:
+    """CSV labels are text: integers when every one reads as an integer, strings otherwise (checked_split strips
+    them; an empty one is no label)."""
+    if values and all(re.fullmatch(r"\s*-?\d+\s*", v) for v in values):
         return _int64([int(v) for v in values], path, lines)
     return np.asarray(values, dtype=object)
 
