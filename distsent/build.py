@@ -111,7 +111,22 @@ def build_data(cfg: ExperimentConfig, acc, run_dir: Path, resuming: bool) -> tup
     if acc.is_main_process:
         log.info("data: %d train / %d val / %d test texts, vocabulary %d (%s)", len(data.train), len(data.val),
                  len(data.test), data.tokenizer.get_vocab_size(), "from cache" if data.cache_hit else "tokenized now")
+        for warning in size_warnings(len(data.train), len(data.val), cfg.train.global_batch_size):
+            log.warning(warning)
     return data, seconds
+
+
+def size_warnings(n_train: int, n_val: int, global_batch: int) -> list[str]:
+    """Sizes that still run but make a run say little: a validation split too small to select a model on, a global
+    batch larger than the training split (one step per epoch)."""
+    out = []
+    if n_val < 100:
+        out.append(f"validation has {n_val} texts: model selection on so few is mostly chance (give a validation "
+                   f"file, or raise data.val_fraction)")
+    if global_batch > n_train:
+        out.append(f"train.global_batch_size {global_batch} is larger than the {n_train} training texts: one "
+                   f"optimizer step per epoch")
+    return out
 
 
 def batch_tensors(split: TokenizedSplit, idx: np.ndarray, device=None):

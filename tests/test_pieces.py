@@ -146,6 +146,14 @@ def test_identity_of_checkpoints_from_an_earlier_version_is_still_understood(tmp
         ckpt.check_compatible(flat, current, tmp_path)
 
 
+def test_sizes_that_make_a_run_say_little_are_warned_about():
+    from distsent.build import size_warnings
+
+    assert size_warnings(1440, 160, 32) == []
+    assert [w.split(":")[0] for w in size_warnings(11, 1, 32)] == [
+        "validation has 1 texts", "train.global_batch_size 32 is larger than the 11 training texts"]
+
+
 def test_resume_never_refuses_a_directory_holding_an_earlier_run(tmp_path):
     from distsent.config import CheckpointConfig
 
