@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError
-from .files import IntegrityError, WriteError, atomic_write, writing
+from .files import WriteError, atomic_write, writing
 from .metrics import ECE_BINS, score
 from .readers import DataError, read_file
 from .sources import encode_labels, label_lookup, load_splits
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
             if data_names != names:
                 raise DataError(f"the data's classes {data_names} are not the model's {names}")
             split = splits["val" if args.split == "validation" else args.split]
-    except (ConfigError, DataError, IntegrityError, OSError, ValueError, RuntimeError) as exc:
+    except (ConfigError, OSError, ValueError, RuntimeError) as exc:  # as predict's; DataError, IntegrityError too
         print(f"distsent-evaluate: {exc}", file=sys.stderr)
         return 2
     probs, _ = predictor.probabilities(split.texts)

@@ -7,7 +7,6 @@ import csv
 import io
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -16,7 +15,7 @@ import numpy as np
 from .config import DataConfig
 
 FORMATS = (".csv", ".jsonl", ".parquet")
-INT64_MAX = np.iinfo(np.int64).max
+INT64 = np.iinfo(np.int64)
 
 
 class DataError(ValueError):
@@ -109,7 +108,7 @@ def _utf8(path: Path) -> str:
 
 def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
     # Python's csv refuses fields over 128 KiB by default: a long text is not an error (JSONL and parquet take it)
-    csv.field_size_limit(min(sys.maxsize, 2**31 - 1))
+    csv.field_size_limit(2**31 - 1)  # the C long's limit on every platform
     # strict: a stray quote is an error naming its line, not a field that swallows the rest of the file
     reader = csv.reader(io.StringIO(_utf8(path), newline=""), strict=True)
     header = next(reader, None)
@@ -206,7 +205,7 @@ def _as_numbers(values: list[str], path: Path, lines: list[int]) -> np.ndarray:
 
 
 def _int64(values: list[int], path: Path, lines: list[int] | None) -> np.ndarray:
-    big = next((i for i, v in enumerate(values) if not -INT64_MAX - 1 <= v <= INT64_MAX), None)
+    big = next((i for i, v in enumerate(values) if not INT64.min <= v <= INT64.max), None)
     if big is not None:
         at = f"line {lines[big]}" if lines is not None else f"row {big}"
         raise DataError(f"{path}: {at} has label {values[big]}, too large for an integer label; name the classes "

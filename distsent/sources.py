@@ -48,7 +48,6 @@ class Source:
             h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns};".encode())
         return h.hexdigest()
 
-
     def _review_files_fingerprint(self) -> str:
         """aclImdb: every review file's name, size and modification time (rewriting a file in place changes no
         folder's); os.scandir, as 50,000 Path.stat() and resolve() calls take seconds."""
