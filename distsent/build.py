@@ -31,8 +31,12 @@ log = logging.getLogger("distsent")
 
 def build_accelerator(cfg: ExperimentConfig, run_dir: Path):
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, LoggerType
 
+    known = [t.value for t in LoggerType]  # a misspelt name would otherwise stop Accelerator() with a traceback
+    for name in cfg.log.trackers:
+        if name not in known:
+            raise ConfigError(f"log.trackers: unknown tracker {name!r}; Accelerate's are {', '.join(known)}")
     if cfg.train.deterministic:
         # before the first CUDA call: cuBLAS needs a fixed workspace for deterministic results
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -198,6 +202,28 @@ def lr_factor(cfg: ExperimentConfig, step: int, total_steps: int) -> float:
 
 def build_scheduler(cfg: ExperimentConfig, optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, total_steps))
+
+
+def apply_optim_settings(cfg: ExperimentConfig, optimizer, scheduler, total_steps: int) -> list[str]:
+    """After a resume: the config's lr, betas and weight decay, which loading the checkpoint's optimizer and
+    scheduler state replaced with the values it was saved with. Returns the settings that changed. Unchanged
+    settings give back the very same floats, so an exact resume stays bitwise."""
+    o, changed = cfg.optim, []
+    settings = {"lr": ("initial_lr", o.lr), "betas": ("betas", tuple(o.betas)),
+                "weight_decay": ("weight_decay", o.weight_decay)}
+    for name, (key, value) in settings.items():
+        before = optimizer.param_groups[0][key]
+        before = tuple(before) if name == "betas" else before  # a list once loaded from a checkpoint
+        if before != value:
+            changed.append(f"optim.{name} {before} -> {value}")
+        for group in optimizer.param_groups:
+            group[key] = value
+    scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
+    # the rate of the next step, as LambdaLR would have set it at its last step
+    scheduler._last_lr = [o.lr * lr_factor(cfg, scheduler.last_epoch, total_steps)] * len(optimizer.param_groups)
+    for group, lr in zip(optimizer.param_groups, scheduler._last_lr):
+        group["lr"] = lr
+    return changed
 
 
 def run_identity(cfg: ExperimentConfig, data: PreparedData) -> dict:

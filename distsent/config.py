@@ -4,6 +4,7 @@ a run's identity and which enter the token cache's keys. Reading and writing con
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 
 
@@ -136,9 +137,15 @@ class OptimConfig:
         _check_choice("optim.name", self.name, ("adam", "adamw"))
         _check_choice("optim.schedule", self.schedule, ("constant", "linear", "cosine"))
         _check_range("optim.lr", self.lr, 0.0, 10.0, low_open=True)
+        _check_min("optim.weight_decay", self.weight_decay, 0.0)
         _check_min("optim.warmup_steps", self.warmup_steps, 0)
+        _check_range("optim.min_lr_ratio", self.min_lr_ratio, 0.0, 1.0)
+        # negative: every clip factor is negative and each step climbs the loss; 0 (not -1) means no clipping
+        _check_min("optim.clip_grad_norm", self.clip_grad_norm, 0.0)
         if len(self.betas) != 2:
             raise ConfigError(f"optim.betas: expected two numbers, got {self.betas!r}")
+        for i, beta in enumerate(self.betas):
+            _check_range(f"optim.betas[{i}]", beta, 0.0, 1.0, high_open=True)
 
 
 @dataclass
@@ -226,8 +233,10 @@ class DistConfig:
         import signal
 
         for name in self.stop_signals:
-            if not hasattr(signal, name):
+            if name not in signal.Signals.__members__:
                 raise ConfigError(f"dist.stop_signals: unknown signal {name!r}")
+            if name in ("SIGKILL", "SIGSTOP"):
+                raise ConfigError(f"dist.stop_signals: {name} cannot be caught, so it cannot ask for a checkpoint")
 
 
 @dataclass
@@ -264,6 +273,10 @@ class ExperimentConfig:
     dist: DistConfig = field(default_factory=DistConfig, metadata={"doc": "Distributed run."})
     log: LogConfig = field(default_factory=LogConfig, metadata={"doc": "Metrics and trackers."})
 
+    def __post_init__(self):
+        if not self.output_dir.strip():
+            raise ConfigError("output_dir: empty; name the run directory (its checkpoints, metrics and best/)")
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -290,12 +303,19 @@ def _check_choice(key, value, choices):
         raise ConfigError(f"{key}: must be one of {', '.join(repr(c) for c in choices)}, got {value!r}")
 
 
+def _check_finite(key, value):
+    if isinstance(value, float) and not math.isfinite(value):  # NaN passes every comparison below
+        raise ConfigError(f"{key}: must be a finite number, got {value!r}")
+
+
 def _check_min(key, value, low):
+    _check_finite(key, value)
     if value < low:
         raise ConfigError(f"{key}: must be >= {low}, got {value!r}")
 
 
 def _check_range(key, value, low, high, low_open=False, high_open=False):
+    _check_finite(key, value)
     if (value <= low if low_open else value < low) or (value >= high if high_open else value > high):
         lo, hi = ("(" if low_open else "["), (")" if high_open else "]")
         raise ConfigError(f"{key}: must be in {lo}{low}, {high}{hi}, got {value!r}")

@@ -68,4 +68,6 @@ class StopFlag:
 
 def _started_by_launcher() -> bool:
     """Under `accelerate launch` or torchrun (not a plain shell, where `nohup` users expect to outlive it)."""
-    return "TORCHELASTIC_RUN_ID" in os.environ or any(k.startswith("ACCELERATE_") for k in os.environ)
+    # torchrun sets the first; `accelerate launch` with one process (no torchrun) sets the second, whatever its
+    # options. Not any ACCELERATE_* name: users set some (ACCELERATE_LOG_LEVEL) in their shells.
+    return "TORCHELASTIC_RUN_ID" in os.environ or "ACCELERATE_DYNAMO_BACKEND" in os.environ

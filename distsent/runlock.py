@@ -3,8 +3,8 @@ is refused before it writes anything, and a lock left by a dead run is taken ove
 
 Advisory file locks (flock) are not reliable across hosts on shared filesystems such as NFS, so liveness is read
 from the heartbeat: a lock whose heartbeat is older than `stale_s` belongs to a dead run. Sooner than that, a lock
-is also known dead when it was written on this host by a process that no longer exists, or by an earlier attempt
-of the same Slurm job (a requeued job runs again under its id).
+is also known dead when it was written on this host by a process that no longer exists, or on another host by an
+earlier attempt of the same Slurm job (a requeued job runs again under its id).
 """
 
 from __future__ import annotations
@@ -62,10 +62,12 @@ class RunLock:
         age = time.time() - held.get("heartbeat", 0)
         if age > self.stale_s:
             return f"its heartbeat is {age:.0f} s old"
+        if held.get("host") == self.me["host"]:  # its process can be looked up, whatever job it ran in
+            return None if _pid_alive(held.get("pid", -1)) else f"its process {held.get('pid')} on this host is gone"
         if held.get("slurm_job_id") and held["slurm_job_id"] == self.me["slurm_job_id"]:
+            # on another host: a requeued job runs again under its id (within one live allocation, a second
+            # launch on another node would take over too: it is told apart from a requeue only by the heartbeat)
             return f"it is an earlier attempt of this Slurm job ({held['slurm_job_id']})"
-        if held.get("host") == self.me["host"] and not _pid_alive(held.get("pid", -1)):
-            return f"its process {held.get('pid')} on this host is gone"
         return None
 
     def acquire(self) -> None:

@@ -19,13 +19,15 @@ log = logging.getLogger(__name__)
 
 
 def drop_rows_after(path: Path, step: int) -> None:
-    """Keep only the JSON lines logged at or before `step` (a resumed run redoes what came after)."""
+    """Keep only the JSON lines logged at or before `step` (a resumed run redoes what came after), less any test
+    results (a resumed run tests again at its end, also when it had finished)."""
     if not path.is_file():
         return
     kept = []
     for line in path.read_text().splitlines():
         try:
-            if json.loads(line).get("step", 0) <= step:
+            row = json.loads(line)
+            if row.get("step", 0) <= step and not any(key.startswith("test/") for key in row):
                 kept.append(line)
         except json.JSONDecodeError:  # a line cut by a kill: drop it
             continue

@@ -16,6 +16,7 @@ import logging
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 from .config import ConfigError
@@ -45,7 +46,6 @@ def main(argv: list[str] | None = None) -> int:
 
     stop = StopFlag(cfg.dist.stop_signals)  # before the slow start-up: a stop signal during it is kept, not fatal
     from .build import close_process_group
-    from .metrics import EXIT_NONFINITE, NonFiniteError
     from .runlock import RunLockedError
     from .together import PeerFailed
     from .trainer import Trainer
@@ -61,26 +61,40 @@ def main(argv: list[str] | None = None) -> int:
         trainer.fit()
     except RunLockedError as exc:  # the directory is another live run's: its status.json stays as it is
         return fail(f"{type(exc).__name__}: {exc}", 2)
-    except (ConfigError, DataError, IntegrityError) as exc:  # Integrity: checkpoint, best/
-        return fail(f"{type(exc).__name__}: {exc}", 2, cfg, trainer)
-    except WriteError as exc:  # a full disk, no permission
-        return fail(f"{type(exc).__name__}: {exc}", exc.exit_code, cfg, trainer)
-    except PeerFailed as exc:  # another process's error
-        code = fail(f"{type(exc).__name__}: {exc}", exc.exit_code, cfg, trainer)
-        # give the failing process a moment to end first, so that the launcher's summary names it as the root
-        # cause; the launcher's SIGTERM to the rest meanwhile changes nothing
-        stop.ignore()
-        time.sleep(PEER_EXIT_DELAY_S)
+    except (Exception, KeyboardInterrupt) as exc:  # not SystemExit: a preempted run's exit 75 is already set
+        message, code = explain(exc)
+        # status.json only if the run directory was this run's: before the lock it may be another live run's
+        held = trainer is not None or getattr(exc, "run_dir_held", False)
+        code = fail(message, code, cfg if held else None, trainer)
+        if isinstance(exc, PeerFailed):
+            # give the failing process a moment to end first, so that the launcher's summary names it as the root
+            # cause; the launcher's SIGTERM to the rest meanwhile changes nothing
+            stop.ignore()
+            time.sleep(PEER_EXIT_DELAY_S)
         return code
-    except NonFiniteError as exc:
-        return fail(str(exc), EXIT_NONFINITE, cfg, trainer)
-    except KeyboardInterrupt:  # a second Ctrl-C, or one with SIGINT not among dist.stop_signals
-        # status.json only if the run directory was this run's (before the lock it may be another live run's)
-        return fail("interrupted (Ctrl-C) without a checkpoint; checkpoint.resume=auto (the default) resumes from "
-                    "the latest one", 130, cfg if trainer is not None else None, trainer)
     finally:  # also when the start-up failed after the process group was created
         trainer.close() if trainer is not None else close_process_group()
     return 0
+
+
+def explain(exc: BaseException) -> tuple[str, int]:
+    """The one line and exit code for an error that stops the run."""
+    from .metrics import EXIT_NONFINITE, NonFiniteError
+    from .together import PeerFailed
+
+    if isinstance(exc, (ConfigError, DataError, IntegrityError)):  # Integrity: a checkpoint, best/
+        return f"{type(exc).__name__}: {exc}", 2
+    if isinstance(exc, (WriteError, PeerFailed)):  # a full disk, no permission; another process's error
+        return f"{type(exc).__name__}: {exc}", exc.exit_code
+    if isinstance(exc, NonFiniteError):
+        return str(exc), EXIT_NONFINITE
+    if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C, or one with SIGINT not among dist.stop_signals
+        return ("interrupted (Ctrl-C) without a checkpoint; checkpoint.resume=auto (the default) resumes from the "
+                "latest one", 130)
+    # anything else (a peer killed in the middle of a collective, a bug): its traceback too, and status.json says
+    # failed rather than running with a dead pid
+    traceback.print_exception(exc)
+    return f"{type(exc).__name__}: {exc}", 1
 
 
 def fail(message: str, exit_code: int, cfg=None, trainer=None) -> int:

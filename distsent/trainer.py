@@ -13,12 +13,12 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .build import (announce, batch_tensors, build_accelerator, build_data, build_ema, build_layout,
-                    build_optimizer, build_run_model, build_scheduler, class_weights, close_process_group,
-                    lock_run_dir, new_run_id, run_identity, setup_threads)
+from .build import (announce, apply_optim_settings, batch_tensors, build_accelerator, build_data, build_ema,
+                    build_layout, build_optimizer, build_run_model, build_scheduler, class_weights,
+                    close_process_group, lock_run_dir, new_run_id, run_identity, setup_threads)
 from .config import ExperimentConfig
 from .configfile import save_config
-from .files import WriteError
+from .files import IntegrityError, WriteError
 from .metrics import EXIT_NONFINITE, EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums
 from .model import Ensemble
 from .preemption import EXIT_PREEMPTED, StopFlag
@@ -47,8 +47,9 @@ class Trainer:
         self.lock = lock_run_dir(self.run_dir, acc)  # a second launch into this directory stops here
         try:
             self._assemble(cfg, acc, stop)
-        except BaseException:  # a start that fails (bad data, a refused checkpoint) frees the directory too
+        except BaseException as exc:  # a start that fails (bad data, a refused checkpoint) frees the directory too
             self.lock.release()
+            exc.run_dir_held = True  # so its status.json is this run's to write (train.py)
             raise
 
     def _assemble(self, cfg: ExperimentConfig, acc, stop: StopFlag | None) -> None:
@@ -114,7 +115,9 @@ class Trainer:
                         self.sums.reset()
                         t_log, samples_log = now, state.samples_seen
                     epoch_end = state.batch_in_epoch == len(batches)
-                    if epoch_end or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
+                    # train.max_steps ending the run mid-epoch: its last steps are evaluated and saved like an epoch's
+                    last = epoch_end or state.step == cfg.train.max_steps
+                    if last or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
                         self.watch.check()
                         self._validate(runlog)
                     if epoch_end:  # the epoch's figures without the time spent evaluating
@@ -125,7 +128,7 @@ class Trainer:
                         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                     # one tiny all-reduce: every process stops at the same step, on a signal or a failed write
                     stopping = self.stop.agreed(acc, runlog.failure, f"write {runlog.path}")
-                    if stopping or epoch_end or state.stopped_early or self.checkpoints.due(state.step):
+                    if stopping or last or state.stopped_early or self.checkpoints.due(state.step):
                         self.watch.check()
                         self.checkpoints.save(state.step, self.identity)
                     if stopping:
@@ -285,12 +288,15 @@ class Trainer:
 
     def _test(self, runlog: RunLog) -> dict:
         """The best model (best/, verified) on the test split, once."""
-        if self.state.best_step < 0:  # stopped by max_steps before any evaluation
+        if self.state.best_step < 0:  # no evaluation yet (resumed at or past a lowered train.max_steps)
             self._validate(runlog)
-        best = self.run_dir / "best"
+        best, failure = self.run_dir / "best", None
         if self.accelerator.is_main_process:  # checks (and after a crash, repairs) it once, for every process
-            ckpt.verify_model_folder(best)
-        self.accelerator.wait_for_everyone()
+            try:
+                ckpt.verify_model_folder(best)
+            except IntegrityError as exc:  # damaged: every process stops with one line, not out of a barrier
+                failure = exc
+        fail_together(self.accelerator, failure, f"check {best}")
         ckpt.load_weights(best, self.eval_model)
         metrics = self.evaluate(self.data.test)
         state = self.state
@@ -311,11 +317,15 @@ class Trainer:
         cfg, acc, state = self.cfg, self.accelerator, self.state
         if self.resume_from is not None:
             self.checkpoints.restore(self.resume_from, self.identity, cfg.train.seed)
+            changed = apply_optim_settings(cfg, self.optimizer.optimizer, self.scheduler, self.total_steps)
+            if changed and acc.is_main_process:
+                log.warning("resuming at step %d with changed optimizer settings: %s", state.step, ", ".join(changed))
         else:
             ckpt.seed_dropout(cfg.train.seed, 0, acc.process_index)
         self.debug.resume(state.step)
         state.run_id = state.run_id or new_run_id(acc)
-        runlog = RunLog(cfg, self.run_dir, acc, state.run_id, state.step if self.resume_from else None,
+        # a fresh start drops any rows of an earlier attempt that stopped before its first checkpoint
+        runlog = RunLog(cfg, self.run_dir, acc, state.run_id, state.step if self.resume_from else -1,
                         {**cfg.to_dict(), "launch": launch_topology(acc, self.layout)})
         if state.batch_in_epoch >= self.steps_per_epoch:
             # saved by an earlier version at an epoch's last step, before that epoch's evaluation (unless a periodic

@@ -50,6 +50,16 @@ def test_int_accepted_for_float():
     ("model.ngram_max_n=5", "model.ngram_max_n: must be in"),
     ("model.ngram_weight=-1", "model.ngram_weight: must be >= 0"),
     ("novalue", "expected key.sub=value"),
+    # values that once passed and then trained wrongly or failed later with a traceback
+    ("optim.clip_grad_norm=-1", "optim.clip_grad_norm: must be >= 0"),  # each step climbed the loss
+    ("optim.min_lr_ratio=-0.5", "optim.min_lr_ratio: must be in [0.0, 1.0]"),
+    ("optim.weight_decay=-0.01", "optim.weight_decay: must be >= 0"),
+    ("optim.betas=[0.9, 1.0]", "optim.betas[1]: must be in [0.0, 1.0"),
+    ("optim.lr=.nan", "optim.lr: must be a finite number"),
+    ("train.ema_decay=.nan", "train.ema_decay: must be a finite number"),
+    ("dist.stop_signals=[SIGKILL]", "dist.stop_signals: SIGKILL cannot be caught"),
+    ("dist.stop_signals=[SIG_DFL]", "dist.stop_signals: unknown signal 'SIG_DFL'"),
+    ("output_dir=", "output_dir: empty"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
@@ -103,3 +113,11 @@ def test_yaml_11_words_keep_their_string_meaning_and_still_set_booleans(tmp_path
     assert load_config(None, ["train.flush_denormal=n"]).train.flush_denormal is False
     with pytest.raises(ConfigError, match="train.flush_denormal: expected true or false"):
         load_config(None, ["train.flush_denormal=maybe"])
+
+
+def test_an_unknown_tracker_is_a_config_error_before_anything_starts(tmp_path):
+    from distsent.build import build_accelerator
+
+    cfg = load_config(None, ["log.trackers=[wandb, tensorbord]", f"output_dir={tmp_path}"])
+    with pytest.raises(ConfigError, match="log.trackers: unknown tracker 'tensorbord'; Accelerate's are .*tensorboard"):
+        build_accelerator(cfg, tmp_path)

@@ -132,6 +132,11 @@ def test_a_second_launch_into_a_live_run_directory_is_refused(tmp_path, synth_im
     second = run(launch_cmd(2, args))
     assert second.returncode != 0 and "is in use by a live run" in second.stderr, second.stderr[-3000:]
     assert f"pid {owner['pid']}" in second.stderr
+    # a launch stopped by its config before it could take the lock (fp16 on a CPU) leaves the live run's status
+    third = run(direct_cmd(args + ["train.mixed_precision=fp16"]))
+    assert third.returncode == 2 and "fp16 needs a GPU" in third.stderr, third.stderr[-3000:]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["state"], status["pid"]) == ("running", owner["pid"])
     _, err = first.communicate(timeout=300)
     assert first.returncode == 0, err[-3000:]
     steps = [r["step"] for r in train_rows(run_dir)]

@@ -194,6 +194,22 @@ def test_ctrl_c_once_flags_a_stop_twice_interrupts_and_the_handlers_come_back():
         signal.signal(signal.SIGINT, before[0])
 
 
+
+def test_only_a_launcher_ties_the_run_to_its_parent(tmp_path):
+    """The parent-death signal is for runs under a launcher; a run started from a shell (nohup) must outlive it,
+    also when the user's shell sets an ACCELERATE_* variable of its own. Asked of the real `accelerate launch`."""
+    probe = tmp_path / "probe.py"
+    probe.write_text("from distsent.preemption import _started_by_launcher\n"
+                     "print('launcher', _started_by_launcher())\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("ACCELERATE_", "TORCHELASTIC_"))}
+    shell = subprocess.run([sys.executable, str(probe)], env={**env, "ACCELERATE_LOG_LEVEL": "info"},
+                           capture_output=True, text=True, timeout=120)
+    launched = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "1",
+                               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                               str(probe)], env=env, capture_output=True, text=True, timeout=120)
+    assert "launcher False" in shell.stdout, shell.stdout + shell.stderr
+    assert "launcher True" in launched.stdout, launched.stdout + launched.stderr
+
 # --- crash-safe files --------------------------------------------------------------------------------------------
 
 WRITER = """
@@ -428,6 +444,11 @@ def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, monke
     with pytest.raises(RunLockedError, match=f"in use by a live run \\(host {host}, pid {os.getppid()}"):
         RunLock(tmp_path).acquire()
     assert json.loads(lock_file.read_text()) == live  # refused without touching anything
+    # a second launch in the same Slurm allocation, on the host where the run lives: refused too
+    lock_file.write_text(json.dumps({**live, "slurm_job_id": "77"}))
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    with pytest.raises(RunLockedError, match="Slurm job 77"):
+        RunLock(tmp_path).acquire()
 
     gone = subprocess.Popen([sys.executable, "-c", "pass"])
     gone.wait()
@@ -436,7 +457,6 @@ def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, monke
         ({**live, "host": "elsewhere", "heartbeat": now - 120}, "heartbeat is 120 s old"),  # a lost node
         ({**live, "host": "elsewhere", "slurm_job_id": "77"}, "earlier attempt of this Slurm job"),  # requeued
     ]
-    monkeypatch.setenv("SLURM_JOB_ID", "77")
     for held, why in dead_cases:
         lock_file.write_text(json.dumps(held))
         lock = RunLock(tmp_path, heartbeat_s=0.05)
@@ -497,6 +517,35 @@ def test_a_non_finite_gradient_stops_the_run_before_anything_is_written(synth_im
     ckpt.verify(run_dir / "checkpoints" / "step-00000004")
     assert [r["step"] for r in train_rows(run_dir)] == [3] and not (run_dir / "best").exists()
 
+
+def test_a_resume_trains_with_the_configs_learning_rate_betas_and_weight_decay(synth_imdb, tmp_path, cache_env,
+                                                                              caplog):
+    """Loading a checkpoint's optimizer and scheduler state brings back the values they were saved with; a resume
+    with another optim.lr, betas or weight_decay (lowering the rate after a divergence, say) must train with the
+    config's, as config.yaml then says, and say what changed. Unchanged values resume bitwise (test_resume)."""
+    from distsent.preemption import StopFlag
+    from distsent.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    base = {"train.max_steps": 6, "checkpoint.every": 3, "optim.schedule": "linear", "optim.warmup_steps": 2,
+            "optim.min_lr_ratio": 0.1, "optim.lr": 0.01}
+    for extra in ({}, {"train.max_steps": 12, "optim.lr": 0.5, "optim.weight_decay": 0.3, "optim.betas": "[0.8, 0.9]"}):
+        cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{**base, **extra}))
+        trainer = Trainer(cfg, stop=StopFlag([]))
+        try:
+            with caplog.at_level("WARNING"):
+                trainer.fit()
+            groups = trainer.optimizer.optimizer.param_groups
+        finally:
+            trainer.close()
+    assert "changed optimizer settings: optim.lr 0.01 -> 0.5, optim.betas (0.9, 0.999) -> (0.8, 0.9), " \
+           "optim.weight_decay 0.0 -> 0.3" in caplog.text
+    assert all((g["betas"], g["weight_decay"]) == ((0.8, 0.9), 0.3) for g in groups)
+    total = 12  # the schedule of the resumed run: warmup 2, then linear decay over 12 steps to 0.1 x lr
+    lrs = {r["step"]: r["lr"] for r in train_rows(run_dir)}
+    for step in range(7, 13):  # the rate logged after step s is the one step s + 1 trains with
+        assert lrs[step] == pytest.approx(0.5 * lr_factor(cfg, step, total)), step
+    assert lrs[6] == pytest.approx(0.01 * lr_factor(cfg, 6, 6))
 
 # --- moving average of the weights, a real run -------------------------------------------------------------------
 

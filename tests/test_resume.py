@@ -175,15 +175,63 @@ def test_dead_rank_makes_survivor_exit_then_resume(synth_imdb, tmp_path, cache_e
     wait_for_step(run_dir, 20, proc)
     workers = subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()
     assert len(workers) == 2
-    os.kill(int(workers[1]), signal.SIGKILL)
+    rank = {w: dict(v.split("=", 1) for v in Path(f"/proc/{w}/environ").read_text().split("\0") if "=" in v)["RANK"]
+            for w in workers}
+    main, other = sorted(workers, key=rank.get)
+    os.kill(int(other), signal.SIGKILL)
     t0 = time.time()
     proc.communicate(timeout=60)
     assert time.time() - t0 < 30 and proc.returncode != 0
-    survivors = subprocess.run(["ps", "-o", "pid=", "-p", workers[0]], capture_output=True, text=True).stdout.strip()
+    survivors = subprocess.run(["ps", "-o", "pid=", "-p", main], capture_output=True, text=True).stdout.strip()
     assert not survivors, "the surviving rank is still running"
+    status = json.loads((run_dir / "status.json").read_text())  # not "running" with the pid of a dead process
+    assert status["state"] == "failed" and status["exit_code"] == 1, status
     proc = run(launch_cmd(2, args))
     assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
 
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over_and_max_steps_ends_evaluated_and_saved(
+        synth_imdb, tmp_path, cache_env):
+    """kill -9 before the first checkpoint (by default one comes only at the epoch's end): the restart is a fresh
+    start, and metrics.jsonl holds each step once, not the dead attempt's rows and then the new ones. A run ended by
+    train.max_steps in mid-epoch evaluates and checkpoints its last step, as at an epoch's end."""
+    run_dir = tmp_path / "run"
+    args = overrides(run_dir, synth_imdb, **{"checkpoint.every": 0, "train.max_steps": 40, "train.eval_every": 25})
+    proc = start(1, args)
+    wait_for_step(run_dir, 10, proc)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    wait_for_group_gone(proc.pid)
+    assert not list(run_dir.glob("checkpoints/step-*")) and train_rows(run_dir)
+    proc = run(launch_cmd(1, args))
+    assert proc.returncode == 0 and "resumed from" not in proc.stderr, proc.stderr[-3000:]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if "train/loss" in r] == list(range(1, 41))  # 45 steps make an epoch
+    assert [r["step"] for r in rows if "val/acc" in r] == [25, 40]
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000040"]
+    assert json.loads((run_dir / "best" / "meta.json").read_text())["step"] in (25, 40)
+
+
+def test_a_finished_run_relaunched_tests_once_more_and_a_damaged_best_stops_every_process(
+        reference, synth_imdb, tmp_path, cache_env):
+    """A relaunch after the end (a requeue, say) tests the best model again: metrics.jsonl keeps one test row. With
+    best/ damaged meanwhile, the main process names the file and the other stops with one line, not a traceback out
+    of the barrier it waited at."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(reference[2], run_dir)
+    args = overrides(run_dir, synth_imdb)
+    proc = run(launch_cmd(2, args))
+    assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
+    assert len([r for r in read_jsonl(run_dir / "metrics.jsonl") if "test/acc" in r]) == 1
+    weights = run_dir / "best" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    proc = run(launch_cmd(2, args))
+    assert proc.returncode != 0 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
+    assert f"IntegrityError: {weights}" in proc.stderr and "process 0 could not check" in proc.stderr
+    assert "[rank1]" not in proc.stderr and "barrier" not in proc.stderr, proc.stderr[-3000:]  # rank 1's traceback
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
 
 def test_broken_checkpoints_are_skipped_or_refused(reference, synth_imdb, tmp_path, cache_env):
     run_dir = tmp_path / "run"
