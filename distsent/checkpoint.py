@@ -264,8 +264,29 @@ def resume_path(cfg, root: Path) -> Path | None:
         return None
     if cfg.resume == "auto":
         return find_latest(root)
-    verify(Path(cfg.resume))
-    return Path(cfg.resume)
+    named = Path(cfg.resume)
+    verify(named)
+    if not in_run(named, root):  # another run's: this run branches from it, and a relaunch (a requeued job)
+        own = find_latest(root)  # continues the branch rather than starting it again
+        if own is not None:
+            log.info("checkpoint.resume names %s, another run's; this run has checkpoints of its own since: "
+                     "resuming from its latest, %s", named, own)
+            return own
+    return named
+
+
+def in_run(path: Path, root: Path) -> bool:
+    """Whether checkpoint `path` is one of the run's own (under its checkpoints folder `root`)."""
+    return path.resolve().parent == root.resolve()
+
+
+def drop_newer(root: Path, step: int) -> list[str]:
+    """Delete the run's checkpoints after `step`: when it resumes from an older one (a rollback, or the newest
+    was damaged), they are a continuation it abandons, which `auto` and pruning would otherwise take for its own."""
+    dropped = [p for s, p in _by_step(root) if s > step]
+    for path in dropped:
+        shutil.rmtree(path, ignore_errors=True)
+    return [p.name for p in dropped]
 
 
 # --- the manager the trainer uses ------------------------------------------------------------------------------

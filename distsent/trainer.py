@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -24,7 +25,7 @@ from .model import Ensemble
 from .preemption import EXIT_PREEMPTED, StopFlag
 from .sampler import epoch_batches
 from .state import TrainState
-from .together import PeerFailed, fail_together
+from .together import PeerFailed, fail_together, from_main
 from .tokenizer import TokenizedSplit
 from .tracking import DebugRecords, RunLog, eval_media, example_predictions, launch_topology, write_status
 
@@ -320,6 +321,7 @@ class Trainer:
             changed = apply_optim_settings(cfg, self.optimizer.optimizer, self.scheduler, self.total_steps)
             if changed and acc.is_main_process:
                 log.warning("resuming at step %d with changed optimizer settings: %s", state.step, ", ".join(changed))
+            self._settle_restored_state()
         else:
             ckpt.seed_dropout(cfg.train.seed, 0, acc.process_index)
         self.debug.resume(state.step)
@@ -344,6 +346,25 @@ class Trainer:
         self._write_records(runlog, config=True, state="running", step=state.step, pid=os.getpid())
         return runlog
 
+    def _settle_restored_state(self) -> None:
+        """Make the restored state this run's. Another run's checkpoint (checkpoint.resume naming it) starts a new
+        run from its weights and data position, with its own tracker run and best model. One of this run's older
+        checkpoints (a rollback) abandons the newer ones: deleted. And best/ must hold the restored state's best
+        model (a rollback, or a kill between writing best/ and the checkpoint, can leave a later one there);
+        otherwise no model is best yet and the next evaluation writes it."""
+        acc, state = self.accelerator, self.state
+        branch = not ckpt.in_run(self.resume_from, self.checkpoints.root)
+        if branch:
+            state.run_id, state.stopped_early = "", False
+        elif acc.is_main_process:
+            dropped = ckpt.drop_newer(self.checkpoints.root, state.step)
+            if dropped:
+                log.warning("resumed from an older checkpoint: deleted the newer ones it abandons: %s",
+                            ", ".join(dropped))
+        best_step = from_main(acc, _exported_step(self.run_dir / "best"))
+        if branch or best_step != state.best_step:
+            state.best_val_acc, state.best_step, state.evals_since_best = -1.0, -1, 0
+
     def _epoch_float(self) -> float:
         return self.state.epoch + self.state.batch_in_epoch / self.steps_per_epoch
 
@@ -361,6 +382,15 @@ class Trainer:
         close_process_group()
         self.lock.release()
         self.stop.restore()
+
+
+def _exported_step(folder: Path) -> int | None:
+    """The step of the model in a best/ folder, or None if there is none to read (a damaged one is reported by
+    its check at the test)."""
+    try:
+        return json.loads((folder / "meta.json").read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _bar_intervals(tty: bool) -> dict:

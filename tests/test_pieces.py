@@ -547,6 +547,53 @@ def test_a_resume_trains_with_the_configs_learning_rate_betas_and_weight_decay(s
         assert lrs[step] == pytest.approx(0.5 * lr_factor(cfg, step, total)), step
     assert lrs[6] == pytest.approx(0.01 * lr_factor(cfg, 6, 6))
 
+def test_a_rollback_abandons_the_newer_checkpoints_and_a_branch_is_a_run_of_its_own(synth_imdb, tmp_path, cache_env,
+                                                                                    caplog):
+    """checkpoint.resume naming one of the run's own older checkpoints rolls back: the newer ones are deleted (kept,
+    pruning counted them as the newest and `auto` went back to them) and best/ is never a model of the abandoned
+    steps. Naming another run's checkpoint branches: a tracker run and a best model of its own, and a relaunch of
+    the same command (a requeue) continues the branch instead of starting it again."""
+    from distsent.preemption import StopFlag
+    from distsent.trainer import Trainer
+
+    def fit(run_dir, **extra):
+        cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{
+            "train.eval_every": 3, "checkpoint.every": 3, "checkpoint.keep_last": 3, **extra}))
+        with caplog.at_level("INFO"):
+            trainer = Trainer(cfg, stop=StopFlag([]))
+            try:
+                trainer.fit()
+            finally:
+                trainer.close()
+
+    def steps(run_dir):
+        return [int(p.name.split("-")[1]) for p in sorted((run_dir / "checkpoints").iterdir())]
+
+    def run_id(run_dir):
+        return json.loads((run_dir / "checkpoints" / f"step-{steps(run_dir)[-1]:08d}" / "state.json").read_text()
+                          )["train_state"]["run_id"]
+
+    first = tmp_path / "first"
+    fit(first, **{"train.max_steps": 9})
+    assert steps(first) == [3, 6, 9]
+    fit(first, **{"train.max_steps": 5, "checkpoint.every": 1,
+                  "checkpoint.resume": str(first / "checkpoints" / "step-00000003")})
+    assert "deleted the newer ones it abandons: step-00000009, step-00000006" in caplog.text
+    assert steps(first) == [3, 4, 5]
+    assert json.loads((first / "best" / "meta.json").read_text())["step"] in (3, 5)
+    caplog.clear()
+    fit(first, **{"train.max_steps": 5, "checkpoint.every": 1})  # auto: the rolled-back run's own latest
+    assert "resumed from" in caplog.text and "step-00000005" in caplog.text
+
+    branch, origin = tmp_path / "branch", str(first / "checkpoints" / "step-00000004")
+    fit(branch, **{"train.max_steps": 8, "checkpoint.resume": origin})
+    assert steps(branch) == [6, 8] and run_id(branch) != run_id(first)
+    assert json.loads((branch / "best" / "meta.json").read_text())["step"] in (6, 8)  # its own, not the origin's
+    caplog.clear()
+    fit(branch, **{"train.max_steps": 8, "checkpoint.resume": origin})
+    assert "this run has checkpoints of its own since: resuming from its latest" in caplog.text
+    assert len([r for r in read_jsonl(branch / "metrics.jsonl") if "train/loss" in r]) == 4  # steps 5-8, once
+
 # --- moving average of the weights, a real run -------------------------------------------------------------------
 
 def test_moving_average_of_the_weights_is_kept_saved_and_evaluated(synth_imdb, tmp_path, cache_env):
