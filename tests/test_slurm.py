@@ -297,7 +297,8 @@ def test_sweep_file_line_per_task_and_node_rank_per_task(cluster, tmp_path):
     env["SLURM_ARRAY_TASK_ID"] = "0"  # --array=0-N, as for seeds: there is no line 0
     proc = subprocess.run(["bash", str(SLURM_DIR / "sweep.sbatch"), "--file", "sweep.txt", str(CONFIG)],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "array task 0: with --file, task i reads line i; the first is 1" in proc.stderr, proc.stderr
+    assert proc.returncode == 2, proc.stderr
+    assert "array task 0: with --file, task i reads line i; the first is 1" in proc.stderr
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
