@@ -72,7 +72,21 @@ def build_layout(cfg: ExperimentConfig, acc) -> Layout:
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
     acc.gradient_accumulation_steps = layout.accum_steps
+    warning = layout_warning(layout, cfg.train.micro_batch_size)
+    if warning and acc.is_main_process:
+        log.warning(warning)
     return layout
+
+
+def layout_warning(layout: Layout, micro_batch_cap: int) -> str | None:
+    """A micro-batch cap that each process's share of the global batch divides badly: it still trains the same
+    steps, but through many tiny micro-batches (74 over 2 processes under a cap of 32: 37 micro-batches of 1)."""
+    if not micro_batch_cap or layout.micro_batch * 2 > micro_batch_cap:
+        return None
+    return (f"train.micro_batch_size {micro_batch_cap}: the {layout.global_batch // layout.world_size} texts of "
+            f"each process divide only into {layout.accum_steps} micro-batches of {layout.micro_batch}; a global "
+            f"batch that is a multiple of {layout.world_size * micro_batch_cap} (processes x micro-batch) would run "
+            f"in full ones")
 
 
 def setup_threads(cfg: ExperimentConfig) -> None:

@@ -147,11 +147,17 @@ def test_identity_of_checkpoints_from_an_earlier_version_is_still_understood(tmp
 
 
 def test_sizes_that_make_a_run_say_little_are_warned_about():
-    from distsent.build import size_warnings
+    from distsent.build import layout_warning, size_warnings
+    from distsent.sampler import Layout
 
     assert size_warnings(1440, 160, 32) == []
     assert [w.split(":")[0] for w in size_warnings(11, 1, 32)] == [
         "validation has 1 texts", "train.global_batch_size 32 is larger than the 11 training texts"]
+    # a micro-batch cap the per-process batch divides badly: the same steps through tiny micro-batches
+    assert layout_warning(Layout.build(74, 2, 32), 32).startswith(
+        "train.micro_batch_size 32: the 37 texts of each process divide only into 37 micro-batches of 1")
+    assert layout_warning(Layout.build(64, 2, 32), 32) is None and layout_warning(Layout.build(48, 2, 16), 16) is None
+    assert layout_warning(Layout.build(74, 2, 0), 0) is None
 
 
 def test_resume_never_refuses_a_directory_holding_an_earlier_run(tmp_path):
