@@ -262,17 +262,28 @@ def resume_path(cfg, root: Path) -> Path | None:
                                   f"a fresh start there would mix the two runs' checkpoints, metrics and best model. "
                                   f"Use a new output_dir, or remove that run first")
         return None
+    latest = find_latest(root)
     if cfg.resume == "auto":
-        return find_latest(root)
-    named = Path(cfg.resume)
+        if latest is None and _by_step(root):
+            raise CheckpointError(f"{root}: no checkpoint there verifies (each one's problem is logged above); a "
+                                  f"fresh start would mix a new run into that one's records. Repair or remove them, "
+                                  f"or use a new output_dir")
+        return latest
+    named = Path(cfg.resume).resolve()
+    if latest is not None and resumed_from(latest) == str(named):
+        # carried out by an earlier launch of this command (a requeued job): continue, not start over from it
+        log.info("checkpoint.resume=%s was resumed from already: continuing from this run's latest, %s", named, latest)
+        return latest
     verify(named)
-    if not in_run(named, root):  # another run's: this run branches from it, and a relaunch (a requeued job)
-        own = find_latest(root)  # continues the branch rather than starting it again
-        if own is not None:
-            log.info("checkpoint.resume names %s, another run's; this run has checkpoints of its own since: "
-                     "resuming from its latest, %s", named, own)
-            return own
+    if not in_run(named, root) and _by_step(root):
+        raise CheckpointError(f"checkpoint.resume={named} is another run's checkpoint, but {root.parent} holds "
+                              f"checkpoints of its own: start the new run from it in a new output_dir")
     return named
+
+
+def resumed_from(path: Path) -> str:
+    """The checkpoint.resume a run's checkpoint descends from (TrainState.resumed_from), "" if none."""
+    return json.loads((path / "state.json").read_text())["train_state"].get("resumed_from", "")
 
 
 def in_run(path: Path, root: Path) -> bool:
@@ -280,13 +291,19 @@ def in_run(path: Path, root: Path) -> bool:
     return path.resolve().parent == root.resolve()
 
 
-def drop_newer(root: Path, step: int) -> list[str]:
-    """Delete the run's checkpoints after `step`: when it resumes from an older one (a rollback, or the newest
-    was damaged), they are a continuation it abandons, which `auto` and pruning would otherwise take for its own."""
-    dropped = [p for s, p in _by_step(root) if s > step]
-    for path in dropped:
-        shutil.rmtree(path, ignore_errors=True)
-    return [p.name for p in dropped]
+def set_aside_newer(root: Path, step: int, delete: bool) -> list[str]:
+    """The run's checkpoints after `step`, which it resumes before: deleted (a rollback abandons them) or, where
+    they were skipped as broken, renamed `<name>.broken` to be looked at (kept as they were, pruning would count
+    them among the newest). Either way neither `auto` nor pruning takes them for the run's own any more."""
+    moved = []
+    for s, path in _by_step(root):
+        if s > step:
+            shutil.rmtree(path) if delete else path.rename(path.with_name(f"{path.name}.broken"))
+            moved.append(path.name)
+    for old in root.glob(".step-*.old"):  # a crash's leftover that find_latest would otherwise put back
+        if int(old.name[len(".step-"): -len(".old")]) > step:
+            shutil.rmtree(old, ignore_errors=True)
+    return moved
 
 
 # --- the manager the trainer uses ------------------------------------------------------------------------------

@@ -63,12 +63,19 @@ class RunLock:
         if age > self.stale_s:
             return f"its heartbeat is {age:.0f} s old"
         if held.get("host") == self.me["host"]:  # its process can be looked up, whatever job it ran in
+            if held.get("pid") == self.me["pid"]:  # a restart in a fresh pid namespace (a container) got its pid
+                return f"its pid {held['pid']} is this process's own"
             return None if _pid_alive(held.get("pid", -1)) else f"its process {held.get('pid')} on this host is gone"
         if held.get("slurm_job_id") and held["slurm_job_id"] == self.me["slurm_job_id"]:
             # on another host: a requeued job runs again under its id (within one live allocation, a second
             # launch on another node would take over too: it is told apart from a requeue only by the heartbeat)
             return f"it is an earlier attempt of this Slurm job ({held['slurm_job_id']})"
         return None
+
+    def live_owner(self) -> dict | None:
+        """The lock's content if a live run other than this process holds it, else None."""
+        held = self._read()
+        return held if held is not None and self._why_dead(held) is None else None
 
     def acquire(self) -> None:
         """Take the lock, or RunLockedError naming the live owner."""

@@ -18,6 +18,7 @@ class TrainState:
     stopped_early: bool = False
     world_size: int = 1  # processes that trained the last step
     run_id: str = ""  # the tracker run, continued by a resumed run
+    resumed_from: str = ""  # the checkpoint.resume path this run's line descends from (a rollback or a branch)
     world_size_changes: list[dict] = field(default_factory=list)
 
     def state_dict(self) -> dict:

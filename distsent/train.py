@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     stop = StopFlag(cfg.dist.stop_signals)  # before the slow start-up: a stop signal during it is kept, not fatal
     from .build import close_process_group
-    from .runlock import RunLockedError
+    from .runlock import RunLock, RunLockedError
     from .together import PeerFailed
     from .trainer import Trainer
 
@@ -63,9 +63,9 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"{type(exc).__name__}: {exc}", 2)
     except (Exception, KeyboardInterrupt) as exc:  # not SystemExit: a preempted run's exit 75 is already set
         message, code = explain(exc)
-        # status.json only if the run directory was this run's: before the lock it may be another live run's
-        held = trainer is not None or getattr(exc, "run_dir_held", False)
-        code = fail(message, code, cfg if held else None, trainer)
+        # status.json unless another live run holds the directory (this one stopped before it took the lock)
+        ours = trainer is not None or RunLock(Path(cfg.output_dir)).live_owner() is None
+        code = fail(message, code, cfg if ours else None, trainer)
         if isinstance(exc, PeerFailed):
             # give the failing process a moment to end first, so that the launcher's summary names it as the root
             # cause; the launcher's SIGTERM to the rest meanwhile changes nothing

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
+from . import files
 from .build import (announce, apply_optim_settings, batch_tensors, build_accelerator, build_data, build_ema,
                     build_layout, build_optimizer, build_run_model, build_scheduler, class_weights,
                     close_process_group, lock_run_dir, new_run_id, run_identity, setup_threads)
@@ -48,17 +49,24 @@ class Trainer:
         self.lock = lock_run_dir(self.run_dir, acc)  # a second launch into this directory stops here
         try:
             self._assemble(cfg, acc, stop)
-        except BaseException as exc:  # a start that fails (bad data, a refused checkpoint) frees the directory too
+        except BaseException:  # a start that fails (bad data, a refused checkpoint) frees the directory too
             self.lock.release()
-            exc.run_dir_held = True  # so its status.json is this run's to write (train.py)
             raise
 
     def _assemble(self, cfg: ExperimentConfig, acc, stop: StopFlag | None) -> None:
         """Data, model, optimizer, schedule, checkpoints and records, once the run directory is this run's."""
         setup_threads(cfg)
         announce(acc, self.layout, self.run_dir)
-        # an explicitly named checkpoint that is broken fails here, before the slow start-up
-        self.resume_from = ckpt.resume_path(cfg.checkpoint, self.run_dir / "checkpoints")
+        # decided once, by the main process (another could see a checkpoint as broken that it does not); an
+        # explicitly named checkpoint that is broken fails here, before the slow start-up
+        resume_from, failure = None, None
+        if acc.is_main_process:
+            try:
+                resume_from = ckpt.resume_path(cfg.checkpoint, self.run_dir / "checkpoints")
+            except ckpt.CheckpointError as exc:
+                failure = exc
+        fail_together(acc, failure, "find the checkpoint to resume from")
+        self.resume_from = from_main(acc, resume_from)
         self.data, self.prepare_s = build_data(cfg, acc, self.run_dir, resuming=self.resume_from is not None)
         model = build_run_model(cfg, acc, self.data)
         self.model, self.optimizer = acc.prepare(model, build_optimizer(cfg, model))
@@ -347,21 +355,31 @@ class Trainer:
         return runlog
 
     def _settle_restored_state(self) -> None:
-        """Make the restored state this run's. Another run's checkpoint (checkpoint.resume naming it) starts a new
-        run from its weights and data position, with its own tracker run and best model. One of this run's older
-        checkpoints (a rollback) abandons the newer ones: deleted. And best/ must hold the restored state's best
-        model (a rollback, or a kill between writing best/ and the checkpoint, can leave a later one there);
-        otherwise no model is best yet and the next evaluation writes it."""
-        acc, state = self.accelerator, self.state
+        """Make the restored state this run's. checkpoint.resume naming a path, carried out now, starts a new line
+        from one of this run's older checkpoints (a rollback: the newer ones are deleted) or from another run's (a
+        branch: a best model of its own); either is a new W&B run where the old line logged later steps (W&B would
+        drop the new line's rows below them). Checkpoints newer than the one resumed are otherwise ones `auto`
+        skipped as broken: set aside. And best/ must hold the restored state's best model (a rollback, or a kill
+        between writing best/ and the checkpoint, can leave a later one there); otherwise no model is best yet and
+        the next evaluation writes it."""
+        acc, state, resume = self.accelerator, self.state, self.cfg.checkpoint.resume
+        named = str(Path(resume).resolve()) if resume not in ("auto", "never") else ""
+        new_line = bool(named) and state.resumed_from != named
         branch = not ckpt.in_run(self.resume_from, self.checkpoints.root)
+        moved = []
+        if acc.is_main_process:
+            moved = ckpt.set_aside_newer(self.checkpoints.root, state.step, delete=new_line)
+            if moved:
+                log.warning("%s: %s", "rolled back: deleted the newer checkpoints" if new_line else
+                            "set aside the newer checkpoints, which did not verify, as <name>.broken", ", ".join(moved))
+            files.recover(self.run_dir / "best")  # a crash inside its publish: the previous best/ is the one
+        moved, best_step = from_main(acc, (moved, _exported_step(self.run_dir / "best")))
+        if new_line:
+            state.resumed_from = named
+            if branch or moved:
+                state.run_id = ""  # a new one in _start
         if branch:
-            state.run_id, state.stopped_early = "", False
-        elif acc.is_main_process:
-            dropped = ckpt.drop_newer(self.checkpoints.root, state.step)
-            if dropped:
-                log.warning("resumed from an older checkpoint: deleted the newer ones it abandons: %s",
-                            ", ".join(dropped))
-        best_step = from_main(acc, _exported_step(self.run_dir / "best"))
+            state.stopped_early = False
         if branch or best_step != state.best_step:
             state.best_val_acc, state.best_step, state.evals_since_best = -1.0, -1, 0
 

@@ -143,6 +143,9 @@ def test_a_second_launch_into_a_live_run_directory_is_refused(tmp_path, synth_im
     assert steps == list(range(1, 181))  # one writer: every step once
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     assert not (run_dir / "run.lock").exists()  # released when the run ended
+    # with no live owner, the same refused launch is recorded, for a scheduler to read (slurm/train.sbatch)
+    assert run(direct_cmd(args + ["train.mixed_precision=fp16"])).returncode == 2
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
 
 
 def test_bad_data_stops_every_process_with_one_clear_line(tmp_path, cache_env):

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import csv
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -17,7 +15,7 @@ import torch
 
 from conftest import (EMOTIONS, REAL_EMOTION, REPO, direct_cmd, launch_cmd, make_emotions, member_alone, read_jsonl,
                       run, tiny_overrides, train_rows, write_csv)
-from test_resume import start, wait_for_group_gone, wait_for_step
+from test_resume import start, stop_at
 
 @pytest.fixture(scope="module")
 def emotions_csv(tmp_path_factory):
@@ -73,11 +71,7 @@ def test_four_classes_in_two_processes_learn_stop_resume_bitwise_and_predict(tmp
 
     # stopped by a signal mid-epoch, then resumed: the same weights and losses, bit for bit
     run_dir = tmp_path / "run"
-    proc = start(2, overrides(run_dir, emotions_csv))
-    wait_for_step(run_dir, 50, proc)
-    os.kill(proc.pid, signal.SIGUSR1)
-    proc.communicate(timeout=120)
-    wait_for_group_gone(proc.pid)
+    stop_at(run_dir, 50, start(2, overrides(run_dir, emotions_csv)))
     assert json.loads((run_dir / "status.json").read_text())["state"] == "preempted"
     proc = run(launch_cmd(2, overrides(run_dir, emotions_csv)))
     assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]

@@ -460,6 +460,7 @@ def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, monke
     gone.wait()
     dead_cases = [
         ({**live, "pid": gone.pid}, "on this host is gone"),  # kill -9, then a restart on the same machine
+        ({**live, "pid": os.getpid()}, "is this process's own"),  # a restart in a container given the same pid
         ({**live, "host": "elsewhere", "heartbeat": now - 120}, "heartbeat is 120 s old"),  # a lost node
         ({**live, "host": "elsewhere", "slurm_job_id": "77"}, "earlier attempt of this Slurm job"),  # requeued
     ]
@@ -556,15 +557,17 @@ def test_a_resume_trains_with_the_configs_learning_rate_betas_and_weight_decay(s
 def test_a_rollback_abandons_the_newer_checkpoints_and_a_branch_is_a_run_of_its_own(synth_imdb, tmp_path, cache_env,
                                                                                     caplog):
     """checkpoint.resume naming one of the run's own older checkpoints rolls back: the newer ones are deleted (kept,
-    pruning counted them as the newest and `auto` went back to them) and best/ is never a model of the abandoned
-    steps. Naming another run's checkpoint branches: a tracker run and a best model of its own, and a relaunch of
-    the same command (a requeue) continues the branch instead of starting it again."""
+    pruning counted them as the newest and `auto` went back to them), best/ is never a model of the abandoned steps,
+    and a relaunch of the same command (a requeued job) continues instead of rolling back again. Naming another
+    run's checkpoint branches: a W&B run and best model of its own, and relaunches continue the branch, also once
+    the origin has pruned that checkpoint; into a directory with checkpoints of its own it is refused."""
     from distsent.preemption import StopFlag
     from distsent.trainer import Trainer
 
     def fit(run_dir, **extra):
         cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{
             "train.eval_every": 3, "checkpoint.every": 3, "checkpoint.keep_last": 3, **extra}))
+        caplog.clear()
         with caplog.at_level("INFO"):
             trainer = Trainer(cfg, stop=StopFlag([]))
             try:
@@ -573,7 +576,7 @@ def test_a_rollback_abandons_the_newer_checkpoints_and_a_branch_is_a_run_of_its_
                 trainer.close()
 
     def steps(run_dir):
-        return [int(p.name.split("-")[1]) for p in sorted((run_dir / "checkpoints").iterdir())]
+        return [int(p.name[5:]) for p in sorted((run_dir / "checkpoints").glob("step-*")) if p.name[5:].isdigit()]
 
     def run_id(run_dir):
         return json.loads((run_dir / "checkpoints" / f"step-{steps(run_dir)[-1]:08d}" / "state.json").read_text()
@@ -582,23 +585,39 @@ def test_a_rollback_abandons_the_newer_checkpoints_and_a_branch_is_a_run_of_its_
     first = tmp_path / "first"
     fit(first, **{"train.max_steps": 9})
     assert steps(first) == [3, 6, 9]
-    fit(first, **{"train.max_steps": 5, "checkpoint.every": 1,
-                  "checkpoint.resume": str(first / "checkpoints" / "step-00000003")})
-    assert "deleted the newer ones it abandons: step-00000009, step-00000006" in caplog.text
-    assert steps(first) == [3, 4, 5]
+    first_id = run_id(first)
+    rollback = {"train.max_steps": 5, "checkpoint.every": 1,
+                "checkpoint.resume": str(first / "checkpoints" / "step-00000003")}
+    fit(first, **rollback)
+    assert "rolled back: deleted the newer checkpoints: step-00000009, step-00000006" in caplog.text
+    assert steps(first) == [3, 4, 5] and run_id(first) != first_id  # a new W&B run: its steps restart at 4
     assert json.loads((first / "best" / "meta.json").read_text())["step"] in (3, 5)
-    caplog.clear()
-    fit(first, **{"train.max_steps": 5, "checkpoint.every": 1})  # auto: the rolled-back run's own latest
-    assert "resumed from" in caplog.text and "step-00000005" in caplog.text
+    fit(first, **{**rollback, "train.max_steps": 7})  # the same command again (a requeue): it continues
+    assert "was resumed from already: continuing from this run's latest" in caplog.text
+    assert steps(first) == [5, 6, 7] and "rolled back" not in caplog.text
 
-    branch, origin = tmp_path / "branch", str(first / "checkpoints" / "step-00000004")
-    fit(branch, **{"train.max_steps": 8, "checkpoint.resume": origin})
-    assert steps(branch) == [6, 8] and run_id(branch) != run_id(first)
-    assert json.loads((branch / "best" / "meta.json").read_text())["step"] in (6, 8)  # its own, not the origin's
-    caplog.clear()
-    fit(branch, **{"train.max_steps": 8, "checkpoint.resume": origin})
-    assert "this run has checkpoints of its own since: resuming from its latest" in caplog.text
-    assert len([r for r in read_jsonl(branch / "metrics.jsonl") if "train/loss" in r]) == 4  # steps 5-8, once
+    branch, origin = tmp_path / "branch", first / "checkpoints" / "step-00000006"
+    fit(branch, **{"train.max_steps": 8, "checkpoint.resume": str(origin)})
+    assert steps(branch) == [8] and run_id(branch) not in (first_id, run_id(first))
+    assert json.loads((branch / "best" / "meta.json").read_text())["step"] == 8  # its own, not the origin's
+    shutil.rmtree(origin)  # pruned by the origin run meanwhile
+    fit(branch, **{"train.max_steps": 9, "checkpoint.resume": str(origin)})
+    assert "was resumed from already" in caplog.text and steps(branch) == [8, 9]
+    assert [r["step"] for r in train_rows(branch)] == [7, 8, 9]  # each step once
+    with pytest.raises(ckpt.CheckpointError, match="another run's checkpoint, but .* holds checkpoints of its own"):
+        fit(branch, **{"checkpoint.resume": str(first / "checkpoints" / "step-00000007")})
+
+    # auto, the newest checkpoint damaged: resumed from the one before it, the damaged one set aside (not deleted,
+    # and no longer counted among the newest by pruning); every checkpoint damaged: refused, not a fresh start
+    weights = branch / "checkpoints" / "step-00000009" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8])
+    fit(branch, **{"train.max_steps": 10, "checkpoint.keep_last": 1})
+    assert "set aside the newer checkpoints, which did not verify, as <name>.broken: step-00000009" in caplog.text
+    assert steps(branch) == [10] and (branch / "checkpoints" / "step-00000009.broken").is_dir()
+    (branch / "checkpoints" / "step-00000010" / "manifest.json").write_text("{}")
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint there verifies"):
+        fit(branch, **{"train.max_steps": 11})
+
 
 # --- moving average of the weights, a real run -------------------------------------------------------------------
 

@@ -56,6 +56,16 @@ def wait_for_group_gone(pgid: int, timeout=120) -> None:
     raise AssertionError("processes of the run are still alive")
 
 
+def stop_at(run_dir: Path, step: int, proc, sig=signal.SIGUSR1, group: bool = False) -> str:
+    """Let the run reach `step`, send `sig` to its launcher (with group: to every process of the run), wait until
+    all of them are gone, and return the launcher's stderr."""
+    wait_for_step(run_dir, step, proc)
+    (os.killpg if group else os.kill)(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    wait_for_group_gone(proc.pid)  # with 1 process the launcher dies at once; its rank checkpoints, then exits
+    return err
+
+
 def final_digests(run_dir: Path, nproc: int) -> list[str]:
     return [read_jsonl(run_dir / "debug" / f"weights-rank{r}.jsonl")[-1]["sha256"] for r in range(nproc)]
 
@@ -93,10 +103,7 @@ def reference(tmp_path_factory, synth_imdb):
 def test_signal_mid_epoch_then_resume_is_bitwise_exact(nproc, sig, reference, synth_imdb, tmp_path, cache_env):
     run_dir = tmp_path / "run"
     proc = start(nproc, overrides(run_dir, synth_imdb))
-    wait_for_step(run_dir, 50, proc)  # epoch 1 (steps 46-90)
-    os.kill(proc.pid, sig)  # to the `accelerate launch` process itself
-    _, err = proc.communicate(timeout=120)
-    wait_for_group_gone(proc.pid)  # with 1 process the launcher dies at once; its rank checkpoints, then exits
+    err = stop_at(run_dir, 50, proc, sig)  # epoch 1 (steps 46-90); to the `accelerate launch` process itself
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "preempted" and status["exit_code"] == EXIT_PREEMPTED, err[-3000:]
     stopped_at = status["step"]
@@ -197,11 +204,7 @@ def test_a_run_killed_before_its_first_checkpoint_starts_over_and_max_steps_ends
     train.max_steps in mid-epoch evaluates and checkpoints its last step, as at an epoch's end."""
     run_dir = tmp_path / "run"
     args = overrides(run_dir, synth_imdb, **{"checkpoint.every": 0, "train.max_steps": 40, "train.eval_every": 25})
-    proc = start(1, args)
-    wait_for_step(run_dir, 10, proc)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
-    wait_for_group_gone(proc.pid)
+    stop_at(run_dir, 10, start(1, args), signal.SIGKILL, group=True)
     assert not list(run_dir.glob("checkpoints/step-*")) and train_rows(run_dir)
     proc = run(launch_cmd(1, args))
     assert proc.returncode == 0 and "resumed from" not in proc.stderr, proc.stderr[-3000:]

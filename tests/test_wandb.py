@@ -1,8 +1,6 @@
 """W&B: real offline runs, read back from the run's .wandb log with `wandb leet inspect --json` (no mocks of wandb)."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from conftest import direct_cmd, launch_cmd, read_jsonl, run, tiny_overrides
-from test_resume import start, wait_for_group_gone, wait_for_step
+from test_resume import start, stop_at
 
 pytestmark = pytest.mark.slow
 
@@ -78,11 +76,7 @@ def test_two_process_run_writes_one_complete_wandb_run(tmp_path, synth_imdb, cac
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, synth_imdb, cache_env):
     run_dir = tmp_path / "run"
     args = wandb_args(run_dir, synth_imdb, **{"train.epochs": 3, "model.hidden_dim": 64, "data.max_len": 96})
-    proc = start(1, args)
-    wait_for_step(run_dir, 50, proc)
-    os.kill(proc.pid, signal.SIGUSR1)
-    proc.communicate(timeout=120)
-    wait_for_group_gone(proc.pid)
+    stop_at(run_dir, 50, start(1, args))
     stopped = json.loads((run_dir / "status.json").read_text())["step"]
     proc = run(launch_cmd(1, args))
     assert proc.returncode == 0, proc.stderr[-3000:]

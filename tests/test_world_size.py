@@ -1,15 +1,13 @@
 """Resume onto a different number of processes: same global batches, every sample once per epoch."""
 
 import json
-import os
-import signal
 import subprocess
 
 import pytest
 from safetensors.torch import load_file
 
 from conftest import REPO, launch_cmd, read_jsonl, run, run_env, train_rows
-from test_resume import ids_per_epoch, overrides, start, uninterrupted_runs, wait_for_group_gone, wait_for_step
+from test_resume import ids_per_epoch, overrides, start, stop_at, uninterrupted_runs
 
 pytestmark = pytest.mark.slow
 
@@ -45,11 +43,7 @@ def test_uninterrupted_runs_agree_across_world_sizes(references):
 def test_stop_and_resume_on_another_world_size(before, after, references, synth_imdb, tmp_path, cache_env):
     run_dir = tmp_path / "run"
     args = overrides(run_dir, synth_imdb, **NO_DROPOUT)
-    proc = start(before, args)
-    wait_for_step(run_dir, 50, proc)
-    os.kill(proc.pid, signal.SIGUSR1)
-    proc.communicate(timeout=120)
-    wait_for_group_gone(proc.pid)
+    stop_at(run_dir, 50, start(before, args))
     stopped_at = json.loads((run_dir / "status.json").read_text())["step"]
     assert 50 <= stopped_at < 90
 
