@@ -22,6 +22,7 @@ import random
 import re
 import shutil
 import time
+from itertools import count
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +36,7 @@ from .together import fail_together
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+OLD_DIR = re.compile(r"^\.step-(\d{8})\.old$")  # a checkpoint replaced by a new save of its step, until done
 MODEL_FILES = ("config.yaml", "tokenizer.json", "model.safetensors")
 EMA_FILE = "ema.safetensors"
 
@@ -270,7 +272,7 @@ def resume_path(cfg, root: Path) -> Path | None:
                                   f"or use a new output_dir")
         return latest
     named = Path(cfg.resume).resolve()
-    if latest is not None and resumed_from(latest) == str(named):
+    if latest is not None and resumed_from(latest) == resume_tag(named, root):
         # carried out by an earlier launch of this command (a requeued job): continue, not start over from it
         log.info("checkpoint.resume=%s was resumed from already: continuing from this run's latest, %s", named, latest)
         return latest
@@ -291,19 +293,36 @@ def in_run(path: Path, root: Path) -> bool:
     return path.resolve().parent == root.resolve()
 
 
+def resume_tag(path: Path, root: Path) -> str:
+    """How a run records the checkpoint.resume it carried out (TrainState.resumed_from): one of its own checkpoints
+    by name, so that a relaunch is recognised after the run directory moved or is mounted elsewhere; another
+    run's by its absolute path."""
+    return path.name if in_run(path, root) else str(path.resolve())
+
+
 def set_aside_newer(root: Path, step: int, delete: bool) -> list[str]:
     """The run's checkpoints after `step`, which it resumes before: deleted (a rollback abandons them) or, where
     they were skipped as broken, renamed `<name>.broken` to be looked at (kept as they were, pruning would count
     them among the newest). Either way neither `auto` nor pruning takes them for the run's own any more."""
     moved = []
-    for s, path in _by_step(root):
-        if s > step:
-            shutil.rmtree(path) if delete else path.rename(path.with_name(f"{path.name}.broken"))
-            moved.append(path.name)
-    for old in root.glob(".step-*.old"):  # a crash's leftover that find_latest would otherwise put back
-        if int(old.name[len(".step-"): -len(".old")]) > step:
-            shutil.rmtree(old, ignore_errors=True)
+    with files.writing(root):
+        for s, path in _by_step(root):
+            if s > step:
+                if delete:
+                    shutil.rmtree(path)
+                else:
+                    path.rename(_free_name(path, ".broken"))
+                moved.append(path.name)
+        for old in root.glob(".step-*.old"):  # a crash's leftover that find_latest would otherwise put back
+            if (m := OLD_DIR.match(old.name)) and int(m.group(1)) > step:
+                shutil.rmtree(old)
     return moved
+
+
+def _free_name(path: Path, suffix: str) -> Path:
+    """`path` + suffix, or + suffix-2, -3, ... where that is taken (the same step may have broken before)."""
+    candidates = (path.with_name(f"{path.name}{suffix}{f'-{k}' if k > 1 else ''}") for k in count(1))
+    return next(c for c in candidates if not c.exists())
 
 
 # --- the manager the trainer uses ------------------------------------------------------------------------------

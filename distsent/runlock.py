@@ -38,11 +38,19 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _pid_namespace() -> int:
+    """This process's pid namespace (containers on one host may each have their own), 0 where unknown."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return 0
+
+
 class RunLock:
     def __init__(self, run_dir: Path, heartbeat_s: float = 10.0, stale_s: float = 60.0):
         self.path, self.heartbeat_s, self.stale_s = Path(run_dir) / LOCK, heartbeat_s, stale_s
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "started": time.time(),
-                   "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": _pid_namespace(),
+                   "started": time.time(), "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -62,8 +70,11 @@ class RunLock:
         age = time.time() - held.get("heartbeat", 0)
         if age > self.stale_s:
             return f"its heartbeat is {age:.0f} s old"
-        if held.get("host") == self.me["host"]:  # its process can be looked up, whatever job it ran in
-            if held.get("pid") == self.me["pid"]:  # a restart in a fresh pid namespace (a container) got its pid
+        # its process can be looked up, whatever job it ran in, where pids mean the same: this host, and not another
+        # container's pid namespace on it (locks of earlier versions name no namespace)
+        if (held.get("host"), held.get("pid_namespace", self.me["pid_namespace"])) == (
+                self.me["host"], self.me["pid_namespace"]):
+            if held.get("pid") == self.me["pid"]:  # pids are unique here: the process that held it is gone
                 return f"its pid {held['pid']} is this process's own"
             return None if _pid_alive(held.get("pid", -1)) else f"its process {held.get('pid')} on this host is gone"
         if held.get("slurm_job_id") and held["slurm_job_id"] == self.me["slurm_job_id"]:

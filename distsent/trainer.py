@@ -357,27 +357,30 @@ class Trainer:
     def _settle_restored_state(self) -> None:
         """Make the restored state this run's. checkpoint.resume naming a path, carried out now, starts a new line
         from one of this run's older checkpoints (a rollback: the newer ones are deleted) or from another run's (a
-        branch: a best model of its own); either is a new W&B run where the old line logged later steps (W&B would
-        drop the new line's rows below them). Checkpoints newer than the one resumed are otherwise ones `auto`
+        branch: a best model of its own); either is a new W&B run (W&B would drop a rollback's rows below the
+        steps the old line logged). Checkpoints newer than the one resumed are otherwise ones `auto`
         skipped as broken: set aside. And best/ must hold the restored state's best model (a rollback, or a kill
         between writing best/ and the checkpoint, can leave a later one there); otherwise no model is best yet and
         the next evaluation writes it."""
-        acc, state, resume = self.accelerator, self.state, self.cfg.checkpoint.resume
-        named = str(Path(resume).resolve()) if resume not in ("auto", "never") else ""
+        acc, state, resume, root = self.accelerator, self.state, self.cfg.checkpoint.resume, self.checkpoints.root
+        named = ckpt.resume_tag(Path(resume), root) if resume not in ("auto", "never") else ""
         new_line = bool(named) and state.resumed_from != named
-        branch = not ckpt.in_run(self.resume_from, self.checkpoints.root)
-        moved = []
+        branch = not ckpt.in_run(self.resume_from, root)
+        moved, failure = [], None
         if acc.is_main_process:
-            moved = ckpt.set_aside_newer(self.checkpoints.root, state.step, delete=new_line)
+            try:
+                moved = ckpt.set_aside_newer(root, state.step, delete=new_line)
+                with files.writing(self.run_dir / "best"):  # a crash inside its publish: put the previous one back
+                    files.recover(self.run_dir / "best")
+            except WriteError as exc:
+                failure = exc
             if moved:
                 log.warning("%s: %s", "rolled back: deleted the newer checkpoints" if new_line else
                             "set aside the newer checkpoints, which did not verify, as <name>.broken", ", ".join(moved))
-            files.recover(self.run_dir / "best")  # a crash inside its publish: the previous best/ is the one
-        moved, best_step = from_main(acc, (moved, _exported_step(self.run_dir / "best")))
-        if new_line:
-            state.resumed_from = named
-            if branch or moved:
-                state.run_id = ""  # a new one in _start
+        fail_together(acc, failure, f"set aside the checkpoints after step {state.step}")
+        best_step = from_main(acc, _exported_step(self.run_dir / "best"))
+        if new_line:  # a new W&B run too, also where an earlier attempt already deleted the newer checkpoints
+            state.resumed_from, state.run_id = named, ""
         if branch:
             state.stopped_early = False
         if branch or best_step != state.best_step:

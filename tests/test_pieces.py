@@ -450,6 +450,11 @@ def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, monke
     with pytest.raises(RunLockedError, match=f"in use by a live run \\(host {host}, pid {os.getppid()}"):
         RunLock(tmp_path).acquire()
     assert json.loads(lock_file.read_text()) == live  # refused without touching anything
+    # another container on this host, in a pid namespace of its own: its pid says nothing here, even where it is
+    # this process's, so only its heartbeat can free it
+    lock_file.write_text(json.dumps({**live, "pid": os.getpid(), "pid_namespace": 1}))
+    with pytest.raises(RunLockedError, match="in use by a live run"):
+        RunLock(tmp_path).acquire()
     # a second launch in the same Slurm allocation, on the host where the run lives: refused too
     lock_file.write_text(json.dumps({**live, "slurm_job_id": "77"}))
     monkeypatch.setenv("SLURM_JOB_ID", "77")
@@ -564,12 +569,14 @@ def test_a_rollback_abandons_the_newer_checkpoints_and_a_branch_is_a_run_of_its_
     from distsent.preemption import StopFlag
     from distsent.trainer import Trainer
 
-    def fit(run_dir, **extra):
+    def fit(run_dir, crash=False, **extra):
         cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{
             "train.eval_every": 3, "checkpoint.every": 3, "checkpoint.keep_last": 3, **extra}))
         caplog.clear()
         with caplog.at_level("INFO"):
             trainer = Trainer(cfg, stop=StopFlag([]))
+            if crash:  # the process dies at its first step, before any checkpoint of its own
+                trainer.train_step = lambda batch: sys.exit("killed")
             try:
                 trainer.fit()
             finally:
@@ -588,13 +595,20 @@ def test_a_rollback_abandons_the_newer_checkpoints_and_a_branch_is_a_run_of_its_
     first_id = run_id(first)
     rollback = {"train.max_steps": 5, "checkpoint.every": 1,
                 "checkpoint.resume": str(first / "checkpoints" / "step-00000003")}
-    fit(first, **rollback)
+    with pytest.raises(SystemExit):
+        fit(first, crash=True, **rollback)
     assert "rolled back: deleted the newer checkpoints: step-00000009, step-00000006" in caplog.text
+    assert steps(first) == [3]
+    fit(first, **rollback)  # relaunched: nothing newer left to delete, and still a new line
     assert steps(first) == [3, 4, 5] and run_id(first) != first_id  # a new W&B run: its steps restart at 4
     assert json.loads((first / "best" / "meta.json").read_text())["step"] in (3, 5)
-    fit(first, **{**rollback, "train.max_steps": 7})  # the same command again (a requeue): it continues
+    rolled_id = run_id(first)
+    moved = tmp_path / "moved"  # the same command again (a requeue), the run directory mounted elsewhere meanwhile
+    first.rename(moved)
+    fit(moved, **{**rollback, "train.max_steps": 7, "checkpoint.resume": str(moved / "checkpoints/step-00000003")})
     assert "was resumed from already: continuing from this run's latest" in caplog.text
-    assert steps(first) == [5, 6, 7] and "rolled back" not in caplog.text
+    assert steps(moved) == [5, 6, 7] and "rolled back" not in caplog.text and run_id(moved) == rolled_id
+    moved.rename(first)
 
     branch, origin = tmp_path / "branch", first / "checkpoints" / "step-00000006"
     fit(branch, **{"train.max_steps": 8, "checkpoint.resume": str(origin)})
@@ -611,9 +625,11 @@ def test_a_rollback_abandons_the_newer_checkpoints_and_a_branch_is_a_run_of_its_
     # and no longer counted among the newest by pruning); every checkpoint damaged: refused, not a fresh start
     weights = branch / "checkpoints" / "step-00000009" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8])
+    (branch / "checkpoints" / "step-00000009.broken").mkdir()  # set aside once before: the name is taken
+    (branch / "checkpoints" / "step-00000009.broken" / "x").touch()
     fit(branch, **{"train.max_steps": 10, "checkpoint.keep_last": 1})
     assert "set aside the newer checkpoints, which did not verify, as <name>.broken: step-00000009" in caplog.text
-    assert steps(branch) == [10] and (branch / "checkpoints" / "step-00000009.broken").is_dir()
+    assert steps(branch) == [10] and (branch / "checkpoints" / "step-00000009.broken-2" / "manifest.json").is_file()
     (branch / "checkpoints" / "step-00000010" / "manifest.json").write_text("{}")
     with pytest.raises(ckpt.CheckpointError, match="no checkpoint there verifies"):
         fit(branch, **{"train.max_steps": 11})
