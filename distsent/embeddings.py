@@ -13,32 +13,39 @@ from .readers import DataError
 def load_vectors(path: str | Path, vocab: dict[str, int], dim: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(vectors [len(vocab), dim], found mask) for the vocabulary's words present in the file.
 
-    Reads `word v1 v2 ... v_dim` lines; a word2vec header line (`count dim`) is skipped. Words are matched as
-    they are, then lower-cased. A line with the wrong number of values is an error naming the file and line.
+    Reads `word v1 v2 ... v_dim` lines; a word2vec header line (`count dim`), blank lines and a byte-order mark
+    are skipped. A word is matched as it is, else lower-cased; an exact match wins over a lower-cased one whatever
+    their order (frequency-ordered files often list "US" before "us"). The vector is the last `dim` fields, so a
+    word holding spaces (GloVe 840B has some) is read, and skipped: vocabulary words have none. The first line's
+    count of values, or any line with too few, is an error naming the file and line.
     """
     path = Path(path)
     if not path.is_file():
         raise DataError(f"model.pretrained_embeddings: {path} does not exist")
     vectors = torch.zeros(len(vocab), dim)
-    found = torch.zeros(len(vocab), dtype=torch.bool)
-    with open(path, encoding="utf-8", errors="replace") as f:
+    match = torch.zeros(len(vocab), dtype=torch.int8)  # 0: none yet, 1: lower-cased, 2: exact
+    first = True
+    with open(path, encoding="utf-8-sig", errors="replace") as f:
         for n, line in enumerate(f, 1):
             parts = line.rstrip().split(" ")
-            if n == 1 and len(parts) == 2 and all(p.isdigit() for p in parts):
-                continue  # word2vec header
-            if len(parts) != dim + 1:
+            if not line.strip() or (n == 1 and len(parts) == 2 and all(p.isdigit() for p in parts)):
+                continue  # a blank line, the word2vec header
+            if len(parts) < dim + 1 or (first and len(parts) != dim + 1):
                 raise DataError(f"{path}:{n}: {len(parts) - 1} values, model.embedding_dim is {dim}")
-            for word in (parts[0], parts[0].lower()):
-                idx = vocab.get(word)
-                if idx is not None and not found[idx]:
-                    try:
-                        vectors[idx] = torch.tensor([float(v) for v in parts[1:]])
-                    except ValueError:
-                        raise DataError(f"{path}:{n}: not a number among the values") from None
-                    if not torch.isfinite(vectors[idx]).all():
-                        raise DataError(f"{path}:{n}: {parts[0]!r} has a non-finite value (nan or inf)")
-                    found[idx] = True
-    return vectors, found
+            first, word = False, " ".join(parts[:-dim])
+            idx, rank = vocab.get(word), 2
+            if idx is None:
+                idx, rank = vocab.get(word.lower()), 1
+            if idx is None or match[idx] >= rank:
+                continue
+            try:
+                vectors[idx] = torch.tensor([float(v) for v in parts[-dim:]])
+            except ValueError:
+                raise DataError(f"{path}:{n}: not a number among the values") from None
+            if not torch.isfinite(vectors[idx]).all():
+                raise DataError(f"{path}:{n}: {word!r} has a non-finite value (nan or inf)")
+            match[idx] = rank
+    return vectors, match > 0
 
 
 def init_embedding(embeddings: torch.nn.Embedding | Iterable[torch.nn.Embedding], path: str, vocab: dict[str, int],

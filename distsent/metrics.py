@@ -13,8 +13,40 @@ from __future__ import annotations
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torchmetrics import Metric
 
 ECE_BINS = 15
+
+
+class Calibration(Metric):
+    """Top-label calibration in float64, summed over processes: per confidence bin ([k/15, (k+1)/15), and 1.0
+    alone) the reviews, their summed confidence and their correct predictions. The ECE and the reliability table
+    both come from these sums. (torchmetrics' MulticlassCalibrationError rounds confidences to float32: one above
+    1 - 3e-8 fell into the 1.0 bin there and into the last bin of the table, and the two disagreed.)"""
+
+    full_state_update = False
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("sums", torch.zeros(3, ECE_BINS + 1, dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, probs: torch.Tensor, target: torch.Tensor) -> None:
+        conf, pred = probs.double().max(dim=1)
+        edges = torch.linspace(0, 1, ECE_BINS + 1, dtype=torch.float64, device=conf.device)
+        which = torch.bucketize(conf, edges, right=True) - 1
+        self.sums.index_add_(1, which, torch.stack([torch.ones_like(conf), conf, (pred == target).double()]))
+
+    def compute(self) -> torch.Tensor:
+        """The ECE: each bin's |mean confidence - accuracy| weighted by its share of the reviews."""
+        n, confidence, correct = self.sums
+        return (confidence - correct).abs().sum() / n.sum().clamp(min=1)
+
+    def table(self) -> list[dict]:
+        """Per bin that holds reviews: its edges, reviews, mean confidence and accuracy."""
+        n, confidence, correct = self.sums.cpu()
+        return [{"lo": b / ECE_BINS, "hi": min(b + 1, ECE_BINS) / ECE_BINS, "n": int(n[b]),
+                 "confidence": float(confidence[b] / n[b]), "accuracy": float(correct[b] / n[b])}
+                for b in range(ECE_BINS + 1) if n[b] > 0]
 
 
 class EvalMetrics:
@@ -24,7 +56,7 @@ class EvalMetrics:
     def __init__(self, device, classes: list[str], head_names: tuple[str, ...] = ("rnn",)):
         from torchmetrics import SumMetric
         from torchmetrics.classification import (BinaryAccuracy, BinaryAUROC, BinaryConfusionMatrix, MulticlassAccuracy,
-                                                 MulticlassCalibrationError, MulticlassConfusionMatrix)
+                                                 MulticlassConfusionMatrix)
 
         self.classes, self.binary = list(classes), len(classes) == 2
         c = len(classes)
@@ -33,8 +65,12 @@ class EvalMetrics:
                           MulticlassConfusionMatrix(num_classes=c, validate_args=False)).to(device)
         # exact (thresholds=None): ties count half, as in the rank statistic
         self.auroc = BinaryAUROC(validate_args=False).to(device) if self.binary else None
+        if self.auroc is not None:  # typed from the start: a process given no reviews (a split smaller than the
+            # number of processes) would otherwise send float32 placeholders to the others' float64, and gloo aborts
+            self.auroc.update(torch.empty(0, dtype=torch.float64, device=device),
+                              torch.empty(0, dtype=torch.long, device=device))
         # top-label calibration: confidence = the largest class probability (two classes: [1 - p, p])
-        self.ece = MulticlassCalibrationError(num_classes=c, n_bins=ECE_BINS, norm="l1", validate_args=False).to(device)
+        self.ece = Calibration().to(device)
         # float64: 25,000 reviews' losses summed in float32 would lose digits
         self.loss = SumMetric(nan_strategy="disable").to(device).set_dtype(torch.float64)
         def accuracy():
@@ -104,29 +140,14 @@ def per_class(cm: torch.Tensor, classes: list[str]) -> dict:
 
 def score(probs, labels, classes: list[str]) -> dict:
     """The metrics of class probabilities [n, C] against class indices in one process, plus the reliability table
-    behind the ECE."""
+    behind the ECE (Calibration.table)."""
     p, y = torch.as_tensor(np.asarray(probs, np.float64)), torch.as_tensor(np.asarray(labels, np.int64))
     m = EvalMetrics("cpu", classes)
     if len(classes) == 2:
         m.update(torch.logit(p[:, 1], eps=1e-12), y)  # p of exactly 0 or 1 keeps a finite loss
     else:
         m.update(p.clamp(min=1e-12).log(), y)  # softmax(log p) = p
-    return {**m.compute(), "reliability": reliability(p, y)}
-
-
-def reliability(probs: torch.Tensor, labels: torch.Tensor) -> list[dict]:
-    """Per confidence bin (the ECE's bins: [k/15, (k+1)/15), and 1.0 alone): reviews, mean confidence, accuracy.
-    The bin-share-weighted gap between the last two is the ECE (tested against torchmetrics' figure)."""
-    probs, y = probs.double(), labels.long()
-    conf, pred = probs.max(dim=1)
-    edges = torch.linspace(0, 1, ECE_BINS + 1, dtype=torch.float64)
-    which = torch.bucketize(conf, edges, right=True) - 1
-    table = []
-    for b in which.unique().tolist():
-        m = which == b
-        table.append({"lo": float(edges[b]), "hi": float(edges[min(b + 1, ECE_BINS)]), "n": int(m.sum()),
-                      "confidence": float(conf[m].mean()), "accuracy": float((pred[m] == y[m]).double().mean())})
-    return table
+    return {**m.compute(), "reliability": m.ece.table()}
 
 
 class TrainSums:

@@ -41,8 +41,9 @@ def resolve(requested: str, device_type: str) -> tuple[str, str]:
     if requested != "auto":
         return requested, "as configured"
     if device_type == "cuda":
-        if not torch.cuda.is_bf16_supported():
-            return "no", "this GPU has no bf16: fp32"
+        # not counting emulation, which torch counts by default: a V100 or T4 would "support" bf16 at a crawl
+        if not torch.cuda.is_bf16_supported(including_emulation=False):
+            return "no", "this GPU has no native bf16: fp32"
         version = torch.backends.cudnn.version() or 0
         if version < CUDNN_BF16_RNN:
             return "no", f"cuDNN {version} runs bf16 LSTMs only from version {CUDNN_BF16_RNN}: fp32"

@@ -217,12 +217,12 @@ class Trainer:
         Reviews are sorted by length (little padding) and dealt to the processes one by one, so every process gets
         the same number of reviews (within one) and nearly the same number of tokens.
         """
-        t0 = time.perf_counter()
         acc, model = self.accelerator, self.eval_model
+        scores = EvalMetrics(acc.device, self.data.label_names, model.head_names)
+        t0 = time.perf_counter()  # after building the metrics: the first one imports torchmetrics' classes (~1 s)
         was_training = model.training
         model.eval()
         mine = np.argsort(split.lengths, kind="stable")[acc.process_index:: acc.num_processes]
-        scores = EvalMetrics(acc.device, self.data.label_names, model.head_names)
         for i in range(0, len(mine), self.cfg.train.eval_batch_size):
             ids, lengths, labels = batch_tensors(split, mine[i: i + self.cfg.train.eval_batch_size], acc.device)
             with acc.autocast():

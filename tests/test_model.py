@@ -74,6 +74,10 @@ def test_pretrained_embeddings_initialise_known_words(tmp_path):
     assert coverage == pytest.approx(2 / 5)
     assert emb.weight[2].tolist() == [1, 2, 3, 4] and emb.weight[3].tolist() == [-1, -2, -3, -4]
     assert torch.equal(emb.weight[4], before) and not emb.weight.requires_grad
+    # a byte-order mark, a capitalised word before the exact one, a word holding spaces, a blank line
+    f.write_text("\ufeffgood 1 2 3 4\nBad 9 9 9 9\n. . . 5 5 5 5\n\nbad 1 1 1 1\nRARE 7 7 7 7\n", encoding="utf-8")
+    assert init_embedding(emb, str(f), vocab, freeze=True) == pytest.approx(3 / 5)
+    assert [emb.weight[i].tolist() for i in (2, 3, 4)] == [[1, 2, 3, 4], [1, 1, 1, 1], [7, 7, 7, 7]]
     f.write_text("good 1 2 3\n")
     with pytest.raises(DataError, match=r"vectors.txt:1: 3 values, model.embedding_dim is 4"):
         init_embedding(emb, str(f), vocab, freeze=False)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, binary_score, direct_cmd, read_jsonl, run, tiny_overrides, train_rows
+from conftest import REPO, binary_score, direct_cmd, free_port, read_jsonl, run, tiny_overrides, train_rows
 from distsent import checkpoint as ckpt
 from distsent import files
 from distsent.build import build_scheduler, lr_factor
@@ -365,7 +365,36 @@ def test_reliability_table_adds_up_to_the_ece():
     table = m["reliability"]
     assert sum(b["n"] for b in table) == 5000
     ece = sum(b["n"] / 5000 * abs(b["accuracy"] - b["confidence"]) for b in table)
-    assert ece == pytest.approx(m["ece"], abs=1e-5) and m["ece"] > 0.05
+    assert ece == pytest.approx(m["ece"], abs=1e-12) and m["ece"] > 0.05
+    # confident reviews (|logit| >= 17, within 3e-8 of 1) were rounded into the ECE's 1.0 bin but not the table's:
+    # 50 right at 0.95 and 50 at logit 20 with 5 wrong make one bin, mean confidence 0.975, accuracy 0.95
+    p = np.r_[np.full(50, 0.95), np.full(50, 1 / (1 + math.exp(-20)))]
+    m = binary_score(p, np.r_[np.ones(95), np.zeros(5)].astype(int))
+    assert [b["n"] for b in m["reliability"]] == [100] and m["ece"] == pytest.approx(0.025, abs=1e-8)
+
+
+METRICS_RANKS = """
+import json, torch, torch.distributed as dist
+from distsent.metrics import EvalMetrics
+dist.init_process_group("gloo")
+m = EvalMetrics("cpu", ["negative", "positive"])
+if dist.get_rank() == 0:  # a split of two reviews dealt to two processes by length can leave one with none
+    m.update(torch.tensor([2.0, -1.0]), torch.tensor([1, 0]))
+print(json.dumps({k: v for k, v in m.compute().items() if k in ("n", "acc", "roc_auc", "ece")}))
+"""
+
+
+def test_metrics_of_two_processes_when_one_has_no_reviews(tmp_path):
+    """Every state is synced over gloo, typed the same on both sides (ROC-AUC's were not: gloo aborted)."""
+    script = tmp_path / "ranks.py"
+    script.write_text(METRICS_RANKS)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                           str(free_port()), str(script)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ece = ((1 - torch.sigmoid(torch.tensor(2.0, dtype=torch.float64))) + (1 - torch.sigmoid(torch.tensor(1.0)))) / 2
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 and all(r["n"] == 2 and r["acc"] == 1.0 and r["roc_auc"] == 1.0 for r in rows)
+    assert all(r["ece"] == pytest.approx(float(ece), abs=1e-6) for r in rows)
 
 
 def test_eval_metrics_per_head_accuracy_and_logits_not_mistaken_for_probabilities():
@@ -398,6 +427,9 @@ def test_auto_precision_picks_fp32_where_bf16_is_not_native(monkeypatch):
     assert precision.resolve("auto", "cuda")[0] == "bf16"
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert precision.resolve("auto", "cuda")[0] == "no"
+    # a GPU that only emulates bf16 (V100, T4): torch's default counts it; a stand-in, there is no GPU here
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
+    assert precision.resolve("auto", "cuda") == ("no", "this GPU has no native bf16: fp32")
     assert precision.resolve("fp16", "cuda") == ("fp16", "as configured")
 
 
