@@ -163,7 +163,9 @@ class TrainConfig:
                                "that a GPU run and its resume are bitwise reproducible, at some speed; CPU runs are "
                                "reproducible without it.", False)
     seed: int = _doc("Seed of initialisation, shuffling and dropout.", 0, resume=True)
-    log_every: int = _doc("Log training metrics every this many optimizer steps.", 20)
+    log_every: int = _doc("Log training metrics every this many optimizer steps. train/loss is the training "
+                          "objective: with several heads (n-gram head, ensemble members) their losses summed, with "
+                          "label smoothing and class weights; val/loss is the model's plain loss.", 20)
     eval_every: int = _doc("Also evaluate every this many steps; 0 = only at epoch ends.", 0)
     max_steps: int = _doc("Stop after this many optimizer steps in all; 0 = run all epochs.", 0)
     early_stop_patience: int = _doc("Stop training after this many evaluations in a row without a better validation "
