@@ -185,7 +185,8 @@ class TrainConfig:
                             "with this decay (0.999: about the last 1,000 steps; a step the fp16 loss scaler skips "
                             "counts too); validation, best/ and the test use the averaged weights. 0 = off.", 0.0,
                             resume=True)
-    threads: int = _doc("CPU threads per process; 0 = the cores available divided by the local processes.", 0)
+    threads: int = _doc("CPU threads per process; 0 = the cores available (or Slurm's SLURM_CPUS_PER_TASK, where "
+                        "fewer) divided by the local processes.", 0)
     flush_denormal: bool = _doc("Flush subnormal floats to zero (much faster LSTM backward on some Intel CPUs). "
                                 "Keep it the same between a run and its resume.", True)
     debug_records: bool = _doc("Debug: every process appends the ids of the samples it trains on to "

@@ -146,6 +146,14 @@ def test_identity_of_checkpoints_from_an_earlier_version_is_still_understood(tmp
         ckpt.check_compatible(flat, current, tmp_path)
 
 
+def test_threads_follow_the_cores_and_the_slurm_allocation():
+    from distsent.build import default_threads
+
+    assert default_threads(16, 2, None) == 8 and default_threads(16, 4, "") == 4
+    assert default_threads(16, 2, "4") == 2  # Slurm gave this task 4 of the node's 16 cores: 2 per process
+    assert default_threads(2, 2, "1") == 1 and default_threads(8, 1, "32") == 8  # never more than it can run on
+
+
 def test_sizes_that_make_a_run_say_little_are_warned_about():
     from distsent.build import layout_warning, size_warnings
     from distsent.sampler import Layout

@@ -255,7 +255,9 @@ def test_plain_scancel_stops_for_good_after_a_checkpoint(cluster, job_env, synth
     text = job_logs(tmp_path)
     assert fields["JobState"] == "CANCELLED" and fields["Restarts"] == "0", text[-3000:]
     assert status(run_dir)["state"] == "preempted", "the ranks checkpoint on SIGTERM before the job ends"
-    assert "not requeueing" in text
+    # a new job would get a run directory of its own: the hint names this one's
+    assert re.search(rf"not requeueing; to continue from the checkpoint, submit again with output_dir=\S*/runs/"
+                     rf"smoke-{job}\n", text), text[-3000:]
 
 
 def test_a_failed_run_ends_the_job_with_the_trainers_exit_code(cluster, job_env, tmp_path):
@@ -299,6 +301,13 @@ def test_sweep_file_line_per_task_and_node_rank_per_task(cluster, tmp_path):
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2, proc.stderr
     assert "array task 0: with --file, task i reads line i; the first is 1" in proc.stderr
+    # arguments in the wrong order: named as such, not as a missing file or unknown overrides
+    proc = subprocess.run(["bash", str(SLURM_DIR / "sweep.sbatch"), str(CONFIG), "--file", "sweep.txt"],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--file goes before the config" in proc.stderr, proc.stderr
+    proc = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch"), "--nodes=2", str(CONFIG)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "--nodes=2: sbatch options go before the script" in proc.stderr, proc.stderr
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
