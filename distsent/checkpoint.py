@@ -22,7 +22,6 @@ import random
 import re
 import shutil
 import time
-from itertools import count
 from pathlib import Path
 
 import numpy as np
@@ -36,7 +35,6 @@ from .together import fail_together
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
-OLD_DIR = re.compile(r"^\.step-(\d{8})\.old$")  # a checkpoint replaced by a new save of its step, until done
 MODEL_FILES = ("config.yaml", "tokenizer.json", "model.safetensors")
 EMA_FILE = "ema.safetensors"
 
@@ -144,10 +142,10 @@ def _torch_bytes(obj) -> bytes:
 
 def prune(root: Path, keep_last: int) -> None:
     """Delete all but the newest `keep_last` complete checkpoints, and leftovers of interrupted writes."""
-    complete = [p for _, p in _by_step(root) if (p / files.MANIFEST).is_file()]
+    complete = [p for _, p in by_step(root) if (p / files.MANIFEST).is_file()]
     for old in complete[keep_last:]:
         shutil.rmtree(old, ignore_errors=True)
-    newest = _by_step(root)[0][0] if complete else -1
+    newest = by_step(root)[0][0] if complete else -1
     for tmp in root.glob(".tmp-step-*"):
         if int(tmp.name.rsplit("-", 1)[1]) <= newest:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -156,7 +154,7 @@ def prune(root: Path, keep_last: int) -> None:
             shutil.rmtree(old, ignore_errors=True)
 
 
-def _by_step(root: Path) -> list[tuple[int, Path]]:
+def by_step(root: Path) -> list[tuple[int, Path]]:
     """Checkpoint folders, newest step first (by the number in the name, never by file times)."""
     if not root.is_dir():
         return []
@@ -188,7 +186,7 @@ def find_latest(root: Path) -> Path | None:
     """The newest checkpoint that verifies; broken or incomplete ones are skipped with a warning naming them."""
     for old in Path(root).glob(".step-*.old"):  # a crash while a step was saved again: put the earlier one back
         files.recover(old.with_name(old.name[1: -len(".old")]))
-    for _, path in _by_step(root):
+    for _, path in by_step(root):
         try:
             verify(path)
             return path
@@ -252,77 +250,6 @@ def _upgrade_identity(saved: dict, current: dict) -> dict:
     saved.setdefault("data_content", current.get("data_content"))
     return saved
 
-
-def resume_path(cfg, root: Path) -> Path | None:
-    """checkpoint.resume: 'auto' = the latest valid checkpoint under root (if any), 'never', or a path (must be
-    valid: CheckpointError otherwise)."""
-    if cfg.resume == "never":
-        run_dir = root.parent
-        earlier = [p.name for p in (root, run_dir / "best", run_dir / "metrics.jsonl") if p.exists()]
-        if earlier:
-            raise CheckpointError(f"checkpoint.resume=never: {run_dir} holds an earlier run ({', '.join(earlier)}); "
-                                  f"a fresh start there would mix the two runs' checkpoints, metrics and best model. "
-                                  f"Use a new output_dir, or remove that run first")
-        return None
-    latest = find_latest(root)
-    if cfg.resume == "auto":
-        if latest is None and _by_step(root):
-            raise CheckpointError(f"{root}: no checkpoint there verifies (each one's problem is logged above); a "
-                                  f"fresh start would mix a new run into that one's records. Repair or remove them, "
-                                  f"or use a new output_dir")
-        return latest
-    named = Path(cfg.resume).resolve()
-    if latest is not None and resumed_from(latest) == resume_tag(named, root):
-        # carried out by an earlier launch of this command (a requeued job): continue, not start over from it
-        log.info("checkpoint.resume=%s was resumed from already: continuing from this run's latest, %s", named, latest)
-        return latest
-    verify(named)
-    if not in_run(named, root) and _by_step(root):
-        raise CheckpointError(f"checkpoint.resume={named} is another run's checkpoint, but {root.parent} holds "
-                              f"checkpoints of its own: start the new run from it in a new output_dir")
-    return named
-
-
-def resumed_from(path: Path) -> str:
-    """The checkpoint.resume a run's checkpoint descends from (TrainState.resumed_from), "" if none."""
-    return json.loads((path / "state.json").read_text())["train_state"].get("resumed_from", "")
-
-
-def in_run(path: Path, root: Path) -> bool:
-    """Whether checkpoint `path` is one of the run's own (under its checkpoints folder `root`)."""
-    return path.resolve().parent == root.resolve()
-
-
-def resume_tag(path: Path, root: Path) -> str:
-    """How a run records the checkpoint.resume it carried out (TrainState.resumed_from): one of its own checkpoints
-    by name, so that a relaunch is recognised after the run directory moved or is mounted elsewhere; another
-    run's by its absolute path."""
-    return path.name if in_run(path, root) else str(path.resolve())
-
-
-def set_aside_newer(root: Path, step: int, delete: bool) -> list[str]:
-    """The run's checkpoints after `step`, which it resumes before: deleted (a rollback abandons them) or, where
-    they were skipped as broken, renamed `<name>.broken` to be looked at (kept as they were, pruning would count
-    them among the newest). Either way neither `auto` nor pruning takes them for the run's own any more."""
-    moved = []
-    with files.writing(root):
-        for s, path in _by_step(root):
-            if s > step:
-                if delete:
-                    shutil.rmtree(path)
-                else:
-                    path.rename(_free_name(path, ".broken"))
-                moved.append(path.name)
-        for old in root.glob(".step-*.old"):  # a crash's leftover that find_latest would otherwise put back
-            if (m := OLD_DIR.match(old.name)) and int(m.group(1)) > step:
-                shutil.rmtree(old)
-    return moved
-
-
-def _free_name(path: Path, suffix: str) -> Path:
-    """`path` + suffix, or + suffix-2, -3, ... where that is taken (the same step may have broken before)."""
-    candidates = (path.with_name(f"{path.name}{suffix}{f'-{k}' if k > 1 else ''}") for k in count(1))
-    return next(c for c in candidates if not c.exists())
 
 
 # --- the manager the trainer uses ------------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import signal
@@ -14,7 +13,6 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from . import files
 from .build import (announce, apply_optim_settings, batch_tensors, build_accelerator, build_data, build_ema,
                     build_layout, build_optimizer, build_run_model, build_scheduler, class_weights,
                     close_process_group, lock_run_dir, new_run_id, run_identity, setup_threads)
@@ -24,6 +22,7 @@ from .files import IntegrityError, WriteError
 from .metrics import EXIT_NONFINITE, EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums
 from .model import Ensemble
 from .preemption import EXIT_PREEMPTED, StopFlag
+from .resume import resume_path, settle
 from .sampler import epoch_batches
 from .state import TrainState
 from .together import PeerFailed, fail_together, from_main
@@ -62,7 +61,7 @@ class Trainer:
         resume_from, failure = None, None
         if acc.is_main_process:
             try:
-                resume_from = ckpt.resume_path(cfg.checkpoint, self.run_dir / "checkpoints")
+                resume_from = resume_path(cfg.checkpoint, self.run_dir / "checkpoints")
             except ckpt.CheckpointError as exc:
                 failure = exc
         fail_together(acc, failure, "find the checkpoint to resume from")
@@ -329,7 +328,7 @@ class Trainer:
             changed = apply_optim_settings(cfg, self.optimizer.optimizer, self.scheduler, self.total_steps)
             if changed and acc.is_main_process:
                 log.warning("resuming at step %d with changed optimizer settings: %s", state.step, ", ".join(changed))
-            self._settle_restored_state()
+            settle(acc, state, cfg.checkpoint.resume, self.resume_from, self.run_dir)
         else:
             ckpt.seed_dropout(cfg.train.seed, 0, acc.process_index)
         self.debug.resume(state.step)
@@ -354,38 +353,6 @@ class Trainer:
         self._write_records(runlog, config=True, state="running", step=state.step, pid=os.getpid())
         return runlog
 
-    def _settle_restored_state(self) -> None:
-        """Make the restored state this run's. checkpoint.resume naming a path, carried out now, starts a new line
-        from one of this run's older checkpoints (a rollback: the newer ones are deleted) or from another run's (a
-        branch: a best model of its own); either is a new W&B run (W&B would drop a rollback's rows below the
-        steps the old line logged). Checkpoints newer than the one resumed are otherwise ones `auto`
-        skipped as broken: set aside. And best/ must hold the restored state's best model (a rollback, or a kill
-        between writing best/ and the checkpoint, can leave a later one there); otherwise no model is best yet and
-        the next evaluation writes it."""
-        acc, state, resume, root = self.accelerator, self.state, self.cfg.checkpoint.resume, self.checkpoints.root
-        named = ckpt.resume_tag(Path(resume), root) if resume not in ("auto", "never") else ""
-        new_line = bool(named) and state.resumed_from != named
-        branch = not ckpt.in_run(self.resume_from, root)
-        moved, failure = [], None
-        if acc.is_main_process:
-            try:
-                moved = ckpt.set_aside_newer(root, state.step, delete=new_line)
-                with files.writing(self.run_dir / "best"):  # a crash inside its publish: put the previous one back
-                    files.recover(self.run_dir / "best")
-            except WriteError as exc:
-                failure = exc
-            if moved:
-                log.warning("%s: %s", "rolled back: deleted the newer checkpoints" if new_line else
-                            "set aside the newer checkpoints, which did not verify, as <name>.broken", ", ".join(moved))
-        fail_together(acc, failure, f"set aside the checkpoints after step {state.step}")
-        best_step = from_main(acc, _exported_step(self.run_dir / "best"))
-        if new_line:  # a new W&B run too, also where an earlier attempt already deleted the newer checkpoints
-            state.resumed_from, state.run_id = named, ""
-        if branch:
-            state.stopped_early = False
-        if branch or best_step != state.best_step:
-            state.best_val_acc, state.best_step, state.evals_since_best = -1.0, -1, 0
-
     def _epoch_float(self) -> float:
         return self.state.epoch + self.state.batch_in_epoch / self.steps_per_epoch
 
@@ -403,15 +370,6 @@ class Trainer:
         close_process_group()
         self.lock.release()
         self.stop.restore()
-
-
-def _exported_step(folder: Path) -> int | None:
-    """The step of the model in a best/ folder, or None if there is none to read (a damaged one is reported by
-    its check at the test)."""
-    try:
-        return json.loads((folder / "meta.json").read_text()).get("step")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _bar_intervals(tty: bool) -> dict:

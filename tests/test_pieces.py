@@ -22,6 +22,7 @@ from distsent.build import build_scheduler, lr_factor
 from distsent.config import DataConfig, ExperimentConfig, resume_identity
 from distsent.configfile import load_config
 from distsent.metrics import EvalMetrics
+from distsent.resume import resume_path
 from distsent.state import TrainState
 
 
@@ -172,7 +173,7 @@ def test_resume_never_refuses_a_directory_holding_an_earlier_run(tmp_path):
     from distsent.config import CheckpointConfig
 
     never = CheckpointConfig(resume="never")
-    assert ckpt.resume_path(never, tmp_path / "checkpoints") is None  # nothing there: a fresh start
+    assert resume_path(never, tmp_path / "checkpoints") is None  # nothing there: a fresh start
     for earlier in ("metrics.jsonl", "best", "checkpoints"):  # a run killed before its first checkpoint counts
         run_dir = tmp_path / earlier
         run_dir.mkdir()
@@ -181,7 +182,7 @@ def test_resume_never_refuses_a_directory_holding_an_earlier_run(tmp_path):
         else:
             (run_dir / earlier).mkdir()
         with pytest.raises(ckpt.CheckpointError, match=f"holds an earlier run \\({earlier}\\)"):
-            ckpt.resume_path(never, run_dir / "checkpoints")
+            resume_path(never, run_dir / "checkpoints")
 
 
 def test_ctrl_c_once_flags_a_stop_twice_interrupts_and_the_handlers_come_back():
@@ -311,7 +312,7 @@ def test_checkpoint_manager_saves_and_restores_everything(tmp_path):
         manager.save(step, identity)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step-00000010", "step-00000015"]
     weights, torch_random = model.weight.detach().clone(), torch.rand(3)
-    latest = ckpt.resume_path(cfg.checkpoint, tmp_path / "checkpoints")
+    latest = resume_path(cfg.checkpoint, tmp_path / "checkpoints")
     assert latest.name == "step-00000015"
 
     with torch.no_grad():
@@ -384,6 +385,7 @@ def test_reliability_table_adds_up_to_the_ece():
 METRICS_RANKS = """
 import json, torch, torch.distributed as dist
 from distsent.metrics import EvalMetrics
+from distsent.resume import resume_path
 dist.init_process_group("gloo")
 m = EvalMetrics("cpu", ["negative", "positive"])
 if dist.get_rank() == 0:  # a split of two reviews dealt to two processes by length can leave one with none

@@ -1,0 +1,135 @@
+"""Which checkpoint a run resumes from (checkpoint.resume), and what a resume does with the run's other checkpoints
+and best model: a resume that starts a new line (a rollback to an older checkpoint of the run, or a branch from
+another run's) is recorded in the train state (TrainState.resumed_from), so that a relaunch continues it."""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from itertools import count
+from pathlib import Path
+
+from . import files
+from .checkpoint import CheckpointError, by_step, find_latest, verify
+from .files import WriteError
+from .together import fail_together, from_main
+
+log = logging.getLogger(__name__)
+
+OLD_DIR = re.compile(r"^\.step-(\d{8})\.old$")  # a checkpoint replaced by a new save of its step, until done
+
+
+def resume_path(cfg, root: Path) -> Path | None:
+    """checkpoint.resume: 'auto' = the latest valid checkpoint under root (if any), 'never', or a path (must be
+    valid: CheckpointError otherwise)."""
+    if cfg.resume == "never":
+        run_dir = root.parent
+        earlier = [p.name for p in (root, run_dir / "best", run_dir / "metrics.jsonl") if p.exists()]
+        if earlier:
+            raise CheckpointError(f"checkpoint.resume=never: {run_dir} holds an earlier run ({', '.join(earlier)}); "
+                                  f"a fresh start there would mix the two runs' checkpoints, metrics and best model. "
+                                  f"Use a new output_dir, or remove that run first")
+        return None
+    latest = find_latest(root)
+    if cfg.resume == "auto":
+        if latest is None and by_step(root):
+            raise CheckpointError(f"{root}: no checkpoint there verifies (each one's problem is logged above); a "
+                                  f"fresh start would mix a new run into that one's records. Repair or remove them, "
+                                  f"or use a new output_dir")
+        return latest
+    named = Path(cfg.resume).resolve()
+    if latest is not None and resumed_from(latest) == resume_tag(named, root):
+        # carried out by an earlier launch of this command (a requeued job): continue, not start over from it
+        log.info("checkpoint.resume=%s was resumed from already: continuing from this run's latest, %s", named, latest)
+        return latest
+    verify(named)
+    if not in_run(named, root) and by_step(root):
+        raise CheckpointError(f"checkpoint.resume={named} is another run's checkpoint, but {root.parent} holds "
+                              f"checkpoints of its own: start the new run from it in a new output_dir")
+    return named
+
+
+def resumed_from(path: Path) -> str:
+    """The checkpoint.resume a run's checkpoint descends from (TrainState.resumed_from), "" if none."""
+    return json.loads((path / "state.json").read_text())["train_state"].get("resumed_from", "")
+
+
+def in_run(path: Path, root: Path) -> bool:
+    """Whether checkpoint `path` is one of the run's own (under its checkpoints folder `root`)."""
+    return path.resolve().parent == root.resolve()
+
+
+def resume_tag(path: Path, root: Path) -> str:
+    """How a run records the checkpoint.resume it carried out (TrainState.resumed_from): one of its own checkpoints
+    by name, so that a relaunch is recognised after the run directory moved or is mounted elsewhere; another
+    run's by its absolute path."""
+    return path.name if in_run(path, root) else str(path.resolve())
+
+
+def set_aside_newer(root: Path, step: int, delete: bool) -> list[str]:
+    """The run's checkpoints after `step`, which it resumes before: deleted (a rollback abandons them) or, where
+    they were skipped as broken, renamed `<name>.broken` to be looked at (kept as they were, pruning would count
+    them among the newest). Either way neither `auto` nor pruning takes them for the run's own any more."""
+    moved = []
+    with files.writing(root):
+        for s, path in by_step(root):
+            if s > step:
+                if delete:
+                    shutil.rmtree(path)
+                else:
+                    path.rename(_free_name(path, ".broken"))
+                moved.append(path.name)
+        for old in root.glob(".step-*.old"):  # a crash's leftover that find_latest would otherwise put back
+            if (m := OLD_DIR.match(old.name)) and int(m.group(1)) > step:
+                shutil.rmtree(old)
+    return moved
+
+
+def _free_name(path: Path, suffix: str) -> Path:
+    """`path` + suffix, or + suffix-2, -3, ... where that is taken (the same step may have broken before)."""
+    candidates = (path.with_name(f"{path.name}{suffix}{f'-{k}' if k > 1 else ''}") for k in count(1))
+    return next(c for c in candidates if not c.exists())
+
+
+def settle(acc, state, resume: str, resume_from: Path, run_dir: Path) -> None:
+    """Collective, after `resume_from` was restored into `state`: make it this run's. checkpoint.resume naming a
+    path, carried out now, starts a new line from one of this run's older checkpoints (a rollback: the newer ones
+    are deleted) or from another run's (a branch: a best model of its own); either is a new W&B run (W&B would drop
+    a rollback's rows below the steps the old line logged). Checkpoints newer than the one resumed are otherwise
+    ones `auto` skipped as broken: set aside. And best/ must hold the restored state's best model (a rollback, or a
+    kill between writing best/ and the checkpoint, can leave a later one there); otherwise no model is best yet
+    and the next evaluation writes it."""
+    root = run_dir / "checkpoints"
+    named = resume_tag(Path(resume), root) if resume not in ("auto", "never") else ""
+    new_line = bool(named) and state.resumed_from != named
+    branch = not in_run(resume_from, root)
+    moved, failure = [], None
+    if acc.is_main_process:
+        try:
+            moved = set_aside_newer(root, state.step, delete=new_line)
+            with files.writing(run_dir / "best"):  # a crash inside its publish: put the previous one back
+                files.recover(run_dir / "best")
+        except WriteError as exc:
+            failure = exc
+        if moved:
+            log.warning("%s: %s", "rolled back: deleted the newer checkpoints" if new_line else
+                        "set aside the newer checkpoints, which did not verify, as <name>.broken", ", ".join(moved))
+    fail_together(acc, failure, f"set aside the checkpoints after step {state.step}")
+    best_step = from_main(acc, _exported_step(run_dir / "best"))
+    if new_line:  # a new W&B run too, also where an earlier attempt already deleted the newer checkpoints
+        state.resumed_from, state.run_id = named, ""
+    if branch:
+        state.stopped_early = False
+    if branch or best_step != state.best_step:
+        state.best_val_acc, state.best_step, state.evals_since_best = -1.0, -1, 0
+
+
+def _exported_step(folder: Path) -> int | None:
+    """The step of the model in a best/ folder, or None if there is none to read (a damaged one is reported by
+    its check at the test)."""
+    try:
+        return json.loads((folder / "meta.json").read_text()).get("step")
+    except (OSError, ValueError, AttributeError):
+        return None
