@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, binary_score, direct_cmd, free_port, read_jsonl, run, tiny_overrides, train_rows
+from conftest import REPO, binary_score, direct_cmd, read_jsonl, run, tiny_overrides, train_rows
 from distsent import checkpoint as ckpt
 from distsent import files
 from distsent.build import build_scheduler, lr_factor
@@ -383,14 +383,17 @@ def test_reliability_table_adds_up_to_the_ece():
 
 
 METRICS_RANKS = """
-import json, torch, torch.distributed as dist
+import json, sys, torch, torch.distributed as dist
 from distsent.metrics import EvalMetrics
 from distsent.resume import resume_path
 dist.init_process_group("gloo")
 m = EvalMetrics("cpu", ["negative", "positive"])
 if dist.get_rank() == 0:  # a split of two reviews dealt to two processes by length can leave one with none
     m.update(torch.tensor([2.0, -1.0]), torch.tensor([1, 0]))
-print(json.dumps({k: v for k, v in m.compute().items() if k in ("n", "acc", "roc_auc", "ece")}))
+out = {k: v for k, v in m.compute().items() if k in ("n", "acc", "roc_auc", "ece")}
+open(f"{sys.argv[1]}/rank{dist.get_rank()}.json", "w").write(json.dumps(out))  # not stdout: the ranks' lines mix
+del m
+dist.destroy_process_group()  # before exit, as the trainer does: gloo's threads otherwise abort the interpreter
 """
 
 
@@ -398,11 +401,12 @@ def test_metrics_of_two_processes_when_one_has_no_reviews(tmp_path):
     """Every state is synced over gloo, typed the same on both sides (ROC-AUC's were not: gloo aborted)."""
     script = tmp_path / "ranks.py"
     script.write_text(METRICS_RANKS)
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                           str(free_port()), str(script)], capture_output=True, text=True, cwd=REPO, timeout=120)
+    # --standalone: torchrun takes a free port itself
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(script), str(tmp_path)], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ece = ((1 - torch.sigmoid(torch.tensor(2.0, dtype=torch.float64))) + (1 - torch.sigmoid(torch.tensor(1.0)))) / 2
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    rows = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert len(rows) == 2 and all(r["n"] == 2 and r["acc"] == 1.0 and r["roc_auc"] == 1.0 for r in rows)
     assert all(r["ece"] == pytest.approx(float(ece), abs=1e-6) for r in rows)
 
