@@ -255,7 +255,8 @@ def _upgrade_identity(saved: dict, current: dict) -> dict:
 # --- the manager the trainer uses ------------------------------------------------------------------------------
 
 class CheckpointManager:
-    """Owns `<run>/checkpoints/` for one run: when to save, what to resume from, and how to restore everything.
+    """Owns `<run>/checkpoints/` for one run: when to save, and how to restore everything (which checkpoint
+    to resume from is resume.py's).
 
     `stateful` maps names to objects with state_dict()/load_state_dict() (scheduler, scaler, train state, log
     sums) that travel in state.json beside the model and optimizer files; `averaged` is the weights' moving

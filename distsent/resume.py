@@ -22,8 +22,12 @@ OLD_DIR = re.compile(r"^\.step-(\d{8})\.old$")  # a checkpoint replaced by a new
 
 
 def resume_path(cfg, root: Path) -> Path | None:
-    """checkpoint.resume: 'auto' = the latest valid checkpoint under root (if any), 'never', or a path (must be
-    valid: CheckpointError otherwise)."""
+    """The checkpoint to restore (None: a fresh start), decided on checkpoint.resume; CheckpointError where the
+    start must be refused.
+    'auto': the latest checkpoint under `root` that verifies; none there: a fresh start; some, none valid: refused.
+    'never': a fresh start, refused where the run directory holds an earlier run.
+    A path: the run's latest instead if that descends from this same path already (a relaunch of the command);
+    else the path, which must verify, and if it is another run's, `root` must hold no checkpoints of its own."""
     if cfg.resume == "never":
         run_dir = root.parent
         earlier = [p.name for p in (root, run_dir / "best", run_dir / "metrics.jsonl") if p.exists()]
