@@ -1,6 +1,7 @@
 """The Slurm scripts on a real two-node cluster on this machine (slurm/dev-cluster.sh): a 2-node job, preemption
-with requeue and exact resume, a requeue onto fewer nodes, a job array with a requeued task, a plain scancel, the
-launch command of a sweep task, and bash -n + shellcheck on every script.
+with requeue and exact resume, a requeue onto fewer nodes, a job array with a requeued task, a plain scancel, a
+stop signal whose checkpoint hits a full disk, the launch command of a sweep task, and bash -n + shellcheck on every
+script.
 
 The cluster fixture installs and starts Slurm when it can (root with apt-get), and skips the module only where that
 is impossible. Every job runs CPU processes over gloo on generated data; its log and run directory live in tmp_path.
@@ -19,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, run_env, tiny_overrides, train_rows
+from conftest import REPO, fill_disk, run_env, tiny_overrides, train_rows
 
 pytestmark = pytest.mark.slow
 
@@ -258,6 +259,33 @@ def test_plain_scancel_stops_for_good_after_a_checkpoint(cluster, job_env, synth
     # a new job would get a run directory of its own: the hint names this one's
     assert re.search(rf"not requeueing; to continue from the checkpoint, submit again with output_dir=\S*/runs/"
                      rf"smoke-{job}\n", text), text[-3000:]
+
+
+def test_a_stop_signal_whose_checkpoint_fails_ends_the_job_without_requeueing(cluster, job_env, synth_imdb,
+                                                                                small_disk, tmp_path):
+    """USR1 comes, but the checkpoint it asks for cannot be written (the run directory's disk, a real 2 MiB tmpfs,
+    is full): the run fails with the write error's code 74 and the job ends there, instead of requeueing a run
+    that fails again at each restart. The disk keeps 64 KiB free for the metrics lines of the steps before the
+    signal arrives; a checkpoint of this model needs several times that, and the only scheduled one comes at the
+    end of a 180-step epoch."""
+    run_dir = small_disk / "run"
+    args = overrides(synth_imdb, **{"train.global_batch_size": 8, "checkpoint.every": 1000})
+    job = sbatch(job_env, tmp_path, [], "train.sbatch", [str(CONFIG), *args, f"output_dir={run_dir}"])
+    wait_step(run_dir, 3, job)
+    fill_disk(small_disk, leave=64 * 1024)
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    # the end of this attempt: a requeue would show as PENDING
+    fields = wait_for(f"job {job} to stop running", lambda: (f := job_fields(job)).get("JobState") not in (
+        "RUNNING", "CONFIGURING", "COMPLETING") and f, 180)
+    text = job_logs(tmp_path)
+    assert fields["JobState"] == "FAILED" and fields["Restarts"] == "0", text[-4000:]
+    assert fields["ExitCode"] == "74:0", text[-4000:]
+    stopped = status(run_dir)
+    assert stopped["state"] == "failed" and stopped["exit_code"] == 74
+    assert "a stop signal (SIGUSR1) came but its checkpoint could not be written" in stopped["error"]
+    assert "No space left on device" in text
+    assert f"the run failed after SIGUSR1: not requeueing; once the cause is fixed, to continue from the latest " \
+           f"checkpoint, submit again with output_dir={run_dir}" in text
 
 
 def test_a_failed_run_ends_the_job_with_the_trainers_exit_code(cluster, job_env, tmp_path):
