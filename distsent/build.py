@@ -29,14 +29,21 @@ from .tracking import local_processes, num_machines
 log = logging.getLogger("distsent")
 
 
-def build_accelerator(cfg: ExperimentConfig, run_dir: Path):
-    from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, LoggerType
+def check_trackers(names: list[str]) -> None:
+    """A misspelt tracker name would stop Accelerator() with a traceback: a ConfigError naming it instead."""
+    from accelerate.utils import LoggerType
 
-    known = [t.value for t in LoggerType]  # a misspelt name would otherwise stop Accelerator() with a traceback
-    for name in cfg.log.trackers:
+    known = [t.value for t in LoggerType]
+    for name in names:
         if name not in known:
             raise ConfigError(f"log.trackers: unknown tracker {name!r}; Accelerate's are {', '.join(known)}")
+
+
+def build_accelerator(cfg: ExperimentConfig, run_dir: Path):
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    check_trackers(cfg.log.trackers)
     if cfg.train.deterministic:
         # before the first CUDA call: cuBLAS needs a fixed workspace for deterministic results
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")

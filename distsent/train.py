@@ -4,7 +4,8 @@ Workstation, N processes (DDP on gloo for CPU, NCCL for GPUs):
     accelerate launch --config_file launch/cpu_2proc.yaml -m distsent.train --config configs/imdb_lstm.yaml
 One process, no launcher:
     distsent-train --config configs/smoke.yaml output_dir=runs/smoke train.epochs=2
-Any config key can be overridden as key.sub=value. `--help-config` lists every key.
+Any config key can be overridden as key.sub=value. `--help-config` lists every key; `--check` checks a config, its
+overrides and its data files without training (before queueing a job, say).
 """
 
 from __future__ import annotations
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML experiment config (configs/*.yaml)")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    parser.add_argument("--check", action="store_true",
+                        help="check the config, its overrides and the data's files, then exit without training: "
+                             "0 if they are usable, 2 with the error")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
     if args.help_config:
@@ -41,6 +45,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides)
     except ConfigError as exc:
         return fail(f"config error: {exc}", 2)
+    if args.check:
+        return check(cfg)
 
     from .preemption import StopFlag
 
@@ -74,6 +80,27 @@ def main(argv: list[str] | None = None) -> int:
         return code
     finally:  # also when the start-up failed after the process group was created
         trainer.close() if trainer is not None else close_process_group()
+    return 0
+
+
+def check(cfg) -> int:
+    """--check, once the config and its overrides have loaded: what else can be known before the run's machines
+    are: the tracker names, the data's files and the pretrained vectors' file. Reads no data and writes nothing.
+    What depends on the machines (the process count against the global batch, a precision the device lacks) and
+    on the data's contents (labels, columns) is checked when the run starts."""
+    from .build import check_trackers
+    from .sources import find_source
+
+    try:
+        check_trackers(cfg.log.trackers)
+        source = find_source(cfg.data)
+        vectors = cfg.model.pretrained_embeddings
+        if vectors and not Path(vectors).expanduser().is_file():
+            raise DataError(f"model.pretrained_embeddings: {vectors}: no such file")
+    except (ConfigError, DataError) as exc:
+        return fail(f"{type(exc).__name__}: {exc}", 2)
+    data = ", ".join(f"{split} {path}" for split, path in source.files.items()) or f"{source.kind} {source.location}"
+    print(f"distsent-train: config OK; data: {data}; run directory {cfg.output_dir}")
     return 0
 
 

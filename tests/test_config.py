@@ -121,3 +121,29 @@ def test_an_unknown_tracker_is_a_config_error_before_anything_starts(tmp_path):
     cfg = load_config(None, ["log.trackers=[wandb, tensorbord]", f"output_dir={tmp_path}"])
     with pytest.raises(ConfigError, match="log.trackers: unknown tracker 'tensorbord'; Accelerate's are .*tensorboard"):
         build_accelerator(cfg, tmp_path)
+
+
+@pytest.mark.parametrize("override, message", [
+    (None, None),
+    ("train.epoch=3", "config error: the override train.epoch=3: train.epoch: unknown key"),
+    ("data.path={tmp}/nowhere", "DataError: data.path {tmp}/nowhere: no such folder"),
+    ("log.trackers=[wandb, tensorbord]", "ConfigError: log.trackers: unknown tracker 'tensorbord'"),
+    ("model.pretrained_embeddings={tmp}/vectors.txt", "model.pretrained_embeddings: {tmp}/vectors.txt: no such file"),
+])
+def test_check_finds_what_would_stop_a_queued_job_and_writes_nothing(tmp_path, capsys, override, message):
+    """distsent-train --check: exit 0 naming the data files found, or 2 naming the problem; no run directory."""
+    from distsent.train import main
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for split in ("train", "test"):
+        (data / f"{split}.csv").write_text("text,label\ngood,joy\nbad,anger\n")
+    run_dir = tmp_path / "run"
+    args = ["--check", "--config", str(CONFIGS[0].parent / "emotion.yaml"), f"data.path={data}", f"output_dir={run_dir}"]
+    code = main(args + ([override.format(tmp=tmp_path)] if override else []))
+    out, err = capsys.readouterr()
+    if message is None:
+        assert code == 0 and f"config OK; data: train {data}/train.csv, test {data}/test.csv" in out, err
+    else:
+        assert code == 2 and message.format(tmp=tmp_path) in err, err
+    assert not run_dir.exists()
