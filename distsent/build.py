@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import socket
 import time
 import warnings
 from datetime import timedelta
@@ -17,7 +18,7 @@ import torch
 
 from . import files
 from .config import ConfigError, ExperimentConfig, resume_identity
-from .data import PreparedData, prepare
+from .data import PreparedData, cache_root, prepare
 from .runlock import RunLock, RunLockedError
 from .model import build_model, members
 from .precision import bf16_rnn_runs_on, resolve
@@ -129,19 +130,19 @@ def build_data(cfg: ExperimentConfig, acc, run_dir: Path, resuming: bool) -> tup
     before its first checkpoint may come from other data)."""
     tok_path = run_dir / "tokenizer.json"
     t0 = time.perf_counter()
-    # the main process builds the vocabulary and the token cache, then the others read them; if it cannot (bad
-    # data, a full disk), they stop with it in one line instead of failing out of a collective
-    data, failure = None, None
-    if acc.is_main_process:
-        try:
-            data = prepare(cfg.data, tok_path if resuming and tok_path.is_file() else None)
-            if not (resuming and tok_path.is_file()):
-                files.atomic_write(tok_path, data.tokenizer.to_str())
-        except Exception as exc:  # raised by fail_together, on this process, with its traceback
-            failure = exc
-    fail_together(acc, failure, "prepare the data")
-    if not acc.is_main_process:
-        data = prepare(cfg.data, tok_path if tok_path.is_file() else None)
+    # In three turns: the main process builds the vocabulary and the token cache; then one process per other machine
+    # reads it, or builds it once where $DISTSENT_CACHE is local to each machine (not each of its processes at once,
+    # with their memory); then the rest read it. If a turn fails (bad data, a full disk), every process stops with it
+    # in one line instead of failing out of a collective.
+    data = None
+    for my_turn in (acc.is_main_process, acc.is_local_main_process, True):
+        failure = None
+        if my_turn and data is None:
+            try:
+                data = _prepare_here(cfg, acc, tok_path, resuming)
+            except Exception as exc:  # raised by fail_together, on this process, with its traceback
+                failure = exc
+        fail_together(acc, failure, "prepare the data")
     seconds = time.perf_counter() - t0
     if acc.is_main_process:
         log.info("data: %d train / %d val / %d test texts, vocabulary %d (%s)", len(data.train), len(data.val),
@@ -149,6 +150,21 @@ def build_data(cfg: ExperimentConfig, acc, run_dir: Path, resuming: bool) -> tup
         for warning in size_warnings(len(data.train), len(data.val), cfg.train.global_batch_size):
             log.warning(warning)
     return data, seconds
+
+
+def _prepare_here(cfg: ExperimentConfig, acc, tok_path: Path, resuming: bool) -> PreparedData:
+    """This process's data: the main process saves the run's tokenizer.json (unless a resume has one), which the
+    others then read, so that every process has the run's vocabulary."""
+    if acc.is_main_process:
+        data = prepare(cfg.data, tok_path if resuming and tok_path.is_file() else None)
+        if not (resuming and tok_path.is_file()):
+            files.atomic_write(tok_path, data.tokenizer.to_str())
+        return data
+    data = prepare(cfg.data, tok_path if tok_path.is_file() else None)
+    if not data.cache_hit:
+        log.warning("data: no token cache for it under %s on %s: prepared here (a cache the machines share saves "
+                    "each one this)", cache_root(cfg.data), socket.gethostname())
+    return data
 
 
 def size_warnings(n_train: int, n_val: int, global_batch: int) -> list[str]:

@@ -7,7 +7,8 @@ import sys
 
 import pytest
 
-from conftest import REAL_IMDB, direct_cmd, launch_cmd, read_jsonl, run, tiny_overrides, train_rows
+from conftest import (REAL_IMDB, REPO, direct_cmd, free_port, launch_cmd, read_jsonl, run, run_env, tiny_overrides,
+                      train_rows)
 
 pytestmark = pytest.mark.slow
 
@@ -200,3 +201,30 @@ def test_real_imdb_short_run_then_predict(tmp_path, cache_env):
     lines = [json.loads(line) for line in out.stdout.splitlines()]
     assert len(lines) == 3 and all(r["label"] in ("positive", "negative") and 0.5 <= r["probability"] <= 1
                                    for r in lines)
+
+
+def test_two_machines_with_caches_of_their_own_prepare_the_data_once_each(tmp_path, synth_imdb):
+    """Two launchers on this host as two machines (`accelerate launch --num_machines 2`, two processes each), each
+    with its own $DISTSENT_CACHE, as with the cache on each node's local disk: on the second machine one process
+    prepares the data and says so, and its other process reads what that one wrote (not both at once, each with
+    the memory it takes); both caches end with the same entry, and the four processes train."""
+    run_dir, port = tmp_path / "run", free_port()
+    args = tiny_overrides(run_dir, synth_imdb, **{"train.epochs": 1})
+    procs = []
+    for rank in (0, 1):
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "launch/cpu_2proc.yaml"),
+               "--num_machines", "2", "--machine_rank", str(rank), "--num_processes", "4", "--main_process_ip",
+               "127.0.0.1", "--main_process_port", str(port), "-m", "distsent.train", "--config",
+               str(REPO / "configs/smoke.yaml"), *args]
+        env = run_env({"DISTSENT_CACHE": str(tmp_path / f"cache{rank}")})
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                      text=True))
+    err = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], err[0][-3000:] + err[1][-3000:]
+    assert "4 process(es) on 2 machine(s)" in err[0]
+    said = f"no token cache for it under {tmp_path / 'cache1'}"
+    assert err[0].count("no token cache for it") == 0 and err[1].count(said) == 1, err[1][-3000:]
+    entries = [sorted(str(p.relative_to(tmp_path / f"cache{r}")) for p in (tmp_path / f"cache{r}").rglob("*.npy"))
+               for r in (0, 1)]
+    assert entries[0] and entries[0] == entries[1]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
