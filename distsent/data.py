@@ -85,14 +85,13 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
     """
     src = find_source(cfg)
     split_dir = cache_root(cfg) / _hash([src.fingerprint(), cfg.stage_settings("split")])
-    tok_file = split_dir / f"tokenizer-{_hash(cfg.stage_settings('vocab'))}.json"
-    if tokenizer_path is not None and Path(tokenizer_path).is_file():
-        tok_file = Path(tokenizer_path)
+    given = tokenizer_path is not None and Path(tokenizer_path).is_file()
+    tok_file = Path(tokenizer_path) if given else split_dir / f"tokenizer-{_hash(cfg.stage_settings('vocab'))}.json"
 
     def ids_dir(tok_text: str) -> Path:  # token ids depend on the exact vocabulary, the cut and the file layout
         return split_dir / f"tok-{_hash([tok_text, cfg.stage_settings('cut'), CACHE_LAYOUT])}"
 
-    tok_text = tok_file.read_text() if tok_file.is_file() else None
+    tok_text = tok_file.read_text() if given else _cached_tokenizer(tok_file)
     cached = _load_cached(ids_dir(tok_text)) if tok_text else None
     if cached:
         splits, manifest = cached
@@ -124,6 +123,21 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
     manifest = _store(ids_dir(tok_text), out, names)
     return PreparedData(out["train"], out["val"], out["test"], tokenizer=tok, cache_hit=False, label_names=names,
                         content=training_content(manifest))
+
+
+def _cached_tokenizer(tok_file: Path) -> str | None:
+    """The cache's tokenizer.json for this vocabulary setting, or None if there is none yet; a damaged one (cut
+    short, not UTF-8) is reported, removed and rebuilt, as a damaged id folder is. A run's own tokenizer (a
+    resume's) is never replaced: _load_checked refuses it instead."""
+    if not tok_file.is_file():
+        return None
+    try:
+        load_tokenizer(tok_file)
+        return tok_file.read_text(encoding="utf-8")
+    except (UnicodeDecodeError, DataError) as exc:
+        log.warning("token cache: %s is damaged, rebuilding it (%s)", tok_file, exc)
+        tok_file.unlink(missing_ok=True)
+        return None
 
 
 def _load_checked(tok_file: Path, cfg: DataConfig):

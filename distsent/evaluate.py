@@ -21,7 +21,7 @@ from .config import ConfigError
 from .files import WriteError, atomic_write, writing
 from .metrics import ECE_BINS, score
 from .readers import DataError, read_file
-from .sources import encode_labels, label_lookup, load_splits
+from .sources import encode_labels, integers_are_positions, label_lookup, load_splits
 
 
 def report(result: dict, classes: list[str]) -> str:
@@ -109,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.file:
             split = read_file(args.file, replace(cfg, text_column=args.text_column or cfg.text_column,
                                                  label_column=args.label_column or cfg.label_column))
-            split.labels = encode_labels(split, names, label_lookup(names, split.labels.dtype == object),
-                                         str(args.file))
+            # a model's classes out of sorted order came from a hub ClassLabel (or data.label_names), whose
+            # integer labels are positions; sorted ones from the training labels themselves
+            positions = integers_are_positions(names, bool(cfg.label_names), names != sorted(names))
+            split.labels = encode_labels(split, names, label_lookup(names, positions), str(args.file))
         else:
             if args.data_path:  # the folder replaces every file the config names, which find_source would prefer
                 cfg = replace(cfg, path=args.data_path, train_file="", validation_file="", test_file="")

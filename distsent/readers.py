@@ -16,6 +16,7 @@ from .config import DataConfig
 
 FORMATS = (".csv", ".jsonl", ".parquet")
 INT64 = np.iinfo(np.int64)
+SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 class DataError(ValueError):
@@ -75,10 +76,20 @@ def checked_split(texts, labels, where: str, lines: list[int] | None = None, lab
     blank = pc.match_substring_regex(texts, r"^[\s\x0b\x1c-\x1f\x85\p{Z}]*$").to_numpy(zero_copy_only=False)
     if blank.any():
         raise DataError(f"{where}: {split.where(int(np.flatnonzero(blank)[0]))} has an empty text")
+    odd = next((i for i, v in enumerate(split.labels) if not _scalar_label(v)), None) if split.labels.dtype == object \
+        else None
+    if odd is not None:
+        raise DataError(f"{where}: {split.where(odd)} has label {split.labels[odd]!r}; a label is one integer or one "
+                        f"string")
     if len(split.labels) and split.labels.dtype == object and any(v is None for v in split.labels):
         row = next(i for i, v in enumerate(split.labels) if v is None)
         raise DataError(f"{where}: {split.where(row)} has no label")
     return split
+
+
+def _scalar_label(v) -> bool:
+    """A label as read: a string, an integer (not a bool: JSON's true is no class number) or missing (None)."""
+    return v is None or isinstance(v, str) or (isinstance(v, (int, np.integer)) and not isinstance(v, bool))
 
 
 def missing_columns(where, present, cfg: DataConfig, labeled: bool = True) -> None:
@@ -124,6 +135,8 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
             first, end = end + 1, reader.line_num  # a quoted text may run over several lines: name the first
             if not record:  # a blank line
                 continue
+            if record == header:  # files joined with their headers: the header's words would become a class
+                raise DataError(f"{path}: line {first} repeats the header row (files joined with their headers?)")
             if len(record) != len(header):
                 raise DataError(f"{path}: line {first} has {len(record)} fields, the header has "
                                 f"{len(header)} (an unquoted comma or quote in a text?)")
@@ -154,6 +167,10 @@ def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
         text = record[cfg.text_column]
         if text is not None and not isinstance(text, str):
             raise DataError(f"{path}: line {n}: the text is {type(text).__name__}, expected a string")
+        if text and SURROGATE.search(text):  # "\ud83d" alone: half an emoji, from a tweet cut short; no character
+            raise DataError(f"{path}: line {n}: the text holds a lone surrogate escape "
+                            f"({SURROGATE.search(text).group().encode('unicode_escape').decode()}), which is not a "
+                            f"character; remove it or write the whole character")
         texts.append(text)
         if labeled:
             labels.append(record[cfg.label_column])
@@ -171,8 +188,11 @@ def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit
     missing_columns(path, table.column_names, cfg, labeled)
     if not labeled:
         return checked_split(table.column(cfg.text_column), [], str(path), labeled=False)
+    import pyarrow as pa
+
     labels = table.column(cfg.label_column)
-    return checked_split(table.column(cfg.text_column), _as_array(labels.to_pylist(), path) if labels.null_count
+    as_read = labels.null_count or pa.types.is_floating(labels.type) or pa.types.is_nested(labels.type)
+    return checked_split(table.column(cfg.text_column), _as_array(labels.to_pylist(), path) if as_read
                          else labels.to_numpy(zero_copy_only=False), str(path))
 
 
@@ -190,17 +210,21 @@ def read_file(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
 
 
 def _as_array(values: list, path: Path, lines: list[int] | None = None) -> np.ndarray:
-    """Labels as one numpy array: int64 when every label is an integer, else objects (strings, or bad values)."""
+    """Labels as one numpy array: int64 when every label is an integer (whole numbers written as floats, 3.0, are
+    integers: pandas writes an integer column with a gap that way), else objects (strings, or values that
+    checked_split refuses)."""
+    values = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
     if values and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
         return _int64(values, path, lines)
     return np.asarray(values, dtype=object)
 
 
 def _as_numbers(values: list[str], path: Path, lines: list[int]) -> np.ndarray:
-    """CSV labels are text: integers when every one reads as an integer, strings otherwise (checked_split strips
-    them; an empty one is no label)."""
-    if values and all(re.fullmatch(r"\s*-?\d+\s*", v) for v in values):
-        return _int64([int(v) for v in values], path, lines)
+    """CSV labels are text: integers when every one reads as an integer (3 or 3.0), strings otherwise (checked_split
+    strips them; an empty one is no label)."""
+    numbers = [re.fullmatch(r"\s*(-?\d+)(?:\.0*)?\s*", v) for v in values]
+    if values and all(numbers):
+        return _int64([int(m[1]) for m in numbers], path, lines)
     return np.asarray(values, dtype=object)
 
 

@@ -32,7 +32,7 @@ class Source:
     files: dict[str, Path] = field(default_factory=dict)  # "files": split -> file (no validation: carved)
 
     def fingerprint(self) -> str:
-        """Changes whenever the data files change (name, size, modification time), without reading them."""
+        """Changes whenever the data files change (their names and `_stamp`s), without reading them."""
         if self.kind == "hub":
             if not Path(self.location).is_dir():  # a hub name: its files are datasets' to keep
                 return f"hub:{self.location}"
@@ -44,8 +44,7 @@ class Source:
             return self._review_files_fingerprint()
         h = hashlib.sha256(self.kind.encode())
         for f in paths:
-            st = f.stat()
-            h.update(f"{f.resolve()}:{st.st_size}:{st.st_mtime_ns};".encode())
+            h.update(f"{f.resolve()}:{_stamp(f.stat())};".encode())
         return h.hexdigest()
 
     def _review_files_fingerprint(self) -> str:
@@ -55,10 +54,15 @@ class Source:
         h = hashlib.sha256(f"aclimdb:{root}".encode())
         for folder in (f"{s}/{lab}" for s in ("train", "test") for lab in ("pos", "neg")):
             with os.scandir(root / folder) as entries:
-                stats = sorted((e.name, e.stat().st_size, e.stat().st_mtime_ns) for e in entries
-                               if e.name.endswith(".txt"))
+                stats = sorted((e.name, _stamp(e.stat())) for e in entries if e.name.endswith(".txt"))
             h.update(f"{folder}:{stats}".encode())
         return h.hexdigest()
+
+
+def _stamp(st: os.stat_result) -> str:
+    """What changes when a file's content may have: its size, its modification time, and the inode change time and
+    inode number too, which a copy that keeps the modification time (cp -p, rsync -a, touch -r) does not keep."""
+    return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
 def find_source(cfg: DataConfig) -> Source:
@@ -123,6 +127,8 @@ def _read_aclimdb(root: Path, split: str) -> RawSplit:
                 texts.append(f.read_text(encoding="utf-8"))
             except UnicodeDecodeError as exc:
                 raise DataError(f"{f}: not valid UTF-8 ({exc.reason} at byte {exc.start})") from exc
+            if not texts[-1].strip():  # named here: checked_split could only give its row among all the split's
+                raise DataError(f"{f}: an empty review")
             labels.append(label)
     return checked_split(texts, np.asarray(labels, np.int64), str(root / split))
 
@@ -179,15 +185,31 @@ def class_names(train: RawSplit, cfg: DataConfig, hub_names: list[str] | None, w
     return names
 
 
-def label_lookup(names: list[str], strings: bool, indices: bool = False) -> dict:
-    """Label as written -> class index: strings by name; integers as indices into `names`, or, where the names are
-    themselves integers (classes named after integer labels), by value. indices: integers are indices whatever the
-    names (a hub ClassLabel's values, even where its names are digits, as yelp_polarity's "1" and "2")."""
-    if strings:
-        return {n: i for i, n in enumerate(names)}
-    if not indices and all(re.fullmatch(r"-?\d+", n) for n in names):
-        return {int(n): i for i, n in enumerate(names)}
-    return {i: i for i in range(len(names))}
+def integers_are_positions(names: list[str], label_names_given: bool, class_label: bool) -> bool:
+    """Whether an integer label is a position in `names` or the class written like it. Positions: a hub ClassLabel's
+    values (even where its names are digits, as yelp_polarity's "1" and "2"), and integers with data.label_names or
+    the 0/1 sentiment convention, unless the names are integers themselves. Otherwise the classes are named after
+    the training labels, and 3 is class "3" in any file, while an integer where the training labels were words is
+    no class at all (not the class at that position)."""
+    if class_label:
+        return True
+    if all(re.fullmatch(r"-?\d+", n) for n in names):
+        return False
+    return label_names_given or names == list(BINARY_NAMES)
+
+
+def label_lookup(names: list[str], positions: bool) -> dict:
+    """Label as written, in any file -> class index: a string by its name; an integer by position (`positions`, see
+    integers_are_positions) or as the class named like it. With positions, an integer written as a string ("0" in
+    test.jsonl beside 0 in train.csv) is read as the integer, unless a class has that name."""
+    lookup = {n: i for i, n in enumerate(names)}
+    if positions:
+        lookup.update({i: i for i in range(len(names))})
+        for i in range(len(names)):
+            lookup.setdefault(str(i), i)
+    else:
+        lookup.update({int(n): i for i, n in enumerate(names) if re.fullmatch(r"-?\d+", n)})
+    return lookup
 
 
 def encode_labels(split: RawSplit, names: list[str], lookup: dict, where: str) -> np.ndarray:
@@ -219,16 +241,23 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
                 raw[split], hub_names = _read_hub(cfg, split)
                 where[split] = _hub_where(cfg, name)
     names = class_names(raw["train"], cfg, hub_names, where["train"])
+    # one lookup for every file: integer labels in train.csv and the same written as strings in test.jsonl
+    lookup = label_lookup(names, integers_are_positions(names, bool(cfg.label_names),
+                                                        hub_names is not None and not cfg.label_names))
     for split, data in raw.items():
-        # each file's own label type: integer labels in train.csv and the same written as strings in test.jsonl
-        lookup = label_lookup(names, data.labels.dtype == object, indices=hub_names is not None and not cfg.label_names)
         data.labels = encode_labels(data, names, lookup, where[split])
-    counts = np.bincount(raw["train"].labels, minlength=len(names))
+    splits = carve(cfg, raw["train"], raw["test"], raw.get("validation"))
+    counts = np.bincount(splits["train"].labels, minlength=len(names))
     if not counts.all():
-        missing = [names[i] for i in np.flatnonzero(counts == 0)]
-        raise DataError(f"{where['train']}: no training example of class {', '.join(map(repr, missing))} "
-                        f"(classes {names}); remove it from data.label_names or add examples")
-    return carve(cfg, raw["train"], raw["test"], raw.get("validation")), names
+        missing = np.flatnonzero(counts == 0)
+        listed = ", ".join(repr(names[i]) for i in missing)
+        if np.bincount(raw["train"].labels, minlength=len(names))[missing].all():  # in the file, not in the part kept
+            raise DataError(f"{where['train']}: no training example of class {listed} is left after data.limit="
+                            f"{cfg.limit} and the validation carve (data.val_fraction={cfg.val_fraction}, "
+                            f"data.split_seed={cfg.split_seed}); add examples or change those settings")
+        raise DataError(f"{where['train']}: no training example of class {listed} (classes {names}); remove it "
+                        f"from data.label_names or add examples")
+    return splits, names
 
 
 def subset(split: RawSplit, idx: np.ndarray) -> RawSplit:

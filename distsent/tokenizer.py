@@ -24,7 +24,9 @@ PAD_ID = 0
 # the artifact that travels with a model, which prediction uses (`encode`). Both give identical ids (tested).
 WORD_CLASS = r"\p{L}\p{N}_"  # a letter or a number of any script, or the underscore
 NON_WORD = rf"[^{WORD_CLASS}]+"
-HTML_BREAK = r"<br\s*/?>"
+# \s spelt out: RE2 (preparation) reads \s as ASCII whitespace, Oniguruma (tokenizer.json) as any Unicode space
+HTML_BREAK = r"<br[\t\n\f\r ]*/?>"
+HTML_BREAK_BEFORE = r"<br\s*/?>"  # the pattern tokenizer.json files saved before it was spelt out
 
 # Which ASCII bytes belong to words; bytes of other characters are classified per character (_word_bytes).
 _ASCII_WORD = np.zeros(256, dtype=bool)
@@ -195,7 +197,8 @@ def tokenizer_rules(tok) -> tuple[bool, bool]:
     norm = json.loads(tok.to_str()).get("normalizer") or {}
     steps = norm.get("normalizers", [norm]) if norm else []
     return (any(s.get("type") == "Lowercase" for s in steps),
-            any(s.get("type") == "Replace" and s.get("pattern") == {"Regex": HTML_BREAK} for s in steps))
+            any(s.get("type") == "Replace" and s.get("pattern", {}).get("Regex") in (HTML_BREAK, HTML_BREAK_BEFORE)
+                for s in steps))
 
 
 def word_ids(tok, distinct) -> np.ndarray:

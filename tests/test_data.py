@@ -32,7 +32,9 @@ def test_prepared_ids_match_the_saved_tokenizer(tmp_path):
     # U+31350 is a letter of Unicode 15, which this Python's unicodedata may not know yet; U+0130 (İ) lowercases to
     # "i" plus a combining dot in Unicode's full mapping, which is not a word character
     texts = SAMPLES + make_reviews(50, 9)[0] + ["ÀÉÎ õü ß ﬁne Ⅻ ½ x²", "tabs\tand_underscores__ 3.14", "end", "!", "—",
-                                                "start", "a\U00031350b 𝔘𝔫𝔦 😀x", "İstanbul'da İYİ", "İstanbul"]
+                                                "start", "a\U00031350b 𝔘𝔫𝔦 😀x", "İstanbul'da İYİ", "İstanbul",
+                                                # a line break whose spaces are not ASCII ones stays words
+                                                "great film<br\u00a0/>br the end<br\u3000/>x<br \x0b/>y<br\t/>z"]
     labels = [i % 2 for i in range(len(texts))]
     folder = write_parquet(tmp_path / "data", {"train": (texts, labels), "test": (texts[::-1], labels[::-1])})
     sources = {"train": texts, "val": texts, "test": texts[::-1]}
@@ -209,6 +211,8 @@ def test_bad_data_errors_name_the_file(tmp_path, splits):
     acl = write_aclimdb(tmp_path / "acl", splits)
     (acl / "train" / "pos" / "999_9.txt").write_bytes(b"caf\xe9 bad bytes")
     assert "999_9.txt: not valid UTF-8" in source_error(acl)
+    (acl / "train" / "pos" / "999_9.txt").write_text(" \n\u00a0")
+    assert f"{acl / 'train' / 'pos' / '999_9.txt'}: an empty review" in source_error(acl)
 
 
 def test_prepare_caches_and_reuses(tmp_path, splits):
@@ -279,3 +283,37 @@ def test_world_size_that_cannot_form_global_batch_is_refused():
         Layout.build(64, 3)
     assert Layout.build(64, 1, micro_batch_cap=32).accum_steps == 2
     assert Layout.build(64, 4).micro_batch == 16
+
+
+def test_a_data_file_rewritten_with_its_old_size_and_time_is_new_data(tmp_path, splits):
+    """cp -p, rsync -a and touch -r keep a file's modification time; with the same size too, only the inode change
+    time (and, for a copy, the inode) tells that the content changed: the old tokens must not be served."""
+    import os
+
+    folder = write_parquet(tmp_path / "d", splits)
+    cfg = DataConfig(path=str(folder), cache_dir=str(tmp_path / "c"), min_freq=1)
+    first = prepare(cfg)
+    train = folder / "train.parquet"
+    before = train.stat()
+    flipped = {**splits, "train": (splits["train"][0], [1 - y for y in splits["train"][1]])}
+    write_parquet(tmp_path / "flipped", flipped)
+    data = (tmp_path / "flipped" / "train.parquet").read_bytes()
+    assert len(data) == before.st_size
+    train.write_bytes(data)
+    os.utime(train, ns=(before.st_atime_ns, before.st_mtime_ns))
+    again = prepare(cfg)
+    assert not again.cache_hit and (again.train.labels == 1 - first.train.labels).all()
+
+
+@pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b"\xff\xfe" + b])
+def test_a_damaged_cached_tokenizer_is_reported_and_rebuilt(tmp_path, splits, caplog, damage):
+    cfg = DataConfig(path=str(write_parquet(tmp_path / "d", splits)), cache_dir=str(tmp_path / "c"), min_freq=1)
+    first = prepare(cfg)
+    (cached,) = (tmp_path / "c").glob("*/tokenizer-*.json")
+    cached.write_bytes(damage(cached.read_bytes()))
+    with caplog.at_level("WARNING"):
+        again = prepare(cfg)
+    assert f"{cached} is damaged, rebuilding it" in caplog.text
+    assert again.tokenizer.get_vocab() == first.tokenizer.get_vocab()
+    assert (again.train.tokens == first.train.tokens).all()
+    assert prepare(cfg).cache_hit

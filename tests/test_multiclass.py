@@ -68,6 +68,11 @@ def test_four_classes_in_two_processes_learn_stop_resume_bitwise_and_predict(tmp
     assert alone.returncode == 0, alone.stderr[-3000:]
     assert json.loads(alone.stdout.splitlines()[0])["confusion"] == confusion
     assert "anger" in alone.stderr and "macro-F1" in alone.stderr  # the per-class report
+    # classes named by words: an integer label is no class (it used to be read as the class at that position)
+    (tmp_path / "ints.csv").write_text("text,label\nfear1 fear2,1\njoy4 joy5,2\n")
+    ints = subprocess.run([sys.executable, "-m", "distsent.evaluate", "--model", str(ref / "best"), "--file",
+                           str(tmp_path / "ints.csv")], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert ints.returncode == 2 and "ints.csv: line 2 has label 1, which is not one of the classes" in ints.stderr
 
     # stopped by a signal mid-epoch, then resumed: the same weights and losses, bit for bit
     run_dir = tmp_path / "run"

@@ -118,10 +118,10 @@ def test_hub_class_label_names_and_order(tmp_path, monkeypatch):
     assert got == names  # the ClassLabel's order, not sorted
     # a ClassLabel's values are indices even where its names are digits (yelp_polarity's "1" and "2")
     digits = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["2", "1", "0"])})
-    for split in ("train", "test"):
-        datasets.Dataset.from_dict({"text": ["a", "b", "c"], "label": [0, 1, 2]}, features=digits).to_parquet(
-            tmp_path / "digits" / "data" / f"{split}-00000-of-00001.parquet")
-    loaded, got = load_splits(DataConfig(hub_name=str(tmp_path / "digits"), val_fraction=0.34))
+    for split, n in (("train", 6), ("test", 3)):
+        part = datasets.Dataset.from_dict({"text": list("abcdef"[:n]), "label": [0, 1, 2, 0, 1, 2][:n]}, features=digits)
+        part.to_parquet(tmp_path / "digits" / "data" / f"{split}-00000-of-00001.parquet")
+    loaded, got = load_splits(DataConfig(hub_name=str(tmp_path / "digits"), val_fraction=0.1))
     assert got == ["2", "1", "0"] and loaded["test"].labels.tolist() == [0, 1, 2]
     assert splits["val"].labels.tolist() == labels["validation"] and splits["test"].labels.tolist() == labels["test"]
     assert sorted(splits["train"].labels.tolist()) == sorted(labels["train"])
@@ -252,3 +252,72 @@ def test_multiclass_cache_keeps_the_class_names_and_memory_maps(tmp_path):
     assert first.label_names == again.label_names == ["anger", "fear", "joy", "sadness"]
     assert isinstance(again.train.tokens, np.memmap)  # every process maps the same file
     assert (first.train.tokens == again.train.tokens).all() and (first.test.labels == again.test.labels).all()
+
+
+def test_labels_are_read_as_the_classes_they_name_in_every_file(tmp_path):
+    """Integer labels beside string ones are never read as positions among classes named after words: "1" and 1
+    are the same class in any file, an integer where training had words is refused; 0/1 written as strings in
+    another file are still the sentiment pair; CSV and parquet whole numbers written as floats are integers."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts = TEXTS[:9]
+    write(tmp_path / "a", "train", "csv", texts, ["1", "2", "neutral"] * 3)  # not all integers: strings
+    write(tmp_path / "a", "test", "csv", texts[:3], [2, 1, 2])  # all integers: int64
+    splits, names = load_splits(DataConfig(path=str(tmp_path / "a"), val_fraction=0.2))
+    assert names == ["1", "2", "neutral"] and [names[i] for i in splits["test"].labels] == ["2", "1", "2"]
+    err = error_of(tmp_path, (TEXTS, LABELS), (["x", "y"], [0, 1]))
+    assert "test.csv: line 2 has label 0, which is not one of the classes ['anger', 'fear', 'joy', 'sadness']" in err
+    write(tmp_path / "b", "train", "csv", texts, [0, 1, 1] * 3)
+    write(tmp_path / "b", "test", "jsonl", texts[:2], ["1", "0"])
+    splits, names = load_splits(DataConfig(path=str(tmp_path / "b"), val_fraction=0.2))
+    assert names == ["negative", "positive"] and splits["test"].labels.tolist() == [1, 0]
+    write(tmp_path / "c", "train", "csv", texts, ["1.0", "2", "3.0"] * 3)
+    (tmp_path / "c" / "test.parquet").unlink(missing_ok=True)
+    pq.write_table(pa.table({"text": texts[:3], "label": [3.0, 1.0, 2.0]}), tmp_path / "c" / "test.parquet")
+    splits, names = load_splits(DataConfig(path=str(tmp_path / "c"), val_fraction=0.2))
+    assert names == ["1", "2", "3"] and splits["test"].labels.tolist() == [2, 0, 1]
+
+
+def test_labels_that_name_no_class_and_texts_that_are_no_text_are_refused(tmp_path):
+    """Each names its file and line (or row) instead of ending in a traceback or a wrong class."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    good = (TEXTS, LABELS)
+    # two files joined with their headers: "label" would become a class, shifting the others
+    err = error_of(tmp_path, good, good, raw_train=b"label,text\njoy,fine\nlabel,text\nfear,scared\n")
+    assert "train.csv: line 3 repeats the header row (files joined with their headers?)" in err
+    err = error_of(tmp_path, good, good, fmt="jsonl", raw_train=b'{"text": "a", "label": "joy"}\n'
+                                                                  b'{"text": "b", "label": ["joy", "fear"]}\n')
+    assert "train.jsonl: line 2 has label ['joy', 'fear']; a label is one integer or one string" in err
+    folder = tmp_path / "nested"
+    write(folder, "train", "jsonl", *good)
+    (folder / "test.jsonl").write_text('{"text": "a", "label": "joy"}\n{"text": "b", "label": {"x": 1}}\n')
+    with pytest.raises(DataError, match=r"test.jsonl: line 2 has label \{'x': 1\}; a label is one integer"):
+        load_splits(DataConfig(path=str(folder)))
+    (folder / "test.jsonl").unlink()
+    pq.write_table(pa.table({"text": ["a", "b", "c"], "label": [1.0, 2.0, 2.5]}), folder / "test.parquet")
+    with pytest.raises(DataError, match="test.parquet: row 2 has label 2.5; a label is one integer or one string"):
+        load_splits(DataConfig(path=str(folder)))
+    # half of an emoji's surrogate pair, as a tweet cut short leaves it: not a character, not UTF-8
+    err = error_of(tmp_path, good, good, fmt="jsonl", raw_train=b'{"text": "a", "label": "joy"}\n'
+                                                                  b'{"text": "so happy \\ud83d", "label": "joy"}\n')
+    assert "train.jsonl: line 2: the text holds a lone surrogate escape (\\ud83d)" in err
+
+
+def test_a_class_whose_only_examples_go_to_validation_is_refused(tmp_path):
+    """Classes are counted in the training part that is kept, after data.limit and the validation carve: a class
+    left only in validation would be one the model never sees."""
+    write(tmp_path, "train", "csv", TEXTS * 3 + ["the one rare text"], LABELS * 3 + ["rare"])
+    write(tmp_path, "test", "csv", TEXTS, LABELS)
+    outcomes = []
+    for seed in range(12):
+        try:
+            splits, names = load_splits(DataConfig(path=str(tmp_path), val_fraction=0.3, split_seed=seed))
+            outcomes.append(names.index("rare") in splits["train"].labels)
+        except DataError as exc:
+            assert "no training example of class 'rare' is left after data.limit=0 and the validation carve " \
+                   f"(data.val_fraction=0.3, data.split_seed={seed})" in str(exc)
+            outcomes.append("refused")
+    assert "refused" in outcomes and True in outcomes and False not in outcomes, outcomes
