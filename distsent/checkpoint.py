@@ -196,13 +196,14 @@ def find_latest(root: Path) -> Path | None:
 
 
 def load_weights(path: Path, model, optimizer=None, name: str = "model.safetensors") -> None:
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         model.load_state_dict(load_file(path / name))
         if optimizer is not None:
             optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu"))
-    except (RuntimeError, ValueError, KeyError, OSError) as exc:
+    except (RuntimeError, ValueError, KeyError, OSError, SafetensorError) as exc:  # Safetensor: a file cut short
         raise CheckpointError(f"{path}: cannot be loaded into this model: {exc}") from exc
 
 

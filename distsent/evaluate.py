@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import ConfigError
-from .files import WriteError, atomic_write, writing
+from .files import EXIT_WRITE, WriteError, atomic_write, writing
 from .metrics import ECE_BINS, score
 from .readers import DataError, read_file
 from .sources import encode_labels, integers_are_positions, label_lookup, load_splits
@@ -82,6 +83,16 @@ def write_figures(result: dict, classes: list[str], out: Path) -> list[Path]:
     return [out / "confusion.png", out / "reliability.png"]
 
 
+def by_name(labels: np.ndarray, data_names: list[str], names: list[str], where: str) -> np.ndarray:
+    """Class indices among `data_names` as indices among the model's `names`: the same classes may come in another
+    order (a hub data set's ClassLabel order against a CSV copy's sorted names)."""
+    if data_names == names:
+        return labels
+    if sorted(data_names) != sorted(names):
+        raise DataError(f"{where}: the data's classes {data_names} are not the model's {names}")
+    return np.array([names.index(n) for n in data_names], dtype=np.int64)[labels]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="distsent-evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -109,10 +120,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.file:
             split = read_file(args.file, replace(cfg, text_column=args.text_column or cfg.text_column,
                                                  label_column=args.label_column or cfg.label_column))
-            # a model's classes out of sorted order came from a hub ClassLabel (or data.label_names), whose
-            # integer labels are positions; sorted ones from the training labels themselves
-            positions = integers_are_positions(names, bool(cfg.label_names), names != sorted(names))
-            split.labels = encode_labels(split, names, label_lookup(names, positions), str(args.file))
+            if split.class_label:  # a ClassLabel column (datasets' parquet): integers index its own names
+                file_names = split.class_label
+                split.labels = encode_labels(split, file_names, label_lookup(file_names, True), str(args.file))
+                split.labels = by_name(split.labels, file_names, names, str(args.file))
+            else:
+                # a model's classes out of sorted order came from a hub ClassLabel (or data.label_names), whose
+                # integer labels are positions; sorted ones from the training labels themselves
+                positions = integers_are_positions(names, bool(cfg.label_names), names != sorted(names))
+                split.labels = encode_labels(split, names, label_lookup(names, positions), str(args.file))
         else:
             if args.data_path:  # the folder replaces every file the config names, which find_source would prefer
                 cfg = replace(cfg, path=args.data_path, train_file="", validation_file="", test_file="")
@@ -123,16 +139,20 @@ def main(argv: list[str] | None = None) -> int:
                     raise
                 raise DataError(f"{exc} (the model's own data settings; --data-path DIR reads the splits from a "
                                 f"folder)") from exc
-            if data_names != names:
-                raise DataError(f"the data's classes {data_names} are not the model's {names}")
             split = splits["val" if args.split == "validation" else args.split]
+            split.labels = by_name(split.labels, data_names, names, "the data")
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:  # as predict's; DataError, IntegrityError too
         print(f"distsent-evaluate: {exc}", file=sys.stderr)
         return 2
     probs, _ = predictor.probabilities(split.texts)
     result = score(probs, split.labels, names)
     summary = {k: v for k, v in result.items() if k != "reliability"}
-    print(json.dumps(summary))
+    try:
+        print(json.dumps(summary), flush=True)
+    except OSError as exc:  # stdout on a full disk, or closed (a reader that stopped early)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"distsent-evaluate: cannot write the metrics: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_WRITE
     print(report(result, names), file=sys.stderr)
     if args.out:
         try:

@@ -112,7 +112,9 @@ def verify(folder: Path, required: tuple[str, ...] = ()) -> dict:
         raise IntegrityError(f"{folder}: incomplete (no {MANIFEST}: the write was interrupted)") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise IntegrityError(f"{folder / MANIFEST}: unreadable ({exc})") from None
-    listed = manifest.get("files", {})
+    listed = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(listed, dict):
+        raise IntegrityError(f"{folder / MANIFEST}: not a manifest (no table of files)")
     for name, meta in listed.items():
         f = folder / name
         if not f.is_file():

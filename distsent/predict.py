@@ -24,7 +24,8 @@ from .checkpoint import load_weights, verify_model_folder
 from .config import ConfigError
 from .configfile import load_config
 from .model import build_model
-from .readers import FORMATS, DataError, read_file
+from .files import EXIT_WRITE, IntegrityError
+from .readers import FORMATS, SURROGATE, DataError, read_file
 from .sources import BINARY_NAMES
 from .tokenizer import encode, load_tokenizer
 
@@ -41,7 +42,7 @@ class Predictor:
         folder = Path(folder)
         verify_model_folder(folder)  # IntegrityError naming the file if anything is missing or damaged
         cfg = load_config(folder / "config.yaml")
-        meta = json.loads((folder / "meta.json").read_text()) if (folder / "meta.json").is_file() else {}
+        meta = _read_meta(folder / "meta.json")
         names = meta.get("label_names", BINARY_NAMES)  # model folders of earlier versions: IMDB's two classes
         tokenizer = load_tokenizer(folder / "tokenizer.json")
         model = build_model(tokenizer.get_vocab_size(), cfg.model, len(names))
@@ -67,6 +68,7 @@ class Predictor:
         two classes "p_positive" (of the second class); or {"error"}."""
         if isinstance(texts, str):  # it would be read as a list of characters
             raise TypeError("predict() takes a list of texts; to classify one, pass [text]")
+        texts = list(texts)  # a generator is read twice below; a pandas Series is indexed by its labels, not 0..n-1
         results: list[dict] = [{} for _ in texts]
         valid = []
         for i, text in enumerate(texts):
@@ -76,6 +78,8 @@ class Predictor:
                 results[i] = {"error": f"expected a string, got {type(text).__name__}"}
             elif not text.strip():
                 results[i] = {"error": "empty text: nothing to classify"}
+            elif SURROGATE.search(text):  # bytes that were not UTF-8, as Python keeps them (a command-line argument)
+                results[i] = {"error": "not valid UTF-8 (holds a lone surrogate)"}
             else:
                 valid.append(i)
         if valid:
@@ -92,6 +96,19 @@ class Predictor:
                 elif n > self.cfg.data.max_len:
                     results[i]["truncated"] = f"{n} words, the model read the {self.cfg.data.truncate} {self.cfg.data.max_len}"
         return results
+
+
+def _read_meta(path: Path) -> dict:
+    """A model folder's meta.json (class names); {} for folders of earlier versions, which had none."""
+    if not path.is_file():
+        return {}
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IntegrityError(f"{path}: unreadable ({exc})") from None
+    if not isinstance(meta, dict):
+        raise IntegrityError(f"{path}: not a table of the model's settings")
+    return meta
 
 
 def _read_lines(stream) -> list[tuple[str | None, str | None]]:
@@ -111,6 +128,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # the reader stopped early (`| head`): no traceback (the handling Python's docs give)
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 1
+    except OSError as exc:  # the output cannot be written (a full disk)
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        print(f"distsent-predict: cannot write the results: {exc.strerror or exc}", file=sys.stderr)
+        return EXIT_WRITE
 
 
 def _run(argv: list[str] | None) -> int:
@@ -143,9 +164,16 @@ def _run(argv: list[str] | None) -> int:
             print(f"distsent-predict: --file {args.file}: {exc.strerror or exc}", file=sys.stderr)
             return 2
     elif args.texts == ["-"]:
+        if sys.stdin is None:
+            print("distsent-predict: '-' reads the texts from stdin, which is closed", file=sys.stderr)
+            return 2
         items = _read_lines(sys.stdin.buffer)
+    elif "-" in args.texts:
+        parser.error("'-' (read stdin) cannot be mixed with texts")
     elif args.texts:
-        items = [(t, None) for t in args.texts]
+        # an argument that was not UTF-8 holds surrogates (Python's way to keep its bytes): an error, and not printed
+        items = [(t, None) if not SURROGATE.search(t) else (None, f"argument {n}: not valid UTF-8")
+                 for n, t in enumerate(args.texts, 1)]
     else:
         parser.error("give texts, --file PATH, or - for stdin")
     texts = [t for t, err in items if err is None]

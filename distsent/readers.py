@@ -34,6 +34,7 @@ class RawSplit:
     labels: np.ndarray  # as read (integers or strings); class indices (int64) after load_splits
     ids: np.ndarray  # int64, stable ids of the records within the split
     lines: np.ndarray | None = None  # each record's line in its file, for messages ("line 12"); None: "row i"
+    class_label: list[str] | None = None  # a datasets ClassLabel's names, whose indices the integer labels are
 
     def where(self, i: int) -> str:
         return f"line {self.lines[i]}" if self.lines is not None else f"row {i}"
@@ -192,8 +193,21 @@ def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit
 
     labels = table.column(cfg.label_column)
     as_read = labels.null_count or pa.types.is_floating(labels.type) or pa.types.is_nested(labels.type)
-    return checked_split(table.column(cfg.text_column), _as_array(labels.to_pylist(), path) if as_read
-                         else labels.to_numpy(zero_copy_only=False), str(path))
+    split = checked_split(table.column(cfg.text_column), _as_array(labels.to_pylist(), path) if as_read
+                          else labels.to_numpy(zero_copy_only=False), str(path))
+    split.class_label = _class_label(table.schema.metadata, cfg.label_column)
+    return split
+
+
+def _class_label(metadata: dict | None, column: str) -> list[str] | None:
+    """The class names of a label column saved by datasets (Dataset.to_parquet, a hub data set's files) as a
+    ClassLabel: its integer labels are indices into them, as when the hub data set is loaded."""
+    try:
+        feature = json.loads((metadata or {})[b"huggingface"])["info"]["features"][column]
+    except (KeyError, TypeError, ValueError):
+        return None
+    names = feature.get("names") if isinstance(feature, dict) and feature.get("_type") == "ClassLabel" else None
+    return [str(n) for n in names] if isinstance(names, list) else None
 
 
 READERS = {".csv": _read_csv, ".jsonl": _read_jsonl, ".parquet": _read_parquet}

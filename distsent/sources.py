@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -57,6 +57,19 @@ class Source:
                 stats = sorted((e.name, _stamp(e.stat())) for e in entries if e.name.endswith(".txt"))
             h.update(f"{folder}:{stats}".encode())
         return h.hexdigest()
+
+
+def located(cfg: DataConfig) -> DataConfig:
+    """The data settings with the data's place written out: absolute paths, and $DISTSENT_DATA_PATH as data.path. A
+    model folder keeps these, so that `distsent-evaluate --split` reads the data the model was trained on from any
+    directory and environment."""
+    def absolute(p: str) -> str:
+        return str(Path(p).expanduser().resolve()) if p else p
+
+    hub = absolute(cfg.hub_name) if cfg.hub_name and Path(cfg.hub_name).expanduser().is_dir() else cfg.hub_name
+    return replace(cfg, path=absolute(cfg.path or os.environ.get(DATA_PATH_ENV, "")), hub_name=hub,
+                   train_file=absolute(cfg.train_file), validation_file=absolute(cfg.validation_file),
+                   test_file=absolute(cfg.test_file))
 
 
 def _stamp(st: os.stat_result) -> str:
@@ -232,6 +245,7 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
         if src.kind == "files":
             if split in src.files:
                 raw[split], where[split] = read_file(src.files[split], cfg), str(src.files[split])
+                hub_names = hub_names or raw[split].class_label  # a hub data set's own parquet files
         elif src.kind == "aclimdb":
             if split != "validation":
                 raw[split], where[split] = _read_aclimdb(Path(src.location), split), str(Path(src.location) / split)
@@ -240,6 +254,10 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
             if name:
                 raw[split], hub_names = _read_hub(cfg, split)
                 where[split] = _hub_where(cfg, name)
+    for split, data in raw.items():
+        if data.class_label not in (None, hub_names):
+            raise DataError(f"{where[split]}: its ClassLabel names {data.class_label} are not those of the other "
+                            f"files, {hub_names}: their integer labels index different classes")
     names = class_names(raw["train"], cfg, hub_names, where["train"])
     # one lookup for every file: integer labels in train.csv and the same written as strings in test.jsonl
     lookup = label_lookup(names, integers_are_positions(names, bool(cfg.label_names),

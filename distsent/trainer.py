@@ -7,6 +7,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +25,7 @@ from .model import Ensemble
 from .preemption import EXIT_PREEMPTED, StopFlag
 from .resume import resume_path, settle
 from .sampler import epoch_batches
+from .sources import located
 from .state import TrainState
 from .together import PeerFailed, fail_together, from_main
 from .tokenizer import TokenizedSplit
@@ -279,7 +281,8 @@ class Trainer:
             failure = None
             if self.accelerator.is_main_process:
                 try:
-                    ckpt.export_model(self.run_dir / "best", self.eval_model, self.data.tokenizer, self.cfg,
+                    cfg = replace(self.cfg, data=located(self.cfg.data))  # the folder names its data's place
+                    ckpt.export_model(self.run_dir / "best", self.eval_model, self.data.tokenizer, cfg,
                                       {"step": state.step, f"val_{select}": state.best_val_acc,
                                        "vocab_size": self.data.tokenizer.get_vocab_size(),
                                        "label_names": self.data.label_names})

@@ -188,11 +188,18 @@ def test_auto_precision_says_what_it_chose(tmp_path, synth_imdb, cache_env):
 @pytest.mark.skipif(not REAL_IMDB.is_dir(), reason="the local IMDB copy (../shared/data/imdb) is not here")
 def test_real_imdb_short_run_then_predict(tmp_path, cache_env):
     run_dir = tmp_path / "real"
-    proc = run(launch_cmd(2, [f"output_dir={run_dir}", f"data.path={REAL_IMDB}", "data.limit=3000",
-                              "data.test_limit=1000", "train.epochs=2", "data.truncate=tail"]), timeout=600)
+    # the data named as the README's first command names a local copy
+    proc = run(launch_cmd(2, [f"output_dir={run_dir}", "data.limit=3000", "data.test_limit=1000", "train.epochs=2",
+                              "data.truncate=tail"]), timeout=600, env={"DISTSENT_DATA_PATH": str(REAL_IMDB)})
     assert proc.returncode == 0, proc.stderr[-3000:]
     test = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "test/acc" in r][0]
     assert test["test/n"] == 1000
+    # the model folder names its data: evaluated from elsewhere, without the variable, it reads the same test split
+    env = {k: v for k, v in run_env().items() if k != "DISTSENT_DATA_PATH"}
+    again = subprocess.run([sys.executable, "-m", "distsent.evaluate", "--model", str(run_dir / "best"), "--split",
+                            "test"], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert json.loads(again.stdout.splitlines()[0])["n"] == 1000
     out = subprocess.run([sys.executable, "-m", "distsent.predict", "--model", str(run_dir / "best"),
                           "An absolute masterpiece, I loved every minute of it.",
                           "Dreadful. The worst film I have seen in years, a total waste of time.",

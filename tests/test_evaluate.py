@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from conftest import REPO, binary_score, make_reviews
 
@@ -139,3 +140,91 @@ def test_evaluate_a_model_folder_whose_weights_do_not_fit_its_config_is_one_line
     assert main(["--model", str(model), "--file", str(f)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("distsent-evaluate: ") and "size mismatch" in err, err
+
+
+def test_the_same_classes_in_another_order_or_as_classlabel_indices_are_matched_by_name(tmp_path, capsys):
+    """A model whose classes came from a hub ClassLabel (joy, anger, fear: not sorted) is evaluated on a CSV copy
+    (string labels, classes sorted) with --split --data-path and --file, and on a datasets parquet file whose
+    ClassLabel orders the classes a third way: each label is matched by its class name, so all three agree."""
+    import datasets
+    import torch
+
+    from distsent.checkpoint import export_model
+    from distsent.configfile import load_config
+    from distsent.evaluate import main
+    from distsent.model import build_model
+    from distsent.tokenizer import train_tokenizer
+
+    names = ["joy", "anger", "fear"]
+    texts = [f"{w} word{i % 7}" for i, w in enumerate(["happy", "mad", "scared"] * 12)]
+    labels = [["joy", "anger", "fear"][i % 3] if i % 4 else "fear" for i in range(len(texts))]
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    for split in ("train", "test"):
+        (folder / f"{split}.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(texts, labels)))
+    cfg = load_config(None, ["model.embedding_dim=16", "model.hidden_dim=16", "data.min_freq=1"])
+    tok = train_tokenizer(texts, cfg.data)
+    torch.manual_seed(0)
+    model = tmp_path / "best"
+    export_model(model, build_model(tok.get_vocab_size(), cfg.model, 3), tok, cfg, {"step": 0, "label_names": names})
+
+    def result(*args):
+        assert main(["--model", str(model), *args]) == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out.splitlines()[0])
+
+    by_split = result("--split", "test", "--data-path", str(folder))
+    by_file = result("--file", str(folder / "test.csv"))
+    order = ["fear", "joy", "anger"]
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=order)})
+    datasets.Dataset.from_dict({"text": texts, "label": [order.index(y) for y in labels]},
+                               features=features).to_parquet(tmp_path / "classlabel.parquet")
+    by_classlabel = result("--file", str(tmp_path / "classlabel.parquet"))
+    assert by_split["confusion"] == by_file["confusion"] == by_classlabel["confusion"]
+    assert sum(map(sum, by_file["confusion"])) == len(texts) and by_file["support/fear"] == labels.count("fear")
+
+
+def test_a_folder_of_classlabel_parquet_files_keeps_their_class_names(tmp_path):
+    import datasets
+
+    from distsent.config import DataConfig
+    from distsent.readers import DataError
+    from distsent.sources import load_splits
+
+    def save(path, names, ys):
+        features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+        datasets.Dataset.from_dict({"text": [f"text {i}" for i in range(len(ys))], "label": ys},
+                                   features=features).to_parquet(path)
+
+    save(tmp_path / "train.parquet", ["sadness", "joy", "love"], [0, 1, 2, 1, 0, 2, 1, 1, 0, 2])
+    save(tmp_path / "test.parquet", ["sadness", "joy", "love"], [2, 0])
+    splits, names = load_splits(DataConfig(path=str(tmp_path), val_fraction=0.1))
+    assert names == ["sadness", "joy", "love"] and splits["test"].labels.tolist() == [2, 0]
+    save(tmp_path / "test.parquet", ["joy", "sadness", "love"], [2, 0])
+    with pytest.raises(DataError, match=r"test.parquet: its ClassLabel names \['joy', 'sadness', 'love'\] are not"):
+        load_splits(DataConfig(path=str(tmp_path), val_fraction=0.1))
+
+
+def test_evaluate_output_on_a_full_disk_is_one_line(model_dir, tmp_path):
+    texts, labels = make_reviews(10, 3)
+    f = tmp_path / "labeled.jsonl"
+    f.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels)))
+    with open("/dev/full", "w") as full:
+        proc = subprocess.run([sys.executable, "-m", "distsent.evaluate", "--model", str(model_dir), "--file",
+                               str(f)], stdout=full, stderr=subprocess.PIPE, text=True, cwd=REPO, timeout=300)
+    assert proc.returncode == 74 and "cannot write the metrics: No space left on device" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_a_model_folder_names_where_its_data_was(tmp_path, monkeypatch):
+    """best/config.yaml keeps absolute paths, and $DISTSENT_DATA_PATH as data.path, so that --split reads the same
+    data from any directory and environment."""
+    from distsent.config import DataConfig
+    from distsent.sources import located
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DISTSENT_DATA_PATH", raising=False)
+    assert located(DataConfig(path="data")).path == str(tmp_path / "data")
+    assert located(DataConfig(train_file="a/train.csv")).train_file == str(tmp_path / "a" / "train.csv")
+    assert located(DataConfig()) == DataConfig()  # the hub: nothing to locate
+    monkeypatch.setenv("DISTSENT_DATA_PATH", "imdb")
+    assert located(DataConfig()).path == str(tmp_path / "imdb")

@@ -136,3 +136,54 @@ def test_a_checkpoint_a_model_folder_and_a_run_directory_are_told_apart(model_di
     with pytest.raises(ckpt.CheckpointError, match="is a run directory, not a checkpoint: name one of its"):
         ckpt.verify(tmp_path / "run")
 
+
+
+def test_any_sequence_of_texts_and_non_utf8_arguments(model_dir):
+    """A generator and a pandas Series (whose index is not 0..n-1) give what the list gives, text by text; a
+    command-line argument that is not UTF-8 gets an error line of its own and the others are classified."""
+    import pandas as pd
+
+    p = Predictor.load(model_dir)
+    texts = ["good0 great", "bad1 awful", "word3 word4"]
+    expected = p.predict(texts)
+    assert p.predict(t for t in texts) == expected
+    assert p.predict(pd.Series(texts, index=[2, 1, 0])) == expected
+    assert p.predict(["caf\udce9 good0"]) == [{"error": "not valid UTF-8 (holds a lone surrogate)"}]
+    proc = subprocess.run([sys.executable.encode(), b"-m", b"distsent.predict", b"--model", str(model_dir).encode(),
+                           b"\xff good0", b"good0 great"], capture_output=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()
+    lines = [json.loads(line) for line in proc.stdout.decode().split("\n") if line]
+    assert lines[0] == {"error": "argument 1: not valid UTF-8"} and lines[1]["p_positive"] == expected[0]["p_positive"]
+
+
+def test_unwritable_output_closed_stdin_and_damaged_folders_are_one_line(model_dir, tmp_path):
+    import shutil
+
+    def cli(*args, stdout=subprocess.PIPE):
+        return subprocess.run([sys.executable, "-m", "distsent.predict", "--model", *map(str, args)], text=True,
+                              stdout=stdout, stderr=subprocess.PIPE, cwd=REPO, timeout=120)
+
+    with open("/dev/full", "w") as full:  # a full disk: every write fails with ENOSPC
+        proc = cli(model_dir, "good0", stdout=full)
+    assert proc.returncode == 74 and "cannot write the results: No space left on device" in proc.stderr, proc.stderr
+    proc = subprocess.run(f"{sys.executable} -m distsent.predict --model {model_dir} - <&-", shell=True, text=True,
+                          capture_output=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "'-' reads the texts from stdin, which is closed" in proc.stderr, proc.stderr
+    proc = cli(model_dir, "-", "good0")
+    assert proc.returncode == 2 and "'-' (read stdin) cannot be mixed with texts" in proc.stderr
+    # folders of earlier versions carry no manifest: damage in them is found while loading, and named
+    old = tmp_path / "old"
+    shutil.copytree(model_dir, old)
+    (old / "manifest.json").unlink()
+    weights = (old / "model.safetensors").read_bytes()
+    (old / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    proc = cli(old, "good0")
+    assert proc.returncode == 2 and f"{old}: cannot be loaded into this model" in proc.stderr, proc.stderr
+    (old / "model.safetensors").write_bytes(weights)
+    (old / "meta.json").write_text('{"label_names": [')
+    proc = cli(old, "good0")
+    assert proc.returncode == 2 and f"{old / 'meta.json'}: unreadable" in proc.stderr, proc.stderr
+    (old / "meta.json").write_text("{}")
+    (old / "manifest.json").write_text("[]")
+    proc = cli(old, "good0")
+    assert proc.returncode == 2 and f"{old / 'manifest.json'}: not a manifest" in proc.stderr, proc.stderr
