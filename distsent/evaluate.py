@@ -20,7 +20,7 @@ import numpy as np
 
 from .config import ConfigError
 from .files import EXIT_WRITE, WriteError, atomic_write, writing
-from .metrics import ECE_BINS, score
+from .metrics import ECE_BINS, score_logits
 from .readers import DataError, read_file
 from .sources import encode_labels, integers_are_positions, label_lookup, load_splits
 
@@ -144,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:  # as predict's; DataError, IntegrityError too
         print(f"distsent-evaluate: {exc}", file=sys.stderr)
         return 2
-    probs, _ = predictor.probabilities(split.texts)
-    result = score(probs, split.labels, names)
+    logits, _ = predictor.logits(split.texts)
+    result = score_logits(logits, split.labels, names)
     summary = {k: v for k, v in result.items() if k != "reliability"}
     try:
         print(json.dumps(summary), flush=True)

@@ -138,16 +138,21 @@ def per_class(cm: torch.Tensor, classes: list[str]) -> dict:
     return out
 
 
-def score(probs, labels, classes: list[str]) -> dict:
-    """The metrics of class probabilities [n, C] against class indices in one process, plus the reliability table
-    behind the ECE (Calibration.table)."""
-    p, y = torch.as_tensor(np.asarray(probs, np.float64)), torch.as_tensor(np.asarray(labels, np.int64))
+def score_logits(logits, labels, classes: list[str]) -> dict:
+    """The metrics of a model's logits ([n] for two classes, [n, C] for more) against class indices in one process,
+    as training computes them, plus the reliability table behind the ECE (Calibration.table)."""
     m = EvalMetrics("cpu", classes)
-    if len(classes) == 2:
-        m.update(torch.logit(p[:, 1], eps=1e-12), y)  # p of exactly 0 or 1 keeps a finite loss
-    else:
-        m.update(p.clamp(min=1e-12).log(), y)  # softmax(log p) = p
+    m.update(torch.as_tensor(np.asarray(logits, np.float64)), torch.as_tensor(np.asarray(labels, np.int64)))
     return {**m.compute(), "reliability": m.ece.table()}
+
+
+def score(probs, labels, classes: list[str]) -> dict:
+    """score_logits from class probabilities [n, C] (a model's own logits give the loss exactly, also where a
+    probability rounds to 0 or 1)."""
+    p = torch.as_tensor(np.asarray(probs, np.float64))
+    if len(classes) == 2:
+        return score_logits(torch.logit(p[:, 1], eps=1e-12), labels, classes)  # p of 0 or 1 keeps a finite loss
+    return score_logits(p.clamp(min=1e-12).log(), labels, classes)  # softmax(log p) = p
 
 
 class TrainSums:

@@ -50,18 +50,24 @@ class Predictor:
         return cls(model, tokenizer, cfg, names, batch_size)
 
     @torch.no_grad()
-    def probabilities(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Class probabilities [texts, classes] in input order, and each text's word count before truncation. The
-        ids come from the model folder's tokenizer.json, as for anyone who loads it with the tokenizers library."""
+    def logits(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The model's logits ([texts] for two classes, [texts, classes] for more) in input order, and each text's
+        word count before truncation. The ids come from the model folder's tokenizer.json, as for anyone who loads
+        it with the tokenizers library."""
         split, words = encode(self.tokenizer, texts, self.cfg.data.max_len, self.cfg.data.truncate, with_counts=True)
-        out = np.zeros((len(texts), len(self.label_names)), dtype=np.float64)
+        classes = len(self.label_names)
+        out = np.zeros((len(texts),) if classes == 2 else (len(texts), classes), dtype=np.float32)
         order = np.argsort(split.lengths, kind="stable")
         for i in range(0, len(order), self.batch_size):
             idx = order[i: i + self.batch_size]
             ids, lengths = split.batch(idx)
-            logits = self.model(torch.from_numpy(ids), torch.from_numpy(lengths))
-            out[idx] = self.model.probabilities(logits.float()).numpy()
+            out[idx] = self.model(torch.from_numpy(ids), torch.from_numpy(lengths)).float().numpy()
         return out, words
+
+    def probabilities(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities [texts, classes] in input order, and each text's word count before truncation."""
+        logits, words = self.logits(texts)
+        return self.model.probabilities(torch.from_numpy(logits)).numpy(), words
 
     def predict(self, texts: list[str]) -> list[dict]:
         """One result per text: {"label", "probability" (of that label), "probabilities" (every class's)}, and for

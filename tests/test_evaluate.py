@@ -228,3 +228,29 @@ def test_a_model_folder_names_where_its_data_was(tmp_path, monkeypatch):
     assert located(DataConfig()) == DataConfig()  # the hub: nothing to locate
     monkeypatch.setenv("DISTSENT_DATA_PATH", "imdb")
     assert located(DataConfig()).path == str(tmp_path / "imdb")
+
+
+def test_evaluate_loss_comes_from_the_logits_of_a_confident_model(tmp_path, capsys):
+    """Logits beyond about +-28 round their probabilities to 0 or 1: the loss is computed from the logits, as in
+    training, not rebuilt from clamped probabilities (which gave 2.3 for a loss of 5.6)."""
+    import torch
+    import torch.nn.functional as F
+    from distsent.checkpoint import export_model
+    from distsent.evaluate import main
+    from distsent.predict import Predictor
+
+    model = export_tiny_model(tmp_path / "best", [])
+    loud = Predictor.load(model)
+    with torch.no_grad():
+        loud.model.fc.weight.mul_(400)
+        loud.model.fc.bias.mul_(400)
+    export_model(tmp_path / "loud", loud.model, loud.tokenizer, loud.cfg, {"step": 0})
+    texts, labels = make_reviews(40, 3)
+    f = tmp_path / "labeled.jsonl"
+    f.write_text("".join(json.dumps({"text": t, "label": y}) + "\n" for t, y in zip(texts, labels)))
+    assert main(["--model", str(tmp_path / "loud"), "--file", str(f)]) == 0
+    loss = json.loads(capsys.readouterr().out.splitlines()[0])["loss"]
+    logits = torch.from_numpy(Predictor.load(tmp_path / "loud").logits(texts)[0]).double()
+    assert logits.abs().max() > 40
+    expected = F.binary_cross_entropy_with_logits(logits, torch.tensor(labels, dtype=torch.float64)).item()
+    assert loss == pytest.approx(expected, rel=1e-6)
