@@ -120,15 +120,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.file:
             split = read_file(args.file, replace(cfg, text_column=args.text_column or cfg.text_column,
                                                  label_column=args.label_column or cfg.label_column))
-            if split.class_label:  # a ClassLabel column (datasets' parquet): integers index its own names
-                file_names = split.class_label
-                split.labels = encode_labels(split, file_names, label_lookup(file_names, True), str(args.file))
-                split.labels = by_name(split.labels, file_names, names, str(args.file))
-            else:
-                # a model's classes out of sorted order came from a hub ClassLabel (or data.label_names), whose
-                # integer labels are positions; sorted ones from the training labels themselves
-                positions = integers_are_positions(names, bool(cfg.label_names), names != sorted(names))
-                split.labels = encode_labels(split, names, label_lookup(names, positions), str(args.file))
+            # (a ClassLabel file's integers were read as its class names)
+            positions = integers_are_positions(names, bool(cfg.label_names))
+            split.labels = encode_labels(split, names, label_lookup(names, positions), str(args.file))
         else:
             if args.data_path:  # the folder replaces every file the config names, which find_source would prefer
                 cfg = replace(cfg, path=args.data_path, train_file="", validation_file="", test_file="")

@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig
-from .readers import FORMATS, DataError, RawSplit, check_format, checked_split, missing_columns, read_file
+from .readers import (FORMATS, DataError, RawSplit, check_format, checked_split, class_label_values, missing_columns,
+                      read_file)
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
@@ -171,7 +172,10 @@ def _read_hub(cfg: DataConfig, role: str) -> tuple[RawSplit, list[str] | None]:
     missing_columns(where, ds.column_names, cfg)
     names = getattr(ds.features[cfg.label_column], "names", None)
     table = ds.with_format("arrow")[:]
-    return checked_split(table.column(cfg.text_column), table.column(cfg.label_column).to_numpy(), where), names
+    labels = table.column(cfg.label_column).to_numpy()
+    if names is not None:
+        labels = class_label_values(labels, names, where)
+    return checked_split(table.column(cfg.text_column), labels, where), names
 
 
 def class_names(train: RawSplit, cfg: DataConfig, hub_names: list[str] | None, where: str) -> list[str]:
@@ -198,14 +202,12 @@ def class_names(train: RawSplit, cfg: DataConfig, hub_names: list[str] | None, w
     return names
 
 
-def integers_are_positions(names: list[str], label_names_given: bool, class_label: bool) -> bool:
-    """Whether an integer label is a position in `names` or the class written like it. Positions: a hub ClassLabel's
-    values (even where its names are digits, as yelp_polarity's "1" and "2"), and integers with data.label_names or
-    the 0/1 sentiment convention, unless the names are integers themselves. Otherwise the classes are named after
-    the training labels, and 3 is class "3" in any file, while an integer where the training labels were words is
-    no class at all (not the class at that position)."""
-    if class_label:
-        return True
+def integers_are_positions(names: list[str], label_names_given: bool) -> bool:
+    """Whether an integer label is a position in `names` or the class written like it. Positions: integers with
+    data.label_names or the 0/1 sentiment convention, unless the names are integers themselves. Otherwise the
+    classes are named after the training labels, and 3 is class "3" in any file, while an integer where the
+    training labels were words is no class at all (not the class at that position). (A ClassLabel's integers are
+    read as its names already: class_label_values.)"""
     if all(re.fullmatch(r"-?\d+", n) for n in names):
         return False
     return label_names_given or names == list(BINARY_NAMES)
@@ -245,7 +247,7 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
         if src.kind == "files":
             if split in src.files:
                 raw[split], where[split] = read_file(src.files[split], cfg), str(src.files[split])
-                hub_names = hub_names or raw[split].class_label  # a hub data set's own parquet files
+                hub_names = hub_names or raw[split].class_label  # a hub data set's own parquet files: its order
         elif src.kind == "aclimdb":
             if split != "validation":
                 raw[split], where[split] = _read_aclimdb(Path(src.location), split), str(Path(src.location) / split)
@@ -254,14 +256,9 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
             if name:
                 raw[split], hub_names = _read_hub(cfg, split)
                 where[split] = _hub_where(cfg, name)
-    for split, data in raw.items():
-        if data.class_label not in (None, hub_names):
-            raise DataError(f"{where[split]}: its ClassLabel names {data.class_label} are not those of the other "
-                            f"files, {hub_names}: their integer labels index different classes")
     names = class_names(raw["train"], cfg, hub_names, where["train"])
     # one lookup for every file: integer labels in train.csv and the same written as strings in test.jsonl
-    lookup = label_lookup(names, integers_are_positions(names, bool(cfg.label_names),
-                                                        hub_names is not None and not cfg.label_names))
+    lookup = label_lookup(names, integers_are_positions(names, bool(cfg.label_names)))
     for split, data in raw.items():
         data.labels = encode_labels(data, names, lookup, where[split])
     splits = carve(cfg, raw["train"], raw["test"], raw.get("validation"))

@@ -199,8 +199,20 @@ def test_a_folder_of_classlabel_parquet_files_keeps_their_class_names(tmp_path):
     save(tmp_path / "test.parquet", ["sadness", "joy", "love"], [2, 0])
     splits, names = load_splits(DataConfig(path=str(tmp_path), val_fraction=0.1))
     assert names == ["sadness", "joy", "love"] and splits["test"].labels.tolist() == [2, 0]
-    save(tmp_path / "test.parquet", ["joy", "sadness", "love"], [2, 0])
-    with pytest.raises(DataError, match=r"test.parquet: its ClassLabel names \['joy', 'sadness', 'love'\] are not"):
+    # another file's ClassLabel in another order: its integers are its own names, matched by name
+    save(tmp_path / "test.parquet", ["joy", "sadness", "love"], [2, 0, 1])
+    splits, names = load_splits(DataConfig(path=str(tmp_path), val_fraction=0.1))
+    assert names == ["sadness", "joy", "love"] and splits["test"].labels.tolist() == [2, 1, 0]
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    saved = pq.read_table(tmp_path / "test.parquet")  # datasets refuses to write a value past its names: by hand
+    pq.write_table(pa.table({"text": ["a", "b"], "label": [2, 3]}).replace_schema_metadata(saved.schema.metadata),
+                   tmp_path / "test.parquet")
+    with pytest.raises(DataError, match=r"test.parquet: row 1 has label 3, which is none of its ClassLabel's 3"):
+        load_splits(DataConfig(path=str(tmp_path), val_fraction=0.1))
+    save(tmp_path / "test.parquet", ["joy", "sadness", "love"], [2, -1])  # datasets' "no label"
+    with pytest.raises(DataError, match="test.parquet: row 1 has no label"):
         load_splits(DataConfig(path=str(tmp_path), val_fraction=0.1))
 
 
