@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 CACHE_ENV = "DISTSENT_CACHE"
 SPLIT_NAMES = ("train", "val", "test")
 # flat .npy arrays and the class names; npy-2: labels read by the stricter rules of readers.py (stripped, an empty
-# one refused); npy-3: labels matched to classes by name in every file (a ClassLabel's integers as its names), so
-# entries prepared by earlier rules are prepared again (and left alone)
+# one refused); npy-3: an integer label beside classes named after the training file's strings is the class written
+# like it (it was the class at its position), so entries prepared by earlier rules are prepared again (left alone)
 CACHE_LAYOUT = "npy-3"
 
 

@@ -12,6 +12,7 @@ import argparse
 import io
 import json
 import os
+import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -83,14 +84,29 @@ def write_figures(result: dict, classes: list[str], out: Path) -> list[Path]:
     return [out / "confusion.png", out / "reliability.png"]
 
 
-def by_name(labels: np.ndarray, data_names: list[str], names: list[str], where: str) -> np.ndarray:
+def by_name(labels: np.ndarray, data_names: list[str], names: list[str]) -> np.ndarray:
     """Class indices among `data_names` as indices among the model's `names`: the same classes may come in another
     order (a hub data set's ClassLabel order against a CSV copy's sorted names)."""
     if data_names == names:
         return labels
     if sorted(data_names) != sorted(names):
-        raise DataError(f"{where}: the data's classes {data_names} are not the model's {names}")
+        raise DataError(f"the data's classes {data_names} are not the model's {names}")
     return np.array([names.index(n) for n in data_names], dtype=np.int64)[labels]
+
+
+def file_labels(split, names: list[str], cfg, where: str) -> np.ndarray:
+    """The class indices of a --file's labels: strings by name; integers as training reads them
+    (sources.integers_are_positions), or, in a ClassLabel file of the model's classes (a hub data set's own
+    parquet), as indices into its names."""
+    if split.class_label and sorted(split.class_label) == sorted(names):
+        file_names = split.class_label
+        return by_name(encode_labels(split, file_names, label_lookup(file_names, True), where), file_names, names)
+    # A model folder records where its data was (sources.located): no place is the hub, whose ClassLabel integers
+    # are positions; but where its classes are digits ("1", "2"), a file's 2 is read as class "2", as written.
+    hub = not (cfg.path or cfg.train_file or cfg.test_file) and not cfg.label_names
+    digits = all(re.fullmatch(r"-?\d+", n) for n in names)
+    positions = integers_are_positions(names, bool(cfg.label_names), hub and not digits)
+    return encode_labels(split, names, label_lookup(names, positions), where)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -120,9 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.file:
             split = read_file(args.file, replace(cfg, text_column=args.text_column or cfg.text_column,
                                                  label_column=args.label_column or cfg.label_column))
-            # (a ClassLabel file's integers were read as its class names)
-            positions = integers_are_positions(names, bool(cfg.label_names))
-            split.labels = encode_labels(split, names, label_lookup(names, positions), str(args.file))
+            split.labels = file_labels(split, names, cfg, str(args.file))
         else:
             if args.data_path:  # the folder replaces every file the config names, which find_source would prefer
                 cfg = replace(cfg, path=args.data_path, train_file="", validation_file="", test_file="")
@@ -134,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise DataError(f"{exc} (the model's own data settings; --data-path DIR reads the splits from a "
                                 f"folder)") from exc
             split = splits["val" if args.split == "validation" else args.split]
-            split.labels = by_name(split.labels, data_names, names, "the data")
+            split.labels = by_name(split.labels, data_names, names)
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:  # as predict's; DataError, IntegrityError too
         print(f"distsent-evaluate: {exc}", file=sys.stderr)
         return 2

@@ -34,7 +34,8 @@ class RawSplit:
     labels: np.ndarray  # as read (integers or strings); class indices (int64) after load_splits
     ids: np.ndarray  # int64, stable ids of the records within the split
     lines: np.ndarray | None = None  # each record's line in its file, for messages ("line 12"); None: "row i"
-    class_label: list[str] | None = None  # a datasets ClassLabel's names (their order), the labels being names
+    class_label: list[str] | None = None  # a datasets ClassLabel's names, whose indices the integer labels are (read
+    # by distsent-evaluate --file; training names the classes after the labels themselves, as it always has)
 
     def where(self, i: int) -> str:
         return f"line {self.lines[i]}" if self.lines is not None else f"row {i}"
@@ -193,25 +194,10 @@ def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit
 
     labels = table.column(cfg.label_column)
     as_read = labels.null_count or pa.types.is_floating(labels.type) or pa.types.is_nested(labels.type)
-    values = _as_array(labels.to_pylist(), path) if as_read else labels.to_numpy(zero_copy_only=False)
-    names = _class_label(table.schema.metadata, cfg.label_column)
-    if names is not None:
-        values = class_label_values(values, names, str(path))
-    split = checked_split(table.column(cfg.text_column), values, str(path))
-    split.class_label = names
+    split = checked_split(table.column(cfg.text_column), _as_array(labels.to_pylist(), path) if as_read
+                          else labels.to_numpy(zero_copy_only=False), str(path))
+    split.class_label = _class_label(table.schema.metadata, cfg.label_column)
     return split
-
-
-def class_label_values(values: np.ndarray, names: list[str], where: str) -> np.ndarray:
-    """A ClassLabel column's integers as the class names they stand for (-1, datasets' "no label", as None), so
-    that every file's labels are matched to the classes by name."""
-    if values.dtype == object:  # nulls, or not integers: checked_split names the first bad one
-        return values
-    bad = np.flatnonzero((values < -1) | (values >= len(names)))
-    if bad.size:
-        raise DataError(f"{where}: row {bad[0]} has label {values[bad[0]]}, which is none of its ClassLabel's "
-                        f"{len(names)} classes {names}")
-    return np.array([names[v] if v >= 0 else None for v in values.tolist()], dtype=object)
 
 
 def _class_label(metadata: dict | None, column: str) -> list[str] | None:

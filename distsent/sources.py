@@ -17,8 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig
-from .readers import (FORMATS, DataError, RawSplit, check_format, checked_split, class_label_values, missing_columns,
-                      read_file)
+from .readers import FORMATS, DataError, RawSplit, check_format, checked_split, missing_columns, read_file
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
@@ -172,10 +171,7 @@ def _read_hub(cfg: DataConfig, role: str) -> tuple[RawSplit, list[str] | None]:
     missing_columns(where, ds.column_names, cfg)
     names = getattr(ds.features[cfg.label_column], "names", None)
     table = ds.with_format("arrow")[:]
-    labels = table.column(cfg.label_column).to_numpy()
-    if names is not None:
-        labels = class_label_values(labels, names, where)
-    return checked_split(table.column(cfg.text_column), labels, where), names
+    return checked_split(table.column(cfg.text_column), table.column(cfg.label_column).to_numpy(), where), names
 
 
 def class_names(train: RawSplit, cfg: DataConfig, hub_names: list[str] | None, where: str) -> list[str]:
@@ -202,12 +198,14 @@ def class_names(train: RawSplit, cfg: DataConfig, hub_names: list[str] | None, w
     return names
 
 
-def integers_are_positions(names: list[str], label_names_given: bool) -> bool:
-    """Whether an integer label is a position in `names` or the class written like it. Positions: integers with
-    data.label_names or the 0/1 sentiment convention, unless the names are integers themselves. Otherwise the
-    classes are named after the training labels, and 3 is class "3" in any file, while an integer where the
-    training labels were words is no class at all (not the class at that position). (A ClassLabel's integers are
-    read as its names already: class_label_values.)"""
+def integers_are_positions(names: list[str], label_names_given: bool, class_label: bool) -> bool:
+    """Whether an integer label is a position in `names` or the class written like it. Positions: a hub ClassLabel's
+    values (even where its names are digits, as yelp_polarity's "1" and "2"), and integers with data.label_names or
+    the 0/1 sentiment convention, unless the names are integers themselves. Otherwise the classes are named after
+    the training labels, and 3 is class "3" in any file, while an integer where the training labels were words is
+    no class at all (not the class at that position)."""
+    if class_label:
+        return True
     if all(re.fullmatch(r"-?\d+", n) for n in names):
         return False
     return label_names_given or names == list(BINARY_NAMES)
@@ -247,7 +245,6 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
         if src.kind == "files":
             if split in src.files:
                 raw[split], where[split] = read_file(src.files[split], cfg), str(src.files[split])
-                hub_names = hub_names or raw[split].class_label  # a hub data set's own parquet files: its order
         elif src.kind == "aclimdb":
             if split != "validation":
                 raw[split], where[split] = _read_aclimdb(Path(src.location), split), str(Path(src.location) / split)
@@ -258,7 +255,8 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
                 where[split] = _hub_where(cfg, name)
     names = class_names(raw["train"], cfg, hub_names, where["train"])
     # one lookup for every file: integer labels in train.csv and the same written as strings in test.jsonl
-    lookup = label_lookup(names, integers_are_positions(names, bool(cfg.label_names)))
+    lookup = label_lookup(names, integers_are_positions(names, bool(cfg.label_names),
+                                                        hub_names is not None and not cfg.label_names))
     for split, data in raw.items():
         data.labels = encode_labels(data, names, lookup, where[split])
     splits = carve(cfg, raw["train"], raw["test"], raw.get("validation"))
@@ -267,9 +265,11 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
         missing = np.flatnonzero(counts == 0)
         listed = ", ".join(repr(names[i]) for i in missing)
         if np.bincount(raw["train"].labels, minlength=len(names))[missing].all():  # in the file, not in the part kept
-            raise DataError(f"{where['train']}: no training example of class {listed} is left after data.limit="
-                            f"{cfg.limit} and the validation carve (data.val_fraction={cfg.val_fraction}, "
-                            f"data.split_seed={cfg.split_seed}); add examples or change those settings")
+            cut = (f"data.limit={cfg.limit} (data.split_seed={cfg.split_seed})" if "validation" in raw else
+                   f"data.limit={cfg.limit} and the validation carve (data.val_fraction={cfg.val_fraction}, "
+                   f"data.split_seed={cfg.split_seed})")
+            raise DataError(f"{where['train']}: no training example of class {listed} is left after {cut}; add "
+                            f"examples or change those settings")
         raise DataError(f"{where['train']}: no training example of class {listed} (classes {names}); remove it "
                         f"from data.label_names or add examples")
     return splits, names

@@ -85,10 +85,12 @@ def main(argv: list[str] | None = None) -> int:
 
 def check(cfg) -> int:
     """--check, once the config and its overrides have loaded: what else can be known before the run's machines
-    are: the tracker names, the data's files and the pretrained vectors' file. Reads no data and writes nothing.
+    are: the tracker names, the data's files, the pretrained vectors' file, and a checkpoint.resume=never into a
+    directory that holds a run. Reads no data and writes nothing.
     What depends on the machines (the process count against the global batch, a precision the device lacks) and
     on the data's contents (labels, columns) is checked when the run starts."""
     from .build import check_trackers
+    from .resume import resume_path
     from .sources import find_source
 
     try:
@@ -97,7 +99,9 @@ def check(cfg) -> int:
         vectors = cfg.model.pretrained_embeddings
         if vectors and not Path(vectors).expanduser().is_file():
             raise DataError(f"model.pretrained_embeddings: {vectors}: no such file")
-    except (ConfigError, DataError) as exc:
+        if cfg.checkpoint.resume == "never":
+            resume_path(cfg.checkpoint, Path(cfg.output_dir) / "checkpoints")
+    except (ConfigError, DataError, IntegrityError) as exc:  # Integrity: the resume refused
         return fail(f"{type(exc).__name__}: {exc}", 2)
     data = ", ".join(f"{split} {path}" for split, path in source.files.items()) or f"{source.kind} {source.location}"
     print(f"distsent-train: config OK; data: {data}; run directory {cfg.output_dir}")

@@ -129,6 +129,7 @@ def test_an_unknown_tracker_is_a_config_error_before_anything_starts(tmp_path):
     ("data.path={tmp}/nowhere", "DataError: data.path {tmp}/nowhere: no such folder"),
     ("log.trackers=[wandb, tensorbord]", "ConfigError: log.trackers: unknown tracker 'tensorbord'"),
     ("model.pretrained_embeddings={tmp}/vectors.txt", "model.pretrained_embeddings: {tmp}/vectors.txt: no such file"),
+    ("checkpoint.resume=never", "checkpoint.resume=never: {tmp}/used holds an earlier run (metrics.jsonl)"),
 ])
 def test_check_finds_what_would_stop_a_queued_job_and_writes_nothing(tmp_path, capsys, override, message):
     """distsent-train --check: exit 0 naming the data files found, or 2 naming the problem; no run directory."""
@@ -138,7 +139,10 @@ def test_check_finds_what_would_stop_a_queued_job_and_writes_nothing(tmp_path, c
     data.mkdir()
     for split in ("train", "test"):
         (data / f"{split}.csv").write_text("text,label\ngood,joy\nbad,anger\n")
-    run_dir = tmp_path / "run"
+    run_dir = tmp_path / ("used" if override == "checkpoint.resume=never" else "run")
+    if override == "checkpoint.resume=never":
+        run_dir.mkdir()
+        (run_dir / "metrics.jsonl").write_text("")
     args = ["--check", "--config", str(CONFIGS[0].parent / "emotion.yaml"), f"data.path={data}", f"output_dir={run_dir}"]
     code = main(args + ([override.format(tmp=tmp_path)] if override else []))
     out, err = capsys.readouterr()
@@ -146,4 +150,4 @@ def test_check_finds_what_would_stop_a_queued_job_and_writes_nothing(tmp_path, c
         assert code == 0 and f"config OK; data: train {data}/train.csv, test {data}/test.csv" in out, err
     else:
         assert code == 2 and message.format(tmp=tmp_path) in err, err
-    assert not run_dir.exists()
+    assert not run_dir.exists() or [p.name for p in run_dir.iterdir()] == ["metrics.jsonl"]

@@ -146,7 +146,6 @@ def test_the_same_classes_in_another_order_or_as_classlabel_indices_are_matched_
     """A model whose classes came from a hub ClassLabel (joy, anger, fear: not sorted) is evaluated on a CSV copy
     (string labels, classes sorted) with --split --data-path and --file, and on a datasets parquet file whose
     ClassLabel orders the classes a third way: each label is matched by its class name, so all three agree."""
-    import datasets
     import torch
 
     from distsent.checkpoint import export_model
@@ -175,45 +174,64 @@ def test_the_same_classes_in_another_order_or_as_classlabel_indices_are_matched_
     by_split = result("--split", "test", "--data-path", str(folder))
     by_file = result("--file", str(folder / "test.csv"))
     order = ["fear", "joy", "anger"]
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=order)})
-    datasets.Dataset.from_dict({"text": texts, "label": [order.index(y) for y in labels]},
-                               features=features).to_parquet(tmp_path / "classlabel.parquet")
+    save_classlabel(tmp_path / "classlabel.parquet", order, [order.index(y) for y in labels], texts)
     by_classlabel = result("--file", str(tmp_path / "classlabel.parquet"))
     assert by_split["confusion"] == by_file["confusion"] == by_classlabel["confusion"]
     assert sum(map(sum, by_file["confusion"])) == len(texts) and by_file["support/fear"] == labels.count("fear")
 
 
-def test_a_folder_of_classlabel_parquet_files_keeps_their_class_names(tmp_path):
+def save_classlabel(path, names, ys, texts=None):
     import datasets
 
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    texts = texts or [f"text {i}" for i in range(len(ys))]
+    datasets.Dataset.from_dict({"text": texts, "label": ys}, features=features).to_parquet(path)
+
+
+def test_integer_labels_mean_one_class_in_every_file_with_classlabel_files_about(tmp_path, capsys):
+    """Training names the classes of a datasets parquet folder after its integer labels, as it always has (0/1:
+    negative/positive), and with data.label_names reads every file's integers as positions alike. evaluate --file
+    reads a ClassLabel file of the model's classes (a hub data set's own parquet, digits as names) by its names, and
+    integers in a CSV for a hub-trained model as the hub's positions, as before."""
+    import torch
+
+    from distsent.checkpoint import export_model
     from distsent.config import DataConfig
-    from distsent.readers import DataError
+    from distsent.configfile import load_config
+    from distsent.evaluate import main
+    from distsent.model import build_model
     from distsent.sources import load_splits
+    from distsent.tokenizer import train_tokenizer
 
-    def save(path, names, ys):
-        features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
-        datasets.Dataset.from_dict({"text": [f"text {i}" for i in range(len(ys))], "label": ys},
-                                   features=features).to_parquet(path)
-
-    save(tmp_path / "train.parquet", ["sadness", "joy", "love"], [0, 1, 2, 1, 0, 2, 1, 1, 0, 2])
-    save(tmp_path / "test.parquet", ["sadness", "joy", "love"], [2, 0])
-    splits, names = load_splits(DataConfig(path=str(tmp_path), val_fraction=0.1))
-    assert names == ["sadness", "joy", "love"] and splits["test"].labels.tolist() == [2, 0]
-    # another file's ClassLabel in another order: its integers are its own names, matched by name
-    save(tmp_path / "test.parquet", ["joy", "sadness", "love"], [2, 0, 1])
-    splits, names = load_splits(DataConfig(path=str(tmp_path), val_fraction=0.1))
-    assert names == ["sadness", "joy", "love"] and splits["test"].labels.tolist() == [2, 1, 0]
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    saved = pq.read_table(tmp_path / "test.parquet")  # datasets refuses to write a value past its names: by hand
-    pq.write_table(pa.table({"text": ["a", "b"], "label": [2, 3]}).replace_schema_metadata(saved.schema.metadata),
-                   tmp_path / "test.parquet")
-    with pytest.raises(DataError, match=r"test.parquet: row 1 has label 3, which is none of its ClassLabel's 3"):
-        load_splits(DataConfig(path=str(tmp_path), val_fraction=0.1))
-    save(tmp_path / "test.parquet", ["joy", "sadness", "love"], [2, -1])  # datasets' "no label"
-    with pytest.raises(DataError, match="test.parquet: row 1 has no label"):
-        load_splits(DataConfig(path=str(tmp_path), val_fraction=0.1))
+    texts, labels = make_reviews(40, 3)
+    folder = tmp_path / "parquet"
+    folder.mkdir()
+    save_classlabel(folder / "train.parquet", ["neg", "pos"], labels, texts)
+    (folder / "test.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(texts, labels)))
+    splits, names = load_splits(DataConfig(path=str(folder), val_fraction=0.1))
+    assert names == ["negative", "positive"]
+    splits, names = load_splits(DataConfig(path=str(folder), val_fraction=0.1, label_names=["pos", "neg"]))
+    assert names == ["pos", "neg"] and splits["test"].labels.tolist() == labels  # positions in both files
+    cfg = load_config(None, ["model.embedding_dim=16", "model.hidden_dim=16", "data.min_freq=1"])  # the hub's data
+    tok = train_tokenizer(texts, cfg.data)
+    torch.manual_seed(0)
+    for classes in (["1", "2"], ["neg", "pos"]):  # yelp_polarity's ClassLabel, IMDB's
+        model = tmp_path / f"best-{classes[0]}"
+        export_model(model, build_model(tok.get_vocab_size(), cfg.model, 2), tok, cfg,
+                     {"step": 0, "label_names": classes})
+        save_classlabel(tmp_path / "hub.parquet", classes, labels, texts)
+        (tmp_path / "named.csv").write_text("text,label\n" + "".join(f"{t},{classes[y]}\n"
+                                                                     for t, y in zip(texts, labels)))
+        results = []
+        for f in ("hub.parquet", "named.csv", "parquet/test.csv"):
+            code = main(["--model", str(model), "--file", str(tmp_path / f)])
+            out, err = capsys.readouterr()
+            results.append(json.loads(out.splitlines()[0])["confusion"] if code == 0 else err)
+        assert results[0] == results[1], classes
+        if classes == ["neg", "pos"]:  # 0/1 in a CSV: the hub's positions
+            assert results[2] == results[1]
+        else:  # digits as class names are read as written: 0 is none of "1", "2"
+            assert "test.csv: line 3 has label 0, which is not one of the classes ['1', '2']" in results[2]
 
 
 def test_evaluate_output_on_a_full_disk_is_one_line(model_dir, tmp_path):

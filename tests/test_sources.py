@@ -321,3 +321,8 @@ def test_a_class_whose_only_examples_go_to_validation_is_refused(tmp_path):
                    f"(data.val_fraction=0.3, data.split_seed={seed})" in str(exc)
             outcomes.append("refused")
     assert "refused" in outcomes and True in outcomes and False not in outcomes, outcomes
+    # with a validation file nothing is carved: data.limit alone leaves the class out
+    write(tmp_path, "validation", "csv", TEXTS, LABELS)
+    with pytest.raises(DataError, match=r"no training example of class .*'rare' is left after data.limit=5 "
+                                        r"\(data.split_seed=0\); add examples"):
+        load_splits(DataConfig(path=str(tmp_path), limit=5))
