@@ -119,7 +119,7 @@ def announce(acc, layout: Layout, run_dir: Path) -> None:
     if acc.is_main_process:
         print(f"distsent: run directory {run_dir.resolve()}", flush=True)
         log.info("%d process(es) on %d machine(s), device %s, mixed precision %s, global batch %d = %d x %d x %d "
-                 "(processes x micro-batch x accumulation), %d threads per process", acc.num_processes,
+                 "(processes x micro-batch x accumulation), %d thread(s) per process", acc.num_processes,
                  num_machines(), acc.device, acc.mixed_precision, layout.global_batch, layout.world_size,
                  layout.micro_batch, layout.accum_steps, torch.get_num_threads())
 
@@ -245,6 +245,17 @@ def lr_factor(cfg: ExperimentConfig, step: int, total_steps: int) -> float:
     progress = min(1.0, (step - o.warmup_steps) / max(1, total_steps - o.warmup_steps))
     shape = 1.0 - progress if o.schedule == "linear" else 0.5 * (1.0 + math.cos(math.pi * progress))
     return o.min_lr_ratio + (1.0 - o.min_lr_ratio) * shape
+
+
+def schedule_warning(cfg: ExperimentConfig, total_steps: int) -> str | None:
+    """A warmup that outlasts the run (a recipe's warmup on a small data set): the learning rate never reaches
+    optim.lr and the schedule never decays."""
+    o = cfg.optim
+    if o.warmup_steps < total_steps:
+        return None
+    return (f"optim.warmup_steps={o.warmup_steps} is not below the run's {total_steps} steps: the learning rate never "
+            f"reaches optim.lr={o.lr}" + ("" if o.schedule == "constant" else f" and the {o.schedule} decay never "
+                                           f"starts") + "; lower optim.warmup_steps (to a tenth of the steps, say)")
 
 
 def build_scheduler(cfg: ExperimentConfig, optimizer, total_steps: int):

@@ -133,7 +133,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
         return _build(ExperimentConfig, _upgrade(data))
     except ConfigError as exc:
         bad = str(exc).split(":", 1)[0]  # every message starts with the full key path
-        override = next((t for k, t in given.items() if bad == k or bad.startswith((k + ".", k + "["))), None)
+        # the override set that key, a key inside it, or a key under it (a misspelt section: trian.epochs)
+        override = next((t for k, t in given.items() if bad == k or bad.startswith((k + ".", k + "["))
+                         or k.startswith(bad + ".")), None)
         where = f"the override {override}: " if override else f"{path}: " if path is not None else ""
         raise ConfigError(where + str(exc)) from None
 
@@ -163,14 +165,17 @@ def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def describe(cls=ExperimentConfig, prefix: str = "") -> list[str]:
-    """One line per key with its default and documentation: the config reference."""
+def describe(cls=ExperimentConfig, prefix: str = "", values=None) -> list[str]:
+    """One line per key with its default and documentation: the config reference. With `values` (a loaded config),
+    each key shows its value there, and the default beside it where they differ."""
     lines = []
     for f in dataclasses.fields(cls):
         hint = typing.get_type_hints(cls)[f.name]
+        value = getattr(values, f.name) if values is not None else None
         if dataclasses.is_dataclass(hint):
-            lines.extend(describe(hint, prefix + f.name + "."))
+            lines.extend(describe(hint, prefix + f.name + ".", value))
             continue
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-        lines.append(f"{prefix}{f.name} = {default!r}: {f.metadata.get('doc', '')}")
+        shown = f"{default!r}" if values is None or value == default else f"{value!r} (default {default!r})"
+        lines.append(f"{prefix}{f.name} = {shown}: {f.metadata.get('doc', '')}")
     return lines

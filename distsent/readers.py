@@ -96,7 +96,8 @@ def _scalar_label(v) -> bool:
 
 def missing_columns(where, present, cfg: DataConfig, labeled: bool = True) -> None:
     """DataError unless the text column (and, if labeled, the label column) is there exactly once."""
-    hint = "name the column with data.text_column / data.label_column, or --text-column / --label-column"
+    hint = ("name the column with data.text_column / data.label_column (distsent-evaluate --file: --text-column / "
+            "--label-column)" if labeled else "name the column with --text-column")
     for col in (cfg.text_column, cfg.label_column) if labeled else (cfg.text_column,):
         if col not in present:
             if len(present) == 1 and any(sep in present[0] for sep in ";\t|"):

@@ -5,7 +5,7 @@ Workstation, N processes (DDP on gloo for CPU, NCCL for GPUs):
 One process, no launcher:
     distsent-train --config configs/smoke.yaml output_dir=runs/smoke train.epochs=2
 Any config key can be overridden as key.sub=value. `--help-config` lists every key; `--check` checks a config, its
-overrides and its data files without training (before queueing a job, say).
+overrides and its data without training (before queueing a job, say).
 """
 
 from __future__ import annotations
@@ -29,22 +29,32 @@ PEER_EXIT_DELAY_S = 2.0
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # a Ctrl-C while it shuts down (after status.json was written): no traceback
+        print("distsent-train: interrupted while shutting down", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="distsent-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML experiment config (configs/*.yaml)")
-    parser.add_argument("--help-config", action="store_true", help="list every config key with its default")
+    parser.add_argument("--help-config", action="store_true", help="list every config key with its default and "
+                        "what it does; with --config (and overrides), with the values they give")
     parser.add_argument("--check", action="store_true",
-                        help="check the config, its overrides and the data's files, then exit without training: "
-                             "0 if they are usable, 2 with the error")
+                        help="check the config, its overrides and the data (read as training reads it), then exit "
+                             "without training: 0 if they are usable, 2 with the error")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
     args = parser.parse_args(argv)
-    if args.help_config:
-        print("\n".join(describe()))
-        return 0
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, args.overrides) if args.config or args.overrides or not args.help_config \
+            else None
     except ConfigError as exc:
         return fail(f"config error: {exc}", 2)
+    if args.help_config:
+        print("\n".join(describe(values=cfg)))
+        return 0
     if args.check:
         return check(cfg)
 
@@ -85,17 +95,18 @@ def main(argv: list[str] | None = None) -> int:
 
 def check(cfg) -> int:
     """--check, once the config and its overrides have loaded: what else can be known before the run's machines
-    are: the tracker names, the data's files, the pretrained vectors' file, and a checkpoint.resume=never into a
-    directory that holds a run. Reads no data and writes nothing.
-    What depends on the machines (the process count against the global batch, a precision the device lacks) and
-    on the data's contents (labels, columns) is checked when the run starts."""
+    are. The tracker names; the data, read and checked as training reads it (columns, texts, labels and classes,
+    the carve; a hub data set is fetched); the pretrained vectors' file; a checkpoint.resume=never into a directory
+    that holds a run. Writes nothing. What depends on the machines (the process count against the global batch, a
+    precision the device lacks) or on the checkpoint a run resumes from is checked when the run starts."""
     from .build import check_trackers
     from .resume import resume_path
-    from .sources import find_source
+    from .sources import find_source, load_splits
 
     try:
         check_trackers(cfg.log.trackers)
         source = find_source(cfg.data)
+        splits, names = load_splits(cfg.data)
         vectors = cfg.model.pretrained_embeddings
         if vectors and not Path(vectors).expanduser().is_file():
             raise DataError(f"model.pretrained_embeddings: {vectors}: no such file")
@@ -103,8 +114,10 @@ def check(cfg) -> int:
             resume_path(cfg.checkpoint, Path(cfg.output_dir) / "checkpoints")
     except (ConfigError, DataError, IntegrityError) as exc:  # Integrity: the resume refused
         return fail(f"{type(exc).__name__}: {exc}", 2)
-    data = ", ".join(f"{split} {path}" for split, path in source.files.items()) or f"{source.kind} {source.location}"
-    print(f"distsent-train: config OK; data: {data}; run directory {cfg.output_dir}")
+    where = ", ".join(f"{split} {path}" for split, path in source.files.items()) or f"{source.kind} {source.location}"
+    sizes = " / ".join(f"{len(splits[s].labels)} {s}" for s in ("train", "val", "test"))
+    print(f"distsent-train: config OK; data: {where}: {sizes} texts, {len(names)} classes {names}; run directory "
+          f"{cfg.output_dir}")
     return 0
 
 
@@ -143,9 +156,20 @@ def fail(message: str, exit_code: int, cfg=None, trainer=None) -> int:
     if run_dir is not None and run_dir.is_dir() and not recorded and os.environ.get("RANK", "0") == "0":
         from .tracking import write_status
 
+        if _state(run_dir) == "finished":  # a relaunch that failed before it ran: the finished run stays recorded
+            print(f"distsent-train: {run_dir} holds a finished run; its status.json is left as it is",
+                  file=sys.stderr)
+            return exit_code
         with contextlib.suppress(OSError):  # a WriteError too: the error above is what matters
             write_status(run_dir, state="failed", exit_code=exit_code, error=message)
     return exit_code
+
+
+def _state(run_dir: Path) -> str | None:
+    """The state in a run directory's status.json, if it has a readable one."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads((run_dir / "status.json").read_text()).get("state")
+    return None
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import torch
 from . import checkpoint as ckpt
 from .build import (announce, apply_optim_settings, batch_tensors, build_accelerator, build_data, build_ema,
                     build_layout, build_optimizer, build_run_model, build_scheduler, class_weights,
-                    close_process_group, lock_run_dir, new_run_id, run_identity, setup_threads)
+                    close_process_group, lock_run_dir, new_run_id, run_identity, schedule_warning, setup_threads)
 from .config import ExperimentConfig
 from .configfile import save_config
 from .files import IntegrityError, WriteError
@@ -77,6 +77,9 @@ class Trainer:
         self.steps_per_epoch = len(epoch_batches(self.data.train.lengths, self.layout.global_batch, 0, 0, 1))
         self.total_steps = min(self.steps_per_epoch * cfg.train.epochs, cfg.train.max_steps or 1 << 62)
         self.scheduler = build_scheduler(cfg, self.optimizer.optimizer, self.total_steps)
+        warning = schedule_warning(cfg, self.total_steps)
+        if warning and acc.is_main_process:
+            log.warning(warning)
         self.state = TrainState(world_size=acc.num_processes)
         self.sums, self.watch = TrainSums(acc), NonFiniteWatch(acc)
         self.checkpoints = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint, acc, self.model, self.optimizer, {
@@ -100,6 +103,8 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=state.step, disable=not acc.is_main_process, unit="step",
                    dynamic_ncols=True, **_bar_intervals(sys.stderr.isatty()))
         self.model.train()
+        if self._done() and acc.is_main_process:  # a relaunch after the end (a requeue, say)
+            log.info("the run had finished at step %d: testing the best model again", state.step)
         t_log, samples_log = time.perf_counter(), state.samples_seen
         try:
             while not self._done():

@@ -75,7 +75,8 @@ def test_bad_yaml_file_names_file_and_key(tmp_path):
     p.write_text("model:\n  hidden_dim: 12\n")
     for override, message in (("train.epochs=two", "the override train.epochs=two: train.epochs: expected an integer"),
                               ("model.hidden_dim=0", "the override model.hidden_dim=0: model.hidden_dim: must be >= 1"),
-                              ("model.layers=3", "the override model.layers=3: model.layers: unknown key")):
+                              ("model.layers=3", "the override model.layers=3: model.layers: unknown key"),
+                              ("trian.epochs=2", "the override trian.epochs=2: trian: unknown key")):
         with pytest.raises(ConfigError) as info:
             load_config(p, [override])
         assert str(info.value).startswith(message) and "bad.yaml" not in str(info.value), info.value
@@ -130,6 +131,10 @@ def test_an_unknown_tracker_is_a_config_error_before_anything_starts(tmp_path):
     ("log.trackers=[wandb, tensorbord]", "ConfigError: log.trackers: unknown tracker 'tensorbord'"),
     ("model.pretrained_embeddings={tmp}/vectors.txt", "model.pretrained_embeddings: {tmp}/vectors.txt: no such file"),
     ("checkpoint.resume=never", "checkpoint.resume=never: {tmp}/used holds an earlier run (metrics.jsonl)"),
+    # the data is read as training reads it
+    ("data.label_column=category", "DataError: {tmp}/data/train.csv: no 'category' column (columns: text, label); "
+                                   "name the column with data.text_column / data.label_column (distsent-evaluate"),
+    ("data.path={tmp}/unseen", "unseen/test.csv: line 3 has label 'refund', which is not one of the classes"),
 ])
 def test_check_finds_what_would_stop_a_queued_job_and_writes_nothing(tmp_path, capsys, override, message):
     """distsent-train --check: exit 0 naming the data files found, or 2 naming the problem; no run directory."""
@@ -138,7 +143,10 @@ def test_check_finds_what_would_stop_a_queued_job_and_writes_nothing(tmp_path, c
     data = tmp_path / "data"
     data.mkdir()
     for split in ("train", "test"):
-        (data / f"{split}.csv").write_text("text,label\ngood,joy\nbad,anger\n")
+        (data / f"{split}.csv").write_text("text,label\n" + "".join(f"good {i},joy\nbad {i},anger\n" for i in range(5)))
+    (tmp_path / "unseen").mkdir()
+    (tmp_path / "unseen" / "train.csv").write_text((data / "train.csv").read_text())
+    (tmp_path / "unseen" / "test.csv").write_text("text,label\ngood,joy\nmoney back,refund\n")
     run_dir = tmp_path / ("used" if override == "checkpoint.resume=never" else "run")
     if override == "checkpoint.resume=never":
         run_dir.mkdir()
@@ -147,7 +155,19 @@ def test_check_finds_what_would_stop_a_queued_job_and_writes_nothing(tmp_path, c
     code = main(args + ([override.format(tmp=tmp_path)] if override else []))
     out, err = capsys.readouterr()
     if message is None:
-        assert code == 0 and f"config OK; data: train {data}/train.csv, test {data}/test.csv" in out, err
+        assert code == 0 and f"config OK; data: train {data}/train.csv, test {data}/test.csv: 9 train / 1 val / 10 " \
+                             f"test texts, 2 classes ['anger', 'joy']" in out, err
     else:
         assert code == 2 and message.format(tmp=tmp_path) in err, err
     assert not run_dir.exists() or [p.name for p in run_dir.iterdir()] == ["metrics.jsonl"]
+
+
+def test_help_config_shows_a_configs_values_beside_the_defaults(capsys):
+    from distsent.train import main
+
+    assert main(["--help-config"]) == 0
+    assert "\ntrain.epochs = 5: Passes over the training split." in "\n" + capsys.readouterr().out
+    assert main(["--help-config", "--config", str(CONFIGS[0].parent / "emotion.yaml"), "train.seed=3"]) == 0
+    out = "\n" + capsys.readouterr().out
+    assert "\ntrain.epochs = 8 (default 5): " in out and "\ntrain.seed = 3 (default 0): " in out
+    assert "\nmodel.cell = 'lstm': " in out  # the same as the default: shown once

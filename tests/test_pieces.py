@@ -167,6 +167,14 @@ def test_sizes_that_make_a_run_say_little_are_warned_about():
         "train.micro_batch_size 32: the 37 texts of each process divide only into 37 micro-batches of 1")
     assert layout_warning(Layout.build(64, 2, 32), 32) is None and layout_warning(Layout.build(48, 2, 16), 16) is None
     assert layout_warning(Layout.build(74, 2, 0), 0) is None
+    # a recipe's warmup on a small data set: the learning rate never reaches its peak
+    from distsent.build import schedule_warning
+    from distsent.configfile import load_config
+
+    emotion = load_config(REPO / "configs" / "emotion.yaml")  # warmup 100 steps
+    assert schedule_warning(emotion, 4000) is None
+    assert schedule_warning(emotion, 80).startswith("optim.warmup_steps=100 is not below the run's 80 steps: the "
+                                                    "learning rate never reaches optim.lr=0.002 and the cosine decay")
 
 
 def test_resume_never_refuses_a_directory_holding_an_earlier_run(tmp_path):
@@ -766,3 +774,25 @@ def test_a_checkpoint_of_an_earlier_version_saved_at_an_epochs_last_step_gets_it
     assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
     assert [(r["step"], r["val/acc"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "val/acc" in r] == ref
     assert train_rows(run_dir)[-1]["step"] == 90
+
+
+def test_a_ctrl_c_while_the_run_shuts_down_ends_it_without_a_traceback(monkeypatch, tmp_path, capsys):
+    """A second Ctrl-C in the second or so between the checkpoint of a stop and the end of the process (the run lock
+    released, the process group destroyed) ends it with exit 130 and one line. The timing cannot be hit reliably in
+    a real run, so the trainer here is a stand-in: its fit stops as a preempted run does, its close is interrupted."""
+    import distsent.trainer
+    from distsent.train import main
+
+    class Interrupted:
+        def __init__(self, cfg, stop=None):
+            pass
+
+        def fit(self):
+            raise distsent.trainer.Preempted()
+
+        def close(self):
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(distsent.trainer, "Trainer", Interrupted)
+    assert main(["--config", str(REPO / "configs" / "smoke.yaml"), f"output_dir={tmp_path / 'run'}"]) == 130
+    assert capsys.readouterr().err.strip().endswith("distsent-train: interrupted while shutting down")

@@ -225,7 +225,13 @@ def test_a_finished_run_relaunched_tests_once_more_and_a_damaged_best_stops_ever
     args = overrides(run_dir, synth_imdb)
     proc = run(launch_cmd(2, args))
     assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
+    assert "the run had finished at step" in proc.stderr
     assert len([r for r in read_jsonl(run_dir / "metrics.jsonl") if "test/acc" in r]) == 1
+    # a relaunch refused before it runs (a mistyped data path) leaves the finished run's status.json as it is
+    finished = (run_dir / "status.json").read_text()
+    proc = run(direct_cmd(overrides(run_dir, tmp_path / "nowhere")))
+    assert proc.returncode == 2 and "data.path" in proc.stderr and "its status.json is left as it is" in proc.stderr
+    assert (run_dir / "status.json").read_text() == finished and json.loads(finished)["state"] == "finished"
     weights = run_dir / "best" / "model.safetensors"
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF
