@@ -144,7 +144,11 @@ def test_a_second_launch_into_a_live_run_directory_is_refused(tmp_path, synth_im
     assert steps == list(range(1, 181))  # one writer: every step once
     assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     assert not (run_dir / "run.lock").exists()  # released when the run ended
-    # with no live owner, the same refused launch is recorded, for a scheduler to read (slurm/train.sbatch)
+    # with no live owner, the same refused launch is recorded for a scheduler to read (slurm/train.sbatch), but not
+    # over a finished run's status
+    assert run(direct_cmd(args + ["train.mixed_precision=fp16"])).returncode == 2
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    (run_dir / "status.json").write_text(json.dumps({"state": "preempted", "exit_code": 75}))
     assert run(direct_cmd(args + ["train.mixed_precision=fp16"])).returncode == 2
     assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
 

@@ -278,16 +278,16 @@ def test_changed_model_shape_is_refused_but_more_epochs_allowed(reference, synth
     assert proc.returncode == 2
     assert "model.hidden_dim: checkpoint 64, config 48" in proc.stderr
     assert (run_dir / "config.yaml").read_text() == config_before  # the refused config is not recorded
-    # starting over in a used directory would mix two runs: refused, nothing touched but the attempt's status
+    # starting over in a used directory would mix two runs: refused, nothing touched (the finished run's status
+    # included)
     def files():
-        return sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*")
-                      if p.name != "status.json")
+        return sorted((p.relative_to(run_dir), p.stat().st_mtime_ns) for p in run_dir.rglob("*"))
 
     before = files()
     proc = run(direct_cmd(overrides(run_dir, synth_imdb, **{"model.hidden_dim": 48, "checkpoint.resume": "never"})))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "holds an earlier run (checkpoints, best, metrics.jsonl)" in proc.stderr
-    assert files() == before and json.loads((run_dir / "status.json").read_text())["state"] == "failed"
+    assert files() == before and json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     # the same command on edited data (one training label flipped) is another run, not this one's resume
     import pyarrow as pa
     import pyarrow.parquet as pq
