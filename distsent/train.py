@@ -31,8 +31,8 @@ PEER_EXIT_DELAY_S = 2.0
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
-    except KeyboardInterrupt:  # a Ctrl-C while it shuts down (after status.json was written): no traceback
-        print("distsent-train: interrupted while shutting down", file=sys.stderr)
+    except KeyboardInterrupt:  # a Ctrl-C outside the run (loading, --check, shutting down): no traceback
+        print("distsent-train: interrupted (Ctrl-C)", file=sys.stderr)
         return 130
 
 

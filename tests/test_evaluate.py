@@ -284,3 +284,35 @@ def test_evaluate_loss_comes_from_the_logits_of_a_confident_model(tmp_path, caps
     assert logits.abs().max() > 40
     expected = F.binary_cross_entropy_with_logits(logits, torch.tensor(labels, dtype=torch.float64)).item()
     assert loss == pytest.approx(expected, rel=1e-6)
+
+
+def test_a_classlabel_file_is_read_by_evaluate_as_training_read_it(tmp_path, capsys):
+    """A model trained on a folder of datasets parquet files, whose ClassLabel training does not read (0/1 become
+    negative/positive; with data.label_names, integers are positions): its own test file through --file scores
+    what the same integers in a CSV score (reading them by the ClassLabel's names inverted every label)."""
+    import torch
+
+    from distsent.checkpoint import export_model
+    from distsent.configfile import load_config
+    from distsent.evaluate import main
+    from distsent.model import build_model
+    from distsent.tokenizer import train_tokenizer
+
+    texts, labels = make_reviews(40, 3)
+    save_classlabel(tmp_path / "test.parquet", ["positive", "negative"], labels, texts)
+    (tmp_path / "test.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(texts, labels)))
+    for names, extra in ((["negative", "positive"], []), (["pos", "neg"], ["data.label_names=[pos, neg]"])):
+        cfg = load_config(None, ["model.embedding_dim=16", "model.hidden_dim=16", "data.min_freq=1",
+                                 f"data.path={tmp_path}", *extra])
+        tok = train_tokenizer(texts, cfg.data)
+        torch.manual_seed(0)
+        model = tmp_path / f"best-{names[0]}"
+        export_model(model, build_model(tok.get_vocab_size(), cfg.model, 2), tok, cfg,
+                     {"step": 0, "label_names": names})
+        if extra:  # the ClassLabel's own names, for the by-name reading to have something to match
+            save_classlabel(tmp_path / "test.parquet", ["neg", "pos"], labels, texts)
+        results = []
+        for f in ("test.parquet", "test.csv"):
+            assert main(["--model", str(model), "--file", str(tmp_path / f)]) == 0, capsys.readouterr().err
+            results.append(json.loads(capsys.readouterr().out.splitlines()[0])["confusion"])
+        assert results[0] == results[1], names

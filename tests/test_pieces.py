@@ -795,4 +795,4 @@ def test_a_ctrl_c_while_the_run_shuts_down_ends_it_without_a_traceback(monkeypat
 
     monkeypatch.setattr(distsent.trainer, "Trainer", Interrupted)
     assert main(["--config", str(REPO / "configs" / "smoke.yaml"), f"output_dir={tmp_path / 'run'}"]) == 130
-    assert capsys.readouterr().err.strip().endswith("distsent-train: interrupted while shutting down")
+    assert capsys.readouterr().err.strip().endswith("distsent-train: interrupted (Ctrl-C)")

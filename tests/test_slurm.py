@@ -303,6 +303,23 @@ def test_a_failed_run_ends_the_job_with_the_trainers_exit_code(cluster, job_env,
     assert f"{data / 'test.csv'}: line 3 has label 'maybe'" in text
 
 
+def test_a_refused_relaunch_of_a_finished_run_fails_the_job_and_keeps_the_record(cluster, job_env, synth_imdb,
+                                                                                   tmp_path):
+    """The same output_dir submitted again after the run finished, with a data path that does not exist: the job
+    fails, saying the launch was refused, and status.json still says finished."""
+    run_dir = tmp_path / "runs" / "done"
+    args = [*overrides(synth_imdb, **{"train.epochs": 1}), f"output_dir={run_dir}"]
+    job = sbatch(job_env, tmp_path, [], "train.sbatch", [str(CONFIG), *args], wait=True)
+    finished = (run_dir / "status.json").read_text()
+    assert json.loads(finished)["state"] == "finished"
+    bad = [a for a in args if not a.startswith("data.path=")] + [f"data.path={tmp_path / 'nowhere'}"]
+    job = sbatch(job_env, tmp_path, [], "train.sbatch", [str(CONFIG), *bad])
+    fields, text = wait_done(job), job_logs(tmp_path)
+    assert fields["JobState"] == "FAILED" and fields["Restarts"] == "0", text[-3000:]
+    assert f"this launch was refused (see the log above); the run in {run_dir} stays finished" in text
+    assert (run_dir / "status.json").read_text() == finished
+
+
 def test_sweep_file_line_per_task_and_node_rank_per_task(cluster, tmp_path):
     """Without running anything (DISTSENT_DRY_RUN): task i takes line i of the overrides file, the run directory
     is named after the array task, and the node rank is left for each srun task's own shell to expand."""
