@@ -117,14 +117,15 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _read_lines(stream) -> list[tuple[str | None, str | None]]:
-    """(text, error) per line of a binary stream; lines that are not UTF-8 become an error, not a crash."""
+def _read_lines(stream) -> list[tuple[dict, str | None, str | None]]:
+    """({"line": n}, text, error) per line of a binary stream; lines that are not UTF-8 become an error, not a
+    crash."""
     out = []
     for n, raw in enumerate(stream, 1):
         try:
-            out.append((raw.decode("utf-8").rstrip("\r\n"), None))
+            out.append(({"line": n}, raw.decode("utf-8").rstrip("\r\n"), None))
         except UnicodeDecodeError as exc:
-            out.append((None, f"line {n}: not valid UTF-8 ({exc.reason} at byte {exc.start})"))
+            out.append(({"line": n}, None, f"line {n}: not valid UTF-8 ({exc.reason} at byte {exc.start})"))
     return out
 
 
@@ -178,14 +179,14 @@ def _run(argv: list[str] | None) -> int:
         parser.error("'-' (read stdin) cannot be mixed with texts")
     elif args.texts:
         # an argument that was not UTF-8 holds surrogates (Python's way to keep its bytes): an error, and not printed
-        items = [(t, None) if not SURROGATE.search(t) else (None, f"argument {n}: not valid UTF-8")
+        items = [({}, t, None) if not SURROGATE.search(t) else ({}, None, f"argument {n}: not valid UTF-8")
                  for n, t in enumerate(args.texts, 1)]
     else:
         parser.error("give texts, --file PATH, or - for stdin")
-    texts = [t for t, err in items if err is None]
+    texts = [t for _, t, err in items if err is None]
     results = iter(predictor.predict(texts))
-    for text, err in items:
-        record = {"error": err} if err else {"text": text[:80], **next(results)}
+    for place, text, err in items:  # place: the line of a file or stdin, as the records of a data file carry theirs
+        record = {**place, "error": err} if err else {**place, "text": text[:80], **next(results)}
         print(json.dumps(record, ensure_ascii=False))
     return 0
 

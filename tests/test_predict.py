@@ -61,6 +61,7 @@ def test_cli_arguments_file_and_stdin(model_dir, tmp_path):
     assert by_file[0]["p_positive"] == by_args[0]["p_positive"] and by_file[3]["p_positive"] == by_args[1]["p_positive"]
     assert "line 2: not valid UTF-8" in by_file[1]["error"]
     assert by_file[2]["error"].startswith("empty text")
+    assert [r["line"] for r in by_file] == [1, 2, 3, 4] and "line" not in by_args[0]
     assert predict_cli(model_dir, "-", stdin=f.read_bytes()) == by_file
 
 
