@@ -12,7 +12,6 @@ import argparse
 import io
 import json
 import os
-import re
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -23,7 +22,7 @@ from .config import ConfigError
 from .files import EXIT_WRITE, WriteError, atomic_write, writing
 from .metrics import ECE_BINS, score_logits
 from .readers import DataError, read_file
-from .sources import encode_labels, integers_are_positions, label_lookup, load_splits
+from .sources import digit_names, encode_labels, integers_are_positions, label_lookup, load_splits
 
 
 def report(result: dict, classes: list[str]) -> str:
@@ -104,8 +103,7 @@ def file_labels(split, names: list[str], cfg, where: str) -> np.ndarray:
     if hub and split.class_label and sorted(split.class_label) == sorted(names):
         file_names = split.class_label
         return by_name(encode_labels(split, file_names, label_lookup(file_names, True), where), file_names, names)
-    digits = all(re.fullmatch(r"-?\d+", n) for n in names)
-    positions = integers_are_positions(names, bool(cfg.label_names), hub and not digits)
+    positions = integers_are_positions(names, bool(cfg.label_names), hub and not digit_names(names))
     return encode_labels(split, names, label_lookup(names, positions), where)
 
 

@@ -170,10 +170,11 @@ def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
         text = record[cfg.text_column]
         if text is not None and not isinstance(text, str):
             raise DataError(f"{path}: line {n}: the text is {type(text).__name__}, expected a string")
-        if text and SURROGATE.search(text):  # "\ud83d" alone: half an emoji, from a tweet cut short; no character
+        half = SURROGATE.search(text) if text else None  # "\ud83d" alone: half an emoji, from a tweet cut short
+        if half:
             raise DataError(f"{path}: line {n}: the text holds a lone surrogate escape "
-                            f"({SURROGATE.search(text).group().encode('unicode_escape').decode()}), which is not a "
-                            f"character; remove it or write the whole character")
+                            f"({half.group().encode('unicode_escape').decode()}), which is not a character; remove it "
+                            f"or write the whole character")
         texts.append(text)
         if labeled:
             labels.append(record[cfg.label_column])

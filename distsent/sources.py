@@ -23,6 +23,7 @@ SPLITS = ("train", "validation", "test")
 SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 BINARY_NAMES = ["negative", "positive"]  # integer labels 0/1 without names: the sentiment convention
 DATA_PATH_ENV = "DISTSENT_DATA_PATH"
+INTEGER = re.compile(r"-?\d+")  # a class name that is an integer
 
 
 @dataclass
@@ -198,6 +199,11 @@ def class_names(train: RawSplit, cfg: DataConfig, hub_names: list[str] | None, w
     return names
 
 
+def digit_names(names: list[str]) -> bool:
+    """Whether every class is named by an integer ("1", "2"): classes named after integer labels."""
+    return all(INTEGER.fullmatch(n) for n in names)
+
+
 def integers_are_positions(names: list[str], label_names_given: bool, class_label: bool) -> bool:
     """Whether an integer label is a position in `names` or the class written like it. Positions: a hub ClassLabel's
     values (even where its names are digits, as yelp_polarity's "1" and "2"), and integers with data.label_names or
@@ -206,7 +212,7 @@ def integers_are_positions(names: list[str], label_names_given: bool, class_labe
     no class at all (not the class at that position)."""
     if class_label:
         return True
-    if all(re.fullmatch(r"-?\d+", n) for n in names):
+    if digit_names(names):
         return False
     return label_names_given or names == list(BINARY_NAMES)
 
@@ -221,7 +227,7 @@ def label_lookup(names: list[str], positions: bool) -> dict:
         for i in range(len(names)):
             lookup.setdefault(str(i), i)
     else:
-        lookup.update({int(n): i for i, n in enumerate(names) if re.fullmatch(r"-?\d+", n)})
+        lookup.update({int(n): i for i, n in enumerate(names) if INTEGER.fullmatch(n)})
     return lookup
 
 
