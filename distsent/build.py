@@ -264,9 +264,11 @@ def build_scheduler(cfg: ExperimentConfig, optimizer, total_steps: int):
 
 def apply_optim_settings(cfg: ExperimentConfig, optimizer, scheduler, total_steps: int) -> list[str]:
     """After a resume: the config's lr, betas and weight decay, which loading the checkpoint's optimizer and
-    scheduler state replaced with the values it was saved with. Returns the settings that changed. Unchanged
-    settings give back the very same floats, so an exact resume stays bitwise."""
+    scheduler state replaced with the values it was saved with, and the rate of the config's schedule (another
+    train.epochs or max_steps moves a decaying schedule's end). Returns what changed. Unchanged settings give back
+    the very same floats, so an exact resume stays bitwise."""
     o, changed = cfg.optim, []
+    saved_next_lr, saved_lr = scheduler.get_last_lr()[0], optimizer.param_groups[0]["initial_lr"]
     settings = {"lr": ("initial_lr", o.lr), "betas": ("betas", tuple(o.betas)),
                 "weight_decay": ("weight_decay", o.weight_decay)}
     for name, (key, value) in settings.items():
@@ -281,6 +283,10 @@ def apply_optim_settings(cfg: ExperimentConfig, optimizer, scheduler, total_step
     scheduler._last_lr = [o.lr * lr_factor(cfg, scheduler.last_epoch, total_steps)] * len(optimizer.param_groups)
     for group, lr in zip(optimizer.param_groups, scheduler._last_lr):
         group["lr"] = lr
+    # the schedule's factor moved (not only the peak rate it multiplies)
+    if not math.isclose(scheduler._last_lr[0] / o.lr, saved_next_lr / saved_lr, rel_tol=1e-9):
+        changed.append(f"the next step's learning rate {saved_next_lr:.6g} -> {scheduler._last_lr[0]:.6g} (the "
+                       f"{o.schedule} schedule now spans {total_steps} steps)")
     return changed
 
 

@@ -45,15 +45,15 @@ class DataConfig:
     hub_train_split: str = _doc("Hub split to train on.", "train", cache="split")
     hub_validation_split: str = _doc("Hub split for validation; empty: carved from training.", "", cache="split")
     hub_test_split: str = _doc("Hub split to test on.", "test", cache="split")
-    limit: int = _doc("Use at most this many training reviews (seeded random subset); 0 = all.", 0, resume=True,
+    limit: int = _doc("Use at most this many training texts (seeded random subset); 0 = all.", 0, resume=True,
                        cache="split")
-    test_limit: int = _doc("Use at most this many test reviews; 0 = all.", 0, cache="split")
-    val_fraction: float = _doc("Share of the training reviews held out for validation (model selection).", 0.1,
+    test_limit: int = _doc("Use at most this many test texts; 0 = all.", 0, cache="split")
+    val_fraction: float = _doc("Share of the training texts held out for validation (model selection).", 0.1,
                                resume=True, cache="split")
     split_seed: int = _doc("Seed of the subset and validation carving (kept apart from the training seed).", 0,
                             resume=True, cache="split")
-    max_len: int = _doc("Tokens kept per review.", 256, resume=True, cache="cut")
-    truncate: str = _doc("Which tokens a long review keeps: 'head' (the first max_len) or 'tail' (the last).", "head",
+    max_len: int = _doc("Tokens kept per text.", 256, resume=True, cache="cut")
+    truncate: str = _doc("Which tokens a long text keeps: 'head' (the first max_len) or 'tail' (the last).", "head",
                           resume=True, cache="cut")
     min_freq: int = _doc("A word needs this many occurrences in the training split to enter the vocabulary.", 5,
                           cache="vocab")
@@ -88,16 +88,16 @@ class ModelConfig:
     num_layers: int = _doc("Stacked recurrent layers.", 2, resume=True)
     dropout: float = _doc("Dropout between recurrent layers and before the classifier.", 0.5, resume=True)
     embedding_dropout: float = _doc("Dropout on the word embeddings.", 0.0, resume=True)
-    bidirectional: bool = _doc("Read each review in both directions.", False, resume=True)
-    pooling: str = _doc("How the review vector is formed: 'last' (state at the true end), 'mean', 'max' or "
+    bidirectional: bool = _doc("Read each text in both directions.", False, resume=True)
+    pooling: str = _doc("How the text vector is formed: 'last' (state at the true end), 'mean', 'max' or "
                         "'attention' over the real tokens.", "last", resume=True)
     forget_bias: float = _doc("Initial LSTM forget-gate bias (PyTorch's default init is near 0; 1.0 helps an LSTM "
-                              "carry information across long reviews from the first steps).", 0.0, resume=True)
+                              "carry information across long texts from the first steps).", 0.0, resume=True)
     pretrained_embeddings: str = _doc("Local word2vec/GloVe text file to initialise the embeddings from; empty = "
                                       "random init.", "", resume=True)
     freeze_embeddings: bool = _doc("Keep pretrained embeddings fixed during training.", False, resume=True)
     ngram_max_n: int = _doc("Longest word n-gram of a second classifier head beside the recurrent one: NBSVM-style "
-                            "logistic regression over the review's distinct words and word n-grams, each scaled by "
+                            "logistic regression over the text's distinct words and word n-grams, each scaled by "
                             "its naive-Bayes log-count ratio from the training split (2 = words and bigrams); "
                             "0 = no such head.", 0, resume=True)
     ngram_weight: float = _doc("Weight of the n-gram head's logit in the model's logit (recurrent + weight x "
@@ -174,9 +174,9 @@ class TrainConfig:
     select_metric: str = _doc("Validation metric that picks the best model (best/) and drives early stopping: 'acc' "
                               "or 'macro_f1' (the mean of the classes' F1, for imbalanced classes).", "acc",
                               resume=True)
-    class_weights: str = _doc("'none'; 'balanced': each review's loss weighted by n / (classes x reviews of its "
+    class_weights: str = _doc("'none'; 'balanced': each text's loss weighted by n / (classes x texts of its "
                               "class) over the training split, so rare classes count as much as frequent ones; "
-                              "'sqrt': the square root of that, rescaled to a mean of 1 per review (halfway, on a "
+                              "'sqrt': the square root of that, rescaled to a mean of 1 per text (halfway, on a "
                               "log scale).", "none", resume=True)
     label_smoothing: float = _doc("Label smoothing: the training target keeps 1 - this on the true class and spreads "
                                   "this evenly over all classes (0 = plain one-hot targets). train/loss is then the "

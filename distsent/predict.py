@@ -1,9 +1,9 @@
 """Prediction with a trained model folder (<run>/best): one JSON line per input text.
 
     distsent-predict --model runs/imdb_lstm/best "A wonderful film." "Dull and far too long."
-    distsent-predict --model runs/imdb_lstm/best --file reviews.txt      # one review per line
+    distsent-predict --model runs/imdb_lstm/best --file texts.txt        # one text per line
     distsent-predict --model runs/tickets/best --file new.csv            # .csv/.jsonl/.parquet: the text column
-    cat reviews.txt | distsent-predict --model runs/imdb_lstm/best -
+    cat texts.txt | distsent-predict --model runs/imdb_lstm/best -
 
 Python:  Predictor.load("runs/imdb_lstm/best").predict(["A wonderful film."])
 """
@@ -145,11 +145,11 @@ def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="distsent-predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder, e.g. runs/imdb_lstm/best")
-    parser.add_argument("--file", help="a file with one review per line, or a .csv, .jsonl or .parquet file, read as "
+    parser.add_argument("--file", help="a file with one text per line, or a .csv, .jsonl or .parquet file, read as "
                         "training reads it (texts may hold commas and newlines), whose text column is classified")
     parser.add_argument("--text-column", help="the text column of a .csv/.jsonl/.parquet --file (default: the "
                         "model's data.text_column)")
-    parser.add_argument("texts", nargs="*", help="reviews to classify; '-' reads them from stdin, one per line")
+    parser.add_argument("texts", nargs="*", help="texts to classify; '-' reads them from stdin, one per line")
     args = parser.parse_args(argv)
     table = bool(args.file) and Path(args.file).suffix.lower() in FORMATS
     if args.file and args.texts:

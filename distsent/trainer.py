@@ -335,7 +335,8 @@ class Trainer:
             self.checkpoints.restore(self.resume_from, self.identity, cfg.train.seed)
             changed = apply_optim_settings(cfg, self.optimizer.optimizer, self.scheduler, self.total_steps)
             if changed and acc.is_main_process:
-                log.warning("resuming at step %d with changed optimizer settings: %s", state.step, ", ".join(changed))
+                log.warning("resuming at step %d with changed optimizer settings or schedule: %s", state.step,
+                            ", ".join(changed))
             settle(acc, state, cfg.checkpoint.resume, self.resume_from, self.run_dir)
         else:
             ckpt.seed_dropout(cfg.train.seed, 0, acc.process_index)

@@ -588,7 +588,8 @@ def test_a_resume_trains_with_the_configs_learning_rate_betas_and_weight_decay(s
                                                                               caplog):
     """Loading a checkpoint's optimizer and scheduler state brings back the values they were saved with; a resume
     with another optim.lr, betas or weight_decay (lowering the rate after a divergence, say) must train with the
-    config's, as config.yaml then says, and say what changed. Unchanged values resume bitwise (test_resume)."""
+    config's, as config.yaml then says, and say what changed, the schedule's new length included (more steps move
+    a decaying schedule's end). Unchanged values resume bitwise (test_resume)."""
     from distsent.preemption import StopFlag
     from distsent.trainer import Trainer
 
@@ -604,8 +605,9 @@ def test_a_resume_trains_with_the_configs_learning_rate_betas_and_weight_decay(s
             groups = trainer.optimizer.optimizer.param_groups
         finally:
             trainer.close()
-    assert "changed optimizer settings: optim.lr 0.01 -> 0.5, optim.betas (0.9, 0.999) -> (0.8, 0.9), " \
-           "optim.weight_decay 0.0 -> 0.3" in caplog.text
+    assert "changed optimizer settings or schedule: optim.lr 0.01 -> 0.5, optim.betas (0.9, 0.999) -> (0.8, 0.9), " \
+           "optim.weight_decay 0.0 -> 0.3, the next step's learning rate 0.001 -> 0.32 (the linear schedule now spans " \
+           "12 steps)" in caplog.text
     assert all((g["betas"], g["weight_decay"]) == ((0.8, 0.9), 0.3) for g in groups)
     total = 12  # the schedule of the resumed run: warmup 2, then linear decay over 12 steps to 0.1 x lr
     lrs = {r["step"]: r["lr"] for r in train_rows(run_dir)}
