@@ -189,8 +189,9 @@ def batch_tensors(split: TokenizedSplit, idx: np.ndarray, device=None):
     return out[0].to(device, non_blocking=True), out[1].to(device), out[2].to(device)
 
 
-def build_run_model(cfg: ExperimentConfig, acc, data: PreparedData):
-    """The model with identical initial weights on every process, pretrained embeddings and n-gram ratios set."""
+def build_run_model(cfg: ExperimentConfig, acc, data: PreparedData, resuming: bool = False):
+    """The model with identical initial weights on every process, pretrained embeddings and n-gram ratios set. A
+    resume does not read the vectors' file (the checkpoint's weights replace them; the file may have moved)."""
     from accelerate.utils import set_seed
 
     set_seed(cfg.train.seed)
@@ -201,7 +202,10 @@ def build_run_model(cfg: ExperimentConfig, acc, data: PreparedData):
         if acc.is_main_process:
             log.warning("this %s cannot run the LSTM in bf16: the recurrent layer runs in fp32, the rest under bf16 "
                         "autocast", "GPU's cuDNN" if acc.device.type == "cuda" else "CPU (oneDNN without native bf16)")
-    if cfg.model.pretrained_embeddings:
+    if cfg.model.pretrained_embeddings and resuming:
+        for member in members(model):
+            member.embedding.weight.requires_grad_(not cfg.model.freeze_embeddings)
+    elif cfg.model.pretrained_embeddings:
         from .embeddings import init_embedding
 
         coverage = init_embedding([m.embedding for m in members(model)], cfg.model.pretrained_embeddings,
@@ -262,11 +266,14 @@ def build_scheduler(cfg: ExperimentConfig, optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, total_steps))
 
 
+OPTIMIZER_SETTINGS = ("optim.name", "optim.lr", "optim.betas", "optim.weight_decay")  # applied on a resume
+
+
 def apply_optim_settings(cfg: ExperimentConfig, optimizer, scheduler, total_steps: int) -> list[str]:
-    """After a resume: the config's lr, betas and weight decay, which loading the checkpoint's optimizer and
-    scheduler state replaced with the values it was saved with, and the rate of the config's schedule (another
-    train.epochs or max_steps moves a decaying schedule's end). Returns what changed. Unchanged settings give back
-    the very same floats, so an exact resume stays bitwise."""
+    """After a resume: the config's optimizer (adam or adamw), lr, betas and weight decay, which loading the
+    checkpoint's optimizer and scheduler state replaced with the values it was saved with, and the rate of the
+    config's schedule (another train.epochs or max_steps moves a decaying schedule's end). Returns what changed.
+    Unchanged settings give back the very same floats, so an exact resume stays bitwise."""
     o, changed = cfg.optim, []
     saved_next_lr, saved_lr = scheduler.get_last_lr()[0], optimizer.param_groups[0]["initial_lr"]
     settings = {"lr": ("initial_lr", o.lr), "betas": ("betas", tuple(o.betas)),
@@ -278,6 +285,11 @@ def apply_optim_settings(cfg: ExperimentConfig, optimizer, scheduler, total_step
             changed.append(f"optim.{name} {before} -> {value}")
         for group in optimizer.param_groups:
             group[key] = value
+    decoupled = o.name == "adamw"  # AdamW is Adam with this flag, which a checkpoint's param groups carry
+    if optimizer.param_groups[0].get("decoupled_weight_decay", decoupled) != decoupled:
+        changed.append(f"optim.name {'adam' if decoupled else 'adamw'} -> {o.name}")
+    for group in optimizer.param_groups:
+        group["decoupled_weight_decay"] = decoupled
     scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
     # the rate of the next step, as LambdaLR would have set it at its last step
     scheduler._last_lr = [o.lr * lr_factor(cfg, scheduler.last_epoch, total_steps)] * len(optimizer.param_groups)
@@ -320,21 +332,21 @@ def new_run_id(acc) -> str:
 
 
 def lock_run_dir(run_dir: Path, acc) -> RunLock:
-    """The main process takes the run directory's lock; every process raises RunLockedError if it is refused, so
-    that all of them stop together, before anything is written."""
-    lock, refused = RunLock(run_dir), ""
+    """The main process takes the run directory's lock; every process raises its RunLockedError if it is refused
+    (or its WriteError if it cannot be written), so that all of them stop together, before anything is written."""
+    lock, refused = RunLock(run_dir), None
     if acc.is_main_process:
         try:
             lock.acquire()
-        except RunLockedError as exc:
-            refused = str(exc)
+        except (RunLockedError, files.WriteError) as exc:
+            refused = exc
     try:
         refused = from_main(acc, refused)
     except BaseException:  # a peer lost (or Ctrl-C) while the refusal is shared: the lock must not outlive this
         lock.release()
         raise
-    if refused:
-        raise RunLockedError(refused)
+    if refused is not None:
+        raise refused
     return lock
 
 

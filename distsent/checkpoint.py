@@ -172,6 +172,9 @@ def verify(path: Path) -> dict:
     if (path / "checkpoints").is_dir():
         raise CheckpointError(f"{path} is a run directory, not a checkpoint: name one of its checkpoints/step-* "
                               f"folders, or resume it with output_dir={path} and checkpoint.resume=auto")
+    if by_step(path) and not (path / "state.json").exists():
+        raise CheckpointError(f"{path} is a folder of checkpoints, not a checkpoint: name one of its step-* folders, "
+                              f"or resume its run with output_dir={path.parent} and checkpoint.resume=auto")
     if (path / "tokenizer.json").is_file() and not (path / "optimizer.pt").is_file():
         raise CheckpointError(f"{path} is a model folder (such as <run>/best), which has no optimizer state to "
                               f"resume from: name a folder under <run>/checkpoints/")

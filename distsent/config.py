@@ -94,7 +94,8 @@ class ModelConfig:
     forget_bias: float = _doc("Initial LSTM forget-gate bias (PyTorch's default init is near 0; 1.0 helps an LSTM "
                               "carry information across long texts from the first steps).", 0.0, resume=True)
     pretrained_embeddings: str = _doc("Local word2vec/GloVe text file to initialise the embeddings from; empty = "
-                                      "random init.", "", resume=True)
+                                      "random init. Read by a fresh start only: a resume takes the checkpoint's "
+                                      "weights, wherever the file lies now.", "")
     freeze_embeddings: bool = _doc("Keep pretrained embeddings fixed during training.", False, resume=True)
     ngram_max_n: int = _doc("Longest word n-gram of a second classifier head beside the recurrent one: NBSVM-style "
                             "logistic regression over the text's distinct words and word n-grams, each scaled by "

@@ -165,6 +165,27 @@ def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
+def changes_since(path: str | Path, cfg: ExperimentConfig, skip: tuple[str, ...] = ()) -> list[str]:
+    """The settings of `cfg` that differ from a saved config.yaml (a run's, written by its last launch), each as
+    "key old -> new", less the keys in `skip`; none if there is no readable file."""
+    try:
+        old = yaml.safe_load(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return []
+    out = []
+
+    def walk(before: dict, now: dict, prefix: str) -> None:
+        for key, value in now.items():
+            if isinstance(value, dict) and isinstance(before.get(key), dict):
+                walk(before[key], value, f"{prefix}{key}.")
+            elif key in before and before[key] != value and prefix + key not in skip:
+                out.append(f"{prefix}{key} {before[key]!r} -> {value!r}")
+
+    if isinstance(old, dict):
+        walk(old, cfg.to_dict(), "")
+    return out
+
+
 def describe(cls=ExperimentConfig, prefix: str = "", values=None) -> list[str]:
     """One line per key with its default and documentation: the config reference. With `values` (a loaded config),
     each key shows its value there, and the default beside it where they differ."""

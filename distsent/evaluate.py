@@ -150,8 +150,11 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:  # as predict's; DataError, IntegrityError too
         print(f"distsent-evaluate: {exc}", file=sys.stderr)
         return 2
-    logits, _ = predictor.logits(split.texts)
-    result = score_logits(logits, split.labels, names)
+    import torch
+
+    heads = torch.from_numpy(predictor.logits(split.texts, heads=True)[0])
+    model = predictor.model
+    result = score_logits(model.combine(heads), split.labels, names, heads, model.head_names)
     summary = {k: v for k, v in result.items() if k != "reliability"}
     try:
         print(json.dumps(summary), flush=True)

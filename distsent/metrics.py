@@ -92,7 +92,7 @@ class EvalMetrics:
             self.confusion.update(p, target)
             self.auroc.update(p, target)
             self.ece.update(torch.stack([1 - p, p], dim=1), target)
-            self.loss.update(F.binary_cross_entropy_with_logits(logits, target.float(), reduction="sum"))
+            self.loss.update(F.binary_cross_entropy_with_logits(logits, target.double(), reduction="sum"))
         else:
             probs = torch.softmax(logits, dim=1)
             self.confusion.update(probs, target)
@@ -138,11 +138,13 @@ def per_class(cm: torch.Tensor, classes: list[str]) -> dict:
     return out
 
 
-def score_logits(logits, labels, classes: list[str]) -> dict:
+def score_logits(logits, labels, classes: list[str], head_logits=None, head_names: tuple[str, ...] = ("rnn",)) -> dict:
     """The metrics of a model's logits ([n] for two classes, [n, C] for more) against class indices in one process,
-    as training computes them, plus the reliability table behind the ECE (Calibration.table)."""
-    m = EvalMetrics("cpu", classes)
-    m.update(torch.as_tensor(np.asarray(logits, np.float64)), torch.as_tensor(np.asarray(labels, np.int64)))
+    as training computes them (with each head's accuracy, given head_logits), plus the reliability table behind
+    the ECE (Calibration.table)."""
+    m = EvalMetrics("cpu", classes, head_names)
+    m.update(torch.as_tensor(np.asarray(logits, np.float64)), torch.as_tensor(np.asarray(labels, np.int64)),
+             None if head_logits is None else torch.as_tensor(head_logits))
     return {**m.compute(), "reliability": m.ece.table()}
 
 

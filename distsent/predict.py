@@ -50,18 +50,20 @@ class Predictor:
         return cls(model, tokenizer, cfg, names, batch_size)
 
     @torch.no_grad()
-    def logits(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    def logits(self, texts: list[str], heads: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The model's logits ([texts] for two classes, [texts, classes] for more) in input order, and each text's
-        word count before truncation. The ids come from the model folder's tokenizer.json, as for anyone who loads
-        it with the tokenizers library."""
+        word count before truncation; with heads=True, each classifier head's logits instead ([texts, heads] or
+        [texts, heads, classes]; model.combine gives the model's). The ids come from the model folder's
+        tokenizer.json, as for anyone who loads it with the tokenizers library."""
         split, words = encode(self.tokenizer, texts, self.cfg.data.max_len, self.cfg.data.truncate, with_counts=True)
         classes = len(self.label_names)
-        out = np.zeros((len(texts),) if classes == 2 else (len(texts), classes), dtype=np.float32)
+        shape = (len(texts), len(self.model.head_names)) if heads else (len(texts),)
+        out = np.zeros(shape if classes == 2 else (*shape, classes), dtype=np.float32)
         order = np.argsort(split.lengths, kind="stable")
         for i in range(0, len(order), self.batch_size):
             idx = order[i: i + self.batch_size]
             ids, lengths = split.batch(idx)
-            out[idx] = self.model(torch.from_numpy(ids), torch.from_numpy(lengths)).float().numpy()
+            out[idx] = self.model(torch.from_numpy(ids), torch.from_numpy(lengths), heads=heads).float().numpy()
         return out, words
 
     def probabilities(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

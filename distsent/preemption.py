@@ -16,6 +16,13 @@ EXIT_PREEMPTED = 75
 _PR_SET_PDEATHSIG = 1
 
 
+class Preempted(SystemExit):
+    """The run stopped on a signal after writing its checkpoint (exit status 75)."""
+
+    def __init__(self):
+        super().__init__(EXIT_PREEMPTED)
+
+
 class StopFlag:
     """Catches the stop signals. The handler only records the signal: saving happens in the training loop."""
 

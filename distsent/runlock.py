@@ -9,6 +9,7 @@ earlier attempt of the same Slurm job (a requeued job runs again under its id).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -17,7 +18,7 @@ import threading
 import time
 from pathlib import Path
 
-from .files import atomic_write
+from .files import WriteError, atomic_write, writing
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +27,8 @@ LOCK = "run.lock"
 
 class RunLockedError(RuntimeError):
     """The run directory belongs to a live run; the message names it and how to proceed."""
+
+    exit_code = 2  # carried to the other processes by together.agree
 
 
 def _pid_alive(pid: int) -> bool:
@@ -53,6 +56,7 @@ class RunLock:
                    "started": time.time(), "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.lost: RunLockedError | None = None  # set by the heartbeat if another launch took the directory over
 
     def _read(self) -> dict | None:
         try:
@@ -89,7 +93,8 @@ class RunLock:
         return held if held is not None and self._why_dead(held) is None else None
 
     def acquire(self) -> None:
-        """Take the lock, or RunLockedError naming the live owner."""
+        """Take the lock, or RunLockedError naming the live owner; WriteError if it cannot be written (a full
+        disk, a read-only filesystem), leaving no empty lock behind to refuse the next launch."""
         held = self._read()
         if held is not None:
             why = self._why_dead(held)
@@ -104,13 +109,20 @@ class RunLock:
                     f"is dead, its lock is taken over once the heartbeat is {self.stale_s:.0f} s old, or delete "
                     f"{self.path}.")
             log.warning("taking over %s from a run that ended without releasing it: %s", self.path, why)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        if held is None:  # created exclusively: of two launches at the same instant, one wins
-            try:
-                os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
-            except FileExistsError:
-                return self.acquire()  # the other launch won: refused now that its lock is there
-        self._write()
+        with writing(self.path):
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            if held is None:  # created exclusively: of two launches at the same instant, one wins
+                try:
+                    os.close(os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+                except FileExistsError:
+                    return self.acquire()  # the other launch won: refused now that its lock is there
+        try:
+            self._write()
+        except WriteError:
+            if held is None:  # the empty file just created would pass for a live run's for stale_s
+                with contextlib.suppress(OSError):
+                    self.path.unlink()
+            raise
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
 
@@ -119,6 +131,15 @@ class RunLock:
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
+            held = self._read() or {}
+            if "pid" in held and (held.get("host"), held["pid"]) != (self.me["host"], self.me["pid"]):
+                # this process was stalled (suspended, stopped) past stale_s and another launch took the run over:
+                # refreshing would make two runs write one directory; the trainer stops at its next step
+                self.lost = RunLockedError(
+                    f"{self.path.parent} was taken over by another launch (host {held.get('host')}, pid "
+                    f"{held['pid']}) while this process was stalled for over {self.stale_s:.0f} s; this process "
+                    f"stops without writing to it again")
+                return
             try:
                 self._write()
             except OSError as exc:  # a full disk must not kill the run; a stale heartbeat only risks a takeover

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from .files import WriteError, atomic_write, writing
+from .preemption import EXIT_PREEMPTED
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +190,9 @@ class RunLog:
                 log.warning("trackers %s could not start (%s: %s); training goes on, metrics go to %s",
                             cfg.log.trackers, type(exc).__name__, exc, self.path)
 
-    def log(self, metrics: dict, step: int) -> None:
+    def log(self, metrics: dict, step: int, history: bool = True) -> None:
+        """A row of metrics.jsonl, and of the trackers' history unless `history` is False (a step W&B has passed:
+        it would drop the row with a warning)."""
         if not self.active:
             return
         if self.failure is None:
@@ -201,7 +204,7 @@ class RunLog:
                 self.failure = exc
                 with contextlib.suppress(OSError):  # no partial line left behind
                     os.truncate(self.path, size)
-        if self.trackers_on:
+        if self.trackers_on and history:
             try:  # numbers only: the confusion matrix goes to W&B as a plot (log_wandb)
                 self.accelerator.log({k: v for k, v in metrics.items() if not isinstance(v, list)}, step=step)
             except Exception as exc:
@@ -253,12 +256,22 @@ class RunLog:
         except Exception as exc:
             log.warning("tracker summary failed (%s: %s)", type(exc).__name__, exc)
 
-    def finish(self) -> None:
-        if self.active and self.trackers_on:
+    def finish(self, exit_code: int = 0) -> None:
+        """Close the trackers; W&B learns how the run ended (a preempted run is marked so, a failed one shows its
+        exit code, not "finished"). Not Accelerate's end_training(): it also destroys the process group, which
+        Trainer.close() does after releasing the DDP wrapper."""
+        if not (self.active and self.trackers_on):
+            return
+        for tracker in self.accelerator.trackers:
             try:
-                self.accelerator.end_training()
+                if tracker.name != "wandb":
+                    tracker.finish()
+                    continue
+                if exit_code == EXIT_PREEMPTED:
+                    tracker.run.mark_preempting()
+                tracker.run.finish(exit_code=exit_code)
             except Exception as exc:
-                log.warning("trackers did not close cleanly (%s: %s)", type(exc).__name__, exc)
+                log.warning("tracker %s did not close cleanly (%s: %s)", tracker.name, type(exc).__name__, exc)
 
 
 class DebugRecords:

@@ -14,15 +14,15 @@ import numpy as np
 import torch
 
 from . import checkpoint as ckpt
-from .build import (announce, apply_optim_settings, batch_tensors, build_accelerator, build_data, build_ema,
-                    build_layout, build_optimizer, build_run_model, build_scheduler, class_weights,
+from .build import (OPTIMIZER_SETTINGS, announce, apply_optim_settings, batch_tensors, build_accelerator, build_data,
+                    build_ema, build_layout, build_optimizer, build_run_model, build_scheduler, class_weights,
                     close_process_group, lock_run_dir, new_run_id, run_identity, schedule_warning, setup_threads)
 from .config import ExperimentConfig
-from .configfile import save_config
-from .files import IntegrityError, WriteError
+from .configfile import changes_since, save_config
+from .files import IntegrityError, WriteError, writing
 from .metrics import EXIT_NONFINITE, EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums
 from .model import Ensemble
-from .preemption import EXIT_PREEMPTED, StopFlag
+from .preemption import EXIT_PREEMPTED, Preempted, StopFlag
 from .resume import resume_path, settle
 from .sampler import epoch_batches
 from .sources import located
@@ -34,17 +34,13 @@ from .tracking import DebugRecords, RunLog, eval_media, example_predictions, lau
 log = logging.getLogger("distsent")
 
 
-class Preempted(SystemExit):
-    def __init__(self):
-        super().__init__(EXIT_PREEMPTED)
-
-
 class Trainer:
     """Assembles the run from its config (build.py), then `fit()` trains, evaluates, checkpoints and tests."""
 
     def __init__(self, cfg: ExperimentConfig, stop: StopFlag | None = None):
         self.cfg, self.run_dir = cfg, Path(cfg.output_dir)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        with writing(self.run_dir):  # a read-only filesystem: one line naming it
+            self.run_dir.mkdir(parents=True, exist_ok=True)
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)
         self.layout = build_layout(cfg, acc)
         self.lock = lock_run_dir(self.run_dir, acc)  # a second launch into this directory stops here
@@ -69,7 +65,7 @@ class Trainer:
         fail_together(acc, failure, "find the checkpoint to resume from")
         self.resume_from = from_main(acc, resume_from)
         self.data, self.prepare_s = build_data(cfg, acc, self.run_dir, resuming=self.resume_from is not None)
-        model = build_run_model(cfg, acc, self.data)
+        model = build_run_model(cfg, acc, self.data, resuming=self.resume_from is not None)
         self.model, self.optimizer = acc.prepare(model, build_optimizer(cfg, model))
         self.raw_model = acc.unwrap_model(self.model)
         self.ema = build_ema(cfg, self.raw_model)
@@ -103,7 +99,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=state.step, disable=not acc.is_main_process, unit="step",
                    dynamic_ncols=True, **_bar_intervals(sys.stderr.isatty()))
         self.model.train()
-        if self._done() and acc.is_main_process:  # a relaunch after the end (a requeue, say)
+        if self.ended_before and acc.is_main_process:  # a relaunch after the end (a requeue, say)
             log.info("the run had finished at step %d: testing the best model again", state.step)
         t_log, samples_log = time.perf_counter(), state.samples_seen
         try:
@@ -141,8 +137,11 @@ class Trainer:
                                     "throughput/epoch_samples_per_s": samples / train_s,
                                     "throughput/epoch_tokens_per_s": tokens / train_s}, state.step)
                         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-                    # one tiny all-reduce: every process stops at the same step, on a signal or a failed write
-                    stopping = self.stop.agreed(acc, runlog.failure, f"write {runlog.path}")
+                    # one tiny all-reduce: every process stops at the same step, on a signal, a failed write or
+                    # the run directory taken over by another launch while this one was stalled
+                    failure = runlog.failure or self.lock.lost
+                    what = f"write {runlog.path}" if runlog.failure else f"keep {self.lock.path}"
+                    stopping = self.stop.agreed(acc, failure, what)
                     if stopping or last or state.stopped_early or self.checkpoints.due(state.step):
                         self.watch.check()
                         self.checkpoints.save(state.step, self.identity)
@@ -157,8 +156,7 @@ class Trainer:
             self._write_records(runlog, state="finished", step=state.step, exit_code=0)
         except (Preempted, NonFiniteError, WriteError, PeerFailed) as exc:
             bar.close()
-            self._record_failure(exc)
-            runlog.finish()
+            runlog.finish(self._record_failure(exc))
             raise
         runlog.finish()
         return result
@@ -238,8 +236,9 @@ class Trainer:
         out = scores.compute()
         return {**out, "samples_per_s": out["n"] / (time.perf_counter() - t0)}
 
-    def _record_failure(self, exc: BaseException) -> None:
-        """status.json for a run that stops early: preempted (checkpoint written) or failed, with the error."""
+    def _record_failure(self, exc: BaseException) -> int:
+        """status.json for a run that stops early: preempted (checkpoint written) or failed, with the error; returns
+        the exit code."""
         state, self.failure_recorded = self.state, True
         if isinstance(exc, Preempted):
             status = {"state": "preempted", "exit_code": EXIT_PREEMPTED}
@@ -257,6 +256,7 @@ class Trainer:
                 write_status(self.run_dir, step=state.step, **status)
             except WriteError as write_exc:  # already stopping on an error: say this one too, do not mask it
                 log.error("%s (the run's state: %s)", write_exc, status)
+        return status["exit_code"]
 
     def _write_records(self, runlog: RunLog, config: bool = False, **status) -> None:
         """Collective: the status (and with config, the run's config.yaml) on the main process, failing on every
@@ -316,7 +316,7 @@ class Trainer:
         ckpt.load_weights(best, self.eval_model)
         metrics = self.evaluate(self.data.test)
         state = self.state
-        runlog.log({f"test/{k}": v for k, v in metrics.items()}, state.step)
+        runlog.log({f"test/{k}": v for k, v in metrics.items()}, state.step, history=not self.ended_before)
         runlog.summary({f"test/{k}": v for k, v in metrics.items()})
         runlog.log_model(best, f"model-{state.run_id}", {
             "step": state.best_step, f"val_{self.cfg.train.select_metric}": state.best_val_acc,
@@ -334,9 +334,10 @@ class Trainer:
         if self.resume_from is not None:
             self.checkpoints.restore(self.resume_from, self.identity, cfg.train.seed)
             changed = apply_optim_settings(cfg, self.optimizer.optimizer, self.scheduler, self.total_steps)
+            # the rest of the config against the last launch's (the optimizer's are read from the checkpoint)
+            changed += changes_since(self.run_dir / "config.yaml", cfg, OPTIMIZER_SETTINGS)
             if changed and acc.is_main_process:
-                log.warning("resuming at step %d with changed optimizer settings or schedule: %s", state.step,
-                            ", ".join(changed))
+                log.warning("resuming at step %d with changed settings: %s", state.step, ", ".join(changed))
             settle(acc, state, cfg.checkpoint.resume, self.resume_from, self.run_dir)
         else:
             ckpt.seed_dropout(cfg.train.seed, 0, acc.process_index)
@@ -351,13 +352,16 @@ class Trainer:
             if not (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
                 self._validate(runlog)
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
-        # a resumed run logs its start-up rows at its first new step: the checkpoint's step is already in W&B
+        # a resumed run logs its start-up rows at its first new step: the checkpoint's step is already in W&B; a
+        # relaunch after the end has none: its rows go to metrics.jsonl and W&B's summary, not W&B's history
+        self.ended_before = self.resume_from is not None and self._done()
         row = {"data/prepare_s": self.prepare_s, "data/cache_hit": int(self.data.cache_hit)}
         for event in state.world_size_changes:
             if event["step"] == state.step:
                 row.update({"event/world_size_old": event["old_world_size"],
                             "event/world_size_new": event["new_world_size"]})
-        runlog.log(row, state.step + (1 if self.resume_from else 0))
+        runlog.log(row, state.step + (1 if self.resume_from and not self.ended_before else 0),
+                   history=not self.ended_before)
         # the resolved config.yaml only now: a refused resume leaves the directory's config as it was
         self._write_records(runlog, config=True, state="running", step=state.step, pid=os.getpid())
         return runlog
@@ -366,11 +370,10 @@ class Trainer:
         return self.state.epoch + self.state.batch_in_epoch / self.steps_per_epoch
 
     def close(self) -> None:
-        """Release the DDP wrapper (its reducer holds the process group and the last step's all-reduce work),
-        the optimizer and Accelerate's references to them while the interpreter is fully alive, then destroy the
-        process group. Left to interpreter exit, gloo's threads could still hold that work when the tensors in it
-        are freed, and the process aborts after a finished run ("terminate called without an active exception";
-        seen in 3 of 6 two-process runs before this)."""
+        """Release the DDP wrapper (its reducer holds the process group and the last step's all-reduce work) and
+        the optimizer while the interpreter is fully alive, then destroy the process group: left to interpreter
+        exit, gloo's threads could still hold that work when its tensors are freed, and the process aborts
+        ("terminate called without an active exception"; seen in 3 of 6 two-process runs before this)."""
         import gc
 
         self.accelerator.free_memory()

@@ -83,6 +83,12 @@ def test_best_recipe_trains_in_two_processes_and_predicts(tmp_path, synth_imdb, 
     right = ((heads > 0) == torch.tensor(labels).bool().unsqueeze(1)).float().mean(0).tolist()
     # (one review of slack: here all 400 are padded to one batch, in the run each process sorted its own)
     assert [test["test/acc_rnn"], test["test/acc_ngram"]] == pytest.approx(right, abs=1 / 400 + 1e-9)
+    # distsent-evaluate reports the same metrics, each head's accuracy included
+    scored = run([sys.executable, "-m", "distsent.evaluate", "--model", str(run_dir / "best"), "--split", "test"])
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    evaluated = json.loads(scored.stdout)
+    for key in ("acc", "acc_rnn", "acc_ngram", "macro_f1", "roc_auc"):
+        assert evaluated[key] == pytest.approx(test[f"test/{key}"], abs=1e-6), key
     with safe_open(str(run_dir / "best" / "model.safetensors"), "pt") as f:
         ratio = f.get_tensor("ngrams.ratio")  # the naive-Bayes ratios travel with the model
         assert ratio.shape[0] > 4096 and ratio.abs().max() > 0

@@ -537,6 +537,39 @@ def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, monke
         assert not lock_file.exists()
 
 
+def test_a_stalled_run_whose_lock_was_taken_over_stops_refreshing_it(tmp_path):
+    """A run stopped past the lock's staleness (Slurm suspend, kill -STOP, a paused VM; here a real SIGSTOP) loses
+    its directory to a new launch; once it continues, its heartbeat must see the new owner's lock and give up
+    (the trainer then stops at its next step, without writing) instead of writing its own back over it."""
+    from distsent.runlock import RunLock
+
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import sys, time\n"
+        "from distsent.runlock import RunLock\n"
+        "lock = RunLock(sys.argv[1], heartbeat_s=0.1, stale_s=0.5)\n"
+        "lock.acquire()\n"
+        "print('held', flush=True)\n"
+        "while lock.lost is None:\n"
+        "    time.sleep(0.05)\n"
+        "print(lock.lost, flush=True)\n"
+        "lock.release()\n"), str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        os.kill(holder.pid, signal.SIGSTOP)
+        time.sleep(1.0)
+        new = RunLock(tmp_path, heartbeat_s=0.1, stale_s=0.5)
+        new.acquire()  # its heartbeat is stale: taken over
+        os.kill(holder.pid, signal.SIGCONT)
+        out, _ = holder.communicate(timeout=20)
+        assert f"was taken over by another launch (host {new.me['host']}, pid {os.getpid()})" in out
+        time.sleep(0.3)
+        assert json.loads((tmp_path / "run.lock").read_text())["pid"] == os.getpid()  # not written back over
+        new.release()
+        assert not (tmp_path / "run.lock").exists()
+    finally:
+        holder.kill()
+
+
 def test_the_run_lock_is_released_when_sharing_the_decision_fails(tmp_path, monkeypatch):
     """The main process has taken the lock, then the collective that tells the others fails (a peer lost at that
     moment: from_main is replaced by one that raises, the only stand-in here, since a peer cannot be made to die
@@ -584,10 +617,43 @@ def test_a_non_finite_gradient_stops_the_run_before_anything_is_written(synth_im
     assert [r["step"] for r in train_rows(run_dir)] == [3] and not (run_dir / "best").exists()
 
 
+@pytest.mark.slow
+def test_a_run_whose_directory_was_taken_over_stops_without_writing(synth_imdb, tmp_path, cache_env):
+    """The lock's heartbeat found another launch's lock (test_a_stalled_run_whose_lock_was_taken_over_...; set here
+    during step 5, the only stand-in: a real takeover needs a minute-long stall): the run stops at that step's end
+    with RunLockedError, writing no checkpoint, metrics row or status there, and leaves the new owner's lock."""
+    from distsent.preemption import StopFlag
+    from distsent.runlock import RunLockedError
+    from distsent.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{
+        "checkpoint.every": 4, "train.log_every": 3, "train.eval_every": 100}))
+    trainer = Trainer(cfg, stop=StopFlag([]))
+    step = trainer.train_step
+
+    def taken_over_in_step_5(batch):
+        step(batch)
+        if trainer.state.step == 4:
+            trainer.lock.lost = RunLockedError("taken over")
+            (run_dir / "run.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": time.time()}))
+
+    trainer.train_step = taken_over_in_step_5
+    try:
+        with pytest.raises(RunLockedError, match="taken over"):
+            trainer.fit()
+    finally:
+        trainer.close()
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000004"]
+    assert [r["step"] for r in train_rows(run_dir)] == [3]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "running"  # the new owner's to write
+    assert json.loads((run_dir / "run.lock").read_text())["host"] == "elsewhere"
+
+
 def test_a_resume_trains_with_the_configs_learning_rate_betas_and_weight_decay(synth_imdb, tmp_path, cache_env,
                                                                               caplog):
     """Loading a checkpoint's optimizer and scheduler state brings back the values they were saved with; a resume
-    with another optim.lr, betas or weight_decay (lowering the rate after a divergence, say) must train with the
+    with another optim.name, lr, betas or weight_decay (lowering the rate after a divergence, say) must train with the
     config's, as config.yaml then says, and say what changed, the schedule's new length included (more steps move
     a decaying schedule's end). Unchanged values resume bitwise (test_resume)."""
     from distsent.preemption import StopFlag
@@ -595,8 +661,9 @@ def test_a_resume_trains_with_the_configs_learning_rate_betas_and_weight_decay(s
 
     run_dir = tmp_path / "run"
     base = {"train.max_steps": 6, "checkpoint.every": 3, "optim.schedule": "linear", "optim.warmup_steps": 2,
-            "optim.min_lr_ratio": 0.1, "optim.lr": 0.01}
-    for extra in ({}, {"train.max_steps": 12, "optim.lr": 0.5, "optim.weight_decay": 0.3, "optim.betas": "[0.8, 0.9]"}):
+            "optim.min_lr_ratio": 0.1, "optim.lr": 0.01, "optim.name": "adamw"}
+    for extra in ({}, {"train.max_steps": 12, "optim.lr": 0.5, "optim.weight_decay": 0.3, "optim.betas": "[0.8, 0.9]",
+                       "optim.name": "adam", "optim.clip_grad_norm": 0.5}):
         cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{**base, **extra}))
         trainer = Trainer(cfg, stop=StopFlag([]))
         try:
@@ -605,15 +672,45 @@ def test_a_resume_trains_with_the_configs_learning_rate_betas_and_weight_decay(s
             groups = trainer.optimizer.optimizer.param_groups
         finally:
             trainer.close()
-    assert "changed optimizer settings or schedule: optim.lr 0.01 -> 0.5, optim.betas (0.9, 0.999) -> (0.8, 0.9), " \
-           "optim.weight_decay 0.0 -> 0.3, the next step's learning rate 0.001 -> 0.32 (the linear schedule now spans " \
-           "12 steps)" in caplog.text
-    assert all((g["betas"], g["weight_decay"]) == ((0.8, 0.9), 0.3) for g in groups)
+    assert "changed settings: optim.lr 0.01 -> 0.5, optim.betas (0.9, 0.999) -> (0.8, 0.9), " \
+           "optim.weight_decay 0.0 -> 0.3, optim.name adamw -> adam, the next step's learning rate 0.001 -> 0.32 " \
+           "(the linear schedule now spans 12 steps), optim.clip_grad_norm 5.0 -> 0.5, train.max_steps 6 -> 12" \
+           in caplog.text  # the rest read against the run's config.yaml
+    # Adam, not AdamW: the flag that tells them apart travels in the checkpoint's param groups
+    assert all((g["betas"], g["weight_decay"], g["decoupled_weight_decay"]) == ((0.8, 0.9), 0.3, False) for g in groups)
     total = 12  # the schedule of the resumed run: warmup 2, then linear decay over 12 steps to 0.1 x lr
     lrs = {r["step"]: r["lr"] for r in train_rows(run_dir)}
     for step in range(7, 13):  # the rate logged after step s is the one step s + 1 trains with
         assert lrs[step] == pytest.approx(0.5 * lr_factor(cfg, step, total)), step
     assert lrs[6] == pytest.approx(0.01 * lr_factor(cfg, 6, 6))
+
+def test_a_resume_does_not_need_the_pretrained_vectors_file(synth_imdb, tmp_path, cache_env, caplog):
+    """The vectors initialise a fresh start only; a resume takes the checkpoint's weights. A vectors file moved
+    since (to a node-local disk, say) neither blocks the resume nor is read again, and frozen embeddings stay
+    frozen; the change of path is logged."""
+    from distsent.preemption import StopFlag
+    from distsent.trainer import Trainer
+
+    vectors = tmp_path / "vectors.txt"
+    vectors.write_text("good0 " + " ".join(["0.25"] * 32) + "\n")
+    run_dir = tmp_path / "run"
+    embeddings = []
+    for steps, path in ((3, vectors), (6, tmp_path / "moved" / "vectors.txt")):
+        cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{
+            "train.max_steps": steps, "checkpoint.every": 3, "model.pretrained_embeddings": path,
+            "model.freeze_embeddings": "true"}))
+        trainer = Trainer(cfg, stop=StopFlag([]))
+        try:
+            with caplog.at_level("WARNING"):
+                trainer.fit()
+            embeddings.append(trainer.raw_model.embedding.weight.detach().clone())
+            good = trainer.data.tokenizer.token_to_id("good0")
+        finally:
+            trainer.close()
+    assert f"model.pretrained_embeddings '{vectors}' -> '{tmp_path / 'moved' / 'vectors.txt'}'" in caplog.text
+    assert torch.equal(embeddings[0], embeddings[1])  # frozen through the resume
+    assert embeddings[1][good].tolist() == [0.25] * 32
+
 
 def test_a_rollback_abandons_the_newer_checkpoints_and_a_branch_is_a_run_of_its_own(synth_imdb, tmp_path, cache_env,
                                                                                     caplog):
@@ -790,7 +887,7 @@ def test_a_ctrl_c_while_the_run_shuts_down_ends_it_without_a_traceback(monkeypat
             pass
 
         def fit(self):
-            raise distsent.trainer.Preempted()
+            raise distsent.preemption.Preempted()
 
         def close(self):
             raise KeyboardInterrupt

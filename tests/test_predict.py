@@ -121,8 +121,8 @@ def test_probability_is_that_of_the_predicted_label(model_dir, bias, label):
 
 
 def test_a_checkpoint_a_model_folder_and_a_run_directory_are_told_apart(model_dir, tmp_path):
-    """The three folders a run writes, each named where another is expected: predict on a checkpoint, a resume from
-    best/ or from the run directory itself; each error says what the folder is and which one to use."""
+    """The folders a run writes, each named where another is expected: predict on a checkpoint, a resume from best/,
+    from the run directory itself or from its checkpoints/; each error says what the folder is and which to use."""
     from distsent import checkpoint as ckpt
     from distsent.files import IntegrityError
 
@@ -136,6 +136,8 @@ def test_a_checkpoint_a_model_folder_and_a_run_directory_are_told_apart(model_di
         ckpt.verify(model_dir)
     with pytest.raises(ckpt.CheckpointError, match="is a run directory, not a checkpoint: name one of its"):
         ckpt.verify(tmp_path / "run")
+    with pytest.raises(ckpt.CheckpointError, match="is a folder of checkpoints, not a checkpoint: name one of its"):
+        ckpt.verify(tmp_path / "run" / "checkpoints")
 
 
 

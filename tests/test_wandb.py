@@ -87,6 +87,20 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, synth_imdb, cache_en
     steps2 = [r["_step"] for r in history(records(second)) if "train/loss" in r]
     assert max(steps1) <= stopped < min(steps2)
     assert sorted(steps1 + steps2) == list(range(5, 136, 5))  # continuing steps, none twice, none lost
+    # W&B knows how each launch ended: the first was preempted (exit 75), not "finished"
+    exits = [[r["exit"]["exit_code"] for r in records(d) if r["type"] == "exit"] for d in (first, second)]
+    assert exits == [[75], [0]]
+    assert any(r["type"] == "preempting" for r in records(first))
+
+    # a relaunch after the end (a requeue, say) tests again: nothing goes to W&B's history below the step it has
+    # reached (W&B would drop it with a warning), the test results reach the summary, metrics.jsonl stays in order
+    again = run(launch_cmd(1, args))
+    assert again.returncode == 0 and "Tried to log to step" not in again.stderr, again.stderr[-3000:]
+    third = offline_runs(run_dir)[-1]
+    assert third != second and not history(records(third))
+    assert summary(third)["summary"]["test/acc"] == summary(second)["summary"]["test/acc"]
+    steps = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")]
+    assert steps == sorted(steps) and steps[-1] == 135
 
 
 @pytest.mark.parametrize("how", ["disabled", "unwritable"])

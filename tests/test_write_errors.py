@@ -160,3 +160,37 @@ def test_run_records_on_a_full_then_read_only_disk(small_disk):
     subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
     with pytest.raises(WriteError, match=f"cannot write {small_disk / 'status.json'}: Read-only file system"):
         write_status(small_disk, state="finished", step=step)
+
+
+def test_a_run_lock_that_cannot_be_written_leaves_no_lock_behind(small_disk, synth_imdb, cache_env):
+    """A launch into a full disk or a read-only filesystem stops at its run lock with one line naming it, on both
+    processes (no collective traceback); it leaves no empty run.lock, which would pass for a live run's and refuse
+    the next launch, and status.json says failed. With space again, the same command starts at once."""
+    from distsent.files import WriteError
+    from distsent.runlock import RunLock
+
+    run_dir = small_disk / "run"
+    run_dir.mkdir()
+    (run_dir / "status.json").write_text(json.dumps({"state": "preempted", "exit_code": 75}))
+    filler = fill_disk(small_disk)
+    args = tiny_overrides(run_dir, synth_imdb, **{"train.max_steps": 2})
+    proc = run(launch_cmd(2, args))
+    assert proc.returncode != 0
+    cause = f"distsent-train: WriteError: cannot write {run_dir / 'run.lock'}: No space left on device"
+    assert proc.stderr.count(cause) == 2, proc.stderr[-3000:]  # each process says it, neither dies in a collective
+    assert "Connection" not in proc.stderr and "gloo" not in proc.stderr.lower()
+    assert f'File "{REPO / "distsent"}' not in proc.stderr  # no traceback of ours (the launcher prints its own)
+    assert not (run_dir / "run.lock").exists()
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
+
+    filler.unlink()
+    (run_dir / "status.json").unlink()
+    subprocess.run(["mount", "-o", "remount,ro", str(small_disk)], check=True)
+    with pytest.raises(WriteError, match=f"cannot write {run_dir / 'run.lock'}: Read-only file system"):
+        RunLock(run_dir).acquire()
+    new = run(direct_cmd(tiny_overrides(small_disk / "new", synth_imdb)))  # a run directory that cannot be made
+    assert new.returncode == 74, new.stderr[-3000:]
+    assert f"distsent-train: WriteError: cannot write {small_disk / 'new'}: Read-only file system" in new.stderr
+    subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
+    again = run(direct_cmd(args))
+    assert again.returncode == 0, again.stderr[-3000:]
