@@ -52,7 +52,7 @@ def build_accelerator(cfg: ExperimentConfig, run_dir: Path):
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     # None: take the launch config's (ACCELERATE_MIXED_PRECISION)
-    mp, why = resolve(cfg.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu")
+    mp, why = resolve(cfg.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu", cfg.model.cell)
     mp = mp or None
     # Accelerate's own multi-CPU launch goes through mpirun; under torchrun (accelerate launch --multi_gpu) on a
     # machine without GPUs, cpu=True gives DDP over gloo instead of N unconnected single processes.
@@ -189,6 +189,13 @@ def batch_tensors(split: TokenizedSplit, idx: np.ndarray, device=None):
     return out[0].to(device, non_blocking=True), out[1].to(device), out[2].to(device)
 
 
+def check_new_model(cfg: ExperimentConfig) -> None:
+    """What a new run's model refuses (a resumed one keeps what it was trained with)."""
+    if cfg.model.freeze_embeddings and not cfg.model.pretrained_embeddings:
+        raise ConfigError("model.freeze_embeddings: needs model.pretrained_embeddings (random embeddings kept fixed "
+                          "would never learn)")
+
+
 def build_run_model(cfg: ExperimentConfig, acc, data: PreparedData, resuming: bool = False):
     """The model with identical initial weights on every process, pretrained embeddings and n-gram ratios set. A
     resume does not read the vectors' file (the checkpoint's weights replace them; the file may have moved)."""
@@ -202,6 +209,8 @@ def build_run_model(cfg: ExperimentConfig, acc, data: PreparedData, resuming: bo
         if acc.is_main_process:
             log.warning("this %s cannot run the LSTM in bf16: the recurrent layer runs in fp32, the rest under bf16 "
                         "autocast", "GPU's cuDNN" if acc.device.type == "cuda" else "CPU (oneDNN without native bf16)")
+    if not resuming:
+        check_new_model(cfg)
     if cfg.model.pretrained_embeddings and resuming:
         for member in members(model):
             member.embedding.weight.requires_grad_(not cfg.model.freeze_embeddings)

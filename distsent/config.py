@@ -72,6 +72,7 @@ class DataConfig:
         _check_min("data.bucket_batches", self.bucket_batches, 1)
         _check_min("data.limit", self.limit, 0)
         _check_min("data.test_limit", self.test_limit, 0)
+        _check_range("data.split_seed", self.split_seed, 0, 2**32 - 1)  # numpy's seeds
 
     def stage_settings(self, stage: str) -> dict:
         """The settings that change one stage of data preparation ("split", "vocab" or "cut"): its cache key."""
@@ -92,11 +93,13 @@ class ModelConfig:
     pooling: str = _doc("How the text vector is formed: 'last' (state at the true end), 'mean', 'max' or "
                         "'attention' over the real tokens.", "last", resume=True)
     forget_bias: float = _doc("Initial LSTM forget-gate bias (PyTorch's default init is near 0; 1.0 helps an LSTM "
-                              "carry information across long texts from the first steps).", 0.0, resume=True)
+                              "carry information across long texts from the first steps). A GRU, which has no forget "
+                              "gate, ignores it.", 0.0, resume=True)
     pretrained_embeddings: str = _doc("Local word2vec/GloVe text file to initialise the embeddings from; empty = "
                                       "random init. Read by a fresh start only: a resume takes the checkpoint's "
                                       "weights, wherever the file lies now.", "")
-    freeze_embeddings: bool = _doc("Keep pretrained embeddings fixed during training.", False, resume=True)
+    freeze_embeddings: bool = _doc("Keep pretrained embeddings fixed during training (a new run refuses it without "
+                                   "model.pretrained_embeddings).", False, resume=True)
     ngram_max_n: int = _doc("Longest word n-gram of a second classifier head beside the recurrent one: NBSVM-style "
                             "logistic regression over the text's distinct words and word n-grams, each scaled by "
                             "its naive-Bayes log-count ratio from the training split (2 = words and bigrams); "
@@ -120,6 +123,7 @@ class ModelConfig:
         _check_min("model.ngram_weight", self.ngram_weight, 0.0)
         _check_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
         _check_range("model.embedding_dropout", self.embedding_dropout, 0.0, 1.0, high_open=True)
+        _check_finite("model.forget_bias", self.forget_bias)
 
 
 @dataclass
@@ -157,9 +161,9 @@ class TrainConfig:
     micro_batch_size: int = _doc("Largest per-process batch; 0 = global_batch_size / processes. Smaller values "
                                  "add gradient accumulation.", 0)
     eval_batch_size: int = _doc("Per-process batch for evaluation and prediction.", 256)
-    mixed_precision: str = _doc("'auto' (bf16 where the device runs the LSTM natively in bf16, else fp32; the "
-                                "run logs which and why), 'no' (fp32), 'fp16' (GPU) or 'bf16'; empty = what the "
-                                "launch config says.", "")
+    mixed_precision: str = _doc("'auto' (bf16 where the device runs the LSTM natively in bf16, else fp32, and a "
+                                "GRU on a CPU in fp32; the run logs which and why), 'no' (fp32), 'fp16' (GPU) or "
+                                "'bf16'; empty = what the launch config says.", "")
     deterministic: bool = _doc("Deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic) so "
                                "that a GPU run and its resume are bitwise reproducible, at some speed; CPU runs are "
                                "reproducible without it.", False)
@@ -208,6 +212,7 @@ class TrainConfig:
         _check_range("train.label_smoothing", self.label_smoothing, 0, 1, high_open=True)
         _check_range("train.ema_decay", self.ema_decay, 0, 1, high_open=True)
         _check_min("train.threads", self.threads, 0)
+        _check_range("train.seed", self.seed, 0, 2**32 - 1)  # numpy's and torch's seeds
 
 
 @dataclass

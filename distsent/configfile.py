@@ -79,12 +79,34 @@ def _set_path(data: dict, dotted: str, value) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"{'.'.join(parts[:i + 1])}: is not a section, cannot set {dotted}")
         node = child
-    node[parts[-1]] = value
+    if isinstance(value, dict) and isinstance(node.get(parts[-1]), dict):
+        _merge(node[parts[-1]], value)  # train={epochs: 2} sets a key of the section, not the section alone
+    else:
+        node[parts[-1]] = value
+
+
+def _merge(into: dict, values: dict) -> None:
+    for key, value in values.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 class _Loader(yaml.SafeLoader):
     """YAML with only true/false as booleans (YAML 1.2): YAML 1.1 also reads yes/no/on/off/y/n as booleans, which
-    turned `mixed_precision: no` into False. Fields typed bool still take those words (_YAML11_BOOLS)."""
+    turned `mixed_precision: no` into False. Fields typed bool still take those words (_YAML11_BOOLS). A key given
+    twice in one mapping is refused: YAML keeps the last, and a second `train:` section would drop the first."""
+
+    def construct_mapping(self, node, deep=False):
+        lines: dict[str, int] = {}
+        for key_node, _ in node.value:
+            key, line = repr(self.construct_object(key_node, deep=True)), key_node.start_mark.line + 1
+            if key in lines:
+                raise ConfigError(f"{key.strip(chr(39))}: given twice (lines {lines[key]} and {line}); the second "
+                                  f"would replace the first")
+            lines[key] = line
+        return super().construct_mapping(node, deep)
 
 
 _Loader.yaml_implicit_resolvers = {
@@ -106,7 +128,7 @@ def parse_override(text: str) -> tuple[str, object]:
         raise ConfigError(f"override {text!r}: expected key.sub=value")
     try:
         value = _yaml(raw) if raw.strip() else ""
-    except yaml.YAMLError as exc:
+    except (yaml.YAMLError, ConfigError) as exc:
         raise ConfigError(f"{key.strip()}: cannot read value {raw!r}: {exc}") from exc
     return key.strip(), value
 
@@ -122,6 +144,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
             data = _yaml(path.read_text()) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
+        except ConfigError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of keys")
     given = {}  # key -> the override that set it, to blame the command line rather than the file

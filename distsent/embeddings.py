@@ -19,7 +19,7 @@ def load_vectors(path: str | Path, vocab: dict[str, int], dim: int) -> tuple[tor
     word holding spaces (GloVe 840B has some) is read, and skipped: vocabulary words have none. The first line's
     count of values, or any line with too few, is an error naming the file and line.
     """
-    path = Path(path)
+    path = Path(path).expanduser()  # as --check reads it
     if not path.is_file():
         raise DataError(f"model.pretrained_embeddings: {path} does not exist")
     vectors = torch.zeros(len(vocab), dim)

@@ -35,11 +35,13 @@ def cpu_supports_bf16_rnn() -> bool:
         return False
 
 
-def resolve(requested: str, device_type: str) -> tuple[str, str]:
-    """(the precision Accelerate gets, why) for train.mixed_precision on a 'cpu' or 'cuda' device; only 'auto'
-    is decided here, any other value is passed through."""
+def resolve(requested: str, device_type: str, cell: str = "lstm") -> tuple[str, str]:
+    """(the precision Accelerate gets, why) for train.mixed_precision on a 'cpu' or 'cuda' device and the model's
+    recurrent cell; only 'auto' is decided here, any other value is passed through."""
     if requested != "auto":
         return requested, "as configured"
+    if cell == "gru" and device_type == "cpu":  # CPU autocast has no bf16 GRU: it would only add casts around it
+        return "no", "the CPU runs a GRU in fp32 under bf16 autocast, which would only add casts: fp32"
     if device_type == "cuda":
         # not counting emulation, which torch counts by default: a V100 or T4 would "support" bf16 at a crawl
         if not torch.cuda.is_bf16_supported(including_emulation=False):

@@ -38,7 +38,8 @@ class Predictor:
         self.label_names = label_names
 
     @classmethod
-    def load(cls, folder: str | Path, batch_size: int = 256) -> "Predictor":
+    def load(cls, folder: str | Path, batch_size: int = 0) -> "Predictor":
+        """The model folder's model; batches of `batch_size` texts (0: its train.eval_batch_size)."""
         folder = Path(folder)
         verify_model_folder(folder)  # IntegrityError naming the file if anything is missing or damaged
         cfg = load_config(folder / "config.yaml")
@@ -47,7 +48,7 @@ class Predictor:
         tokenizer = load_tokenizer(folder / "tokenizer.json")
         model = build_model(tokenizer.get_vocab_size(), cfg.model, len(names))
         load_weights(folder, model)
-        return cls(model, tokenizer, cfg, names, batch_size)
+        return cls(model, tokenizer, cfg, names, batch_size or cfg.train.eval_batch_size)
 
     @torch.no_grad()
     def logits(self, texts: list[str], heads: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -99,12 +99,13 @@ def check(cfg) -> int:
     the carve; a hub data set is fetched); the pretrained vectors' file; a checkpoint.resume=never into a directory
     that holds a run. Writes nothing. What depends on the machines (the process count against the global batch, a
     precision the device lacks) or on the checkpoint a run resumes from is checked when the run starts."""
-    from .build import check_trackers
+    from .build import check_new_model, check_trackers
     from .resume import resume_path
     from .sources import find_source, load_splits
 
     try:
         check_trackers(cfg.log.trackers)
+        check_new_model(cfg)
         source = find_source(cfg.data)
         splits, names = load_splits(cfg.data)
         vectors = cfg.model.pretrained_embeddings

@@ -34,6 +34,18 @@ def test_overrides_typed_and_nested():
     assert cfg.data.path == "/x/y" and cfg.train.flush_denormal is False
 
 
+def test_a_section_override_sets_its_keys_and_a_key_given_twice_is_refused(tmp_path):
+    """`train={epochs: 2}` changes that key of the file's section, not the whole section (which dropped the file's
+    other train keys); a YAML key given twice (a second `train:` block appended to a file) is refused, naming the
+    lines: YAML keeps the last, and every key of the first block was silently lost."""
+    cfg = load_config(CONFIGS[0].parent / "emotion.yaml", ["train={epochs: 2}"])
+    assert (cfg.train.epochs, cfg.train.global_batch_size, cfg.train.label_smoothing) == (2, 32, 0.1)
+    p = tmp_path / "twice.yaml"
+    p.write_text("train:\n  epochs: 3\n  global_batch_size: 16\nmodel:\n  hidden_dim: 8\ntrain:\n  seed: 1\n")
+    with pytest.raises(ConfigError, match=r"twice.yaml: train: given twice \(lines 1 and 6\)"):
+        load_config(p)
+
+
 def test_int_accepted_for_float():
     assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
 
@@ -60,6 +72,10 @@ def test_int_accepted_for_float():
     ("dist.stop_signals=[SIGKILL]", "dist.stop_signals: SIGKILL cannot be caught"),
     ("dist.stop_signals=[SIG_DFL]", "dist.stop_signals: unknown signal 'SIG_DFL'"),
     ("output_dir=", "output_dir: empty"),
+    ("train.seed=-1", "train.seed: must be in [0, 4294967295]"),  # numpy's range: a traceback after data prep
+    ("data.split_seed=4294967296", "data.split_seed: must be in [0, 4294967295]"),
+    ("model.forget_bias=.nan", "model.forget_bias: must be a finite number"),  # stopped at step 1 as a bad lr
+    ("train={a: 1, a: 2}", "train: cannot read value '{a: 1, a: 2}': a: given twice"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
@@ -130,6 +146,7 @@ def test_an_unknown_tracker_is_a_config_error_before_anything_starts(tmp_path):
     ("data.path={tmp}/nowhere", "DataError: data.path {tmp}/nowhere: no such folder"),
     ("log.trackers=[wandb, tensorbord]", "ConfigError: log.trackers: unknown tracker 'tensorbord'"),
     ("model.pretrained_embeddings={tmp}/vectors.txt", "model.pretrained_embeddings: {tmp}/vectors.txt: no such file"),
+    ("model.freeze_embeddings=true", "ConfigError: model.freeze_embeddings: needs model.pretrained_embeddings"),
     ("checkpoint.resume=never", "checkpoint.resume=never: {tmp}/used holds an earlier run (metrics.jsonl)"),
     # the data is read as training reads it
     ("data.label_column=category", "DataError: {tmp}/data/train.csv: no 'category' column (columns: text, label); "

@@ -61,7 +61,7 @@ def test_bf16_fallback_runs_rnn_in_fp32():
     assert out.shape == (3,) and model.embedding.weight.grad is not None
 
 
-def test_pretrained_embeddings_initialise_known_words(tmp_path):
+def test_pretrained_embeddings_initialise_known_words(tmp_path, monkeypatch):
     from distsent.readers import DataError
     from distsent.embeddings import init_embedding
 
@@ -78,6 +78,8 @@ def test_pretrained_embeddings_initialise_known_words(tmp_path):
     f.write_text("\ufeffgood 1 2 3 4\nBad 9 9 9 9\n. . . 5 5 5 5\n\nbad 1 1 1 1\nRARE 7 7 7 7\n", encoding="utf-8")
     assert init_embedding(emb, str(f), vocab, freeze=True) == pytest.approx(3 / 5)
     assert [emb.weight[i].tolist() for i in (2, 3, 4)] == [[1, 2, 3, 4], [1, 1, 1, 1], [7, 7, 7, 7]]
+    monkeypatch.setenv("HOME", str(tmp_path))  # a path under ~, as --check reads it
+    assert init_embedding(emb, "~/vectors.txt", vocab, freeze=True) == pytest.approx(3 / 5)
     f.write_text("good 1 2 3\n")
     with pytest.raises(DataError, match=r"vectors.txt:1: 3 values, model.embedding_dim is 4"):
         init_embedding(emb, str(f), vocab, freeze=False)

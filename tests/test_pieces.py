@@ -455,6 +455,19 @@ def test_auto_precision_picks_fp32_where_bf16_is_not_native(monkeypatch):
     assert precision.resolve("fp16", "cuda") == ("fp16", "as configured")
 
 
+def test_auto_precision_runs_a_gru_in_fp32_on_the_cpu(monkeypatch):
+    """CPU autocast has no bf16 GRU (checked here: it returns fp32), so bf16 would only add casts around it."""
+    from distsent import precision
+
+    gru = torch.nn.GRU(4, 4, batch_first=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert gru(torch.zeros(1, 2, 4))[0].dtype == torch.float32
+    monkeypatch.setattr(precision, "cpu_flags", lambda: {"avx512f", "avx512_bf16"})
+    monkeypatch.setattr(precision, "cpu_supports_bf16_rnn", lambda: True)
+    assert precision.resolve("auto", "cpu", "gru")[0] == "no" and precision.resolve("auto", "cpu")[0] == "bf16"
+    assert precision.resolve("bf16", "cpu", "gru")[0] == "bf16"  # asked for: as configured
+
+
 @pytest.mark.skipif("avx512_bf16" not in open("/proc/cpuinfo").read(), reason="this CPU has no native bf16")
 def test_auto_precision_is_bf16_on_this_cpu_with_native_bf16():
     from distsent import precision

@@ -190,3 +190,22 @@ def test_unwritable_output_closed_stdin_and_damaged_folders_are_one_line(model_d
     (old / "manifest.json").write_text("[]")
     proc = cli(old, "good0")
     assert proc.returncode == 2 and f"{old / 'manifest.json'}: not a manifest" in proc.stderr, proc.stderr
+
+
+def test_prediction_batches_by_the_models_eval_batch_size(tmp_path):
+    """train.eval_batch_size is the batch "for evaluation and prediction": the model folder's, unless one is given;
+    the results do not depend on it."""
+    from distsent.checkpoint import export_model
+    from distsent.config import DataConfig
+    from distsent.configfile import load_config
+    from distsent.model import build_model
+    from distsent.tokenizer import train_tokenizer
+
+    cfg = load_config(None, ["model.embedding_dim=8", "model.hidden_dim=8", "data.min_freq=1",
+                             "train.eval_batch_size=7"])
+    texts = make_reviews(30, 0)[0]
+    tok = train_tokenizer(texts, DataConfig(min_freq=1))
+    export_model(tmp_path / "best", build_model(tok.get_vocab_size(), cfg.model), tok, cfg, {"step": 0})
+    predictor, small = Predictor.load(tmp_path / "best"), Predictor.load(tmp_path / "best", batch_size=2)
+    assert (predictor.batch_size, small.batch_size) == (7, 2)
+    np.testing.assert_allclose(predictor.logits(texts)[0], small.logits(texts)[0], atol=1e-6)
