@@ -36,7 +36,7 @@ def _convert(key: str, tp, value):
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
-        return value
+        return int(value)
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             try:
@@ -51,7 +51,7 @@ def _convert(key: str, tp, value):
             return ""
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
-        return str(value)
+        return getattr(value, "text", str(value))  # a number as written: 007 or 1:30, not 7 or 90
     raise TypeError(f"{key}: unsupported annotation {tp!r}")
 
 
@@ -115,6 +115,26 @@ _Loader.yaml_implicit_resolvers = {
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                               list("tTfF"))
 _YAML11_BOOLS = {"yes": True, "y": True, "on": True, "no": False, "n": False, "off": False}
+
+
+class _Int(int):
+    """A YAML integer that keeps its text, for fields typed str: YAML 1.1 reads 010 as 8 and 1:30 as 90."""
+
+
+class _Float(float):
+    """A YAML float that keeps its text (1.50 is not 1.5 as a class name)."""
+
+
+def _keeping_text(kind, construct):
+    def constructor(loader, node):
+        value = kind(construct(loader, node))
+        value.text = node.value
+        return value
+    return constructor
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _keeping_text(_Int, yaml.SafeLoader.construct_yaml_int))
+_Loader.add_constructor("tag:yaml.org,2002:float", _keeping_text(_Float, yaml.SafeLoader.construct_yaml_float))
 
 
 def _yaml(text: str):

@@ -46,6 +46,14 @@ def test_a_section_override_sets_its_keys_and_a_key_given_twice_is_refused(tmp_p
         load_config(p)
 
 
+def test_numbers_in_string_fields_keep_their_text():
+    """YAML 1.1 reads 010 as 8 (octal) and 1:30 as 90: class names such as product codes 007 / 010 became 7 / 8
+    and then matched no label in the data."""
+    cfg = load_config(None, ["data.label_names=[007, 010, 1.50]", "output_dir=1:30", "model.hidden_dim=12"])
+    assert cfg.data.label_names == ["007", "010", "1.50"] and cfg.output_dir == "1:30"
+    assert type(cfg.model.hidden_dim) is int  # plain numbers where numbers are meant (safe_dump writes them)
+
+
 def test_int_accepted_for_float():
     assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
 
