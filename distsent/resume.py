@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import secrets
 import shutil
 from itertools import count
 from pathlib import Path
@@ -19,6 +20,7 @@ from .together import fail_together, from_main
 log = logging.getLogger(__name__)
 
 OLD_DIR = re.compile(r"^\.step-(\d{8})\.old$")  # a checkpoint replaced by a new save of its step, until done
+LINE = "line.json"  # checkpoints/line.json: the line a rollback started (see settle)
 
 
 def resume_path(cfg, root: Path) -> Path | None:
@@ -109,9 +111,14 @@ def settle(acc, state, resume: str, resume_from: Path, run_dir: Path) -> None:
     named = resume_tag(Path(resume), root) if resume not in ("auto", "never") else ""
     new_line = bool(named) and state.resumed_from != named
     branch = not in_run(resume_from, root)
-    moved, failure = [], None
+    moved, failure, line = [], None, None
     if acc.is_main_process:
         try:
+            line = None if branch else _started_line(root / LINE, state.step)
+            if new_line and not branch and (not line or line["resumed_from"] != named):
+                # a rollback's new W&B run, recorded: the same for every attempt until its first checkpoint
+                line = {"step": state.step, "resumed_from": named, "run_id": secrets.token_hex(4)}
+                files.atomic_write(root / LINE, json.dumps(line))
             moved = set_aside_newer(root, state.step, delete=new_line)
             with files.writing(run_dir / "best"):  # a crash inside its publish: put the previous one back
                 files.recover(run_dir / "best")
@@ -122,12 +129,27 @@ def settle(acc, state, resume: str, resume_from: Path, run_dir: Path) -> None:
                         "set aside the newer checkpoints, which did not verify, as <name>.broken", ", ".join(moved))
     fail_together(acc, failure, f"set aside the checkpoints after step {state.step}")
     best_step = from_main(acc, _exported_step(run_dir / "best"))
-    if new_line:  # a new W&B run too, also where an earlier attempt already deleted the newer checkpoints
+    line = from_main(acc, line)
+    if new_line and branch:  # a run of its own: a new W&B run
         state.resumed_from, state.run_id = named, ""
+    elif line and (new_line or (not named and line["resumed_from"] != state.resumed_from)):
+        # a new line, or one that stopped before its first checkpoint relaunched with `auto`: the checkpoint it
+        # started from still names the abandoned line, whose W&B run has passed these steps
+        state.resumed_from, state.run_id = line["resumed_from"], line["run_id"]
     if branch:
         state.stopped_early = False
     if branch or best_step != state.best_step:
         state.best_val_acc, state.best_step, state.evals_since_best = -1.0, -1, 0
+
+
+def _started_line(path: Path, step: int) -> dict | None:
+    """The line a rollback started from checkpoint `step` (LINE: its checkpoint.resume and W&B run id), if the
+    checkpoint being resumed is that one; None otherwise or where the record cannot be read."""
+    try:
+        line = json.loads(path.read_text())
+        return line if line["step"] == step else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _exported_step(folder: Path) -> int | None:

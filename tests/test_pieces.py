@@ -765,7 +765,10 @@ def test_a_rollback_abandons_the_newer_checkpoints_and_a_branch_is_a_run_of_its_
         fit(first, crash=True, **rollback)
     assert "rolled back: deleted the newer checkpoints: step-00000009, step-00000006" in caplog.text
     assert steps(first) == [3]
-    fit(first, **rollback)  # relaunched: nothing newer left to delete, and still a new line
+    with pytest.raises(SystemExit):
+        fit(first, crash=True, **rollback)  # relaunched: nothing newer left to delete, and still a new line
+    # relaunched with auto (the checkpoint it finds, step 3, still names the abandoned line): the new line goes on
+    fit(first, **{**rollback, "checkpoint.resume": "auto"})
     assert steps(first) == [3, 4, 5] and run_id(first) != first_id  # a new W&B run: its steps restart at 4
     assert json.loads((first / "best" / "meta.json").read_text())["step"] in (3, 5)
     rolled_id = run_id(first)
