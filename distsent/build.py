@@ -275,7 +275,7 @@ def build_scheduler(cfg: ExperimentConfig, optimizer, total_steps: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s, total_steps))
 
 
-OPTIMIZER_SETTINGS = ("optim.name", "optim.lr", "optim.betas", "optim.weight_decay")  # applied on a resume
+OPTIMIZER_SETTINGS = ("optim.lr", "optim.betas", "optim.weight_decay")  # read back from the optimizer on a resume
 
 
 def apply_optim_settings(cfg: ExperimentConfig, optimizer, scheduler, total_steps: int) -> list[str]:
@@ -294,11 +294,8 @@ def apply_optim_settings(cfg: ExperimentConfig, optimizer, scheduler, total_step
             changed.append(f"optim.{name} {before} -> {value}")
         for group in optimizer.param_groups:
             group[key] = value
-    decoupled = o.name == "adamw"  # AdamW is Adam with this flag, which a checkpoint's param groups carry
-    if optimizer.param_groups[0].get("decoupled_weight_decay", decoupled) != decoupled:
-        changed.append(f"optim.name {'adam' if decoupled else 'adamw'} -> {o.name}")
-    for group in optimizer.param_groups:
-        group["decoupled_weight_decay"] = decoupled
+    for group in optimizer.param_groups:  # AdamW is Adam with this flag, which a checkpoint's param groups carry
+        group["decoupled_weight_decay"] = o.name == "adamw"
     scheduler.base_lrs = [o.lr] * len(optimizer.param_groups)
     # the rate of the next step, as LambdaLR would have set it at its last step
     scheduler._last_lr = [o.lr * lr_factor(cfg, scheduler.last_epoch, total_steps)] * len(optimizer.param_groups)
@@ -307,7 +304,7 @@ def apply_optim_settings(cfg: ExperimentConfig, optimizer, scheduler, total_step
     # the schedule's factor moved (not only the peak rate it multiplies)
     if not math.isclose(scheduler._last_lr[0] / o.lr, saved_next_lr / saved_lr, rel_tol=1e-9):
         changed.append(f"the next step's learning rate {saved_next_lr:.6g} -> {scheduler._last_lr[0]:.6g} (the "
-                       f"{o.schedule} schedule now spans {total_steps} steps)")
+                       f"{o.schedule} schedule over {total_steps} steps)")
     return changed
 
 

@@ -252,6 +252,9 @@ def _upgrade_identity(saved: dict, current: dict) -> dict:
             saved.setdefault(key, default)
     # checkpoints of earlier versions did not record their data's content: nothing to compare it with
     saved.setdefault("data_content", current.get("data_content"))
+    model = saved.get("model")
+    if isinstance(model, dict) and isinstance(model.get("pretrained_embeddings"), str):  # the path, before
+        saved["model"] = {**model, "pretrained_embeddings": bool(model["pretrained_embeddings"])}
     return saved
 
 

@@ -12,10 +12,11 @@ class ConfigError(ValueError):
     """A config file or override is wrong; the message names the full key path."""
 
 
-def _doc(text: str, default, resume: bool = False, cache: str = ""):
+def _doc(text: str, default, resume=False, cache: str = ""):
     """A dataclass field that carries its documentation (shown by `distsent-train --help-config`).
 
-    resume=True: part of the run's identity, which a resumed run must keep unchanged (`resume_identity`).
+    resume=True: part of the run's identity, which a resumed run must keep unchanged (`resume_identity`); a
+    function (bool): what it makes of the value is, instead of the value itself.
     cache: the stage of data preparation the setting changes ("split", "vocab" or "cut"), so that it enters the
     token cache's key for that stage (`DataConfig.stage_settings`).
     """
@@ -72,7 +73,7 @@ class DataConfig:
         _check_min("data.bucket_batches", self.bucket_batches, 1)
         _check_min("data.limit", self.limit, 0)
         _check_min("data.test_limit", self.test_limit, 0)
-        _check_range("data.split_seed", self.split_seed, 0, 2**32 - 1)  # numpy's seeds
+        _check_min("data.split_seed", self.split_seed, 0)  # numpy's default_rng takes any other
 
     def stage_settings(self, stage: str) -> dict:
         """The settings that change one stage of data preparation ("split", "vocab" or "cut"): its cache key."""
@@ -97,7 +98,8 @@ class ModelConfig:
                               "gate, ignores it.", 0.0, resume=True)
     pretrained_embeddings: str = _doc("Local word2vec/GloVe text file to initialise the embeddings from; empty = "
                                       "random init. Read by a fresh start only: a resume takes the checkpoint's "
-                                      "weights, wherever the file lies now.", "")
+                                      "weights (whether vectors were used is the run's identity, not the path: the "
+                                      "file may have moved).", "", resume=bool)
     freeze_embeddings: bool = _doc("Keep pretrained embeddings fixed during training (a new run refuses it without "
                                    "model.pretrained_embeddings).", False, resume=True)
     ngram_max_n: int = _doc("Longest word n-gram of a second classifier head beside the recurrent one: NBSVM-style "
@@ -299,7 +301,9 @@ def resume_identity(cfg: ExperimentConfig) -> dict:
     for section in dataclasses.fields(cfg):
         value = getattr(cfg, section.name)
         if dataclasses.is_dataclass(value):
-            keys = {f.name: getattr(value, f.name) for f in dataclasses.fields(value) if f.metadata.get("resume")}
+            # resume=True: the value; resume=a function (bool): what it makes of the value (whether one is set)
+            keys = {f.name: f.metadata["resume"](getattr(value, f.name)) if callable(f.metadata["resume"]) else
+                    getattr(value, f.name) for f in dataclasses.fields(value) if f.metadata.get("resume")}
             if keys:
                 out[section.name] = keys
     return out

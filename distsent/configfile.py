@@ -85,6 +85,13 @@ def _set_path(data: dict, dotted: str, value) -> None:
         node[parts[-1]] = value
 
 
+def _leaves(key: str, value) -> list[str]:
+    """The keys an override sets: train={seed: 1} sets train.seed, not the file's other train keys."""
+    if not isinstance(value, dict) or not value:
+        return [key]
+    return [leaf for k, v in value.items() for leaf in _leaves(f"{key}.{k}", v)]
+
+
 def _merge(into: dict, values: dict) -> None:
     for key, value in values.items():
         if isinstance(value, dict) and isinstance(into.get(key), dict):
@@ -101,6 +108,8 @@ class _Loader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         lines: dict[str, int] = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, resolved by the base class
+                continue
             key, line = repr(self.construct_object(key_node, deep=True)), key_node.start_mark.line + 1
             if key in lines:
                 raise ConfigError(f"{key.strip(chr(39))}: given twice (lines {lines[key]} and {line}); the second "
@@ -172,7 +181,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
     for text in overrides:
         key, value = parse_override(text)
         _set_path(data, key, value)
-        given[key] = text
+        given.update({k: text for k in _leaves(key, value)})
     try:
         return _build(ExperimentConfig, _upgrade(data))
     except ConfigError as exc:

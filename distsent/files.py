@@ -21,6 +21,8 @@ EXIT_WRITE = 74  # exit status of a run that could not write its files (sysexits
 class IntegrityError(RuntimeError):
     """A sealed folder is incomplete or corrupted; the message names the file at fault."""
 
+    exit_code = 2  # as distsent-train exits on it
+
 
 class WriteError(OSError):
     """A file or folder could not be written (a full disk, no permission, ...); the message names it and why."""

@@ -105,7 +105,8 @@ def check(cfg) -> int:
 
     try:
         check_trackers(cfg.log.trackers)
-        check_new_model(cfg)
+        if not (Path(cfg.output_dir) / "checkpoints").is_dir():  # a resume keeps what its run was trained with
+            check_new_model(cfg)
         source = find_source(cfg.data)
         splits, names = load_splits(cfg.data)
         vectors = cfg.model.pretrained_embeddings

@@ -96,8 +96,11 @@ class Trainer:
         runlog = self._start()
         from tqdm.auto import tqdm
 
+        # redrawn often on a terminal; every 30 s into a file (a Slurm log), where each redraw is a line
+        # (maxinterval too: tqdm's monitor thread otherwise forces a redraw every 10 s)
+        every = {"mininterval": 0.1} if sys.stderr.isatty() else {"mininterval": 30, "maxinterval": 30}
         bar = tqdm(total=self.total_steps, initial=state.step, disable=not acc.is_main_process, unit="step",
-                   dynamic_ncols=True, **_bar_intervals(sys.stderr.isatty()))
+                   dynamic_ncols=True, **every)
         self.model.train()
         if self.ended_before and acc.is_main_process:  # a relaunch after the end (a requeue, say)
             log.info("the run had finished at step %d: testing the best model again", state.step)
@@ -120,7 +123,7 @@ class Trainer:
                         row = self.sums.row(now - t_log, state.samples_seen - samples_log) | {
                             "lr": self.scheduler.get_last_lr()[0], "epoch": self._epoch_float()}
                         runlog.log(row, state.step)
-                        # refresh=False: the bar redraws on its own clock (_bar_intervals), not at every log row
+                        # refresh=False: the bar redraws on its own clock (above), not at every log row
                         bar.set_postfix(loss=f"{row['train/loss']:.4f}", acc=f"{row['train/acc']:.3f}",
                                         refresh=False)
                         self.sums.reset()
@@ -154,9 +157,12 @@ class Trainer:
             self.debug.weights(state.step, self.raw_model)
             result = self._test(runlog)
             self._write_records(runlog, state="finished", step=state.step, exit_code=0)
-        except (Preempted, NonFiniteError, WriteError, PeerFailed) as exc:
+        except BaseException as exc:
             bar.close()
-            runlog.finish(self._record_failure(exc))
+            if isinstance(exc, (Preempted, NonFiniteError, WriteError, PeerFailed)):
+                runlog.finish(self._record_failure(exc))
+            elif exc is not self.lock.lost:  # W&B learns the launch failed (the lost run's W&B run is the new owner's)
+                runlog.finish(130 if isinstance(exc, KeyboardInterrupt) else getattr(exc, "exit_code", 1))
             raise
         runlog.finish()
         return result
@@ -382,12 +388,6 @@ class Trainer:
         close_process_group()
         self.lock.release()
         self.stop.restore()
-
-
-def _bar_intervals(tty: bool) -> dict:
-    """How often the progress bar redraws: often on a terminal; every 30 s into a file (a Slurm log), where each
-    redraw is a line. maxinterval too: tqdm's monitor thread otherwise forces a redraw every 10 s."""
-    return {"mininterval": 0.1} if tty else {"mininterval": 30, "maxinterval": 30}
 
 
 def clip_gradients(acc, model, max_norm: float) -> torch.Tensor:

@@ -44,6 +44,12 @@ def test_a_section_override_sets_its_keys_and_a_key_given_twice_is_refused(tmp_p
     p.write_text("train:\n  epochs: 3\n  global_batch_size: 16\nmodel:\n  hidden_dim: 8\ntrain:\n  seed: 1\n")
     with pytest.raises(ConfigError, match=r"twice.yaml: train: given twice \(lines 1 and 6\)"):
         load_config(p)
+    # a bad key of the file's section is still the file's, not the section override's; YAML merge keys still load
+    p.write_text("train:\n  epochs: 0\n")
+    with pytest.raises(ConfigError, match=r"^\S*twice.yaml: train.epochs: must be >= 1"):
+        load_config(p, ["train={seed: 1}"])
+    p.write_text("model: &m\n  hidden_dim: 8\nlog:\n  wandb:\n    <<: {project: x}\n    tags: [a]\n")
+    assert load_config(p).log.wandb.project == "x"
 
 
 def test_numbers_in_string_fields_keep_their_text():
@@ -81,7 +87,7 @@ def test_int_accepted_for_float():
     ("dist.stop_signals=[SIG_DFL]", "dist.stop_signals: unknown signal 'SIG_DFL'"),
     ("output_dir=", "output_dir: empty"),
     ("train.seed=-1", "train.seed: must be in [0, 4294967295]"),  # numpy's range: a traceback after data prep
-    ("data.split_seed=4294967296", "data.split_seed: must be in [0, 4294967295]"),
+    ("data.split_seed=-1", "data.split_seed: must be >= 0"),
     ("model.forget_bias=.nan", "model.forget_bias: must be a finite number"),  # stopped at step 1 as a bad lr
     ("train={a: 1, a: 2}", "train: cannot read value '{a: 1, a: 2}': a: given twice"),
 ])

@@ -136,12 +136,20 @@ def test_identity_of_checkpoints_from_an_earlier_version_is_still_understood(tmp
     # the earlier layout: the two train keys of that time at the top; no classes, select_metric, class_weights or
     # model.members
     earlier_model = {k: v for k, v in current["model"].items() if k != "members"}
+    earlier_model["pretrained_embeddings"] = ""  # the path then, whether vectors were used now
     flat = {"model": earlier_model, "data": current["data"],
             **{k: current["train"][k] for k in ("global_batch_size", "seed")}}
     current = {**current, "label_names": ["negative", "positive"], "data_content": "0123abcd"}
     ckpt.check_compatible(flat, current, tmp_path)  # no data_content recorded then: not compared
     with pytest.raises(ckpt.CheckpointError, match="data_content: checkpoint 'ffff', config '0123abcd'"):
         ckpt.check_compatible({**flat, "data_content": "ffff"}, current, tmp_path)
+    # a run with vectors, whose file has moved since: the same identity (a run without them is refused)
+    with_vectors = {**flat, "model": {**earlier_model, "pretrained_embeddings": "/old/place/glove.txt"}}
+    moved = resume_identity(dataclasses.replace(cfg, model=dataclasses.replace(
+        cfg.model, pretrained_embeddings="/new/place/glove.txt")))
+    ckpt.check_compatible(with_vectors, {**current, "model": moved["model"]}, tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="model.pretrained_embeddings: checkpoint True, config False"):
+        ckpt.check_compatible(with_vectors, current, tmp_path)
     flat["seed"] = 3
     with pytest.raises(ckpt.CheckpointError, match="train.seed: checkpoint 3, config 0"):
         ckpt.check_compatible(flat, current, tmp_path)
@@ -686,8 +694,8 @@ def test_a_resume_trains_with_the_configs_learning_rate_betas_and_weight_decay(s
         finally:
             trainer.close()
     assert "changed settings: optim.lr 0.01 -> 0.5, optim.betas (0.9, 0.999) -> (0.8, 0.9), " \
-           "optim.weight_decay 0.0 -> 0.3, optim.name adamw -> adam, the next step's learning rate 0.001 -> 0.32 " \
-           "(the linear schedule now spans 12 steps), optim.clip_grad_norm 5.0 -> 0.5, train.max_steps 6 -> 12" \
+           "optim.weight_decay 0.0 -> 0.3, the next step's learning rate 0.001 -> 0.32 (the linear schedule over 12 " \
+           "steps), optim.name 'adamw' -> 'adam', optim.clip_grad_norm 5.0 -> 0.5, train.max_steps 6 -> 12" \
            in caplog.text  # the rest read against the run's config.yaml
     # Adam, not AdamW: the flag that tells them apart travels in the checkpoint's param groups
     assert all((g["betas"], g["weight_decay"], g["decoupled_weight_decay"]) == ((0.8, 0.9), 0.3, False) for g in groups)

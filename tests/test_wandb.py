@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import direct_cmd, launch_cmd, read_jsonl, run, tiny_overrides
+from conftest import REPO, direct_cmd, launch_cmd, read_jsonl, run, tiny_overrides
 from test_resume import start, stop_at
 
 pytestmark = pytest.mark.slow
@@ -129,3 +129,30 @@ def test_api_key_never_reaches_the_run_directory(tmp_path, synth_imdb, cache_env
     for f in run_dir.rglob("*"):
         if f.is_file():
             assert secret.encode() not in f.read_bytes(), f
+
+
+def test_a_launch_stopped_by_any_error_ends_its_wandb_run_with_that_exit_code(tmp_path, synth_imdb, cache_env):
+    """Not only preemption and write failures: a Ctrl-C outside the stop signals (or any other error) reaches W&B as
+    the launch's exit code, not "finished" with 0. The interrupt is raised inside step 4 by a wrapped train_step,
+    the only stand-in here (a second Ctrl-C cannot be timed into a step)."""
+    from distsent.configfile import load_config
+    from distsent.preemption import StopFlag
+    from distsent.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    trainer = Trainer(load_config(REPO / "configs" / "smoke.yaml", wandb_args(run_dir, synth_imdb)), stop=StopFlag([]))
+    step = trainer.train_step
+
+    def interrupted_in_step_4(batch):
+        if trainer.state.step == 3:
+            raise KeyboardInterrupt
+        step(batch)
+
+    trainer.train_step = interrupted_in_step_4
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            trainer.fit()
+    finally:
+        trainer.close()
+    (offline,) = offline_runs(run_dir)
+    assert [r["exit"]["exit_code"] for r in records(offline) if r["type"] == "exit"] == [130]
