@@ -126,19 +126,22 @@ class RunLock:
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
 
+    def _mine(self, held: dict) -> bool:
+        return (held.get("host"), held.get("pid")) == (self.me["host"], self.me["pid"])
+
     def _write(self) -> None:
         atomic_write(self.path, json.dumps({**self.me, "heartbeat": time.time()}))
 
     def _beat(self) -> None:
         while not self._stop.wait(self.heartbeat_s):
             held = self._read() or {}
-            if "pid" in held and (held.get("host"), held["pid"]) != (self.me["host"], self.me["pid"]):
+            if "pid" in held and not self._mine(held):
                 # this process was stalled (suspended, stopped) past stale_s and another launch took the run over:
-                # refreshing would make two runs write one directory; the trainer stops at its next step
+                # refreshing would make two runs write one directory; the trainer stops at the end of its step
                 self.lost = RunLockedError(
                     f"{self.path.parent} was taken over by another launch (host {held.get('host')}, pid "
                     f"{held['pid']}) while this process was stalled for over {self.stale_s:.0f} s; this process "
-                    f"stops without writing to it again")
+                    f"stops at the end of its step, without a checkpoint")
                 return
             try:
                 self._write()
@@ -152,8 +155,7 @@ class RunLock:
         self._stop.set()
         self._thread.join()
         self._thread = None
-        held = self._read() or {}
-        if (held.get("host"), held.get("pid")) == (self.me["host"], self.me["pid"]):
+        if self._mine(self._read() or {}):
             try:
                 self.path.unlink(missing_ok=True)
             except OSError as exc:  # released while an error is on its way: that error is the one to report
