@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from . import skip_final_collection
 from .config import ConfigError
 from .files import EXIT_WRITE, WriteError, atomic_write, writing
 from .metrics import ECE_BINS, score_logits
@@ -108,6 +109,7 @@ def file_labels(split, names: list[str], cfg, where: str) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
+    skip_final_collection()
     parser = argparse.ArgumentParser(prog="distsent-evaluate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder, e.g. runs/imdb_lstm/best")

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import skip_final_collection
 from .checkpoint import load_weights, verify_model_folder
 from .config import ConfigError
 from .configfile import load_config
@@ -133,6 +134,7 @@ def _read_lines(stream) -> list[tuple[dict, str | None, str | None]]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    skip_final_collection()
     try:
         return _run(argv)
     except BrokenPipeError:  # the reader stopped early (`| head`): no traceback (the handling Python's docs give)

@@ -111,25 +111,40 @@ def settle(acc, state, resume: str, resume_from: Path, run_dir: Path) -> None:
     named = resume_tag(Path(resume), root) if resume not in ("auto", "never") else ""
     new_line = bool(named) and state.resumed_from != named
     branch = not in_run(resume_from, root)
-    moved, failure, line = [], None, None
+    failure, line = None, None
     if acc.is_main_process:
         try:
-            line = None if branch else _started_line(root / LINE, state.step)
-            if new_line and not branch and (not line or line["resumed_from"] != named):
-                # a rollback's new W&B run, recorded: the same for every attempt until its first checkpoint
-                line = {"step": state.step, "resumed_from": named, "run_id": secrets.token_hex(4)}
-                files.atomic_write(root / LINE, json.dumps(line))
-            moved = set_aside_newer(root, state.step, delete=new_line)
-            with files.writing(run_dir / "best"):  # a crash inside its publish: put the previous one back
-                files.recover(run_dir / "best")
+            line = None if branch else _record_line(root, state.step, named if new_line else "")
+            _tidy(root, run_dir, state.step, rollback=new_line)
         except WriteError as exc:
             failure = exc
-        if moved:
-            log.warning("%s: %s", "rolled back: deleted the newer checkpoints" if new_line else
-                        "set aside the newer checkpoints, which did not verify, as <name>.broken", ", ".join(moved))
     fail_together(acc, failure, f"set aside the checkpoints after step {state.step}")
-    best_step = from_main(acc, _exported_step(run_dir / "best"))
-    line = from_main(acc, line)
+    _adopt(state, named, new_line, branch, from_main(acc, line), from_main(acc, _exported_step(run_dir / "best")))
+
+
+def _record_line(root: Path, step: int, rollback: str) -> dict | None:
+    """The line that started from this run's checkpoint `step` (LINE), if one did; a rollback (`rollback`: its
+    checkpoint.resume) starting now is recorded first, with a new W&B run id: every attempt of it until its first
+    checkpoint then shares that run."""
+    line = _started_line(root / LINE, step)
+    if rollback and (not line or line["resumed_from"] != rollback):
+        line = {"step": step, "resumed_from": rollback, "run_id": secrets.token_hex(4)}
+        files.atomic_write(root / LINE, json.dumps(line))
+    return line
+
+
+def _tidy(root: Path, run_dir: Path, step: int, rollback: bool) -> None:
+    """The checkpoints after `step` deleted (a rollback) or set aside, and best/ as its last publish left it."""
+    moved = set_aside_newer(root, step, delete=rollback)
+    if moved:
+        log.warning("%s: %s", "rolled back: deleted the newer checkpoints" if rollback else
+                    "set aside the newer checkpoints, which did not verify, as <name>.broken", ", ".join(moved))
+    with files.writing(run_dir / "best"):  # a crash inside its publish: put the previous one back
+        files.recover(run_dir / "best")
+
+
+def _adopt(state, named: str, new_line: bool, branch: bool, line: dict | None, best_step: int | None) -> None:
+    """The restored state as this line's: its W&B run and line, its early stopping, its best model."""
     if new_line and branch:  # a run of its own: a new W&B run
         state.resumed_from, state.run_id = named, ""
     elif line and (new_line or (not named and line["resumed_from"] != state.resumed_from)):

@@ -20,6 +20,7 @@ import time
 import traceback
 from pathlib import Path
 
+from . import skip_final_collection
 from .config import ConfigError
 from .configfile import describe, load_config
 from .files import IntegrityError, WriteError
@@ -29,6 +30,7 @@ PEER_EXIT_DELAY_S = 2.0
 
 
 def main(argv: list[str] | None = None) -> int:
+    skip_final_collection()
     try:
         return _main(argv)
     except KeyboardInterrupt:  # a Ctrl-C outside the run (loading, --check, shutting down): no traceback

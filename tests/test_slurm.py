@@ -303,16 +303,15 @@ def test_a_failed_run_ends_the_job_with_the_trainers_exit_code(cluster, job_env,
     assert f"{data / 'test.csv'}: line 3 has label 'maybe'" in text
 
 
-def test_a_refused_relaunch_of_a_finished_run_fails_the_job_and_keeps_the_record(cluster, job_env, synth_imdb,
+def test_a_refused_relaunch_of_a_finished_run_fails_the_job_and_keeps_the_record(two_node_run, job_env, synth_imdb,
                                                                                    tmp_path):
-    """The same output_dir submitted again after the run finished, with a data path that does not exist: the job
-    fails, saying the launch was refused, and status.json still says finished."""
-    run_dir = tmp_path / "runs" / "done"
-    args = [*overrides(synth_imdb, **{"train.epochs": 1}), f"output_dir={run_dir}"]
-    job = sbatch(job_env, tmp_path, [], "train.sbatch", [str(CONFIG), *args], wait=True)
+    """The finished two-node run's output_dir submitted again, with a data path that does not exist: the job fails,
+    saying the launch was refused, and status.json still says finished."""
+    _, run_dir, _ = two_node_run
     finished = (run_dir / "status.json").read_text()
     assert json.loads(finished)["state"] == "finished"
-    bad = [a for a in args if not a.startswith("data.path=")] + [f"data.path={tmp_path / 'nowhere'}"]
+    bad = [a for a in overrides(synth_imdb) if not a.startswith("data.path=")] + [
+        f"data.path={tmp_path / 'nowhere'}", f"output_dir={run_dir}"]
     job = sbatch(job_env, tmp_path, [], "train.sbatch", [str(CONFIG), *bad])
     fields, text = wait_done(job), job_logs(tmp_path)
     assert fields["JobState"] == "FAILED" and fields["Restarts"] == "0", text[-3000:]
