@@ -232,6 +232,19 @@ def _median_run(rounds: list[dict]) -> dict:
     return out
 
 
+def summarize(rounds: list[dict]) -> dict:
+    """The rounds' runs as one: a shared virtual machine's speed drifts by tens of percent over minutes, so every
+    round runs all the pipelines back to back, ratios are taken within a round, and the medians over rounds are
+    reported (with each round's ratios)."""
+    out = {"runs": {name: _median_run([r[name] for r in rounds]) for name in rounds[0]}}
+    if any(name.startswith("seed") for name in rounds[0]):
+        per_round = [ratios_vs_seed(r) for r in rounds]
+        out["ratios_per_round"] = per_round
+        out["ratios_vs_seed"] = {name: {k: statistics.median(p[name][k] for p in per_round) for k in ratios}
+                                 for name, ratios in per_round[0].items()}
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data", required=True, help="folder with train.parquet and test.parquet")
@@ -268,14 +281,7 @@ def main(argv=None) -> int:
                "settings": {k: v for k, v in vars(args).items() if k != "test_limit_n"}}
     with tempfile.TemporaryDirectory() as tmp:
         rounds = [one_round(args, Path(tmp) / f"round{i}") for i in range(args.repeat)]
-    # a shared virtual machine's speed drifts by tens of percent over minutes: every round runs all the
-    # pipelines back to back, ratios are taken within a round, and the medians over rounds are reported
-    results["runs"] = {name: _median_run([r[name] for r in rounds]) for name in rounds[0]}
-    if any(name.startswith("seed") for name in rounds[0]):
-        per_round = [ratios_vs_seed(r) for r in rounds]
-        results["ratios_per_round"] = per_round
-        results["ratios_vs_seed"] = {name: {k: statistics.median(p[name][k] for p in per_round) for k in ratios}
-                                     for name, ratios in per_round[0].items()}
+    results |= summarize(rounds)
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print(table(results))
