@@ -9,9 +9,8 @@ import pytest
 
 from conftest import REPO, run_env
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_benchmark_runs_on_tiny_subset(tmp_path, synth_imdb, cache_env):
     out = tmp_path / "results.json"
     proc = subprocess.run([sys.executable, "benchmarks/run.py", "--data", str(synth_imdb), "--limit", "120",
@@ -33,25 +32,30 @@ def test_benchmark_runs_on_tiny_subset(tmp_path, synth_imdb, cache_env):
     assert "| seed |" in proc.stdout and "ds-2x1 / seed" in proc.stdout
 
 
-def test_benchmark_rounds_report_medians_and_each_rounds_ratio():
+def test_benchmark_rounds_report_medians_and_each_rounds_ratio(tmp_path, synth_imdb, monkeypatch, capsys):
     """--repeat N: per run the median over rounds of each number, ratios taken within each round, then their
-    median (three made-up rounds: the arithmetic alone; the runs themselves are tested above)."""
+    median. The rounds are made up here (the arithmetic alone; the runs themselves are tested above)."""
     spec = importlib.util.spec_from_file_location("benchmark_run", REPO / "benchmarks" / "run.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    rounds = [{"seed": {"train_samples_per_s": s, "eval_samples_per_s": 10.0, "prep_cold_s": 4.0, "acc_per_epoch": [a]},
-               "ds-2x1": {"train_samples_per_s": d, "eval_samples_per_s": 20.0, "prep_cold_s": 2.0}}
-              for s, d, a in [(100.0, 300.0, 0.5), (50.0, 200.0, 0.6), (80.0, 120.0, 0.7)]]
-    results = bench.summarize(rounds)
-    assert results["runs"]["seed"]["train_samples_per_s"] == 80.0 and results["runs"]["ds-2x1"][
-        "train_samples_per_s"] == 200.0
+    rounds = iter([{"seed": {"train_samples_per_s": s, "eval_samples_per_s": 10.0, "prep_cold_s": 4.0,
+                             "acc_per_epoch": [a]},
+                    "ds-2x1": {"train_samples_per_s": d, "eval_samples_per_s": 20.0, "prep_cold_s": 2.0}}
+                   for s, d, a in [(100.0, 300.0, 0.5), (50.0, 200.0, 0.6), (80.0, 120.0, 0.7)]])
+    monkeypatch.setattr(bench, "one_round", lambda args, tmp: next(rounds))
+    out = tmp_path / "results.json"
+    assert bench.main(["--data", str(synth_imdb), "--repeat", "3", "--precisions", "no", "--out", str(out)]) == 0
+    results = json.loads(out.read_text())
+    assert results["runs"]["seed"]["train_samples_per_s"] == 80.0
+    assert results["runs"]["ds-2x1"]["train_samples_per_s"] == 200.0
     assert results["runs"]["seed"]["acc_per_epoch"] == [0.5]  # lists: the first round's
     assert [p["ds-2x1"]["train_samples_per_s"] for p in results["ratios_per_round"]] == [3.0, 4.0, 1.5]
     assert results["ratios_vs_seed"]["ds-2x1"] == {"train_samples_per_s": 3.0, "eval_samples_per_s": 2.0,
                                                    "prep_speedup": 2.0}  # not 200 / 80 = 2.5
-    assert "train_samples_per_s x3.00 (rounds: 3.00, 4.00, 1.50)" in bench.table(results)
+    assert "train_samples_per_s x3.00 (rounds: 3.00, 4.00, 1.50)" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_step_profile_runs_and_reports_every_phase():
     proc = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--procs", "2", "--batch", "4", "--tokens",
                            "5", "--vocab", "50", "--steps", "2"], cwd=REPO, env=run_env(), capture_output=True,
@@ -65,6 +69,7 @@ def test_step_profile_runs_and_reports_every_phase():
     assert "all-reduce of a" in proc.stdout and "batch 512:" in proc.stdout
 
 
+@pytest.mark.slow
 def test_lstm_bound_reports_each_precision():
     proc = subprocess.run([sys.executable, "benchmarks/lstm_bound.py", "--device", "cpu", "--batch", "4", "--tokens",
                            "6", "--steps", "2", "--warmup", "1"], cwd=REPO, env=run_env(), capture_output=True,
@@ -76,6 +81,7 @@ def test_lstm_bound_reports_each_precision():
     assert rows[1].get("ms_per_step", 0) > 0 or "error" in rows[1]  # a CPU without bf16 LSTM says why
 
 
+@pytest.mark.slow
 def test_gpu_check_runs_every_step_on_a_cpu(tmp_path, synth_imdb, cache_env):
     """The GPU check's plumbing, tiny and on the CPU (its GPU tests then skip): a log and a JSON with every step."""
     out = tmp_path / "out"
@@ -93,6 +99,7 @@ def test_gpu_check_runs_every_step_on_a_cpu(tmp_path, synth_imdb, cache_env):
     assert "gpu_check: all steps ran" in (out / "gpu_check.log").read_text()
 
 
+@pytest.mark.slow
 def test_preparation_benchmark_reports_cold_and_cached_rows(synth_imdb):
     proc = subprocess.run([sys.executable, "benchmarks/prepare.py", "--data", str(synth_imdb), "--copies", "1", "3"],
                           cwd=REPO, env=run_env(), capture_output=True, text=True, timeout=300)
