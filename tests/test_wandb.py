@@ -78,7 +78,7 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, synth_imdb, cache_en
     args = wandb_args(run_dir, synth_imdb, **{"train.epochs": 3, "model.hidden_dim": 64, "data.max_len": 96})
     stop_at(run_dir, 50, start(1, args))
     stopped = json.loads((run_dir / "status.json").read_text())["step"]
-    proc = run(launch_cmd(1, args))
+    proc = run(direct_cmd(args))
     assert proc.returncode == 0, proc.stderr[-3000:]
     first, second = offline_runs(run_dir)
     ids = {[r for r in records(d) if r["type"] == "run"][0]["run"]["run_id"] for d in (first, second)}
@@ -94,7 +94,7 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, synth_imdb, cache_en
 
     # a relaunch after the end (a requeue, say) tests again: nothing goes to W&B's history below the step it has
     # reached (W&B would drop it with a warning), the test results reach the summary, metrics.jsonl stays in order
-    again = run(launch_cmd(1, args))
+    again = run(direct_cmd(args))
     assert again.returncode == 0 and "Tried to log to step" not in again.stderr, again.stderr[-3000:]
     third = offline_runs(run_dir)[-1]
     assert third != second and not history(records(third))

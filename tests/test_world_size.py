@@ -82,20 +82,21 @@ def test_world_size_that_cannot_form_the_global_batch_is_refused(synth_imdb, tmp
     assert not (run_dir / "checkpoints").exists() and not (run_dir / "metrics.jsonl").exists()
 
 
-def test_first_step_gradient_is_the_same_for_every_layout(synth_imdb, tmp_path, cache_env):
+def test_first_step_gradient_is_the_same_for_every_layout(references, synth_imdb, tmp_path, cache_env):
     """The loss scale: the gradient of a step is the mean over its global batch, whatever the processes and the
-    accumulation. Checked on the first step's gradient norm (before clipping), without dropout; and with
-    accumulation the two processes' micro-batches of the step are disjoint and cover the global batch."""
+    accumulation. Checked on the first step's gradient norm (before clipping), without dropout: 1 x 32 and 2 x 16
+    (the uninterrupted runs' first steps) against 2 x 8 x 2 accumulation steps; and each layout's micro-batches of
+    that step are disjoint and cover the global batch."""
+    run_dir = tmp_path / "p2m8"
+    args = overrides(run_dir, synth_imdb, **NO_DROPOUT, **{"train.max_steps": 1, "train.micro_batch_size": 8,
+                                                          "checkpoint.every": 0})
+    proc = run(launch_cmd(2, args))
+    assert proc.returncode == 0, proc.stderr[-3000:]
     norms = {}
-    for nproc, micro in ((1, 0), (2, 0), (2, 8)):  # 2 x 16, and 2 x 8 x 2 accumulation steps
-        run_dir = tmp_path / f"p{nproc}m{micro}"
-        args = overrides(run_dir, synth_imdb, **NO_DROPOUT, **{"train.max_steps": 1, "train.micro_batch_size": micro,
-                                                              "checkpoint.every": 0})
-        proc = run(launch_cmd(nproc, args))
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        norms[nproc, micro] = train_rows(run_dir)[0]["grad_norm"]
-        ids = [i for r in range(nproc) for row in read_jsonl(run_dir / "debug" / f"samples-rank{r}.jsonl")
-               for i in row["ids"]]
+    for (nproc, micro), folder in {(1, 0): references[1], (2, 0): references[2], (2, 8): run_dir}.items():
+        norms[nproc, micro] = train_rows(folder)[0]["grad_norm"]
+        ids = [i for r in range(nproc) for row in read_jsonl(folder / "debug" / f"samples-rank{r}.jsonl")
+               if row["step"] == 1 for i in row["ids"]]
         assert len(ids) == len(set(ids)) == 32, (nproc, micro)
     reference = norms[1, 0]
     assert reference > 0.01
