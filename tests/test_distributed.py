@@ -133,7 +133,7 @@ def test_a_second_launch_into_a_live_run_directory_is_refused(tmp_path, synth_im
 
     run_dir = tmp_path / "run"
     args = tiny_overrides(run_dir, synth_imdb, **{"train.epochs": 4})
-    first = start(1, args)
+    first = start(1, args, launcher=False)
     wait_for_step(run_dir, 5, first)
     owner = json.loads((run_dir / "run.lock").read_text())
     second = run(launch_cmd(2, args))

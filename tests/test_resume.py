@@ -247,6 +247,7 @@ def test_a_finished_run_relaunched_tests_once_more_and_a_damaged_best_stops_ever
     assert "[rank1]" not in proc.stderr and "barrier" not in proc.stderr, proc.stderr[-3000:]  # rank 1's traceback
     assert json.loads((run_dir / "status.json").read_text())["state"] == "failed"
 
+
 def test_broken_checkpoints_are_skipped_or_refused(reference, synth_imdb, tmp_path, cache_env):
     run_dir = tmp_path / "run"
     shutil.copytree(reference[1], run_dir)
