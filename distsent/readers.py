@@ -57,6 +57,8 @@ def checked_split(texts, labels, where: str, lines: list[int] | None = None, lab
         texts = texts.cast(pa.large_string())
     if pa.types.is_dictionary(texts.type):  # a pandas category column, say: the strings behind the codes
         texts = texts.cast(texts.type.value_type)
+    if pa.types.is_string_view(texts.type):  # as Polars writes strings
+        texts = texts.cast(pa.large_string())
     if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
         raise DataError(f"{where}: the text column holds {texts.type}, expected strings")
     # 64-bit offsets before the chunks are joined: 32-bit ones overflow past 2 GiB of text
@@ -65,6 +67,8 @@ def checked_split(texts, labels, where: str, lines: list[int] | None = None, lab
         texts = texts.combine_chunks()
     split = RawSplit(texts, np.asarray(labels), np.arange(len(texts), dtype=np.int64),
                      None if lines is None else np.asarray(lines, dtype=np.int64))
+    if (bad := first_invalid_utf8(texts)) is not None:
+        raise DataError(f"{where}: {split.where(bad)}: the text is not valid UTF-8")
     if not labeled:
         return split
     if split.labels.dtype == object:  # string labels of any format: spaces around one are not part of it
@@ -87,6 +91,30 @@ def checked_split(texts, labels, where: str, lines: list[int] | None = None, lab
         row = next(i for i, v in enumerate(split.labels) if v is None)
         raise DataError(f"{where}: {split.where(row)} has no label")
     return split
+
+
+def first_invalid_utf8(strings) -> int | None:
+    """The row of the first string in an Arrow string array that is not valid UTF-8, or None. Parquet files are
+    not checked on reading (nor by every writer): found here, by halving, before a tokenizer or a Python string
+    conversion stops on it with a traceback."""
+    import pyarrow as pa
+
+    def valid(start: int, length: int) -> bool:
+        try:
+            strings.slice(start, length).validate(full=True)
+            return True
+        except pa.ArrowInvalid:
+            return False
+
+    if valid(0, len(strings)):
+        return None
+    lo, n = 0, len(strings)  # the first invalid string lies in rows lo .. lo + n - 1
+    while n > 1:
+        if valid(lo, n // 2):
+            lo, n = lo + n // 2, n - n // 2
+        else:
+            n //= 2
+    return lo
 
 
 def _scalar_label(v) -> bool:
@@ -194,8 +222,15 @@ def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit
         return checked_split(table.column(cfg.text_column), [], str(path), labeled=False)
     import pyarrow as pa
 
-    labels = table.column(cfg.label_column)
-    as_read = labels.null_count or pa.types.is_floating(labels.type) or pa.types.is_nested(labels.type)
+    labels = table.column(cfg.label_column).combine_chunks()
+    if pa.types.is_string(labels.type) or pa.types.is_large_string(labels.type) or \
+            pa.types.is_string_view(labels.type):
+        if (bad := first_invalid_utf8(labels)) is not None:
+            raise DataError(f"{path}: row {bad}: the label is not valid UTF-8")
+    # through Python, where checked_split checks each: nulls, floats (3.0 is 3), lists, booleans (refused, as in
+    # JSONL: true is no class number)
+    as_read = labels.null_count or pa.types.is_floating(labels.type) or pa.types.is_nested(labels.type) or \
+        pa.types.is_boolean(labels.type)
     split = checked_split(table.column(cfg.text_column), _as_array(labels.to_pylist(), path) if as_read
                           else labels.to_numpy(zero_copy_only=False), str(path))
     split.class_label = _class_label(table.schema.metadata, cfg.label_column)

@@ -103,8 +103,15 @@ def find_source(cfg: DataConfig) -> Source:
     if not root.is_dir():
         raise DataError(f"data.path {root}: no such folder")
     files = {}
+    present: dict[str, list[Path]] = {}  # by lower-case name: train.CSV and Train.csv are train.csv too
+    try:
+        for p in sorted(root.iterdir()):
+            if p.is_file():
+                present.setdefault(p.name.lower(), []).append(p)
+    except OSError as exc:
+        raise DataError(f"data.path {root}: cannot be read ({exc.strerror or exc})") from None
     for split, names in SPLIT_FILE_NAMES.items():
-        found = [root / f"{n}{ext}" for n in names for ext in FORMATS if (root / f"{n}{ext}").is_file()]
+        found = [p for n in names for ext in FORMATS for p in present.get(f"{n}{ext}", [])]
         if len(found) > 1:
             raise DataError(f"data.path {root}: several {split} files ({', '.join(p.name for p in found)}); keep one")
         if found:

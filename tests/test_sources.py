@@ -306,6 +306,55 @@ def test_labels_that_name_no_class_and_texts_that_are_no_text_are_refused(tmp_pa
     assert "train.jsonl: line 2: the text holds a lone surrogate escape (\\ud83d)" in err
 
 
+def not_utf8(texts: list[bytes]):
+    """A string array whose bytes are not all UTF-8, as a parquet writer that does not check can leave one."""
+    import pyarrow as pa
+
+    offsets = np.cumsum([0] + [len(t) for t in texts]).astype(np.int32)
+    return pa.Array.from_buffers(pa.string(), len(texts), [None, pa.py_buffer(offsets.tobytes()),
+                                                            pa.py_buffer(b"".join(texts))])
+
+
+def test_parquet_texts_and_labels_as_writers_leave_them(tmp_path):
+    """Parquet is not checked for UTF-8 on reading: a text or label that is not UTF-8 is named by its row (not a
+    tokenizer's traceback, from training, --check and prediction alike). Text columns of view strings (as Polars
+    writes them) are read; boolean labels are refused, as in JSONL."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    folder = tmp_path / "pq"
+    write(folder, "test", "parquet", TEXTS, LABELS)
+    texts = [t.encode() for t in TEXTS]
+    pq.write_table(pa.table({"text": not_utf8(texts[:7] + [b"caf\xe9 ok"] + texts[8:]), "label": LABELS}),
+                   folder / "train.parquet")
+    with pytest.raises(DataError, match=r"train.parquet: row 7: the text is not valid UTF-8"):
+        load_splits(DataConfig(path=str(folder)))
+    with pytest.raises(DataError, match=r"train.parquet: row 7: the text is not valid UTF-8"):
+        read_file(folder / "train.parquet", DataConfig(), labeled=False)  # texts to classify
+    pq.write_table(pa.table({"text": TEXTS, "label": not_utf8([y.encode() for y in LABELS[:2]] + [b"\xffjoy"] + [
+        y.encode() for y in LABELS[3:]])}), folder / "train.parquet")
+    with pytest.raises(DataError, match=r"train.parquet: row 2: the label is not valid UTF-8"):
+        load_splits(DataConfig(path=str(folder)))
+    pq.write_table(pa.table({"text": pa.array(TEXTS, pa.string_view()), "label": LABELS}), folder / "train.parquet")
+    assert read_file(folder / "train.parquet", DataConfig()).texts.to_pylist() == TEXTS
+    assert load_splits(DataConfig(path=str(folder)))[1] == sorted(set(LABELS))
+    for labels in ([True, False] * 5, [True] * 8 + [None, False]):
+        pq.write_table(pa.table({"text": TEXTS, "label": labels}), folder / "train.parquet")
+        with pytest.raises(DataError, match="train.parquet: row 0 has label True; a label is one integer or one"):
+            load_splits(DataConfig(path=str(folder)))
+
+
+def test_a_folders_file_names_are_read_in_any_case(tmp_path):
+    folder = tmp_path / "upper"
+    write(folder, "Train", "csv", TEXTS, LABELS).rename(folder / "Train.CSV")
+    write(folder, "TEST", "jsonl", TEXTS, LABELS)
+    source = find_source(DataConfig(path=str(folder)))
+    assert {k: p.name for k, p in source.files.items()} == {"train": "Train.CSV", "test": "TEST.jsonl"}
+    write(folder, "train", "csv", TEXTS, LABELS)
+    with pytest.raises(DataError, match=r"several train files \(Train.CSV, train.csv\)"):
+        find_source(DataConfig(path=str(folder)))
+
+
 def test_a_class_whose_only_examples_go_to_validation_is_refused(tmp_path):
     """Classes are counted in the training part that is kept, after data.limit and the validation carve: a class
     left only in validation would be one the model never sees."""
