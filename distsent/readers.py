@@ -223,6 +223,8 @@ def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit
     import pyarrow as pa
 
     labels = table.column(cfg.label_column).combine_chunks()
+    if pa.types.is_dictionary(labels.type) and pa.types.is_string(labels.type.value_type):
+        labels = labels.cast(labels.type.value_type)  # a category column: checked (and read) as its strings
     if pa.types.is_string(labels.type) or pa.types.is_large_string(labels.type) or \
             pa.types.is_string_view(labels.type):
         if (bad := first_invalid_utf8(labels)) is not None:

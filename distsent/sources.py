@@ -103,13 +103,14 @@ def find_source(cfg: DataConfig) -> Source:
     if not root.is_dir():
         raise DataError(f"data.path {root}: no such folder")
     files = {}
-    present: dict[str, list[Path]] = {}  # by lower-case name: train.CSV and Train.csv are train.csv too
     try:
-        for p in sorted(root.iterdir()):
-            if p.is_file():
-                present.setdefault(p.name.lower(), []).append(p)
-    except OSError as exc:
-        raise DataError(f"data.path {root}: cannot be read ({exc.strerror or exc})") from None
+        listing = sorted(root.iterdir())
+    except OSError:  # a folder that may be entered but not listed: the names as written here only
+        listing = [root / f"{n}{ext}" for names in SPLIT_FILE_NAMES.values() for n in names for ext in FORMATS]
+    present: dict[str, list[Path]] = {}  # by lower-case name: train.CSV and Train.csv are train.csv too
+    for p in listing:
+        if p.is_file():
+            present.setdefault(p.name.lower(), []).append(p)
     for split, names in SPLIT_FILE_NAMES.items():
         found = [p for n in names for ext in FORMATS for p in present.get(f"{n}{ext}", [])]
         if len(found) > 1:

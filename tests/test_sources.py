@@ -335,6 +335,11 @@ def test_parquet_texts_and_labels_as_writers_leave_them(tmp_path):
         y.encode() for y in LABELS[3:]])}), folder / "train.parquet")
     with pytest.raises(DataError, match=r"train.parquet: row 2: the label is not valid UTF-8"):
         load_splits(DataConfig(path=str(folder)))
+    codes = pa.array([0, 1, 2, 1, 0, 1, 0, 1, 0, 1], pa.int32())  # a category column (pandas), its second name bad
+    pq.write_table(pa.table({"text": TEXTS, "label": pa.DictionaryArray.from_arrays(codes, not_utf8(
+        [b"joy", b"f\xffar", b"anger"]))}), folder / "train.parquet")
+    with pytest.raises(DataError, match=r"train.parquet: row 1: the label is not valid UTF-8"):
+        load_splits(DataConfig(path=str(folder)))
     pq.write_table(pa.table({"text": pa.array(TEXTS, pa.string_view()), "label": LABELS}), folder / "train.parquet")
     assert read_file(folder / "train.parquet", DataConfig()).texts.to_pylist() == TEXTS
     assert load_splits(DataConfig(path=str(folder)))[1] == sorted(set(LABELS))
@@ -353,6 +358,21 @@ def test_a_folders_file_names_are_read_in_any_case(tmp_path):
     write(folder, "train", "csv", TEXTS, LABELS)
     with pytest.raises(DataError, match=r"several train files \(Train.CSV, train.csv\)"):
         find_source(DataConfig(path=str(folder)))
+
+
+def test_a_folder_that_cannot_be_listed_is_read_by_its_files_names(tmp_path, monkeypatch):
+    """A folder that may be entered but not listed (mode 0o111): its files are found by their exact names. The
+    refusal to list is simulated (root, which runs these tests, may list any folder)."""
+    folder = tmp_path / "unlisted"
+    write(folder, "train", "csv", TEXTS, LABELS)
+    write(folder, "test", "jsonl", TEXTS, LABELS)
+
+    def denied(self):
+        raise PermissionError(13, "Permission denied", str(self))
+
+    monkeypatch.setattr(type(folder), "iterdir", denied)
+    assert {k: p.name for k, p in find_source(DataConfig(path=str(folder))).files.items()} == {
+        "train": "train.csv", "test": "test.jsonl"}
 
 
 def test_a_class_whose_only_examples_go_to_validation_is_refused(tmp_path):
