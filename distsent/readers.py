@@ -275,8 +275,9 @@ def _as_array(values: list, path: Path, lines: list[int] | None = None) -> np.nd
 
 def _as_numbers(values: list[str], path: Path, lines: list[int]) -> np.ndarray:
     """CSV labels are text: integers when every one reads as an integer (3 or 3.0), strings otherwise (checked_split
-    strips them; an empty one is no label)."""
-    numbers = [re.fullmatch(r"\s*(-?\d+)(?:\.0*)?\s*", v) for v in values]
+    strips them; an empty one is no label). A leading zero makes a code, not a number: "01" and "1" stay two
+    classes (a column of codes "001".."120" keeps its names)."""
+    numbers = [re.fullmatch(r"\s*(-?(?:0|[1-9]\d*))(?:\.0*)?\s*", v) for v in values]
     if values and all(numbers):
         return _int64([int(m[1]) for m in numbers], path, lines)
     return np.asarray(values, dtype=object)

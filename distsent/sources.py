@@ -235,7 +235,8 @@ def label_lookup(names: list[str], positions: bool) -> dict:
         for i in range(len(names)):
             lookup.setdefault(str(i), i)
     else:
-        lookup.update({int(n): i for i, n in enumerate(names) if INTEGER.fullmatch(n)})
+        # the integer 1 is class "1", never "01" (a code that a CSV column with leading zeros keeps)
+        lookup.update({int(n): i for i, n in enumerate(names) if INTEGER.fullmatch(n) and n == str(int(n))})
     return lookup
 
 
