@@ -228,7 +228,9 @@ def test_a_text_column_over_two_gib_is_read(tmp_path):
 
     from distsent.readers import checked_split
 
-    chunk = pa.array(["x" * (1 << 20)] * 1100)  # 1.1 GiB of text per chunk
+    n, size = 1100, 1 << 20  # 1.1 GiB of text per chunk, built from its buffers (pa.array of strings is slower)
+    offsets = np.arange(0, (n + 1) * size, size, dtype=np.int32)
+    chunk = pa.StringArray.from_buffers(n, pa.py_buffer(offsets), pa.py_buffer(b"x" * (n * size)))
     split = checked_split(pa.chunked_array([chunk, chunk]), np.zeros(2200, np.int64), "big")
     assert len(split.texts) == 2200 and split.texts.type == pa.large_string()
     assert len(split.texts[2199].as_py()) == 1 << 20
@@ -277,6 +279,15 @@ def test_labels_are_read_as_the_classes_they_name_in_every_file(tmp_path):
     pq.write_table(pa.table({"text": texts[:3], "label": [3.0, 1.0, 2.0]}), tmp_path / "c" / "test.parquet")
     splits, names = load_splits(DataConfig(path=str(tmp_path / "c"), val_fraction=0.2))
     assert names == ["1", "2", "3"] and splits["test"].labels.tolist() == [2, 0, 1]
+    # codes with leading zeros stay codes: "01" is not class 1, and the integer 1 is not class "01"
+    write(tmp_path / "d", "train", "csv", texts, ["01", "002", "10"] * 3)
+    write(tmp_path / "d", "test", "csv", texts[:3], ["10", "002", "01"])
+    splits, names = load_splits(DataConfig(path=str(tmp_path / "d"), val_fraction=0.2))
+    assert names == ["002", "01", "10"] and splits["test"].labels.tolist() == [2, 0, 1]
+    write(tmp_path / "d", "test", "csv", texts[:2], ["10", "10"])  # all integers: 10 is class "10"
+    assert load_splits(DataConfig(path=str(tmp_path / "d"), val_fraction=0.2))[0]["test"].labels.tolist() == [2, 2]
+    err = error_of(tmp_path, (texts, ["01", "002", "10"] * 3), (["x", "y"], [10, 1]), fmt="jsonl")
+    assert "test.jsonl: line 2 has label 1, which is not one of the classes ['002', '01', '10']" in err
 
 
 def test_labels_that_name_no_class_and_texts_that_are_no_text_are_refused(tmp_path):
