@@ -168,7 +168,7 @@ def test_binary_loss_is_the_tutorials_bce():
 @pytest.mark.skipif(not (REAL_EMOTION / "train.csv").is_file(), reason=f"no emotion copy at {REAL_EMOTION}")
 def test_real_emotion_short_run_then_predict(tmp_path, cache_env):
     run_dir = tmp_path / "emotion"
-    proc = run(direct_cmd([f"output_dir={run_dir}", f"data.path={REAL_EMOTION}", "train.max_steps=500",
+    proc = run(direct_cmd([f"output_dir={run_dir}", f"data.path={REAL_EMOTION}", "train.max_steps=350",
                            "log.trackers=[]", "train.mixed_precision=no"], config="configs/emotion.yaml"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "16000 train / 2000 val / 2000 test texts" in proc.stderr
