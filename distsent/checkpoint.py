@@ -221,8 +221,11 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
             problems += [f"{key}.{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}"
                          for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
         elif old != new:
-            why = (" (the tokenized training or validation data differ: edited data, or a change in how it is "
-                   "tokenized)") if key == "data_content" else ""
+            why = {"data_content": " (the tokenized training or validation data differ: edited data, or a change "
+                                   "in how it is tokenized)",
+                   # earlier versions named a datasets parquet file's classes after its integers, not its ClassLabel
+                   "label_names": " (the same classes under other names resume with data.label_names set to the "
+                                  "checkpoint's)"}.get(key, "")
             problems.append(f"{key}: checkpoint {old!r}, config {new!r}{why}")
     if problems:
         raise CheckpointError(f"{path} was trained with a different setup and cannot be resumed with this config: "

@@ -95,13 +95,13 @@ def by_name(labels: np.ndarray, data_names: list[str], names: list[str]) -> np.n
 
 
 def file_labels(split, names: list[str], cfg, where: str) -> np.ndarray:
-    """The class indices of a --file's labels, read as training read the model's data: strings by name; integers
-    as sources.integers_are_positions says, or, for a model trained on a hub data set (a model folder records where
-    its data was, sources.located: no place is the hub), as that hub's ClassLabel reads them: a ClassLabel file of
-    the model's classes (the data set's own parquet) by its names, other integers as positions unless the classes
-    are digits ("1", "2": a file's 2 is class "2", as written)."""
+    """The class indices of a --file's labels, read as training read the model's data: a ClassLabel file of the
+    model's classes (saved by datasets, a hub data set's own parquet) by its names; strings by name; integers as
+    sources.integers_are_positions says, or, for a model trained on a hub data set (a model folder records where its
+    data was, sources.located: no place is the hub), as the hub's ClassLabel positions unless the classes are digits
+    ("1", "2": a file's 2 is class "2", as written)."""
     hub = not (cfg.path or cfg.train_file or cfg.test_file) and not cfg.label_names
-    if hub and split.class_label and sorted(split.class_label) == sorted(names):
+    if split.class_label and sorted(split.class_label) == sorted(names):
         file_names = split.class_label
         return by_name(encode_labels(split, file_names, label_lookup(file_names, True), where), file_names, names)
     positions = integers_are_positions(names, bool(cfg.label_names), hub and not digit_names(names))

@@ -34,8 +34,7 @@ class RawSplit:
     labels: np.ndarray  # as read (integers or strings); class indices (int64) after load_splits
     ids: np.ndarray  # int64, stable ids of the records within the split
     lines: np.ndarray | None = None  # each record's line in its file, for messages ("line 12"); None: "row i"
-    class_label: list[str] | None = None  # a datasets ClassLabel's names, whose indices the integer labels are (read
-    # by distsent-evaluate --file; training names the classes after the labels themselves, as it always has)
+    class_label: list[str] | None = None  # a datasets ClassLabel's names, whose indices the integer labels are
 
     def where(self, i: int) -> str:
         return f"line {self.lines[i]}" if self.lines is not None else f"row {i}"

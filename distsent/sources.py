@@ -183,8 +183,9 @@ def _read_hub(cfg: DataConfig, role: str) -> tuple[RawSplit, list[str] | None]:
     return checked_split(table.column(cfg.text_column), table.column(cfg.label_column).to_numpy(), where), names
 
 
-def class_names(train: RawSplit, cfg: DataConfig, hub_names: list[str] | None, where: str) -> list[str]:
-    """The classes in their order: data.label_names; else a hub ClassLabel's names; else the sorted training labels,
+def class_names(train: RawSplit, cfg: DataConfig, named: list[str] | None, where: str) -> list[str]:
+    """The classes in their order: data.label_names; else the training data's ClassLabel names (`named`: a hub data
+    set's, or a parquet file's saved by datasets); else the sorted training labels,
     integer labels 0/1 being named negative and positive (the sentiment convention) and other integers by
     themselves."""
     values = train.labels.tolist()
@@ -194,8 +195,8 @@ def class_names(train: RawSplit, cfg: DataConfig, hub_names: list[str] | None, w
         raise DataError(f"{where}: {train.where(bad)} has label {values[bad]!r}; labels must be all integers or all "
                         f"strings")
     seen = sorted(set(values))
-    if cfg.label_names or hub_names is not None:
-        names = [str(n) for n in (cfg.label_names or hub_names)]
+    if cfg.label_names or named is not None:
+        names = [str(n) for n in (cfg.label_names or named)]
     elif not strings and set(seen) <= {0, 1}:
         names = list(BINARY_NAMES)
     else:
@@ -240,6 +241,20 @@ def label_lookup(names: list[str], positions: bool) -> dict:
     return lookup
 
 
+def class_label_names(split: RawSplit, where: str) -> np.ndarray:
+    """A ClassLabel column's integer labels as the names they index; DataError naming the first one outside them
+    (datasets writes -1 for a missing label)."""
+    if split.labels.dtype != np.int64:  # nulls or other values: checked_split has named them already
+        return split.labels
+    names = np.asarray(split.class_label, dtype=object)
+    outside = np.flatnonzero((split.labels < 0) | (split.labels >= len(names)))
+    if len(outside):
+        i = int(outside[0])
+        raise DataError(f"{where}: {split.where(i)} has label {split.labels[i]}, which is none of its ClassLabel's "
+                        f"{len(names)} classes {split.class_label}")
+    return names[split.labels]
+
+
 def encode_labels(split: RawSplit, names: list[str], lookup: dict, where: str) -> np.ndarray:
     """Class indices of a split's labels; DataError naming the first label that is not one of the classes."""
     out = np.empty(len(split.labels), np.int64)
@@ -255,7 +270,7 @@ def encode_labels(split: RawSplit, names: list[str], lookup: dict, where: str) -
 def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
     """train / val / test of the configured source with class indices as labels, and the class names."""
     src = find_source(cfg)
-    raw, hub_names, where = {}, None, {}
+    raw, named, where = {}, None, {}
     for split in SPLITS:
         if src.kind == "files":
             if split in src.files:
@@ -266,12 +281,19 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
         else:
             name = getattr(cfg, f"hub_{split}_split")
             if name:
-                raw[split], hub_names = _read_hub(cfg, split)
+                raw[split], named = _read_hub(cfg, split)
                 where[split] = _hub_where(cfg, name)
-    names = class_names(raw["train"], cfg, hub_names, where["train"])
+    if src.kind == "files":
+        # a training file saved by datasets with a ClassLabel names the classes, in its order, as a hub data set
+        # does; another file's ClassLabel turns its integers into its own names, matched by name
+        named = raw["train"].class_label
+        for split, data in raw.items():
+            if data.class_label is not None and data.class_label != named:
+                data.labels = class_label_names(data, where[split])
+    names = class_names(raw["train"], cfg, named, where["train"])
     # one lookup for every file: integer labels in train.csv and the same written as strings in test.jsonl
     lookup = label_lookup(names, integers_are_positions(names, bool(cfg.label_names),
-                                                        hub_names is not None and not cfg.label_names))
+                                                        named is not None and not cfg.label_names))
     for split, data in raw.items():
         data.labels = encode_labels(data, names, lookup, where[split])
     splits = carve(cfg, raw["train"], raw["test"], raw.get("validation"))

@@ -189,10 +189,11 @@ def save_classlabel(path, names, ys, texts=None):
 
 
 def test_integer_labels_mean_one_class_in_every_file_with_classlabel_files_about(tmp_path, capsys):
-    """Training names the classes of a datasets parquet folder after its integer labels, as it always has (0/1:
-    negative/positive), and with data.label_names reads every file's integers as positions alike. evaluate --file
-    reads a ClassLabel file of the model's classes (a hub data set's own parquet, digits as names) by its names, and
-    integers in a CSV for a hub-trained model as the hub's positions, as before."""
+    """Training names the classes of a datasets parquet folder after its ClassLabel, in its order, and reads the
+    integers of a CSV beside it as positions in it, as for a hub data set; with data.label_names, every file's
+    integers are positions alike. evaluate --file reads a ClassLabel file of the model's classes (a hub data set's
+    own parquet, digits as names) by its names, and integers in a CSV for a hub-trained model as the hub's
+    positions."""
     import torch
 
     from distsent.checkpoint import export_model
@@ -209,7 +210,7 @@ def test_integer_labels_mean_one_class_in_every_file_with_classlabel_files_about
     save_classlabel(folder / "train.parquet", ["neg", "pos"], labels, texts)
     (folder / "test.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(texts, labels)))
     splits, names = load_splits(DataConfig(path=str(folder), val_fraction=0.1))
-    assert names == ["negative", "positive"]
+    assert names == ["neg", "pos"] and splits["test"].labels.tolist() == labels
     splits, names = load_splits(DataConfig(path=str(folder), val_fraction=0.1, label_names=["pos", "neg"]))
     assert names == ["pos", "neg"] and splits["test"].labels.tolist() == labels  # positions in both files
     cfg = load_config(None, ["model.embedding_dim=16", "model.hidden_dim=16", "data.min_freq=1"])  # the hub's data
@@ -287,32 +288,38 @@ def test_evaluate_loss_comes_from_the_logits_of_a_confident_model(tmp_path, caps
 
 
 def test_a_classlabel_file_is_read_by_evaluate_as_training_read_it(tmp_path, capsys):
-    """A model trained on a folder of datasets parquet files, whose ClassLabel training does not read (0/1 become
-    negative/positive; with data.label_names, integers are positions): its own test file through --file scores
-    what the same integers in a CSV score (reading them by the ClassLabel's names inverted every label)."""
+    """A folder of datasets parquet files whose ClassLabel orders the classes positive, negative: training names
+    the classes after it, in its order (0 is positive; before, they were named after the integers, 0 negative), and
+    evaluate --file reads the model's own test file as training read it: it scores what the same labels written as
+    names in a CSV score. With data.label_names renaming the classes, the integers are positions in both."""
     import torch
 
     from distsent.checkpoint import export_model
     from distsent.configfile import load_config
     from distsent.evaluate import main
     from distsent.model import build_model
+    from distsent.sources import load_splits
     from distsent.tokenizer import train_tokenizer
 
     texts, labels = make_reviews(40, 3)
-    save_classlabel(tmp_path / "test.parquet", ["positive", "negative"], labels, texts)
-    (tmp_path / "test.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(texts, labels)))
-    for names, extra in ((["negative", "positive"], []), (["pos", "neg"], ["data.label_names=[pos, neg]"])):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for split in ("train", "test"):
+        save_classlabel(folder / f"{split}.parquet", ["positive", "negative"], labels, texts)
+    for extra, expected in (([], ["positive", "negative"]), (["data.label_names=[pos, neg]"], ["pos", "neg"])):
         cfg = load_config(None, ["model.embedding_dim=16", "model.hidden_dim=16", "data.min_freq=1",
-                                 f"data.path={tmp_path}", *extra])
+                                 f"data.path={folder}", *extra])
+        splits, names = load_splits(cfg.data)
+        assert names == expected and splits["test"].labels.tolist() == labels
+        (tmp_path / "test.csv").write_text("text,label\n" + "".join(f"{t},{names[y]}\n"
+                                                                     for t, y in zip(texts, labels)))
         tok = train_tokenizer(texts, cfg.data)
         torch.manual_seed(0)
         model = tmp_path / f"best-{names[0]}"
         export_model(model, build_model(tok.get_vocab_size(), cfg.model, 2), tok, cfg,
                      {"step": 0, "label_names": names})
-        if extra:  # the ClassLabel's own names, for the by-name reading to have something to match
-            save_classlabel(tmp_path / "test.parquet", ["neg", "pos"], labels, texts)
         results = []
-        for f in ("test.parquet", "test.csv"):
-            assert main(["--model", str(model), "--file", str(tmp_path / f)]) == 0, capsys.readouterr().err
+        for f in (folder / "test.parquet", tmp_path / "test.csv"):
+            assert main(["--model", str(model), "--file", str(f)]) == 0, capsys.readouterr().err
             results.append(json.loads(capsys.readouterr().out.splitlines()[0])["confusion"])
         assert results[0] == results[1], names

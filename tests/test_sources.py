@@ -134,6 +134,36 @@ def test_hub_class_label_names_and_order(tmp_path, monkeypatch):
         assert all(n in str(info.value) for n in named) and "without internet" not in str(info.value), info.value
 
 
+def test_a_parquet_folder_saved_by_datasets_brings_its_classlabel_names(tmp_path):
+    """Dataset.to_parquet keeps a ClassLabel's names in the file: the classes are named after them, in their order
+    (they were "0".."3"); a test file whose ClassLabel orders them otherwise, or a CSV naming them, is read by name;
+    a label outside the ClassLabel (datasets writes -1 for none) is named by its row."""
+    import datasets
+
+    names = ["sadness", "joy", "love", "anger"]
+    ys = [0, 1, 2, 3, 1, 0, 3, 1, 2, 0]
+
+    def save(path, classes, labels):
+        features = datasets.Features({"text": datasets.Value("string"),
+                                      "label": datasets.ClassLabel(names=classes)})
+        datasets.Dataset.from_dict({"text": TEXTS[:len(labels)], "label": labels}, features=features).to_parquet(path)
+
+    save(tmp_path / "d" / "train.parquet", names, ys)
+    other = ["anger", "love", "joy", "sadness"]
+    save(tmp_path / "d" / "test.parquet", other, [0, 3, 1])  # anger, sadness, love
+    splits, got = load_splits(DataConfig(path=str(tmp_path / "d"), val_fraction=0.2))
+    assert got == names and [got[i] for i in splits["test"].labels] == ["anger", "sadness", "love"]
+    assert sorted(splits["train"].labels.tolist() + splits["val"].labels.tolist()) == sorted(ys)
+    (tmp_path / "d" / "test.parquet").unlink()
+    write(tmp_path / "d", "test", "csv", TEXTS[:2], ["love", "joy"])
+    assert load_splits(DataConfig(path=str(tmp_path / "d"), val_fraction=0.2))[0]["test"].labels.tolist() == [2, 1]
+    (tmp_path / "d" / "test.csv").unlink()
+    save(tmp_path / "d" / "test.parquet", other, [1, -1])
+    with pytest.raises(DataError, match=r"test.parquet: row 1 has label -1, which is none of its ClassLabel's 4 "
+                                        r"classes \['anger', 'love', 'joy', 'sadness'\]"):
+        load_splits(DataConfig(path=str(tmp_path / "d"), val_fraction=0.2))
+
+
 def error_of(tmp_path, train, test, fmt="csv", raw_train: bytes | None = None, **cfg) -> str:
     folder = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
     write(folder, "train", fmt, *train)
