@@ -148,15 +148,6 @@ def score_logits(logits, labels, classes: list[str], head_logits=None, head_name
     return {**m.compute(), "reliability": m.ece.table()}
 
 
-def score(probs, labels, classes: list[str]) -> dict:
-    """score_logits from class probabilities [n, C] (a model's own logits give the loss exactly, also where a
-    probability rounds to 0 or 1)."""
-    p = torch.as_tensor(np.asarray(probs, np.float64))
-    if len(classes) == 2:
-        return score_logits(torch.logit(p[:, 1], eps=1e-12), labels, classes)  # p of 0 or 1 keeps a finite loss
-    return score_logits(p.clamp(min=1e-12).log(), labels, classes)  # softmax(log p) = p
-
-
 class TrainSums:
     """Training metrics since the last logged row, summed on the device so that a step never waits for the host;
     added up over processes when a row is logged. Saved in checkpoints so a resumed run logs the same rows."""

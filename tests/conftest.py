@@ -70,10 +70,20 @@ def write_csv(folder: Path, splits: dict[str, tuple[list[str], list]]) -> Path:
     return folder
 
 
-def binary_score(p_positive, labels) -> dict:
-    """metrics.score of two-class probabilities given as p(positive)."""
-    from distsent.metrics import score
+def score(probs, labels, classes: list[str]) -> dict:
+    """metrics.score_logits from class probabilities [n, C]."""
+    import torch
 
+    from distsent.metrics import score_logits
+
+    p = torch.as_tensor(np.asarray(probs, np.float64))
+    if len(classes) == 2:
+        return score_logits(torch.logit(p[:, 1], eps=1e-12), labels, classes)  # p of 0 or 1 keeps a finite loss
+    return score_logits(p.clamp(min=1e-12).log(), labels, classes)  # softmax(log p) = p
+
+
+def binary_score(p_positive, labels) -> dict:
+    """score of two-class probabilities given as p(positive)."""
     p = np.asarray(p_positive, np.float64)
     return score(np.stack([1 - p, p], axis=1), labels, ["negative", "positive"])
 

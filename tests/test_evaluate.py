@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import REPO, binary_score, make_reviews
+from conftest import REPO, binary_score, make_reviews, score
 
 
 def test_roc_auc_matches_pairwise_definition_with_ties():
@@ -37,8 +37,6 @@ def test_ece_small_when_calibrated_large_when_overconfident():
 def test_multiclass_metrics_by_hand_and_a_class_absent_from_the_split():
     """Per-class precision / recall / F1, the confusion matrix and macro-F1 for four classes, worked by hand; a
     class that neither occurs nor is predicted (a small file without it) does not enter macro-F1 as a zero."""
-    from distsent.metrics import score
-
     classes = ["anger", "joy", "love", "fear"]
     labels = np.array([0, 0, 0, 1, 1, 2])  # no "fear"
     predicted = np.array([0, 0, 1, 1, 1, 1])
