@@ -23,7 +23,8 @@ from .config import ConfigError
 from .files import EXIT_WRITE, WriteError, atomic_write, writing
 from .metrics import ECE_BINS, score_logits
 from .readers import DataError, read_file
-from .sources import digit_names, encode_labels, integers_are_positions, label_lookup, load_splits
+from .sources import (class_label_names, digit_names, encode_labels, integers_are_positions, label_lookup,
+                      load_splits)
 
 
 def report(result: dict, classes: list[str]) -> str:
@@ -95,15 +96,14 @@ def by_name(labels: np.ndarray, data_names: list[str], names: list[str]) -> np.n
 
 
 def file_labels(split, names: list[str], cfg, where: str) -> np.ndarray:
-    """The class indices of a --file's labels, read as training read the model's data: a ClassLabel file of the
-    model's classes (saved by datasets, a hub data set's own parquet) by its names; strings by name; integers as
-    sources.integers_are_positions says, or, for a model trained on a hub data set (a model folder records where its
-    data was, sources.located: no place is the hub), as the hub's ClassLabel positions unless the classes are digits
-    ("1", "2": a file's 2 is class "2", as written)."""
+    """The class indices of a --file's labels, read as training reads files (sources.load_splits): a ClassLabel
+    file's integers (saved by datasets, a hub data set's own parquet) as its names, unless the model was trained
+    with data.label_names; strings by name; other integers as sources.integers_are_positions says, and for a model
+    trained on a hub data set (a model folder records where its data was, sources.located: no place is the hub) as
+    the hub's positions unless the classes are digits ("1", "2": a file's 2 is class "2", as written)."""
+    if split.class_label is not None and not cfg.label_names:
+        split.labels = class_label_names(split, where)
     hub = not (cfg.path or cfg.train_file or cfg.test_file) and not cfg.label_names
-    if split.class_label and sorted(split.class_label) == sorted(names):
-        file_names = split.class_label
-        return by_name(encode_labels(split, file_names, label_lookup(file_names, True), where), file_names, names)
     positions = integers_are_positions(names, bool(cfg.label_names), hub and not digit_names(names))
     return encode_labels(split, names, label_lookup(names, positions), where)
 

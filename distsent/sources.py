@@ -244,7 +244,7 @@ def label_lookup(names: list[str], positions: bool) -> dict:
 def class_label_names(split: RawSplit, where: str) -> np.ndarray:
     """A ClassLabel column's integer labels as the names they index; DataError naming the first one outside them
     (datasets writes -1 for a missing label)."""
-    if split.labels.dtype != np.int64:  # nulls or other values: checked_split has named them already
+    if not np.issubdtype(split.labels.dtype, np.integer):  # nulls or other values: checked_split named them
         return split.labels
     names = np.asarray(split.class_label, dtype=object)
     outside = np.flatnonzero((split.labels < 0) | (split.labels >= len(names)))
@@ -283,17 +283,18 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
             if name:
                 raw[split], named = _read_hub(cfg, split)
                 where[split] = _hub_where(cfg, name)
-    if src.kind == "files":
-        # a training file saved by datasets with a ClassLabel names the classes, in its order, as a hub data set
-        # does; another file's ClassLabel turns its integers into its own names, matched by name
-        named = raw["train"].class_label
+    if src.kind == "files" and not cfg.label_names:
+        # a file saved by datasets with a ClassLabel: its integers are the names they index (with data.label_names,
+        # integers are positions in it, in every file); the training file's ClassLabel orders the classes it has
         for split, data in raw.items():
-            if data.class_label is not None and data.class_label != named:
+            if data.class_label is not None:
                 data.labels = class_label_names(data, where[split])
+        if raw["train"].class_label is not None:
+            named = [n for n in raw["train"].class_label if n in set(raw["train"].labels.tolist())]
     names = class_names(raw["train"], cfg, named, where["train"])
     # one lookup for every file: integer labels in train.csv and the same written as strings in test.jsonl
     lookup = label_lookup(names, integers_are_positions(names, bool(cfg.label_names),
-                                                        named is not None and not cfg.label_names))
+                                                        src.kind == "hub" and not cfg.label_names))
     for split, data in raw.items():
         data.labels = encode_labels(data, names, lookup, where[split])
     splits = carve(cfg, raw["train"], raw["test"], raw.get("validation"))

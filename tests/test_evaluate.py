@@ -187,11 +187,11 @@ def save_classlabel(path, names, ys, texts=None):
 
 
 def test_integer_labels_mean_one_class_in_every_file_with_classlabel_files_about(tmp_path, capsys):
-    """Training names the classes of a datasets parquet folder after its ClassLabel, in its order, and reads the
-    integers of a CSV beside it as positions in it, as for a hub data set; with data.label_names, every file's
-    integers are positions alike. evaluate --file reads a ClassLabel file of the model's classes (a hub data set's
-    own parquet, digits as names) by its names, and integers in a CSV for a hub-trained model as the hub's
-    positions."""
+    """Training names the classes of a datasets parquet folder after its ClassLabel, in its order, and refuses bare
+    integers in a CSV beside it (evaluate --file could not tell them from the classes named like them); with
+    data.label_names, every file's integers are positions alike. evaluate --file reads a ClassLabel file of the
+    model's classes (a hub data set's own parquet, digits as names) by its names, and integers in a CSV for a
+    hub-trained model as the hub's positions."""
     import torch
 
     from distsent.checkpoint import export_model
@@ -199,6 +199,7 @@ def test_integer_labels_mean_one_class_in_every_file_with_classlabel_files_about
     from distsent.configfile import load_config
     from distsent.evaluate import main
     from distsent.model import build_model
+    from distsent.readers import DataError
     from distsent.sources import load_splits
     from distsent.tokenizer import train_tokenizer
 
@@ -207,8 +208,9 @@ def test_integer_labels_mean_one_class_in_every_file_with_classlabel_files_about
     folder.mkdir()
     save_classlabel(folder / "train.parquet", ["neg", "pos"], labels, texts)
     (folder / "test.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(texts, labels)))
-    splits, names = load_splits(DataConfig(path=str(folder), val_fraction=0.1))
-    assert names == ["neg", "pos"] and splits["test"].labels.tolist() == labels
+    with pytest.raises(DataError, match=rf"test.csv: line 2 has label {labels[0]}, which is not one of the classes "
+                                        r"\['neg', 'pos'\]"):
+        load_splits(DataConfig(path=str(folder), val_fraction=0.1))
     splits, names = load_splits(DataConfig(path=str(folder), val_fraction=0.1, label_names=["pos", "neg"]))
     assert names == ["pos", "neg"] and splits["test"].labels.tolist() == labels  # positions in both files
     cfg = load_config(None, ["model.embedding_dim=16", "model.hidden_dim=16", "data.min_freq=1"])  # the hub's data

@@ -164,6 +164,57 @@ def test_a_parquet_folder_saved_by_datasets_brings_its_classlabel_names(tmp_path
         load_splits(DataConfig(path=str(tmp_path / "d"), val_fraction=0.2))
 
 
+@pytest.mark.parametrize("case", ["digit names, integers in a CSV", "label_names over ClassLabel files",
+                                  "ClassLabels in two orders", "a ClassLabel class never trained", "int32 ClassLabel",
+                                  "words in training, a ClassLabel file to test"])
+def test_training_and_evaluate_read_every_labeled_file_alike(tmp_path, case):
+    """distsent-evaluate --file reads a labeled file as training read the model's own test file, class for class
+    (or both refuse it): a datasets ClassLabel file by its names, except with data.label_names (positions)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distsent.evaluate import file_labels
+
+    def save(name, classes, labels, int32=False):
+        features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=classes)})
+        path = tmp_path / f"{name}.parquet"
+        datasets.Dataset.from_dict({"text": TEXTS[:len(labels)], "label": labels}, features=features).to_parquet(path)
+        if int32:  # the metadata kept, the column narrowed (a pyarrow cast)
+            table = pq.read_table(path)
+            pq.write_table(table.set_column(1, "label", table.column("label").cast(pa.int32())), path)
+
+    ys, label_names = [0, 1, 1, 0, 1, 0, 0, 1, 1, 0], []
+    if case == "digit names, integers in a CSV":
+        save("train", ["1", "2"], ys)
+        write(tmp_path, "test", "csv", TEXTS[:3], [2, 1, 1])
+    elif case == "label_names over ClassLabel files":
+        save("train", ["pos", "neg"], ys)
+        save("test", ["pos", "neg"], [1, 1, 0])  # by its names: neg, neg, pos
+        label_names = ["neg", "pos"]
+    elif case == "ClassLabels in two orders":
+        save("train", ["neg", "pos"], ys)
+        save("test", ["pos", "neg"], [1, 1, 0])
+    elif case == "a ClassLabel class never trained":
+        save("train", ["neg", "neutral", "pos"], [2 * y for y in ys])
+        save("test", ["neg", "neutral", "pos"], [2, 0, 2])
+    elif case == "int32 ClassLabel":
+        save("train", ["neg", "pos"], ys)
+        save("test", ["pos", "neg"], [1, 1, 0], int32=True)
+    else:
+        write(tmp_path, "train", "csv", TEXTS, ["neg", "pos"] * 5)
+        save("test", ["pos", "neg"], [1, 1, 0])
+    cfg = DataConfig(path=str(tmp_path), val_fraction=0.2, label_names=label_names)
+    splits, names = load_splits(cfg)
+    test = next(tmp_path.glob("test.*"))
+    assert file_labels(read_file(test, cfg), names, cfg, str(test)).tolist() == splits["test"].labels.tolist()
+    expected = {"digit names, integers in a CSV": (["1", "2"], ["2", "1", "1"]),
+                "label_names over ClassLabel files": (["neg", "pos"], ["pos", "pos", "neg"]),  # positions
+                "a ClassLabel class never trained": (["neg", "pos"], ["pos", "neg", "pos"])}.get(
+        case, (["neg", "pos"], ["neg", "neg", "pos"]))
+    assert (names, [names[i] for i in splits["test"].labels]) == expected
+
+
 def error_of(tmp_path, train, test, fmt="csv", raw_train: bytes | None = None, **cfg) -> str:
     folder = tmp_path / f"bad{len(list(tmp_path.iterdir()))}"
     write(folder, "train", fmt, *train)
