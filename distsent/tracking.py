@@ -165,9 +165,11 @@ def wandb_init_kwargs(cfg, run_dir: Path, run_id: str) -> dict:
 class RunLog:
     """Writes metrics to <run>/metrics.jsonl and forwards them to the Accelerate trackers; main process only."""
 
-    def __init__(self, cfg, run_dir: Path, accelerator, run_id: str, resume_step: int | None, config: dict):
+    def __init__(self, cfg, run_dir: Path, accelerator, run_id: str, resume_step: int | None, config: dict,
+                 lock=None):
         self.accelerator = accelerator
-        self.active = accelerator.is_main_process
+        self.main = accelerator.is_main_process
+        self.lock = lock  # the run directory's (runlock.RunLock)
         self.path = run_dir / "metrics.jsonl"
         self.trackers_on = False
         self.run_id = run_id
@@ -189,6 +191,12 @@ class RunLog:
             except Exception as exc:  # a tracker failing must not stop training
                 log.warning("trackers %s could not start (%s: %s); training goes on, metrics go to %s",
                             cfg.log.trackers, type(exc).__name__, exc, self.path)
+
+    @property
+    def active(self) -> bool:
+        """The main process, while the run directory is this run's: a run whose lock another launch took over
+        writes nothing more (it stops at the end of its step)."""
+        return self.main and not (self.lock and self.lock.lost)
 
     def log(self, metrics: dict, step: int, history: bool = True) -> None:
         """A row of metrics.jsonl, and of the trackers' history unless `history` is False (a step W&B has passed:

@@ -290,7 +290,7 @@ class Trainer:
         select = self.cfg.train.select_metric
         if state.record_eval(metrics[select]):
             failure = None
-            if self.accelerator.is_main_process:
+            if runlog.active:  # the main process, unless the run directory was taken over
                 try:
                     cfg = replace(self.cfg, data=located(self.cfg.data))  # the folder names its data's place
                     ckpt.export_model(self.run_dir / "best", self.eval_model, self.data.tokenizer, cfg,
@@ -351,7 +351,7 @@ class Trainer:
         state.run_id = state.run_id or new_run_id(acc)
         # a fresh start drops any rows of an earlier attempt that stopped before its first checkpoint
         runlog = RunLog(cfg, self.run_dir, acc, state.run_id, state.step if self.resume_from else -1,
-                        {**cfg.to_dict(), "launch": launch_topology(acc, self.layout)})
+                        {**cfg.to_dict(), "launch": launch_topology(acc, self.layout)}, self.lock)
         if state.batch_in_epoch >= self.steps_per_epoch:
             # saved by an earlier version at an epoch's last step, before that epoch's evaluation (unless a periodic
             # one fell on the step): evaluate now, so that the epoch's model is a candidate for best/

@@ -630,7 +630,7 @@ def test_a_non_finite_gradient_stops_the_run_before_anything_is_written(synth_im
 
     run_dir = tmp_path / "run"
     cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{
-        "checkpoint.every": 4, "train.log_every": 3, "train.eval_every": 100}))
+        "checkpoint.every": 4, "train.log_every": 3, "train.eval_every": 6}))
     trainer = Trainer(cfg, stop=StopFlag([]))  # no signal handlers in the test process
     try:
         trainer.raw_model.fc.weight.register_hook(
@@ -649,32 +649,34 @@ def test_a_non_finite_gradient_stops_the_run_before_anything_is_written(synth_im
 @pytest.mark.slow
 def test_a_run_whose_directory_was_taken_over_stops_without_writing(synth_imdb, tmp_path, cache_env):
     """The lock's heartbeat found another launch's lock (test_a_stalled_run_whose_lock_was_taken_over_...; set here
-    during step 5, the only stand-in: a real takeover needs a minute-long stall): the run stops at that step's end
-    with RunLockedError, writing no checkpoint, metrics row or status there, and leaves the new owner's lock."""
+    during step 6, the only stand-in: a real takeover needs a minute-long stall): the run stops at that step's end
+    with RunLockedError, writing no checkpoint, metrics row, best model or status there (step 6 is a logging and an
+    evaluation step), and leaves the new owner's lock."""
     from distsent.preemption import StopFlag
     from distsent.runlock import RunLockedError
     from distsent.trainer import Trainer
 
     run_dir = tmp_path / "run"
     cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{
-        "checkpoint.every": 4, "train.log_every": 3, "train.eval_every": 100}))
+        "checkpoint.every": 4, "train.log_every": 3, "train.eval_every": 6}))
     trainer = Trainer(cfg, stop=StopFlag([]))
     step = trainer.train_step
 
-    def taken_over_in_step_5(batch):
+    def taken_over_in_step_6(batch):
         step(batch)
-        if trainer.state.step == 4:
+        if trainer.state.step == 5:
             trainer.lock.lost = RunLockedError("taken over")
             (run_dir / "run.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": time.time()}))
 
-    trainer.train_step = taken_over_in_step_5
+    trainer.train_step = taken_over_in_step_6
     try:
         with pytest.raises(RunLockedError, match="taken over"):
             trainer.fit()
     finally:
         trainer.close()
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000004"]
-    assert [r["step"] for r in train_rows(run_dir)] == [3]
+    assert [r["step"] for r in train_rows(run_dir)] == [3] and not (run_dir / "best").exists()
+    assert max(r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")) == 3  # no step-6 row, no evaluation
     assert json.loads((run_dir / "status.json").read_text())["state"] == "running"  # the new owner's to write
     assert json.loads((run_dir / "run.lock").read_text())["host"] == "elsewhere"
 
