@@ -223,22 +223,10 @@ def check_compatible(saved: dict, current: dict, path: Path) -> None:
         elif old != new:
             why = (" (the tokenized training or validation data differ: edited data, or a change in how it is "
                    "tokenized)") if key == "data_content" else ""
-            if key == "label_names" and _named_after_integers(old, new):
-                why = " (if these are the same classes, data.label_names set to the checkpoint's names resumes it)"
             problems.append(f"{key}: checkpoint {old!r}, config {new!r}{why}")
     if problems:
         raise CheckpointError(f"{path} was trained with a different setup and cannot be resumed with this config: "
                               + "; ".join(problems) + ". Use a new output_dir for the new setup.")
-
-
-def _named_after_integers(old, new) -> bool:
-    """Classes that earlier versions named after a datasets parquet file's integers (0/1: negative, positive; else
-    "0".."k-1"), which are now named after its ClassLabel: with data.label_names set to the old names, the integers
-    are positions in them again, and the run resumes."""
-    if not (isinstance(old, list) and isinstance(new, list) and len(old) == len(new)):
-        return False
-    placeholders = old in (["negative", "positive"], [str(i) for i in range(len(old))])
-    return placeholders and not any(str(n).lstrip("-").isdigit() for n in new)  # codes ("01") are strings, not these
 
 
 # What checkpoints of earlier versions had, where their identity lacks a key: two classes, selection by accuracy,

@@ -234,7 +234,8 @@ def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit
         pa.types.is_boolean(labels.type)
     split = checked_split(table.column(cfg.text_column), _as_array(labels.to_pylist(), path) if as_read
                           else labels.to_numpy(zero_copy_only=False), str(path))
-    split.class_label = _class_label(table.schema.metadata, cfg.label_column)
+    if np.issubdtype(split.labels.dtype, np.integer):  # a ClassLabel names integers (strings name themselves)
+        split.class_label = _class_label(table.schema.metadata, cfg.label_column)
     return split
 
 

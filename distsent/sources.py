@@ -283,9 +283,10 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
             if name:
                 raw[split], named = _read_hub(cfg, split)
                 where[split] = _hub_where(cfg, name)
-    if src.kind == "files" and not cfg.label_names:
-        # a file saved by datasets with a ClassLabel: its integers are the names they index (with data.label_names,
-        # integers are positions in it, in every file); the training file's ClassLabel orders the classes it has
+    hub_class_label = src.kind == "hub" and named is not None
+    if src.kind == "files":
+        # a file saved by datasets with a ClassLabel: its integers are the names they index, in every file and
+        # whatever data.label_names says; the training file's ClassLabel orders the classes it has
         for split, data in raw.items():
             if data.class_label is not None:
                 data.labels = class_label_names(data, where[split])
@@ -294,7 +295,7 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
     names = class_names(raw["train"], cfg, named, where["train"])
     # one lookup for every file: integer labels in train.csv and the same written as strings in test.jsonl
     lookup = label_lookup(names, integers_are_positions(names, bool(cfg.label_names),
-                                                        src.kind == "hub" and not cfg.label_names))
+                                                        hub_class_label and not cfg.label_names))
     for split, data in raw.items():
         data.labels = encode_labels(data, names, lookup, where[split])
     splits = carve(cfg, raw["train"], raw["test"], raw.get("validation"))

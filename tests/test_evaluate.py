@@ -189,7 +189,7 @@ def save_classlabel(path, names, ys, texts=None):
 def test_integer_labels_mean_one_class_in_every_file_with_classlabel_files_about(tmp_path, capsys):
     """Training names the classes of a datasets parquet folder after its ClassLabel, in its order, and refuses bare
     integers in a CSV beside it (evaluate --file could not tell them from the classes named like them); with
-    data.label_names, every file's integers are positions alike. evaluate --file reads a ClassLabel file of the
+    data.label_names, bare integers are positions in it, a ClassLabel's still its names. evaluate --file reads a ClassLabel file of the
     model's classes (a hub data set's own parquet, digits as names) by its names, and integers in a CSV for a
     hub-trained model as the hub's positions."""
     import torch
@@ -212,7 +212,9 @@ def test_integer_labels_mean_one_class_in_every_file_with_classlabel_files_about
                                         r"\['neg', 'pos'\]"):
         load_splits(DataConfig(path=str(folder), val_fraction=0.1))
     splits, names = load_splits(DataConfig(path=str(folder), val_fraction=0.1, label_names=["pos", "neg"]))
-    assert names == ["pos", "neg"] and splits["test"].labels.tolist() == labels  # positions in both files
+    assert names == ["pos", "neg"] and splits["test"].labels.tolist() == labels  # positions
+    assert sorted(np.concatenate([splits["train"].labels, splits["val"].labels]).tolist()) == sorted(
+        1 - y for y in labels)  # by name: the ClassLabel's 0 is neg, class 1 here
     cfg = load_config(None, ["model.embedding_dim=16", "model.hidden_dim=16", "data.min_freq=1"])  # the hub's data
     tok = train_tokenizer(texts, cfg.data)
     torch.manual_seed(0)
@@ -291,7 +293,7 @@ def test_a_classlabel_file_is_read_by_evaluate_as_training_read_it(tmp_path, cap
     """A folder of datasets parquet files whose ClassLabel orders the classes positive, negative: training names
     the classes after it, in its order (0 is positive; before, they were named after the integers, 0 negative), and
     evaluate --file reads the model's own test file as training read it: it scores what the same labels written as
-    names in a CSV score. With data.label_names renaming the classes, the integers are positions in both."""
+    names in a CSV score. With data.label_names ordering the classes otherwise, too."""
     import torch
 
     from distsent.checkpoint import export_model
@@ -306,13 +308,14 @@ def test_a_classlabel_file_is_read_by_evaluate_as_training_read_it(tmp_path, cap
     folder.mkdir()
     for split in ("train", "test"):
         save_classlabel(folder / f"{split}.parquet", ["positive", "negative"], labels, texts)
-    for extra, expected in (([], ["positive", "negative"]), (["data.label_names=[pos, neg]"], ["pos", "neg"])):
+    for extra, expected in (([], ["positive", "negative"]), (["data.label_names=[negative, positive]"],
+                                                              ["negative", "positive"])):
         cfg = load_config(None, ["model.embedding_dim=16", "model.hidden_dim=16", "data.min_freq=1",
                                  f"data.path={folder}", *extra])
         splits, names = load_splits(cfg.data)
-        assert names == expected and splits["test"].labels.tolist() == labels
-        (tmp_path / "test.csv").write_text("text,label\n" + "".join(f"{t},{names[y]}\n"
-                                                                     for t, y in zip(texts, labels)))
+        named = [["positive", "negative"][y] for y in labels]  # what the file's ClassLabel says
+        assert names == expected and [names[y] for y in splits["test"].labels] == named
+        (tmp_path / "test.csv").write_text("text,label\n" + "".join(f"{t},{y}\n" for t, y in zip(texts, named)))
         tok = train_tokenizer(texts, cfg.data)
         torch.manual_seed(0)
         model = tmp_path / f"best-{names[0]}"

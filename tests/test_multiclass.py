@@ -92,7 +92,7 @@ def test_four_classes_in_two_processes_learn_stop_resume_bitwise_and_predict(tmp
         "data.label_names": "[joy, anger, fear, sadness]", "train.epochs": 3})))
     assert proc.returncode == 2
     assert ("label_names: checkpoint ['anger', 'fear', 'joy', 'sadness'], config ['joy', 'anger', 'fear', "
-            "'sadness']") in proc.stderr and "data.label_names set to the checkpoint's" not in proc.stderr
+            "'sadness']") in proc.stderr
     proc = run(direct_cmd(overrides(run_dir, emotions_csv, **{"model.members": 3, "train.epochs": 3})))
     assert proc.returncode == 2 and "model.members: checkpoint 2, config 3" in proc.stderr
 

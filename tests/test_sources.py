@@ -123,6 +123,11 @@ def test_hub_class_label_names_and_order(tmp_path, monkeypatch):
         part.to_parquet(tmp_path / "digits" / "data" / f"{split}-00000-of-00001.parquet")
     loaded, got = load_splits(DataConfig(hub_name=str(tmp_path / "digits"), val_fraction=0.1))
     assert got == ["2", "1", "0"] and loaded["test"].labels.tolist() == [0, 1, 2]
+    # integer labels without a ClassLabel (a hub data set of CSV files) name their classes by value, as in a folder
+    for split, ys in (("train", [1, 5, 3, 1, 5, 3]), ("test", [5, 3])):
+        write(tmp_path / "stars" / "data", split, "csv", TEXTS[:len(ys)], ys)
+    loaded, got = load_splits(DataConfig(hub_name=str(tmp_path / "stars"), val_fraction=0.1))
+    assert got == ["1", "3", "5"] and [got[i] for i in loaded["test"].labels] == ["5", "3"]
     assert splits["val"].labels.tolist() == labels["validation"] and splits["test"].labels.tolist() == labels["test"]
     assert sorted(splits["train"].labels.tolist()) == sorted(labels["train"])
     assert splits["val"].texts.to_pylist()[0] == "validation tweet 0 about surprise"
@@ -165,11 +170,12 @@ def test_a_parquet_folder_saved_by_datasets_brings_its_classlabel_names(tmp_path
 
 
 @pytest.mark.parametrize("case", ["digit names, integers in a CSV", "label_names over ClassLabel files",
-                                  "ClassLabels in two orders", "a ClassLabel class never trained", "int32 ClassLabel",
-                                  "words in training, a ClassLabel file to test"])
+                                  "label_names of digits over a ClassLabel file", "ClassLabels in two orders",
+                                  "a ClassLabel class never trained", "int32 ClassLabel",
+                                  "words in training, a ClassLabel file to test", "strings under a ClassLabel"])
 def test_training_and_evaluate_read_every_labeled_file_alike(tmp_path, case):
     """distsent-evaluate --file reads a labeled file as training read the model's own test file, class for class
-    (or both refuse it): a datasets ClassLabel file by its names, except with data.label_names (positions)."""
+    (or both refuse it): a datasets ClassLabel file's integers by its names, whatever data.label_names says."""
     import datasets
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -190,8 +196,12 @@ def test_training_and_evaluate_read_every_labeled_file_alike(tmp_path, case):
         write(tmp_path, "test", "csv", TEXTS[:3], [2, 1, 1])
     elif case == "label_names over ClassLabel files":
         save("train", ["pos", "neg"], ys)
-        save("test", ["pos", "neg"], [1, 1, 0])  # by its names: neg, neg, pos
+        save("test", ["pos", "neg"], [1, 1, 0])  # neg, neg, pos
         label_names = ["neg", "pos"]
+    elif case == "label_names of digits over a ClassLabel file":
+        write(tmp_path, "train", "csv", TEXTS, [1, 2] * 5)
+        save("test", ["1", "2"], [1, 1, 0])  # "2", "2", "1"; as integers, 1 would be class "1"
+        label_names = ["1", "2"]
     elif case == "ClassLabels in two orders":
         save("train", ["neg", "pos"], ys)
         save("test", ["pos", "neg"], [1, 1, 0])
@@ -201,16 +211,22 @@ def test_training_and_evaluate_read_every_labeled_file_alike(tmp_path, case):
     elif case == "int32 ClassLabel":
         save("train", ["neg", "pos"], ys)
         save("test", ["pos", "neg"], [1, 1, 0], int32=True)
-    else:
+    elif case == "words in training, a ClassLabel file to test":
         write(tmp_path, "train", "csv", TEXTS, ["neg", "pos"] * 5)
         save("test", ["pos", "neg"], [1, 1, 0])
+    else:  # the metadata kept over a column of strings: they name themselves
+        save("train", ["neg", "pos"], ys)
+        table = pq.read_table(tmp_path / "train.parquet")
+        pq.write_table(table.set_column(1, "label", pa.array(["good", "bad"] * 5)), tmp_path / "train.parquet")
+        write(tmp_path, "test", "csv", TEXTS[:3], ["bad", "bad", "good"])
     cfg = DataConfig(path=str(tmp_path), val_fraction=0.2, label_names=label_names)
     splits, names = load_splits(cfg)
     test = next(tmp_path.glob("test.*"))
     assert file_labels(read_file(test, cfg), names, cfg, str(test)).tolist() == splits["test"].labels.tolist()
     expected = {"digit names, integers in a CSV": (["1", "2"], ["2", "1", "1"]),
-                "label_names over ClassLabel files": (["neg", "pos"], ["pos", "pos", "neg"]),  # positions
-                "a ClassLabel class never trained": (["neg", "pos"], ["pos", "neg", "pos"])}.get(
+                "label_names of digits over a ClassLabel file": (["1", "2"], ["2", "2", "1"]),
+                "a ClassLabel class never trained": (["neg", "pos"], ["pos", "neg", "pos"]),
+                "strings under a ClassLabel": (["bad", "good"], ["bad", "bad", "good"])}.get(
         case, (["neg", "pos"], ["neg", "neg", "pos"]))
     assert (names, [names[i] for i in splits["test"].labels]) == expected
 
