@@ -31,13 +31,18 @@ log = logging.getLogger("distsent")
 
 
 def check_trackers(names: list[str]) -> None:
-    """A misspelt tracker name would stop Accelerator() with a traceback: a ConfigError naming it instead."""
+    """A misspelt tracker name would stop Accelerator() with a traceback, and one whose package is missing would
+    log nothing with only Accelerate's warning: a ConfigError naming it instead, from --check too."""
+    from accelerate.tracking import get_available_trackers
     from accelerate.utils import LoggerType
 
-    known = [t.value for t in LoggerType]
+    known, installed = [t.value for t in LoggerType], [t.value for t in get_available_trackers()]
     for name in names:
         if name not in known:
             raise ConfigError(f"log.trackers: unknown tracker {name!r}; Accelerate's are {', '.join(known)}")
+        if name not in installed and name != "all":  # "all": those installed
+            raise ConfigError(f"log.trackers: {name!r} is not installed in this Python environment (pip install "
+                              f"{name.replace('_', '-')}, or leave it out)")
 
 
 def build_accelerator(cfg: ExperimentConfig, run_dir: Path):

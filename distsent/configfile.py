@@ -15,27 +15,33 @@ from .files import atomic_write
 
 # --- building dataclasses from plain data ----------------------------------------------------------------------
 
+def _got(value) -> str:
+    """A value in an error message: its type as the user wrote it (int, not the loader's _Int) and the value."""
+    kind = {_Int: "int", _Float: "float"}.get(type(value), type(value).__name__)
+    return f"{kind} {value!r}"
+
+
 def _convert(key: str, tp, value):
     """Check `value` against the annotation `tp` and return it in that type; errors name `key`."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
         if not isinstance(value, dict):
-            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {_got(value)}")
         return _build(tp, value, key + ".")
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a list, got {_got(value)}")
         return [_convert(f"{key}[{i}]", item_tp, v) for i, v in enumerate(value)]
     if tp is bool:
         if isinstance(value, str) and value.lower() in _YAML11_BOOLS:  # `yes`, `off`: booleans to YAML 1.1 users
             return _YAML11_BOOLS[value.lower()]
         if not isinstance(value, bool):
-            raise ConfigError(f"{key}: expected true or false, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected true or false, got {_got(value)}")
         return value
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            raise ConfigError(f"{key}: expected an integer, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected an integer, got {_got(value)}")
         return int(value)
     if tp is float:
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
@@ -44,13 +50,13 @@ def _convert(key: str, tp, value):
             except ValueError:
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}: expected a number, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a number, got {_got(value)}")
         return float(value)
     if tp is str:
         if value is None:
             return ""
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {type(value).__name__} {value!r}")
+            raise ConfigError(f"{key}: expected a string, got {_got(value)}")
         return getattr(value, "text", str(value))  # a number as written: 007 or 1:30, not 7 or 90
     raise TypeError(f"{key}: unsupported annotation {tp!r}")
 

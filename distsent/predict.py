@@ -150,8 +150,9 @@ def _run(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="distsent-predict", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder, e.g. runs/imdb_lstm/best")
-    parser.add_argument("--file", help="a file with one text per line, or a .csv, .jsonl or .parquet file, read as "
-                        "training reads it (texts may hold commas and newlines), whose text column is classified")
+    parser.add_argument("--file", help="a file with one text per line (- for stdin), or a .csv, .jsonl or .parquet "
+                        "file, read as training reads it (texts may hold commas and newlines), whose text column is "
+                        "classified")
     parser.add_argument("--text-column", help="the text column of a .csv/.jsonl/.parquet --file (default: the "
                         "model's data.text_column)")
     parser.add_argument("texts", nargs="*", help="texts to classify; '-' reads them from stdin, one per line")
@@ -159,6 +160,8 @@ def _run(argv: list[str] | None) -> int:
     table = bool(args.file) and Path(args.file).suffix.lower() in FORMATS
     if args.file and args.texts:
         parser.error("give texts or --file, not both")
+    if args.file == "-":  # stdin, as the texts' '-'
+        args.file, args.texts = None, ["-"]
     if args.text_column and not table:
         parser.error("--text-column is for a .csv, .jsonl or .parquet --file")
     try:

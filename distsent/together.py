@@ -11,7 +11,7 @@ class PeerFailed(RuntimeError):
     """Another process stopped on an error it printed; this one stops with it, with the same exit status."""
 
     def __init__(self, what: str, exit_code: int = EXIT_ERROR):
-        super().__init__(f"{what} (its error is printed above); this process stops with it")
+        super().__init__(f"{what} (it prints its error); this process stops with it")
         self.exit_code = exit_code
 
 

@@ -55,7 +55,10 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as exc:
         return fail(f"config error: {exc}", 2)
     if args.help_config:
-        print("\n".join(describe(values=cfg)))
+        try:
+            print("\n".join(describe(values=cfg)), flush=True)
+        except BrokenPipeError:  # `| head` stopped reading: no traceback (the handling Python's docs give)
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
     if args.check:
         return check(cfg)

@@ -171,7 +171,7 @@ def test_bad_data_stops_every_process_with_one_clear_line(tmp_path, cache_env):
     assert proc.returncode != 0
     cause = "test.parquet: row 17 has label 3, which is not one of the classes"
     assert proc.stderr.count(f"distsent-train: DataError: {data / cause}") == 1, proc.stderr[-3000:]
-    assert "process 0 could not prepare the data (its error is printed above)" in proc.stderr
+    assert "process 0 could not prepare the data (it prints its error)" in proc.stderr
     # the launcher's summary names the cause too, as the root cause: the failing process ended first
     root = proc.stderr.split("Root Cause")[1]
     assert "exitcode  : 2" in root and f"traceback : DataError: {data / cause}" in root

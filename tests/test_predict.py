@@ -1,5 +1,6 @@
 """Prediction: the CLI and the Python function on a model folder, including awkward inputs."""
 
+import io
 import json
 import subprocess
 import sys
@@ -51,7 +52,7 @@ def test_cli_output_into_a_closed_pipe_ends_quietly(model_dir, tmp_path):
     assert len(proc.stdout.splitlines()) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
 
 
-def test_cli_arguments_file_and_stdin(model_dir, tmp_path):
+def test_cli_arguments_file_and_stdin(model_dir, tmp_path, monkeypatch, capsys):
     by_args = predict_cli(model_dir, "good0 great", "bad1 awful")
     assert [r["text"] for r in by_args] == ["good0 great", "bad1 awful"]
     f = tmp_path / "reviews.txt"
@@ -63,6 +64,12 @@ def test_cli_arguments_file_and_stdin(model_dir, tmp_path):
     assert by_file[2]["error"].startswith("empty text")
     assert [r["line"] for r in by_file] == [1, 2, 3, 4] and "line" not in by_args[0]
     assert predict_cli(model_dir, "-", stdin=f.read_bytes()) == by_file
+    # --file - is stdin too (in this process: the same reading, without another start-up)
+    from distsent.predict import main
+
+    monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f.read_bytes())))
+    assert main(["--model", str(model_dir), "--file", "-"]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.split("\n") if line] == by_file
 
 
 def test_cli_data_files_read_their_text_column(model_dir, tmp_path):

@@ -63,7 +63,7 @@ def test_disk_full_in_a_two_process_run_stops_both_with_the_cause_and_loses_noth
     assert (f"distsent-train: WriteError: cannot write {tmp / 'model.safetensors'}: No space left on device"
             in err), err[-3000:]
     assert (f"distsent-train: PeerFailed: process 0 could not write checkpoint {run_dir}/checkpoints/step-00000020 "
-            "(its error is printed above)" in err)
+            "(it prints its error)" in err)
     root = err.split("Root Cause")[1]  # the launcher's summary: process 0's cause is the root, both exit 74
     assert err.count("exitcode  : 74") == 2 and "traceback : WriteError: cannot write" in root
     assert "Connection closed by peer" not in err and "gloo" not in err.lower()
