@@ -639,36 +639,52 @@ def test_a_non_finite_gradient_stops_the_run_before_anything_is_written(synth_im
 
 
 @pytest.mark.slow
-def test_a_run_whose_directory_was_taken_over_stops_without_writing(synth_imdb, tmp_path, cache_env):
+@pytest.mark.parametrize("moment", ["step 6", "the test"])
+def test_a_run_whose_directory_was_taken_over_stops_without_writing(synth_imdb, tmp_path, cache_env, moment):
     """The lock's heartbeat found another launch's lock (test_a_stalled_run_whose_lock_was_taken_over_...; set here
-    during step 6, the only stand-in: a real takeover needs a minute-long stall): the run stops at that step's end
-    with RunLockedError, writing no checkpoint, metrics row, best model or status there (step 6 is a logging and an
-    evaluation step), and leaves the new owner's lock."""
+    during step 6, or during the test-set evaluation after the last step, the only stand-in: a real takeover needs a
+    minute-long stall): the run stops with RunLockedError, writing no checkpoint, metrics row, best model or status
+    from then on (step 6 is a logging and an evaluation step), and leaves the new owner's lock."""
     from distsent.preemption import StopFlag
     from distsent.runlock import RunLockedError
     from distsent.trainer import Trainer
 
     run_dir = tmp_path / "run"
     cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{
-        "checkpoint.every": 4, "train.log_every": 3, "train.eval_every": 6}))
+        "checkpoint.every": 4, "train.log_every": 3, "train.eval_every": 6, "train.max_steps": 8}))
     trainer = Trainer(cfg, stop=StopFlag([]))
-    step = trainer.train_step
+    step, evaluate = trainer.train_step, trainer.evaluate
+
+    def take_over():
+        trainer.lock.lost = RunLockedError("taken over")
+        (run_dir / "run.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": time.time()}))
 
     def taken_over_in_step_6(batch):
         step(batch)
         if trainer.state.step == 5:
-            trainer.lock.lost = RunLockedError("taken over")
-            (run_dir / "run.lock").write_text(json.dumps({"host": "elsewhere", "pid": 1, "heartbeat": time.time()}))
+            take_over()
 
-    trainer.train_step = taken_over_in_step_6
+    def taken_over_in_the_test(split):
+        if split is trainer.data.test:
+            take_over()
+        return evaluate(split)
+
+    if moment == "step 6":
+        trainer.train_step = taken_over_in_step_6
+    else:
+        trainer.evaluate = taken_over_in_the_test
     try:
         with pytest.raises(RunLockedError, match="taken over"):
             trainer.fit()
     finally:
         trainer.close()
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000004"]
-    assert [r["step"] for r in train_rows(run_dir)] == [3] and not (run_dir / "best").exists()
-    assert max(r["step"] for r in read_jsonl(run_dir / "metrics.jsonl")) == 3  # no step-6 row, no evaluation
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    if moment == "step 6":
+        assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000004"]
+        assert [r["step"] for r in train_rows(run_dir)] == [3] and not (run_dir / "best").exists()
+        assert max(r["step"] for r in rows) == 3  # no step-6 row, no evaluation
+    else:
+        assert [r["step"] for r in rows if "val/acc" in r] == [6, 8] and not any("test/acc" in r for r in rows)
     assert json.loads((run_dir / "status.json").read_text())["state"] == "running"  # the new owner's to write
     assert json.loads((run_dir / "run.lock").read_text())["host"] == "elsewhere"
 
