@@ -38,11 +38,11 @@ class DataConfig:
     label_column: str = _doc("Column (or JSON key) holding the label: an integer or a string.", "label",
                              cache="split")
     label_names: list[str] = _doc("The class names in order. String labels are looked up by name; integer labels are "
-                                  "indices into it (matched by value where the names are integers), except in a "
-                                  "parquet file saved by datasets, whose ClassLabel names them. Empty: the training "
-                                  "data's ClassLabel names (a hub data set's; a parquet file's, those it has), else "
-                                  "the sorted training labels (integer labels 0/1: negative, positive).", [],
-                                  cache="split")
+                                  "indices into it (matched by value where the names are integers), except under a "
+                                  "datasets ClassLabel (a hub data set's, a parquet file's saved by datasets), which "
+                                  "names them. Empty: the training data's ClassLabel names (those it has, in its "
+                                  "order), else the sorted training labels (integer labels 0/1: negative, "
+                                  "positive).", [], cache="split")
     hub_name: str = _doc("Hub dataset used when no local path is given.", "stanfordnlp/imdb")
     hub_config: str = _doc("Configuration of the hub dataset (empty: its default).", "", cache="split")
     hub_train_split: str = _doc("Hub split to train on.", "train", cache="split")

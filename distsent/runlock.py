@@ -137,11 +137,12 @@ class RunLock:
             held = self._read() or {}
             if "pid" in held and not self._mine(held):
                 # this process was stalled (suspended, stopped) past stale_s and another launch took the run over:
-                # refreshing would make two runs write one directory; the trainer stops at the end of its step
+                # refreshing would make two runs write one directory; the trainer writes nothing more and stops at
+                # the end of its step (or of its test evaluation)
                 self.lost = RunLockedError(
                     f"{self.path.parent} was taken over by another launch (host {held.get('host')}, pid "
                     f"{held['pid']}) while this process was stalled for over {self.stale_s:.0f} s; this process "
-                    f"stops at the end of its step, without a checkpoint")
+                    f"stops without writing anything more there")
                 return
             try:
                 self._write()

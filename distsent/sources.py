@@ -159,9 +159,8 @@ def _hub_where(cfg: DataConfig, split: str) -> str:
     return f"hub dataset {cfg.hub_name}" + (f" ({cfg.hub_config})" if cfg.hub_config else "") + f" [{split}]"
 
 
-def _read_hub(cfg: DataConfig, role: str) -> tuple[RawSplit, list[str] | None]:
-    """The split of a hub data set that data.hub_{role}_split names, and its class names when the label column is a
-    ClassLabel."""
+def _read_hub(cfg: DataConfig, role: str) -> RawSplit:
+    """The split of a hub data set that data.hub_{role}_split names, with its ClassLabel's names if it has one."""
     import datasets
     from huggingface_hub.utils import logging as hub_logging
 
@@ -178,9 +177,11 @@ def _read_hub(cfg: DataConfig, role: str) -> tuple[RawSplit, list[str] | None]:
         raise DataError(f"cannot load {where} from the Hugging Face hub ({exc}); on a machine without internet, "
                         f"point data.path or ${DATA_PATH_ENV} at a local copy") from exc
     missing_columns(where, ds.column_names, cfg)
-    names = getattr(ds.features[cfg.label_column], "names", None)
     table = ds.with_format("arrow")[:]
-    return checked_split(table.column(cfg.text_column), table.column(cfg.label_column).to_numpy(), where), names
+    split = checked_split(table.column(cfg.text_column), table.column(cfg.label_column).to_numpy(), where)
+    if np.issubdtype(split.labels.dtype, np.integer):
+        split.class_label = getattr(ds.features[cfg.label_column], "names", None)
+    return split
 
 
 def class_names(train: RawSplit, cfg: DataConfig, named: list[str] | None, where: str) -> list[str]:
@@ -214,9 +215,11 @@ def digit_names(names: list[str]) -> bool:
 
 
 def integers_are_positions(names: list[str], label_names_given: bool, class_label: bool) -> bool:
-    """Whether an integer label is a position in `names` or the class written like it. Positions: a hub ClassLabel's
-    values (even where its names are digits, as yelp_polarity's "1" and "2"), and integers with data.label_names or
-    the 0/1 sentiment convention, unless the names are integers themselves. Otherwise the classes are named after
+    """Whether a bare integer label (not under a ClassLabel: read_class_labels names those) is a position in `names`
+    or the class written like it. Positions: with `class_label`, a hub ClassLabel's values in another file (what
+    distsent-evaluate --file gives a model trained on a hub data set), even where its names are digits (as
+    yelp_polarity's "1" and "2"); and integers with data.label_names or the 0/1 sentiment convention, unless the
+    names are integers themselves. Otherwise the classes are named after
     the training labels, and 3 is class "3" in any file, while an integer where the training labels were words is
     no class at all (not the class at that position)."""
     if class_label:
@@ -242,10 +245,8 @@ def label_lookup(names: list[str], positions: bool) -> dict:
 
 
 def class_label_names(split: RawSplit, where: str) -> np.ndarray:
-    """A ClassLabel column's integer labels as the names they index; DataError naming the first one outside them
-    (datasets writes -1 for a missing label)."""
-    if not np.issubdtype(split.labels.dtype, np.integer):  # nulls or other values: checked_split named them
-        return split.labels
+    """A ClassLabel column's integer labels (the readers set class_label on integer columns only) as the names they
+    index; DataError naming the first one outside them (datasets writes -1 for a missing label)."""
     names = np.asarray(split.class_label, dtype=object)
     outside = np.flatnonzero((split.labels < 0) | (split.labels >= len(names)))
     if len(outside):
@@ -267,10 +268,24 @@ def encode_labels(split: RawSplit, names: list[str], lookup: dict, where: str) -
     return out
 
 
+def read_class_labels(raw: dict[str, RawSplit], where: dict[str, str]) -> list[str] | None:
+    """A datasets ClassLabel (a hub data set's, a parquet file's saved by datasets) names its integers, in every
+    split and whatever data.label_names says: they become those names here. Returns the training split's ClassLabel
+    names that occur in it, in the ClassLabel's order (the classes, unless data.label_names fixes them), or None."""
+    for split, data in raw.items():
+        if data.class_label is not None:
+            data.labels = class_label_names(data, where[split])
+    train = raw["train"]
+    if train.class_label is None:
+        return None
+    present = set(train.labels.tolist())
+    return [n for n in train.class_label if n in present]
+
+
 def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
     """train / val / test of the configured source with class indices as labels, and the class names."""
     src = find_source(cfg)
-    raw, named, where = {}, None, {}
+    raw, where = {}, {}
     for split in SPLITS:
         if src.kind == "files":
             if split in src.files:
@@ -281,21 +296,10 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
         else:
             name = getattr(cfg, f"hub_{split}_split")
             if name:
-                raw[split], named = _read_hub(cfg, split)
-                where[split] = _hub_where(cfg, name)
-    hub_class_label = src.kind == "hub" and named is not None
-    if src.kind == "files":
-        # a file saved by datasets with a ClassLabel: its integers are the names they index, in every file and
-        # whatever data.label_names says; the training file's ClassLabel orders the classes it has
-        for split, data in raw.items():
-            if data.class_label is not None:
-                data.labels = class_label_names(data, where[split])
-        if raw["train"].class_label is not None:
-            named = [n for n in raw["train"].class_label if n in set(raw["train"].labels.tolist())]
-    names = class_names(raw["train"], cfg, named, where["train"])
+                raw[split], where[split] = _read_hub(cfg, split), _hub_where(cfg, name)
+    names = class_names(raw["train"], cfg, read_class_labels(raw, where), where["train"])
     # one lookup for every file: integer labels in train.csv and the same written as strings in test.jsonl
-    lookup = label_lookup(names, integers_are_positions(names, bool(cfg.label_names),
-                                                        hub_class_label and not cfg.label_names))
+    lookup = label_lookup(names, integers_are_positions(names, bool(cfg.label_names), class_label=False))
     for split, data in raw.items():
         data.labels = encode_labels(data, names, lookup, where[split])
     splits = carve(cfg, raw["train"], raw["test"], raw.get("validation"))

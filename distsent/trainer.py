@@ -276,7 +276,7 @@ class Trainer:
                 write_status(self.run_dir, **status)
             except WriteError as exc:
                 failure = exc
-        fail_together(self.accelerator, failure, f"write the run's records in {self.run_dir}")
+        fail_together(self.accelerator, failure, f"finish the run's records in {self.run_dir}")
 
     def _validate(self, runlog: RunLog) -> None:
         t0 = time.perf_counter()

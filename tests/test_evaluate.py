@@ -189,9 +189,9 @@ def save_classlabel(path, names, ys, texts=None):
 def test_integer_labels_mean_one_class_in_every_file_with_classlabel_files_about(tmp_path, capsys):
     """Training names the classes of a datasets parquet folder after its ClassLabel, in its order, and refuses bare
     integers in a CSV beside it (evaluate --file could not tell them from the classes named like them); with
-    data.label_names, bare integers are positions in it, a ClassLabel's still its names. evaluate --file reads a ClassLabel file of the
-    model's classes (a hub data set's own parquet, digits as names) by its names, and integers in a CSV for a
-    hub-trained model as the hub's positions."""
+    data.label_names, bare integers are positions in it, a ClassLabel's still its names. evaluate --file reads a
+    ClassLabel file of the model's classes (a hub data set's own parquet, digits as names) by its names, and integers
+    in a CSV for a hub-trained model as the hub's positions."""
     import torch
 
     from distsent.checkpoint import export_model

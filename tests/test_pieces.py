@@ -689,6 +689,30 @@ def test_a_run_whose_directory_was_taken_over_stops_without_writing(synth_imdb, 
     assert json.loads((run_dir / "run.lock").read_text())["host"] == "elsewhere"
 
 
+def test_a_run_taken_over_that_then_fails_leaves_the_new_owners_status(synth_imdb, tmp_path, cache_env, monkeypatch,
+                                                                       capsys):
+    """After its directory was taken over, any error that stops the run (here a best/ found damaged by the test
+    evaluation, as a new owner rewriting it could leave it) is reported with its exit code, and status.json stays the
+    new owner's: distsent-train records failures only in a directory that is still its own."""
+    from distsent.files import IntegrityError
+    from distsent.runlock import RunLockedError
+    from distsent.train import main
+    from distsent.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+
+    def taken_over_then_damaged(self, runlog):
+        self.lock.lost = RunLockedError("taken over")
+        (run_dir / "status.json").write_text(json.dumps({"state": "running", "host": "elsewhere"}))
+        raise IntegrityError(f"{run_dir / 'best' / 'model.safetensors'}: content does not match its checksum")
+
+    monkeypatch.setattr(Trainer, "_test", taken_over_then_damaged)
+    assert main(["--config", str(REPO / "configs" / "smoke.yaml"),
+                 *tiny_overrides(run_dir, synth_imdb, **{"train.max_steps": 2})]) == 2
+    assert "IntegrityError" in capsys.readouterr().err
+    assert json.loads((run_dir / "status.json").read_text()) == {"state": "running", "host": "elsewhere"}
+
+
 def test_a_resume_trains_with_the_configs_learning_rate_betas_and_weight_decay(synth_imdb, tmp_path, cache_env,
                                                                               caplog):
     """Loading a checkpoint's optimizer and scheduler state brings back the values they were saved with; a resume

@@ -116,6 +116,10 @@ def test_hub_class_label_names_and_order(tmp_path, monkeypatch):
     assert find_source(cfg).fingerprint() != before
     splits, got = load_splits(cfg)
     assert got == names  # the ClassLabel's order, not sorted
+    # data.label_names orders the classes otherwise; the ClassLabel still names each integer, as in a parquet folder
+    again, got = load_splits(DataConfig(hub_name=str(tmp_path / "emotion"), hub_validation_split="validation",
+                                        label_names=sorted(names)))
+    assert got == sorted(names) and [got[i] for i in again["test"].labels] == [names[y] for y in labels["test"]]
     # a ClassLabel's values are indices even where its names are digits (yelp_polarity's "1" and "2")
     digits = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["2", "1", "0"])})
     for split, n in (("train", 6), ("test", 3)):
