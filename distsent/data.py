@@ -26,9 +26,10 @@ SPLIT_NAMES = ("train", "val", "test")
 # flat .npy arrays and the class names; npy-2: labels read by the stricter rules of readers.py (stripped, an empty
 # one refused); npy-3: an integer label beside classes named after the training file's strings is the class written
 # like it (it was the class at its position); npy-4: a CSV label with a leading zero is a string ("01" was class
-# "1"); npy-5: a parquet file's ClassLabel names its classes (they were named after its integers); so entries
-# prepared by earlier rules are prepared again (left alone)
-CACHE_LAYOUT = "npy-5"
+# "1"); npy-5: a parquet file's ClassLabel names its classes (they were named after its integers); npy-6: a hub
+# ClassLabel's integers are its names also with data.label_names (they were positions in it); so entries prepared
+# by earlier rules are prepared again (left alone)
+CACHE_LAYOUT = "npy-6"
 
 
 @dataclass

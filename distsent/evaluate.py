@@ -98,9 +98,9 @@ def by_name(labels: np.ndarray, data_names: list[str], names: list[str]) -> np.n
 def file_labels(split, names: list[str], cfg, where: str) -> np.ndarray:
     """The class indices of a --file's labels, read as training reads files (sources.load_splits): a ClassLabel
     file's integers (saved by datasets, a hub data set's own parquet) as its names; strings by name; other integers
-    as sources.integers_are_positions says, and for a model trained on a hub data set (a model folder records where
-    its data was, sources.located: no place is the hub) as the hub's positions unless the classes are digits ("1",
-    "2": a file's 2 is class "2", as written)."""
+    as sources.integers_are_positions says, and for a model trained on a hub data set without data.label_names (a
+    model folder records where its data was, sources.located: no place is the hub) as the hub's positions unless the
+    classes are digits ("1", "2": a file's 2 is class "2", as written)."""
     if split.class_label is not None:
         split.labels = class_label_names(split, where)
     hub = not (cfg.path or cfg.train_file or cfg.test_file) and not cfg.label_names

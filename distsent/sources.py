@@ -178,7 +178,10 @@ def _read_hub(cfg: DataConfig, role: str) -> RawSplit:
                         f"point data.path or ${DATA_PATH_ENV} at a local copy") from exc
     missing_columns(where, ds.column_names, cfg)
     table = ds.with_format("arrow")[:]
-    split = checked_split(table.column(cfg.text_column), table.column(cfg.label_column).to_numpy(), where)
+    labels = table.column(cfg.label_column)
+    # with nulls, numpy would make the integers floats and the nulls NaN: Python values, each checked (None: no label)
+    labels = labels.to_numpy() if not labels.null_count else np.asarray(labels.to_pylist(), dtype=object)
+    split = checked_split(table.column(cfg.text_column), labels, where)
     if np.issubdtype(split.labels.dtype, np.integer):
         split.class_label = getattr(ds.features[cfg.label_column], "names", None)
     return split
@@ -262,22 +265,25 @@ def encode_labels(split: RawSplit, names: list[str], lookup: dict, where: str) -
     for i, key in enumerate(split.labels.tolist()):
         index = lookup.get(key)
         if index is None:
+            named = "; the file's ClassLabel names its integers" if split.class_label is not None else ""
             raise DataError(f"{where}: {split.where(i)} has label {key!r}, which is not one of the classes {names} "
-                            f"(they come from the training data, or data.label_names)")
+                            f"(they come from the training data, or data.label_names{named})")
         out[i] = index
     return out
 
 
-def read_class_labels(raw: dict[str, RawSplit], where: dict[str, str]) -> list[str] | None:
+def read_class_labels(raw: dict[str, RawSplit], where: dict[str, str], hub: bool) -> list[str] | None:
     """A datasets ClassLabel (a hub data set's, a parquet file's saved by datasets) names its integers, in every
     split and whatever data.label_names says: they become those names here. Returns the training split's ClassLabel
-    names that occur in it, in the ClassLabel's order (the classes, unless data.label_names fixes them), or None."""
+    names, in its order (the classes, unless data.label_names fixes them), or None: a hub data set's all of them (its
+    integers in another file, given to distsent-evaluate, are positions in them), a file's those that occur in it (a
+    filtered export)."""
     for split, data in raw.items():
         if data.class_label is not None:
             data.labels = class_label_names(data, where[split])
     train = raw["train"]
-    if train.class_label is None:
-        return None
+    if train.class_label is None or hub:
+        return train.class_label
     present = set(train.labels.tolist())
     return [n for n in train.class_label if n in present]
 
@@ -297,7 +303,7 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
             name = getattr(cfg, f"hub_{split}_split")
             if name:
                 raw[split], where[split] = _read_hub(cfg, split), _hub_where(cfg, name)
-    names = class_names(raw["train"], cfg, read_class_labels(raw, where), where["train"])
+    names = class_names(raw["train"], cfg, read_class_labels(raw, where, src.kind == "hub"), where["train"])
     # one lookup for every file: integer labels in train.csv and the same written as strings in test.jsonl
     lookup = label_lookup(names, integers_are_positions(names, bool(cfg.label_names), class_label=False))
     for split, data in raw.items():

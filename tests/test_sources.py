@@ -120,6 +120,17 @@ def test_hub_class_label_names_and_order(tmp_path, monkeypatch):
     again, got = load_splits(DataConfig(hub_name=str(tmp_path / "emotion"), hub_validation_split="validation",
                                         label_names=sorted(names)))
     assert got == sorted(names) and [got[i] for i in again["test"].labels] == [names[y] for y in labels["test"]]
+    # a hub ClassLabel's classes are all of its names (evaluate reads the hub's integers in a CSV as positions in
+    # them): one without training examples is refused; a null label is named by its row
+    abc = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["a", "b", "c"])})
+    for split, ys in (("train", [0, 1, 0, 1]), ("test", [0, 1]), ("test", [0, None, 1])):
+        part = datasets.Dataset.from_dict({"text": list("abcd"[:len(ys)]), "label": ys}, features=abc)
+        part.to_parquet(tmp_path / "abc" / "data" / f"{split}-00000-of-00001.parquet")
+        if split == "test":
+            with pytest.raises(DataError) as info:
+                load_splits(DataConfig(hub_name=str(tmp_path / "abc"), val_fraction=0.25))
+            assert ("[test]: row 1 has no label" if None in ys else
+                    "no training example of class 'c' (classes ['a', 'b', 'c'])") in str(info.value)
     # a ClassLabel's values are indices even where its names are digits (yelp_polarity's "1" and "2")
     digits = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["2", "1", "0"])})
     for split, n in (("train", 6), ("test", 3)):
@@ -170,6 +181,11 @@ def test_a_parquet_folder_saved_by_datasets_brings_its_classlabel_names(tmp_path
     save(tmp_path / "d" / "test.parquet", other, [1, -1])
     with pytest.raises(DataError, match=r"test.parquet: row 1 has label -1, which is none of its ClassLabel's 4 "
                                         r"classes \['anger', 'love', 'joy', 'sadness'\]"):
+        load_splits(DataConfig(path=str(tmp_path / "d"), val_fraction=0.2))
+    save(tmp_path / "d" / "test.parquet", ["fear", "joy"], [0])  # a class training never saw, named as such
+    with pytest.raises(DataError, match=r"row 0 has label 'fear', which is not one of the classes .* \(they come "
+                                        r"from the training data, or data.label_names; the file's ClassLabel names "
+                                        r"its integers\)"):
         load_splits(DataConfig(path=str(tmp_path / "d"), val_fraction=0.2))
 
 
