@@ -206,7 +206,7 @@ def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
         if labeled:
             labels.append(record[cfg.label_column])
         lines.append(n)
-    return checked_split(texts, _as_array(labels, path, lines), str(path), lines, labeled)
+    return checked_split(texts, label_array(labels, path, lines), str(path), lines, labeled)
 
 
 def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
@@ -232,7 +232,7 @@ def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit
     # JSONL: true is no class number)
     as_read = labels.null_count or pa.types.is_floating(labels.type) or pa.types.is_nested(labels.type) or \
         pa.types.is_boolean(labels.type)
-    split = checked_split(table.column(cfg.text_column), _as_array(labels.to_pylist(), path) if as_read
+    split = checked_split(table.column(cfg.text_column), label_array(labels.to_pylist(), path) if as_read
                           else labels.to_numpy(zero_copy_only=False), str(path))
     if np.issubdtype(split.labels.dtype, np.integer):  # a ClassLabel names integers (strings name themselves)
         split.class_label = _class_label(table.schema.metadata, cfg.label_column)
@@ -263,7 +263,7 @@ def read_file(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
     return READERS[path.suffix.lower()](path, cfg, labeled)
 
 
-def _as_array(values: list, path: Path, lines: list[int] | None = None) -> np.ndarray:
+def label_array(values: list, path: Path, lines: list[int] | None = None) -> np.ndarray:
     """Labels as one numpy array: int64 when every label is an integer (whole numbers written as floats, 3.0, are
     integers: pandas writes an integer column with a gap that way), else objects (strings, or values that
     checked_split refuses)."""

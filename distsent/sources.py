@@ -17,7 +17,8 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig
-from .readers import FORMATS, DataError, RawSplit, check_format, checked_split, missing_columns, read_file
+from .readers import (FORMATS, DataError, RawSplit, check_format, checked_split, label_array, missing_columns,
+                      read_file)
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
@@ -180,7 +181,7 @@ def _read_hub(cfg: DataConfig, role: str) -> RawSplit:
     table = ds.with_format("arrow")[:]
     labels = table.column(cfg.label_column)
     # with nulls, numpy would make the integers floats and the nulls NaN: Python values, each checked (None: no label)
-    labels = labels.to_numpy() if not labels.null_count else np.asarray(labels.to_pylist(), dtype=object)
+    labels = labels.to_numpy() if not labels.null_count else label_array(labels.to_pylist(), where)
     split = checked_split(table.column(cfg.text_column), labels, where)
     if np.issubdtype(split.labels.dtype, np.integer):
         split.class_label = getattr(ds.features[cfg.label_column], "names", None)
@@ -265,7 +266,7 @@ def encode_labels(split: RawSplit, names: list[str], lookup: dict, where: str) -
     for i, key in enumerate(split.labels.tolist()):
         index = lookup.get(key)
         if index is None:
-            named = "; the file's ClassLabel names its integers" if split.class_label is not None else ""
+            named = "; a datasets ClassLabel names these integers" if split.class_label is not None else ""
             raise DataError(f"{where}: {split.where(i)} has label {key!r}, which is not one of the classes {names} "
                             f"(they come from the training data, or data.label_names{named})")
         out[i] = index
@@ -319,8 +320,10 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
                    f"data.split_seed={cfg.split_seed})")
             raise DataError(f"{where['train']}: no training example of class {listed} is left after {cut}; add "
                             f"examples or change those settings")
-        raise DataError(f"{where['train']}: no training example of class {listed} (classes {names}); remove it "
-                        f"from data.label_names or add examples")
+        fix = "remove it from data.label_names" if cfg.label_names else \
+            "list the classes to train in data.label_names (the data's ClassLabel names it)"
+        raise DataError(f"{where['train']}: no training example of class {listed} (classes {names}); {fix}, or add "
+                        f"examples")
     return splits, names
 
 

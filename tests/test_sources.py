@@ -130,7 +130,13 @@ def test_hub_class_label_names_and_order(tmp_path, monkeypatch):
             with pytest.raises(DataError) as info:
                 load_splits(DataConfig(hub_name=str(tmp_path / "abc"), val_fraction=0.25))
             assert ("[test]: row 1 has no label" if None in ys else
-                    "no training example of class 'c' (classes ['a', 'b', 'c'])") in str(info.value)
+                    "no training example of class 'c' (classes ['a', 'b', 'c']); list the classes to train in "
+                    "data.label_names (the data's ClassLabel names it)") in str(info.value)
+    floats = datasets.Features({"text": datasets.Value("string"), "label": datasets.Value("float32")})
+    datasets.Dataset.from_dict({"text": list("abcd"), "label": [0.0, 1.0, 1.0, None]}, features=floats).to_parquet(
+        tmp_path / "abc" / "data" / "train-00000-of-00001.parquet")  # pandas writes integers with a gap as floats
+    with pytest.raises(DataError, match=r"\[train\]: row 3 has no label"):
+        load_splits(DataConfig(hub_name=str(tmp_path / "abc"), val_fraction=0.25))
     # a ClassLabel's values are indices even where its names are digits (yelp_polarity's "1" and "2")
     digits = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=["2", "1", "0"])})
     for split, n in (("train", 6), ("test", 3)):
@@ -184,8 +190,8 @@ def test_a_parquet_folder_saved_by_datasets_brings_its_classlabel_names(tmp_path
         load_splits(DataConfig(path=str(tmp_path / "d"), val_fraction=0.2))
     save(tmp_path / "d" / "test.parquet", ["fear", "joy"], [0])  # a class training never saw, named as such
     with pytest.raises(DataError, match=r"row 0 has label 'fear', which is not one of the classes .* \(they come "
-                                        r"from the training data, or data.label_names; the file's ClassLabel names "
-                                        r"its integers\)"):
+                                        r"from the training data, or data.label_names; a datasets ClassLabel names "
+                                        r"these integers\)"):
         load_splits(DataConfig(path=str(tmp_path / "d"), val_fraction=0.2))
 
 
