@@ -40,7 +40,7 @@ class DataConfig:
     label_names: list[str] = _doc("The class names in order. String labels are looked up by name; integer labels are "
                                   "indices into it (matched by value where the names are integers), except under a "
                                   "datasets ClassLabel (a hub data set's, a parquet file's saved by datasets), which "
-                                  "names them. Empty: the training data's ClassLabel names (those it has, in its "
+                                  "names them. Empty: the training data's ClassLabel names (all of them, in its "
                                   "order), else the sorted training labels (integer labels 0/1: negative, "
                                   "positive).", [], cache="split")
     hub_name: str = _doc("Hub dataset used when no local path is given.", "stanfordnlp/imdb")

@@ -273,20 +273,15 @@ def encode_labels(split: RawSplit, names: list[str], lookup: dict, where: str) -
     return out
 
 
-def read_class_labels(raw: dict[str, RawSplit], where: dict[str, str], hub: bool) -> list[str] | None:
+def read_class_labels(raw: dict[str, RawSplit], where: dict[str, str]) -> list[str] | None:
     """A datasets ClassLabel (a hub data set's, a parquet file's saved by datasets) names its integers, in every
     split and whatever data.label_names says: they become those names here. Returns the training split's ClassLabel
-    names, in its order (the classes, unless data.label_names fixes them), or None: a hub data set's all of them (its
-    integers in another file, given to distsent-evaluate, are positions in them), a file's those that occur in it (a
-    filtered export)."""
+    names, all of them in its order (the classes, unless data.label_names fixes them; a class without training
+    examples is then refused, as any: dropping it would shift the positions of the integers after it), or None."""
     for split, data in raw.items():
         if data.class_label is not None:
             data.labels = class_label_names(data, where[split])
-    train = raw["train"]
-    if train.class_label is None or hub:
-        return train.class_label
-    present = set(train.labels.tolist())
-    return [n for n in train.class_label if n in present]
+    return raw["train"].class_label
 
 
 def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
@@ -304,7 +299,7 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
             name = getattr(cfg, f"hub_{split}_split")
             if name:
                 raw[split], where[split] = _read_hub(cfg, split), _hub_where(cfg, name)
-    names = class_names(raw["train"], cfg, read_class_labels(raw, where, src.kind == "hub"), where["train"])
+    names = class_names(raw["train"], cfg, read_class_labels(raw, where), where["train"])
     # one lookup for every file: integer labels in train.csv and the same written as strings in test.jsonl
     lookup = label_lookup(names, integers_are_positions(names, bool(cfg.label_names), class_label=False))
     for split, data in raw.items():
