@@ -27,9 +27,10 @@ SPLIT_NAMES = ("train", "val", "test")
 # one refused); npy-3: an integer label beside classes named after the training file's strings is the class written
 # like it (it was the class at its position); npy-4: a CSV label with a leading zero is a string ("01" was class
 # "1"); npy-5: a parquet file's ClassLabel names its classes (they were named after its integers); npy-6: a hub
-# ClassLabel's integers are its names also with data.label_names (they were positions in it); so entries prepared
-# by earlier rules are prepared again (left alone)
-CACHE_LAYOUT = "npy-6"
+# ClassLabel's integers are its names also with data.label_names (they were positions in it); npy-7: a parquet
+# ClassLabel's classes are all its names (a class without examples was dropped); so entries prepared by earlier
+# rules are prepared again (left alone)
+CACHE_LAYOUT = "npy-7"
 
 
 @dataclass
