@@ -195,7 +195,7 @@ class RunLog:
     @property
     def active(self) -> bool:
         """The main process, while the run directory is this run's: a run whose lock another launch took over
-        writes nothing more (it stops at the end of its step)."""
+        writes nothing more (it stops at the end of its step, or of its test evaluation)."""
         return self.main and not (self.lock and self.lock.lost)
 
     def log(self, metrics: dict, step: int, history: bool = True) -> None:
