@@ -30,6 +30,7 @@ import torch
 from . import files
 from .configfile import save_config
 from .files import IntegrityError, WriteError
+from .runlock import RunLockedError
 from .together import fail_together
 
 log = logging.getLogger(__name__)
@@ -79,9 +80,12 @@ def seed_dropout(seed: int, step: int, rank: int) -> None:
 # --- save ------------------------------------------------------------------------------------------------------
 
 def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep_last: int,
-         averaged=None) -> Path:
+         averaged=None, lock=None) -> Path:
     """Write checkpoint `step` collectively (every process calls this) and prune old ones; returns its path.
-    `averaged`: the moving average of the weights (train.ema_decay), saved beside the weights.
+    `averaged`: the moving average of the weights (train.ema_decay), saved beside the weights. `lock`: the run's
+    RunLock; if another launch took the directory over while this save was under way (this process stalled), the
+    checkpoint is not published and every process raises (RunLockedError here, PeerFailed on the others): the
+    folder's checkpoints are the new owner's.
 
     If any process cannot write its part (a full disk, no permission), every process raises (WriteError naming
     the file there, PeerFailed on the others), the partial folder is removed and earlier checkpoints stay as they
@@ -106,6 +110,8 @@ def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep
             files.atomic_write(tmp / "state.json", json.dumps(state, indent=1))
 
     def finish():
+        if main and lock is not None and lock.lost is not None:
+            raise lock.lost
         if main:
             files.seal(tmp, step=step)
             files.publish(tmp, final)  # the same step saved again (an epoch end that is also periodic) replaces
@@ -115,7 +121,7 @@ def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep
         failure = None
         try:
             phase()
-        except WriteError as exc:
+        except (WriteError, RunLockedError) as exc:
             failure = exc
         try:
             fail_together(accelerator, failure, f"write checkpoint {final}")
@@ -267,11 +273,12 @@ class CheckpointManager:
 
     `stateful` maps names to objects with state_dict()/load_state_dict() (scheduler, scaler, train state, log
     sums) that travel in state.json beside the model and optimizer files; `averaged` is the weights' moving
-    average (a module, or None), saved in its own weights file.
+    average (a module, or None), saved in its own weights file; `lock`, the run's RunLock: a save during which
+    another launch took the directory over is not published.
     """
 
-    def __init__(self, run_dir: Path, cfg, accelerator, model, optimizer, stateful: dict, averaged=None):
-        self.root, self.cfg, self.acc = Path(run_dir) / "checkpoints", cfg, accelerator
+    def __init__(self, run_dir: Path, cfg, accelerator, model, optimizer, stateful: dict, averaged=None, lock=None):
+        self.root, self.cfg, self.acc, self.lock = Path(run_dir) / "checkpoints", cfg, accelerator, lock
         self.model, self.optimizer, self.stateful, self.averaged = model, optimizer, stateful, averaged
 
     def due(self, step: int) -> bool:
@@ -282,7 +289,7 @@ class CheckpointManager:
         t0 = time.perf_counter()
         state = {name: obj.state_dict() if obj is not None else None for name, obj in self.stateful.items()}
         path = save(self.root, step, self.acc, self.model, self.optimizer, {**state, "identity": identity},
-                    self.cfg.keep_last, self.averaged)
+                    self.cfg.keep_last, self.averaged, self.lock)
         if self.acc.is_main_process:
             log.info("checkpoint %s written in %.2f s", path.name, time.perf_counter() - t0)
         return path

@@ -80,7 +80,7 @@ class Trainer:
         self.sums, self.watch = TrainSums(acc), NonFiniteWatch(acc)
         self.checkpoints = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint, acc, self.model, self.optimizer, {
             "train_state": self.state, "log_sums": self.sums, "scheduler": self.scheduler, "scaler": acc.scaler},
-            averaged=self.ema)
+            averaged=self.ema, lock=self.lock)
         self.identity = run_identity(cfg, self.data)
         self.class_weights = class_weights(cfg, self.data, acc.device)
         self.stop = stop or StopFlag(cfg.dist.stop_signals)
