@@ -52,6 +52,16 @@ def test_a_section_override_sets_its_keys_and_a_key_given_twice_is_refused(tmp_p
     assert load_config(p).log.wandb.project == "x"
 
 
+def test_the_emotion_config_without_a_path_reads_the_emotion_data_set_not_imdb(monkeypatch):
+    """configs/emotion.yaml without data.path once fell back to the hub default, IMDB: a six-class recipe trained on
+    two classes without a word of warning. It names the emotion data set and its validation split."""
+    from distsent.sources import DATA_PATH_ENV, Source, find_source
+
+    monkeypatch.delenv(DATA_PATH_ENV, raising=False)
+    data = load_config(CONFIGS[0].parent / "emotion.yaml").data
+    assert find_source(data) == Source("hub", "dair-ai/emotion") and data.hub_validation_split == "validation"
+
+
 def test_numbers_in_string_fields_keep_their_text():
     """YAML 1.1 reads 010 as 8 (octal) and 1:30 as 90: class names such as product codes 007 / 010 became 7 / 8
     and then matched no label in the data."""
