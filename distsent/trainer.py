@@ -73,9 +73,6 @@ class Trainer:
         self.steps_per_epoch = len(epoch_batches(self.data.train.lengths, self.layout.global_batch, 0, 0, 1))
         self.total_steps = min(self.steps_per_epoch * cfg.train.epochs, cfg.train.max_steps or 1 << 62)
         self.scheduler = build_scheduler(cfg, self.optimizer.optimizer, self.total_steps)
-        warning = schedule_warning(cfg, self.total_steps)
-        if warning and acc.is_main_process:
-            log.warning(warning)
         self.state = TrainState(world_size=acc.num_processes)
         self.sums, self.watch = TrainSums(acc), NonFiniteWatch(acc)
         self.checkpoints = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint, acc, self.model, self.optimizer, {
@@ -347,6 +344,9 @@ class Trainer:
             settle(acc, state, cfg.checkpoint.resume, self.resume_from, self.run_dir)
         else:
             ckpt.seed_dropout(cfg.train.seed, 0, acc.process_index)
+        warning = schedule_warning(cfg, self.total_steps)  # after a resume's checks: a refused one says only why
+        if warning and acc.is_main_process:
+            log.warning(warning)
         self.debug.resume(state.step)
         state.run_id = state.run_id or new_run_id(acc)
         # a fresh start drops any rows of an earlier attempt that stopped before its first checkpoint

@@ -773,7 +773,7 @@ def test_a_resume_does_not_need_the_pretrained_vectors_file(synth_imdb, tmp_path
     for steps, path in ((3, vectors), (6, tmp_path / "moved" / "vectors.txt")):
         cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{
             "train.max_steps": steps, "checkpoint.every": 3, "model.pretrained_embeddings": path,
-            "model.freeze_embeddings": "true"}))
+            "model.freeze_embeddings": "true", "optim.warmup_steps": 5}))
         trainer = Trainer(cfg, stop=StopFlag([]))
         try:
             with caplog.at_level("WARNING"):
@@ -783,6 +783,8 @@ def test_a_resume_does_not_need_the_pretrained_vectors_file(synth_imdb, tmp_path
         finally:
             trainer.close()
     assert f"model.pretrained_embeddings '{vectors}' -> '{tmp_path / 'moved' / 'vectors.txt'}'" in caplog.text
+    # the 3-step start warns that its warmup outlasts it; the 6-step resume, whose warmup ends, does not
+    assert caplog.text.count("optim.warmup_steps=5 is not below the run's 3 steps") == 1 and "run's 6" not in caplog.text
     assert torch.equal(embeddings[0], embeddings[1])  # frozen through the resume
     assert embeddings[1][good].tolist() == [0.25] * 32
 
