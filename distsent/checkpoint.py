@@ -83,9 +83,9 @@ def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep
          averaged=None, lock=None) -> Path:
     """Write checkpoint `step` collectively (every process calls this) and prune old ones; returns its path.
     `averaged`: the moving average of the weights (train.ema_decay), saved beside the weights. `lock`: the run's
-    RunLock; if another launch took the directory over while this save was under way (this process stalled), the
-    checkpoint is not published and every process raises (RunLockedError here, PeerFailed on the others): the
-    folder's checkpoints are the new owner's.
+    RunLock, read before each phase: if another launch has taken the directory over (this process was stalled),
+    the phase is not begun and every process raises (RunLockedError here, PeerFailed on the others): nothing more
+    is written, published or pruned in a folder whose checkpoints are now the new owner's.
 
     If any process cannot write its part (a full disk, no permission), every process raises (WriteError naming
     the file there, PeerFailed on the others), the partial folder is removed and earlier checkpoints stay as they
@@ -110,8 +110,6 @@ def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep
             files.atomic_write(tmp / "state.json", json.dumps(state, indent=1))
 
     def finish():
-        if main and lock is not None and lock.lost is not None:
-            raise lock.lost
         if main:
             files.seal(tmp, step=step)
             files.publish(tmp, final)  # the same step saved again (an epoch end that is also periodic) replaces
@@ -120,13 +118,15 @@ def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep
     for phase in (start, fill, finish):  # each ends in a barrier that also tells every process of any failure
         failure = None
         try:
+            if main and lock is not None and lock.check() is not None:
+                raise lock.lost
             phase()
         except (WriteError, RunLockedError) as exc:
             failure = exc
         try:
             fail_together(accelerator, failure, f"write checkpoint {final}")
         except Exception:
-            if main:
+            if main and not isinstance(failure, RunLockedError):  # a folder taken over: its files are not ours to tidy
                 shutil.rmtree(tmp, ignore_errors=True)
             raise
     return final

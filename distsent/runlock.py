@@ -132,17 +132,24 @@ class RunLock:
     def _write(self) -> None:
         atomic_write(self.path, json.dumps({**self.me, "heartbeat": time.time()}))
 
-    def _beat(self) -> None:
-        while not self._stop.wait(self.heartbeat_s):
+    def check(self) -> RunLockedError | None:
+        """`lost`, read from the lock file now rather than at the next heartbeat (a process just back from a stall
+        has not had one yet); None while this process holds the lock, or never took it (the other processes)."""
+        if self.lost is None and self._thread is not None:
             held = self._read() or {}
             if "pid" in held and not self._mine(held):
                 # this process was stalled (suspended, stopped) past stale_s and another launch took the run over:
                 # refreshing would make two runs write one directory; the trainer writes nothing more and stops at
-                # the end of its step (or of its test evaluation)
+                # the end of its step, of its test evaluation or of the checkpoint phase it is in
                 self.lost = RunLockedError(
                     f"{self.path.parent} was taken over by another launch (host {held.get('host')}, pid "
                     f"{held['pid']}) while this process was stalled for over {self.stale_s:.0f} s; this process "
                     f"stops without writing anything more there")
+        return self.lost
+
+    def _beat(self) -> None:
+        while not self._stop.wait(self.heartbeat_s):
+            if self.check() is not None:
                 return
             try:
                 self._write()
