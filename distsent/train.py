@@ -86,7 +86,8 @@ def _main(argv: list[str] | None) -> int:
         message, code = explain(exc)
         # status.json unless another live run holds the directory (this one stopped before it took the lock, or
         # another launch took it over while this one was stalled)
-        ours = trainer.lock.lost is None if trainer is not None else RunLock(Path(cfg.output_dir)).live_owner() is None
+        lock = trainer.lock if trainer is not None else None
+        ours = lock.check() is None if lock is not None else RunLock(Path(cfg.output_dir)).live_owner() is None
         code = fail(message, code, cfg if ours else None, trainer)
         if isinstance(exc, PeerFailed):
             # give the failing process a moment to end first, so that the launcher's summary names it as the root

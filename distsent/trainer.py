@@ -254,7 +254,7 @@ class Trainer:
                 error += (f"; a stop signal ({signal.Signals(self.stop.received).name}) came but its checkpoint "
                           f"could not be written: a restart resumes from the latest complete checkpoint")
             status = {"state": "failed", "exit_code": getattr(exc, "exit_code", EXIT_NONFINITE), "error": error}
-        if self.accelerator.is_main_process and not self.lock.lost:  # a run directory taken over is not ours
+        if self.accelerator.is_main_process and not self.lock.check():  # a run directory taken over is not ours
             try:
                 write_status(self.run_dir, step=state.step, **status)
             except WriteError as write_exc:  # already stopping on an error: say this one too, do not mask it
@@ -265,7 +265,7 @@ class Trainer:
         """Collective: the status (and with config, the run's config.yaml) on the main process, failing on every
         process if it or metrics.jsonl could not be written (a run whose records are lost is not reported
         finished)."""
-        failure = runlog.failure or self.lock.lost  # taken over after the last step: the new owner's records
+        failure = runlog.failure or self.lock.check()  # taken over after the last step: the new owner's records
         if self.accelerator.is_main_process and failure is None:
             try:
                 if config:
