@@ -31,6 +31,7 @@ SPLIT_NAMES = ("train", "val", "test")
 # ClassLabel's classes are all its names (a class without examples was dropped); so entries prepared by earlier
 # rules are prepared again (left alone)
 CACHE_LAYOUT = "npy-7"
+SOURCE_FILE = "source.json"  # in each split folder: where its data lies and which version of it (see _evict_edited)
 
 
 @dataclass
@@ -89,7 +90,8 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
     otherwise. Safe to call from several processes as long as one of them runs it first (writes are atomic).
     """
     src = find_source(cfg)
-    split_dir = cache_root(cfg) / _hash([src.fingerprint(), cfg.stage_settings("split")])
+    fingerprint = src.fingerprint()
+    split_dir = cache_root(cfg) / _hash([fingerprint, cfg.stage_settings("split")])
     given = tokenizer_path is not None and Path(tokenizer_path).is_file()
     tok_file = Path(tokenizer_path) if given else split_dir / f"tokenizer-{_hash(cfg.stage_settings('vocab'))}.json"
 
@@ -126,6 +128,7 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
         out[name] = cut(ids[first:last], offsets[a: b + 1] - first, cfg.max_len, cfg.truncate).relabel(
             raw[name].labels, raw[name].ids)
     manifest = _store(ids_dir(tok_text), out, names)
+    _evict_edited(cache_root(cfg), split_dir, src.place(), fingerprint)
     return PreparedData(out["train"], out["val"], out["test"], tokenizer=tok, cache_hit=False, label_names=names,
                         content=training_content(manifest))
 
@@ -153,6 +156,28 @@ def _load_checked(tok_file: Path, cfg: DataConfig):
         raise DataError(f"{tok_file}: its rules (lowercase, strip_html) = {tokenizer_rules(tok)} differ from the "
                         f"config's data.lowercase={cfg.lowercase}, data.strip_html={cfg.strip_html}")
     return tok
+
+
+def _evict_edited(root: Path, kept: Path, place: dict, fingerprint: str) -> None:
+    """Record in `kept` (a split folder just prepared) where its data lies, and remove the split folders of earlier
+    versions of the same files: same place, other fingerprint. No run can use those again (an edit changes a file's
+    stamps for good, and a resume of a run trained on them is refused as other data), while entries of the same
+    files with other settings (text column, validation carve) stay. Folders written before this record are kept."""
+    if not place:
+        return
+    files.atomic_write(kept / SOURCE_FILE, json.dumps({"place": place, "fingerprint": fingerprint}))
+    removed = []
+    for folder in root.iterdir():
+        try:
+            record = json.loads((folder / SOURCE_FILE).read_text())
+        except (OSError, ValueError):  # not a split folder, or one from before the record
+            continue
+        if folder != kept and record.get("place") == place and record.get("fingerprint") != fingerprint:
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder.name)
+    if removed:
+        log.info("token cache: removed %d entr%s of an earlier version of %s (%s)", len(removed),
+                 "y" if len(removed) == 1 else "ies", place["location"], ", ".join(removed))
 
 
 def _store(final: Path, splits: dict[str, TokenizedSplit], label_names: list[str]) -> dict:

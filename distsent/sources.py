@@ -49,6 +49,14 @@ class Source:
             h.update(f"{f.resolve()}:{_stamp(f.stat())};".encode())
         return h.hexdigest()
 
+    def place(self) -> dict:
+        """Where the data lies, whatever its content: the same for every version of edited files (their fingerprint
+        differs), different for other files. A hub name's data is datasets' to keep: it has none."""
+        if self.kind == "hub" and not Path(self.location).is_dir():
+            return {}
+        return {"kind": self.kind, "location": str(Path(self.location).resolve()),
+                "files": {s: str(p.resolve()) for s, p in self.files.items()}}
+
     def _review_files_fingerprint(self) -> str:
         """aclImdb: every review file's name, size and modification time (rewriting a file in place changes no
         folder's); os.scandir, as 50,000 Path.stat() and resolve() calls take seconds."""

@@ -305,6 +305,28 @@ def test_a_data_file_rewritten_with_its_old_size_and_time_is_new_data(tmp_path, 
     assert not again.cache_hit and (again.train.labels == 1 - first.train.labels).all()
 
 
+def test_the_cache_entries_of_edited_files_are_removed_and_others_kept(tmp_path, splits, caplog):
+    """Editing a data file and training again (a user cleaning their own data) left every earlier version's tokens
+    in the cache for good, though no run can use them again. Preparing the edited files removes the entries of
+    their earlier versions, and only those: the same files' entries with other split settings go with them (they
+    are stale too), other files' entries and a relocated copy's stay."""
+    cache = tmp_path / "c"
+    folder, other = write_parquet(tmp_path / "d", splits), write_parquet(tmp_path / "o", splits)
+    cfg = DataConfig(path=str(folder), cache_dir=str(cache), min_freq=1)
+    limited = DataConfig(path=str(folder), cache_dir=str(cache), min_freq=1, test_limit=5)
+    prepare(cfg), prepare(limited), prepare(DataConfig(path=str(other), cache_dir=str(cache), min_freq=1))
+    before = {p.name for p in cache.iterdir()}
+    assert len(before) == 3
+    edited = {**splits, "train": (splits["train"][0], [1 - y for y in splits["train"][1]])}
+    write_parquet(folder, edited)
+    with caplog.at_level("INFO"):
+        again = prepare(cfg)
+    after = {p.name for p in cache.iterdir()}
+    assert not again.cache_hit and len(after) == 2 and len(after & before) == 1  # the other folder's entry
+    assert f"removed 2 entries of an earlier version of {folder.resolve()}" in caplog.text
+    assert prepare(cfg).cache_hit and prepare(DataConfig(path=str(other), cache_dir=str(cache), min_freq=1)).cache_hit
+
+
 @pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b"\xff\xfe" + b])
 def test_a_damaged_cached_tokenizer_is_reported_and_rebuilt(tmp_path, splits, caplog, damage):
     cfg = DataConfig(path=str(write_parquet(tmp_path / "d", splits)), cache_dir=str(tmp_path / "c"), min_freq=1)
