@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,19 +161,26 @@ def _load_checked(tok_file: Path, cfg: DataConfig):
 
 def _evict_edited(root: Path, kept: Path, place: dict, fingerprint: str) -> None:
     """Record in `kept` (a split folder just prepared) where its data lies, and remove the split folders of earlier
-    versions of the same files: same place, other fingerprint. No run can use those again (an edit changes a file's
-    stamps for good, and a resume of a run trained on them is refused as other data), while entries of the same
-    files with other settings (text column, validation carve) stay. Folders written before this record are kept."""
+    versions of the same files: same place, other fingerprint (whatever their other split settings). No run can use
+    those again: an edit changes a file's stamps for good, and a resume of a run trained on them is refused as other
+    data. Only folders this host prepared: the same path on two nodes can be two node-local copies, each with its
+    own entry in a shared cache, memory-mapped by that node's processes. Folders written before this record stay."""
     if not place:
         return
-    files.atomic_write(kept / SOURCE_FILE, json.dumps({"place": place, "fingerprint": fingerprint}))
+    host = socket.gethostname()
+    try:
+        files.atomic_write(kept / SOURCE_FILE, json.dumps({"place": place, "fingerprint": fingerprint, "host": host}))
+    except files.WriteError as exc:  # the entry itself is whole: only the clean-up is lost
+        log.warning("token cache: %s", exc)
+        return
     removed = []
     for folder in root.iterdir():
         try:
             record = json.loads((folder / SOURCE_FILE).read_text())
         except (OSError, ValueError):  # not a split folder, or one from before the record
             continue
-        if folder != kept and record.get("place") == place and record.get("fingerprint") != fingerprint:
+        if folder != kept and record.get("host") == host and record.get("place") == place and \
+                record.get("fingerprint") != fingerprint:
             shutil.rmtree(folder, ignore_errors=True)
             removed.append(folder.name)
     if removed:

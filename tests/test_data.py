@@ -307,22 +307,29 @@ def test_a_data_file_rewritten_with_its_old_size_and_time_is_new_data(tmp_path, 
 
 def test_the_cache_entries_of_edited_files_are_removed_and_others_kept(tmp_path, splits, caplog):
     """Editing a data file and training again (a user cleaning their own data) left every earlier version's tokens
-    in the cache for good, though no run can use them again. Preparing the edited files removes the entries of
-    their earlier versions, and only those: the same files' entries with other split settings go with them (they
-    are stale too), other files' entries and a relocated copy's stay."""
+    in the cache for good, though no run can use them again. Preparing the edited files removes the entries this
+    host prepared of their earlier versions (whatever their split settings), and only those: other files' entries
+    stay, and so does an entry another node prepared of the same path (a node-local copy, in a shared cache)."""
+    import json
+
     cache = tmp_path / "c"
     folder, other = write_parquet(tmp_path / "d", splits), write_parquet(tmp_path / "o", splits)
     cfg = DataConfig(path=str(folder), cache_dir=str(cache), min_freq=1)
-    limited = DataConfig(path=str(folder), cache_dir=str(cache), min_freq=1, test_limit=5)
-    prepare(cfg), prepare(limited), prepare(DataConfig(path=str(other), cache_dir=str(cache), min_freq=1))
+    for config in (cfg, DataConfig(path=str(folder), cache_dir=str(cache), min_freq=1, test_limit=5),
+                   DataConfig(path=str(folder), cache_dir=str(cache), min_freq=1, test_limit=7),
+                   DataConfig(path=str(other), cache_dir=str(cache), min_freq=1)):
+        prepare(config)
+    records = {p.parent.name: json.loads(p.read_text()) for p in cache.glob("*/source.json")}
+    assert len(records) == 4
+    node_b = sorted(name for name, r in records.items() if r["place"]["location"] == str(folder.resolve()))[0]
+    (cache / node_b / "source.json").write_text(json.dumps({**records[node_b], "host": "node-b"}))
     before = {p.name for p in cache.iterdir()}
-    assert len(before) == 3
     edited = {**splits, "train": (splits["train"][0], [1 - y for y in splits["train"][1]])}
     write_parquet(folder, edited)
     with caplog.at_level("INFO"):
         again = prepare(cfg)
     after = {p.name for p in cache.iterdir()}
-    assert not again.cache_hit and len(after) == 2 and len(after & before) == 1  # the other folder's entry
+    assert not again.cache_hit and len(after) == 3 and len(after & before) == 2 and node_b in after
     assert f"removed 2 entries of an earlier version of {folder.resolve()}" in caplog.text
     assert prepare(cfg).cache_hit and prepare(DataConfig(path=str(other), cache_dir=str(cache), min_freq=1)).cache_hit
 
