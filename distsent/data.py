@@ -7,7 +7,6 @@ import json
 import logging
 import os
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,7 +31,7 @@ SPLIT_NAMES = ("train", "val", "test")
 # ClassLabel's classes are all its names (a class without examples was dropped); so entries prepared by earlier
 # rules are prepared again (left alone)
 CACHE_LAYOUT = "npy-7"
-SOURCE_FILE = "source.json"  # in each split folder: where its data lies and which version of it (see _evict_edited)
+SOURCE_FILE = "source.json"  # in each split folder: where its data lies and which version (_note_earlier_versions)
 
 
 @dataclass
@@ -129,7 +128,7 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
         out[name] = cut(ids[first:last], offsets[a: b + 1] - first, cfg.max_len, cfg.truncate).relabel(
             raw[name].labels, raw[name].ids)
     manifest = _store(ids_dir(tok_text), out, names)
-    _evict_edited(cache_root(cfg), split_dir, src.place(), fingerprint)
+    _note_earlier_versions(cache_root(cfg), split_dir, src.place(), fingerprint)
     return PreparedData(out["train"], out["val"], out["test"], tokenizer=tok, cache_hit=False, label_names=names,
                         content=training_content(manifest))
 
@@ -159,33 +158,33 @@ def _load_checked(tok_file: Path, cfg: DataConfig):
     return tok
 
 
-def _evict_edited(root: Path, kept: Path, place: dict, fingerprint: str) -> None:
-    """Record in `kept` (a split folder just prepared) where its data lies, and remove the split folders of earlier
-    versions of the same files: same place, other fingerprint (whatever their other split settings). No run can use
-    those again: an edit changes a file's stamps for good, and a resume of a run trained on them is refused as other
-    data. Only folders this host prepared: the same path on two nodes can be two node-local copies, each with its
-    own entry in a shared cache, memory-mapped by that node's processes. Folders written before this record stay."""
+def _note_earlier_versions(root: Path, kept: Path, place: dict, fingerprint: str) -> None:
+    """Record in `kept` (a split folder just prepared) where its data lies, and name the split folders of earlier
+    versions of the same files (same place, other fingerprint), which no run can hit again: an edit changes a file's
+    stamps for good. They are named, with their size, not removed: a run started before the edit may still be
+    reading one (memory-mapped, perhaps from another node of a shared cache, where removing it would crash that run),
+    and only the user knows. Folders written before this record are not named."""
     if not place:
         return
-    host = socket.gethostname()
     try:
-        files.atomic_write(kept / SOURCE_FILE, json.dumps({"place": place, "fingerprint": fingerprint, "host": host}))
-    except files.WriteError as exc:  # the entry itself is whole: only the clean-up is lost
+        files.atomic_write(kept / SOURCE_FILE, json.dumps({"place": place, "fingerprint": fingerprint}))
+    except files.WriteError as exc:  # the entry itself is whole: only the record is lost
         log.warning("token cache: %s", exc)
         return
-    removed = []
+    earlier = []
     for folder in root.iterdir():
         try:
             record = json.loads((folder / SOURCE_FILE).read_text())
         except (OSError, ValueError):  # not a split folder, or one from before the record
             continue
-        if folder != kept and record.get("host") == host and record.get("place") == place and \
+        if folder != kept and isinstance(record, dict) and record.get("place") == place and \
                 record.get("fingerprint") != fingerprint:
-            shutil.rmtree(folder, ignore_errors=True)
-            removed.append(folder.name)
-    if removed:
-        log.info("token cache: removed %d entr%s of an earlier version of %s (%s)", len(removed),
-                 "y" if len(removed) == 1 else "ies", place["location"], ", ".join(removed))
+            earlier.append(folder)
+    if earlier:
+        size = sum(f.stat().st_size for folder in earlier for f in folder.rglob("*") if f.is_file())
+        log.info("token cache: %d entr%s of earlier versions of %s (%.1f MB) can be removed once no run started "
+                 "before the edit is reading them: rm -r %s", len(earlier), "y" if len(earlier) == 1 else "ies",
+                 place["location"], size / 1e6, " ".join(str(f) for f in earlier))
 
 
 def _store(final: Path, splits: dict[str, TokenizedSplit], label_names: list[str]) -> dict:
