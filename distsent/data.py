@@ -181,10 +181,13 @@ def _note_earlier_versions(root: Path, kept: Path, place: dict, fingerprint: str
                 record.get("fingerprint") != fingerprint:
             earlier.append(folder)
     if earlier:
-        size = sum(f.stat().st_size for folder in earlier for f in folder.rglob("*") if f.is_file())
-        log.info("token cache: %d entr%s of earlier versions of %s (%.1f MB) can be removed once no run started "
-                 "before the edit is reading them: rm -r %s", len(earlier), "y" if len(earlier) == 1 else "ies",
-                 place["location"], size / 1e6, " ".join(str(f) for f in earlier))
+        try:
+            size = f"{sum(f.stat().st_size for d in earlier for f in d.rglob('*') if f.is_file()) / 1e6:.1f} MB"
+        except OSError:  # one removed meanwhile (by the user, say): the names still help
+            size = "size unknown"
+        log.info("token cache: %d entr%s of earlier versions of %s (%s) can be removed once no run started before "
+                 "the edit is reading them: rm -r %s", len(earlier), "y" if len(earlier) == 1 else "ies",
+                 place["location"], size, " ".join(str(f) for f in earlier))
 
 
 def _store(final: Path, splits: dict[str, TokenizedSplit], label_names: list[str]) -> dict:
