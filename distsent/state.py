@@ -20,6 +20,7 @@ class TrainState:
     run_id: str = ""  # the tracker run, continued by a resumed run
     resumed_from: str = ""  # the checkpoint.resume path this run's line descends from (a rollback or a branch)
     world_size_changes: list[dict] = field(default_factory=list)
+    elapsed_s: float = 0.0  # wall-clock seconds of the run's launches up to this checkpoint (time/elapsed_s goes on)
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)

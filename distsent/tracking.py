@@ -10,6 +10,7 @@ import contextlib
 import json
 import logging
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -73,6 +74,31 @@ def write_status(run_dir: Path, **fields) -> None:
         with writing(path), open(path, "r+") as f:
             f.write(text)
             f.truncate()
+
+
+def progress_bar(total: int, initial: int, enabled: bool):
+    """tqdm's bar over the training steps: redrawn often on a terminal; into a file (a Slurm log) every 30 s, each
+    redraw a line of its own (maxinterval too: tqdm's monitor thread otherwise forces a redraw every 10 s)."""
+    from tqdm.auto import tqdm
+
+    if sys.stderr.isatty():
+        return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
+                    mininterval=0.1)
+    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", file=_BarLines(), mininterval=30,
+                maxinterval=30)
+
+
+class _BarLines:
+    """A file for tqdm that ends each redraw with a newline: tqdm starts a redraw with a carriage return and leaves
+    the line open, so in a file the next log record was written onto the bar's line."""
+
+    def write(self, text: str) -> None:
+        text = text.replace("\r", "").rstrip()
+        if text:
+            sys.stderr.write(text + "\n")
+
+    def flush(self) -> None:
+        sys.stderr.flush()
 
 
 def launch_topology(accelerator, layout) -> dict:

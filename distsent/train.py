@@ -27,15 +27,28 @@ from .files import IntegrityError, WriteError
 from .readers import DataError
 
 PEER_EXIT_DELAY_S = 2.0
+# a file to write this launch's exit status into (slurm/train.sbatch sets it: `accelerate launch` and torchrun end
+# with 1 whatever their processes' status, and status.json is the run's, which a refused launch leaves as it was)
+EXIT_REPORT_ENV = "DISTSENT_EXIT_REPORT"
 
 
 def main(argv: list[str] | None = None) -> int:
     skip_final_collection()
+    code = 1  # an exception that escapes (its traceback is printed)
     try:
-        return _main(argv)
+        code = _main(argv)
+    except SystemExit as exc:  # a preempted run's 75; argparse's 2 (an unknown option) or 0 (--help)
+        code = exc.code if isinstance(exc.code, int) else 0 if exc.code is None else 1
+        raise
     except KeyboardInterrupt:  # a Ctrl-C outside the run (loading, --check, shutting down): no traceback
         print("distsent-train: interrupted (Ctrl-C)", file=sys.stderr)
-        return 130
+        code = 130
+    finally:
+        report = os.environ.get(EXIT_REPORT_ENV)
+        if report and os.environ.get("RANK", "0") == "0":  # one process: the others stop with the same status
+            with contextlib.suppress(OSError):
+                Path(report).write_text(f"{code}\n")
+    return code
 
 
 def _main(argv: list[str] | None) -> int:
@@ -154,7 +167,9 @@ def fail(message: str, exit_code: int, cfg=None, trainer=None) -> int:
     """One line on stderr; under `accelerate launch` / torchrun also in the error file its failure summary shows
     for this process (instead of "To enable traceback see ..."). With `cfg`, the main process also records the
     failure in status.json if the trainer did not (a failure during start-up: bad data, a refused checkpoint), so
-    that schedulers (slurm/train.sbatch) read the documented exit code."""
+    that people and schedulers read the documented exit code there, unless that file records a finished or
+    preempted run: a launch that failed before it ran leaves the run's record as it was (slurm/train.sbatch reads
+    the launch's own exit status from $DISTSENT_EXIT_REPORT)."""
     print(f"distsent-train: {message}", file=sys.stderr)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
@@ -165,8 +180,9 @@ def fail(message: str, exit_code: int, cfg=None, trainer=None) -> int:
     if run_dir is not None and run_dir.is_dir() and not recorded and os.environ.get("RANK", "0") == "0":
         from .tracking import write_status
 
-        if _state(run_dir) == "finished":  # a relaunch that failed before it ran: the finished run stays recorded
-            print(f"distsent-train: {run_dir} holds a finished run; its status.json is left as it is",
+        state = _state(run_dir)
+        if state in ("finished", "preempted"):  # a relaunch that failed before it ran: the run stays as recorded
+            print(f"distsent-train: {run_dir} holds a {state} run; its status.json is left as it is",
                   file=sys.stderr)
             return exit_code
         with contextlib.suppress(OSError):  # a WriteError too: the error above is what matters

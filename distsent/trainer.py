@@ -5,7 +5,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,7 +28,8 @@ from .sources import located
 from .state import TrainState
 from .together import PeerFailed, fail_together, from_main
 from .tokenizer import TokenizedSplit
-from .tracking import DebugRecords, RunLog, eval_media, example_predictions, launch_topology, write_status
+from .tracking import (DebugRecords, RunLog, eval_media, example_predictions, launch_topology, progress_bar,
+                       write_status)
 
 log = logging.getLogger("distsent")
 
@@ -91,13 +91,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg, acc, state = self.cfg, self.accelerator, self.state
         runlog = self._start()
-        from tqdm.auto import tqdm
-
-        # redrawn often on a terminal; every 30 s into a file (a Slurm log), where each redraw is a line
-        # (maxinterval too: tqdm's monitor thread otherwise forces a redraw every 10 s)
-        every = {"mininterval": 0.1} if sys.stderr.isatty() else {"mininterval": 30, "maxinterval": 30}
-        bar = tqdm(total=self.total_steps, initial=state.step, disable=not acc.is_main_process, unit="step",
-                   dynamic_ncols=True, **every)
+        bar = progress_bar(self.total_steps, state.step, acc.is_main_process)
         self.model.train()
         if self.ended_before and acc.is_main_process:  # a relaunch after the end (a requeue, say)
             log.info("the run had finished at step %d: testing the best model again", state.step)
@@ -144,6 +138,7 @@ class Trainer:
                     stopping = self.stop.agreed(acc, failure, what)
                     if stopping or last or state.stopped_early or self.checkpoints.due(state.step):
                         self.watch.check()
+                        state.elapsed_s = time.perf_counter() - self.started
                         self.checkpoints.save(state.step, self.identity)
                     if stopping:
                         raise Preempted()
@@ -337,11 +332,12 @@ class Trainer:
         if self.resume_from is not None:
             self.checkpoints.restore(self.resume_from, self.identity, cfg.train.seed)
             changed = apply_optim_settings(cfg, self.optimizer.optimizer, self.scheduler, self.total_steps)
-            # the rest of the config against the last launch's (the optimizer's are read from the checkpoint)
-            changed += changes_since(self.run_dir / "config.yaml", cfg, OPTIMIZER_SETTINGS)
+            # the rest against the last launch's config (the optimizer's: from the checkpoint; output_dir: this folder)
+            changed += changes_since(self.run_dir / "config.yaml", cfg, OPTIMIZER_SETTINGS + ("output_dir",))
             if changed and acc.is_main_process:
                 log.warning("resuming at step %d with changed settings: %s", state.step, ", ".join(changed))
             settle(acc, state, cfg.checkpoint.resume, self.resume_from, self.run_dir)
+            self.started -= state.elapsed_s  # the time of the launches before, up to the checkpoint resumed from
         else:
             ckpt.seed_dropout(cfg.train.seed, 0, acc.process_index)
         warning = schedule_warning(cfg, self.total_steps)  # after a resume's checks: a refused one says only why

@@ -766,6 +766,33 @@ def test_a_resume_trains_with_the_configs_learning_rate_betas_and_weight_decay(s
         assert lrs[step] == pytest.approx(0.5 * lr_factor(cfg, step, total)), step
     assert lrs[6] == pytest.approx(0.01 * lr_factor(cfg, 6, 6))
 
+def test_time_elapsed_goes_on_across_a_resume(synth_imdb, tmp_path, cache_env):
+    """time/elapsed_s counts the run's launches, each up to its last checkpoint: a dashboard's time axis does not
+    start again at every requeue. The first launch here takes 3 s longer (a stand-in for a long one): the resumed
+    launch's evaluations come after it on that axis."""
+    from distsent.preemption import StopFlag
+    from distsent.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    for steps in (4, 8):
+        cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{
+            "train.max_steps": steps, "checkpoint.every": 4, "train.eval_every": 2}))
+        trainer = Trainer(cfg, stop=StopFlag([]))
+        if steps == 4:
+            def slow_step(batch, step=trainer.train_step):
+                step(batch)
+                time.sleep(0.75)
+
+            trainer.train_step = slow_step
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+    elapsed = [(r["step"], r["time/elapsed_s"]) for r in read_jsonl(run_dir / "metrics.jsonl") if "val/acc" in r]
+    assert [step for step, _ in elapsed] == [2, 4, 6, 8]
+    assert 3 < elapsed[1][1] < elapsed[2][1] < elapsed[3][1], elapsed
+
+
 def test_a_resume_does_not_need_the_pretrained_vectors_file(synth_imdb, tmp_path, cache_env, caplog):
     """The vectors initialise a fresh start only; a resume takes the checkpoint's weights. A vectors file moved
     since (to a node-local disk, say) neither blocks the resume nor is read again, and frozen embeddings stay

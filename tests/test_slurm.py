@@ -303,6 +303,36 @@ def test_a_failed_run_ends_the_job_with_the_trainers_exit_code(cluster, job_env,
     assert f"{data / 'test.csv'}: line 3 has label 'maybe'" in text
 
 
+@pytest.mark.parametrize("mistake", ["a misspelt override", "a run directory another run holds",
+                                     "an sbatch option after the config"])
+def test_a_launch_that_fails_before_it_runs_ends_the_job_with_exit_code_2(cluster, job_env, synth_imdb, tmp_path,
+                                                                          mistake):
+    """The trainer stops with its documented 2 before it writes a status.json of its own (a config error; a
+    directory whose lock a live run holds, here this test's process): the job ends with that 2, read from the
+    trainer's exit report, not the launchers' catch-all 1. An sbatch option after the config is named by the
+    script itself, before any launcher."""
+    import socket
+
+    args = [str(CONFIG), *overrides(synth_imdb)]
+    held = tmp_path / "held"
+    if mistake == "a misspelt override":
+        args.append("model.hiden_dim=8")
+        said = "config error: the override model.hiden_dim=8: model.hiden_dim: unknown key"
+    elif mistake == "a run directory another run holds":
+        held.mkdir()
+        (held / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                                   "heartbeat": time.time() + 3600}))
+        args.append(f"output_dir={held}")
+        said = f"{held} is in use by a live run (host {socket.gethostname()}, pid {os.getpid()}"
+    else:
+        args.append("--nodes=2")
+        said = "--nodes=2: sbatch options go before the script"
+    job = sbatch(job_env, tmp_path, [], "train.sbatch", args)
+    fields, text = wait_done(job), job_logs(tmp_path)
+    assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0", text[-3000:]
+    assert said in text and not (held / "status.json").exists()
+
+
 def test_a_refused_relaunch_of_a_finished_run_fails_the_job_and_keeps_the_record(two_node_run, job_env, synth_imdb,
                                                                                    tmp_path):
     """The finished two-node run's output_dir submitted again, with a data path that does not exist: the job fails,
