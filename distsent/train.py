@@ -117,9 +117,13 @@ def check(cfg) -> int:
     """--check, once the config and its overrides have loaded: what else can be known before the run's machines
     are. The tracker names; the data, read and checked as training reads it (columns, texts, labels and classes,
     the carve; a hub data set is fetched); the pretrained vectors' file; a checkpoint.resume=never into a directory
-    that holds a run. Writes nothing. What depends on the machines (the process count against the global batch, a
-    precision the device lacks) or on the checkpoint a run resumes from is checked when the run starts."""
+    that holds a run; the checkpoint a run would resume from, against the config's part of the run's identity (the
+    model, the seed, ...). Writes nothing. What depends on the machines (the process count against the global batch,
+    a precision the device lacks) or on the tokenized data (the vocabulary, the data's content) is checked when the
+    run starts."""
     from .build import check_new_model, check_trackers
+    from .checkpoint import check_compatible
+    from .config import resume_identity
     from .resume import resume_path
     from .sources import find_source, load_splits
 
@@ -132,8 +136,11 @@ def check(cfg) -> int:
         vectors = cfg.model.pretrained_embeddings
         if vectors and not Path(vectors).expanduser().is_file():
             raise DataError(f"model.pretrained_embeddings: {vectors}: no such file")
-        if cfg.checkpoint.resume == "never":
-            resume_path(cfg.checkpoint, Path(cfg.output_dir) / "checkpoints")
+        resumed = resume_path(cfg.checkpoint, Path(cfg.output_dir) / "checkpoints")  # "never": refused if a run
+        if resumed is not None:
+            current = resume_identity(cfg)
+            saved = json.loads((resumed / "state.json").read_text())["identity"]
+            check_compatible({key: value for key, value in saved.items() if key in current}, current, resumed)
     except (ConfigError, DataError, IntegrityError) as exc:  # Integrity: the resume refused
         return fail(f"{type(exc).__name__}: {exc}", 2)
     where = ", ".join(f"{split} {path}" for split, path in source.files.items()) or f"{source.kind} {source.location}"

@@ -766,6 +766,25 @@ def test_a_resume_trains_with_the_configs_learning_rate_betas_and_weight_decay(s
         assert lrs[step] == pytest.approx(0.5 * lr_factor(cfg, step, total)), step
     assert lrs[6] == pytest.approx(0.01 * lr_factor(cfg, 6, 6))
 
+def test_check_refuses_a_config_the_runs_checkpoint_would_refuse(synth_imdb, tmp_path, cache_env, capsys):
+    """distsent-train --check into a run directory compares the config with the checkpoint the run would resume
+    from, as the start will (a job queued with another model for an existing run said "config OK", then failed on
+    its nodes); the same config, or a setting a resume may change, passes."""
+    from distsent.train import main
+
+    run_dir = tmp_path / "run"
+    args = ["--config", str(REPO / "configs" / "smoke.yaml"),
+            *tiny_overrides(run_dir, synth_imdb, **{"train.max_steps": 2, "checkpoint.every": 2})]
+    assert main(args) == 0
+    capsys.readouterr()
+    assert main(["--check", *args, "train.max_steps=4", "optim.lr=0.01"]) == 0
+    assert "config OK" in capsys.readouterr().out
+    assert main(["--check", *args, "model.hidden_dim=24", "train.seed=5"]) == 2
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'checkpoints' / 'step-00000002'} was trained with a different setup" in err
+    assert "model.hidden_dim: checkpoint 32, config 24" in err and "train.seed: checkpoint 0, config 5" in err, err
+
+
 def test_time_elapsed_goes_on_across_a_resume(synth_imdb, tmp_path, cache_env):
     """time/elapsed_s counts the run's launches, each up to its last checkpoint: a dashboard's time axis does not
     start again at every requeue. The first launch here takes 3 s longer (a stand-in for a long one): the resumed
