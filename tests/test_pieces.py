@@ -206,15 +206,21 @@ def test_ctrl_c_once_flags_a_stop_twice_interrupts_and_the_handlers_come_back():
     handler from before), restore() puts every handler back; a SIGINT ignored at start stays ignored."""
     from distsent.preemption import StopFlag
 
+    import threading
+
+    def ctrl_c():
+        # to this (the main) thread, whose Python handler then runs before the sleep goes on (PEP 475); os.kill lets
+        # the kernel pick any thread (a library's), and the handler then waits for the main thread's next check
+        signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+        time.sleep(0.05)
+
     before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)
     flag = StopFlag(["SIGUSR1", "SIGINT"])
     try:
-        os.kill(os.getpid(), signal.SIGINT)
-        time.sleep(0.05)  # the handler runs between bytecodes of this thread
+        ctrl_c()
         assert flag.received == signal.SIGINT
         with pytest.raises(KeyboardInterrupt):
-            os.kill(os.getpid(), signal.SIGINT)
-            time.sleep(0.05)
+            ctrl_c()
     finally:
         flag.restore()
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)) == before
