@@ -216,12 +216,14 @@ def load_weights(path: Path, model, optimizer=None, name: str = "model.safetenso
         raise CheckpointError(f"{path}: cannot be loaded into this model: {exc}") from exc
 
 
-def check_compatible(saved: dict, current: dict, path: Path) -> None:
+def check_compatible(saved: dict, current: dict, path: Path, only=None) -> None:
     """Refuse a resume whose identity (config.resume_identity + vocabulary) differs from the checkpoint's, naming
-    every differing key. Sections are compared key by key, so a newly marked setting is checked too."""
+    every differing key. Sections are compared key by key, so a newly marked setting is checked too. `only`: the
+    keys to compare, once an earlier version's identity is brought up to date (the config's, before the data's is
+    known)."""
     saved = _upgrade_identity(saved, current)
     problems = []
-    for key in sorted(set(saved) | set(current)):
+    for key in sorted(set(saved) | set(current) if only is None else set(only)):
         old, new = saved.get(key), current.get(key)
         if isinstance(old, dict) and isinstance(new, dict):
             problems += [f"{key}.{k}: checkpoint {old.get(k)!r}, config {new.get(k)!r}"

@@ -13,7 +13,8 @@ from itertools import count
 from pathlib import Path
 
 from . import files
-from .checkpoint import CheckpointError, by_step, find_latest, verify
+from .checkpoint import CheckpointError, by_step, check_compatible, find_latest, verify
+from .config import resume_identity
 from .files import WriteError
 from .together import fail_together, from_main
 
@@ -21,6 +22,24 @@ log = logging.getLogger(__name__)
 
 OLD_DIR = re.compile(r"^\.step-(\d{8})\.old$")  # a checkpoint replaced by a new save of its step, until done
 LINE = "line.json"  # checkpoints/line.json: the line a rollback started (see settle)
+
+
+def check_config_against_run(cfg, root: Path) -> None:
+    """distsent-train --check: CheckpointError if the checkpoint a start would resume from (the run's newest, else
+    a checkpoint.resume path) was trained with another config, in the config's part of the run's identity (the
+    model, the seed, ...; the data's part needs the tokenized data). Reads that checkpoint's state.json alone, neither
+    verified nor repaired (the start does both): a check writes nothing and reads no weights."""
+    newest = by_step(root)
+    named = cfg.checkpoint.resume not in ("auto", "never")
+    path = newest[0][1] if newest else Path(cfg.checkpoint.resume) if named else None
+    if path is None:
+        return
+    try:
+        saved = json.loads((path / "state.json").read_text())["identity"]
+    except (OSError, ValueError, KeyError, TypeError):  # the start resumes from an older one, or says why not
+        return
+    current = resume_identity(cfg)
+    check_compatible(saved, current, path, only=current)
 
 
 def resume_path(cfg, root: Path) -> Path | None:

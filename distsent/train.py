@@ -122,25 +122,23 @@ def check(cfg) -> int:
     a precision the device lacks) or on the tokenized data (the vocabulary, the data's content) is checked when the
     run starts."""
     from .build import check_new_model, check_trackers
-    from .checkpoint import check_compatible
-    from .config import resume_identity
-    from .resume import resume_path
+    from .resume import check_config_against_run, resume_path
     from .sources import find_source, load_splits
 
+    root = Path(cfg.output_dir) / "checkpoints"
     try:
         check_trackers(cfg.log.trackers)
-        if not (Path(cfg.output_dir) / "checkpoints").is_dir():  # a resume keeps what its run was trained with
+        if not root.is_dir():  # a new run; a resume keeps the model and embeddings it was trained with
             check_new_model(cfg)
+            vectors = cfg.model.pretrained_embeddings
+            if vectors and not Path(vectors).expanduser().is_file():
+                raise DataError(f"model.pretrained_embeddings: {vectors}: no such file")
         source = find_source(cfg.data)
         splits, names = load_splits(cfg.data)
-        vectors = cfg.model.pretrained_embeddings
-        if vectors and not Path(vectors).expanduser().is_file():
-            raise DataError(f"model.pretrained_embeddings: {vectors}: no such file")
-        resumed = resume_path(cfg.checkpoint, Path(cfg.output_dir) / "checkpoints")  # "never": refused if a run
-        if resumed is not None:
-            current = resume_identity(cfg)
-            saved = json.loads((resumed / "state.json").read_text())["identity"]
-            check_compatible({key: value for key, value in saved.items() if key in current}, current, resumed)
+        if cfg.checkpoint.resume == "never":
+            resume_path(cfg.checkpoint, root)  # refused where the directory holds a run
+        else:
+            check_config_against_run(cfg, root)
     except (ConfigError, DataError, IntegrityError) as exc:  # Integrity: the resume refused
         return fail(f"{type(exc).__name__}: {exc}", 2)
     where = ", ".join(f"{split} {path}" for split, path in source.files.items()) or f"{source.kind} {source.location}"
@@ -174,9 +172,10 @@ def fail(message: str, exit_code: int, cfg=None, trainer=None) -> int:
     """One line on stderr; under `accelerate launch` / torchrun also in the error file its failure summary shows
     for this process (instead of "To enable traceback see ..."). With `cfg`, the main process also records the
     failure in status.json if the trainer did not (a failure during start-up: bad data, a refused checkpoint), so
-    that people and schedulers read the documented exit code there, unless that file records a finished or
-    preempted run: a launch that failed before it ran leaves the run's record as it was (slurm/train.sbatch reads
-    the launch's own exit status from $DISTSENT_EXIT_REPORT)."""
+    that people and schedulers read the documented exit code there, unless that file records a finished run: a
+    relaunch that failed before it ran leaves that record as it was (slurm/train.sbatch reads the launch's own exit
+    status from $DISTSENT_EXIT_REPORT). A preempted run's record does say failed then (the relaunch could not resume
+    it: a damaged checkpoint, edited data, or a config it refuses), and the next launch that resumes it says running."""
     print(f"distsent-train: {message}", file=sys.stderr)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
@@ -187,9 +186,8 @@ def fail(message: str, exit_code: int, cfg=None, trainer=None) -> int:
     if run_dir is not None and run_dir.is_dir() and not recorded and os.environ.get("RANK", "0") == "0":
         from .tracking import write_status
 
-        state = _state(run_dir)
-        if state in ("finished", "preempted"):  # a relaunch that failed before it ran: the run stays as recorded
-            print(f"distsent-train: {run_dir} holds a {state} run; its status.json is left as it is",
+        if _state(run_dir) == "finished":  # a relaunch that failed before it ran: the finished run stays recorded
+            print(f"distsent-train: {run_dir} holds a finished run; its status.json is left as it is",
                   file=sys.stderr)
             return exit_code
         with contextlib.suppress(OSError):  # a WriteError too: the error above is what matters
