@@ -83,9 +83,10 @@ def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep
          averaged=None, lock=None) -> Path:
     """Write checkpoint `step` collectively (every process calls this) and prune old ones; returns its path.
     `averaged`: the moving average of the weights (train.ema_decay), saved beside the weights. `lock`: the run's
-    RunLock, read before each phase: if another launch has taken the directory over (this process was stalled),
-    the phase is not begun and every process raises (RunLockedError here, PeerFailed on the others): nothing more
-    is written, published or pruned in a folder whose checkpoints are now the new owner's.
+    RunLock, read by the main process before each phase: if another launch has taken the directory over (this
+    process was stalled), the main process begins no further phase and every process raises (RunLockedError there,
+    PeerFailed on the others): nothing is published or pruned in a folder whose checkpoints are now the new owner's,
+    and the partial folder is left as it is (the other processes may have written their random states into it).
 
     If any process cannot write its part (a full disk, no permission), every process raises (WriteError naming
     the file there, PeerFailed on the others), the partial folder is removed and earlier checkpoints stay as they

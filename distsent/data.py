@@ -6,7 +6,9 @@ import hashlib
 import json
 import logging
 import os
+import shlex
 import shutil
+import socket
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -159,15 +161,17 @@ def _load_checked(tok_file: Path, cfg: DataConfig):
 
 
 def _note_earlier_versions(root: Path, kept: Path, place: dict, fingerprint: str) -> None:
-    """Record in `kept` (a split folder just prepared) where its data lies, and name the split folders of earlier
-    versions of the same files (same place, other fingerprint), which no run can hit again: an edit changes a file's
-    stamps for good. They are named, with their size, not removed: a run started before the edit may still be
-    reading one (memory-mapped, perhaps from another node of a shared cache, where removing it would crash that run),
-    and only the user knows. Folders written before this record are not named."""
+    """Record in `kept` (a split folder just prepared) where its data lies, and name the split folders this host
+    prepared of earlier versions of the same files (same place, other fingerprint), which no run can hit again: an
+    edit changes a file's stamps for good. (Another node's folder of the same path may be of its own node-local
+    copy.) They are named, with their size, not removed: a run started before the edit may still be reading one
+    (memory-mapped, perhaps from another node of a shared cache, where removing it would crash that run), and only
+    the user knows. Folders written before this record are not named."""
     if not place:
         return
+    host = socket.gethostname()
     try:
-        files.atomic_write(kept / SOURCE_FILE, json.dumps({"place": place, "fingerprint": fingerprint}))
+        files.atomic_write(kept / SOURCE_FILE, json.dumps({"place": place, "fingerprint": fingerprint, "host": host}))
     except files.WriteError as exc:  # the entry itself is whole: only the record is lost
         log.warning("token cache: %s", exc)
         return
@@ -178,8 +182,8 @@ def _note_earlier_versions(root: Path, kept: Path, place: dict, fingerprint: str
         except (OSError, ValueError):  # not a split folder, or one from before the record
             continue
         if folder != kept and isinstance(record, dict) and record.get("place") == place and \
-                record.get("fingerprint") != fingerprint:
-            earlier.append(folder)
+                record.get("host") == host and record.get("fingerprint") != fingerprint:
+            earlier.append(folder.resolve())
     if earlier:
         try:
             size = f"{sum(f.stat().st_size for d in earlier for f in d.rglob('*') if f.is_file()) / 1e6:.1f} MB"
@@ -187,7 +191,7 @@ def _note_earlier_versions(root: Path, kept: Path, place: dict, fingerprint: str
             size = "size unknown"
         log.info("token cache: %d entr%s of earlier versions of %s (%s) can be removed once no run started before "
                  "the edit is reading them: rm -r %s", len(earlier), "y" if len(earlier) == 1 else "ies",
-                 place["location"], size, " ".join(str(f) for f in earlier))
+                 place["location"], size, " ".join(shlex.quote(str(f)) for f in earlier))
 
 
 def _store(final: Path, splits: dict[str, TokenizedSplit], label_names: list[str]) -> dict:

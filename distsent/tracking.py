@@ -221,8 +221,9 @@ class RunLog:
     @property
     def active(self) -> bool:
         """The main process, while the run directory is this run's: a run whose lock another launch took over
-        writes nothing more (it stops at the end of its step, or of its test evaluation)."""
-        return self.main and not (self.lock and self.lock.lost)
+        writes nothing more (it stops at the end of its step, or of its test evaluation). The lock file is read
+        each time (RunLock.check), not only at the heartbeat: a process just back from a stall has not had one."""
+        return self.main and not (self.lock and self.lock.check())
 
     def log(self, metrics: dict, step: int, history: bool = True) -> None:
         """A row of metrics.jsonl, and of the trackers' history unless `history` is False (a step W&B has passed:

@@ -116,26 +116,27 @@ def _main(argv: list[str] | None) -> int:
 def check(cfg) -> int:
     """--check, once the config and its overrides have loaded: what else can be known before the run's machines
     are. The tracker names; the data, read and checked as training reads it (columns, texts, labels and classes,
-    the carve; a hub data set is fetched); the pretrained vectors' file; a checkpoint.resume=never into a directory
-    that holds a run; the checkpoint a run would resume from, against the config's part of the run's identity (the
-    model, the seed, ...). Writes nothing. What depends on the machines (the process count against the global batch,
+    the carve; a hub data set is fetched); for a new run, the pretrained vectors' file; a checkpoint.resume=never
+    into a directory that holds a run; the checkpoint a run would resume from (the run's newest, else the one named),
+    against the config's part of the run's identity (the model, the seed, ...). Writes nothing. What depends on the machines (the process count against the global batch,
     a precision the device lacks) or on the tokenized data (the vocabulary, the data's content) is checked when the
     run starts."""
     from .build import check_new_model, check_trackers
+    from .checkpoint import by_step
     from .resume import check_config_against_run, resume_path
     from .sources import find_source, load_splits
 
-    root = Path(cfg.output_dir) / "checkpoints"
+    root, resume = Path(cfg.output_dir) / "checkpoints", cfg.checkpoint.resume
     try:
         check_trackers(cfg.log.trackers)
-        if not root.is_dir():  # a new run; a resume keeps the model and embeddings it was trained with
+        if resume == "never" or not (by_step(root) or resume != "auto"):  # a new run (a resume keeps its model)
             check_new_model(cfg)
             vectors = cfg.model.pretrained_embeddings
             if vectors and not Path(vectors).expanduser().is_file():
                 raise DataError(f"model.pretrained_embeddings: {vectors}: no such file")
         source = find_source(cfg.data)
         splits, names = load_splits(cfg.data)
-        if cfg.checkpoint.resume == "never":
+        if resume == "never":
             resume_path(cfg.checkpoint, root)  # refused where the directory holds a run
         else:
             check_config_against_run(cfg, root)

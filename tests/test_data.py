@@ -2,6 +2,7 @@
 
 import re
 from collections import Counter
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -307,30 +308,35 @@ def test_a_data_file_rewritten_with_its_old_size_and_time_is_new_data(tmp_path, 
 
 def test_the_cache_entries_of_edited_files_are_named_for_removal_and_kept(tmp_path, splits, caplog):
     """Editing a data file and training again (a user cleaning their own data) leaves the earlier version's tokens
-    in the cache, where no run can hit them again. Preparing the edited files names those entries (whatever their
-    split settings) with their size and the command that removes them, and only those: not other files' entries,
-    nor a malformed record. Nothing is removed: a run started before the edit may still be reading one."""
+    in the cache, where no run can hit them again. Preparing the edited files names the entries this host prepared
+    of them (whatever their split settings) with their size and a command that removes them, and only those: not
+    other files' entries, nor another node's of the same path (its own node-local copy, in a shared cache), nor a
+    malformed record. Nothing is removed: a run started before the edit may still be reading one."""
     import json
+    import shlex
 
-    cache = tmp_path / "c"
+    cache = tmp_path / "my cache"  # a space: the command quotes the paths
     folder, other = write_parquet(tmp_path / "d", splits), write_parquet(tmp_path / "o", splits)
     cfg = DataConfig(path=str(folder), cache_dir=str(cache), min_freq=1)
     for config in (cfg, DataConfig(path=str(folder), cache_dir=str(cache), min_freq=1, test_limit=5),
+                   DataConfig(path=str(folder), cache_dir=str(cache), min_freq=1, test_limit=7),
                    DataConfig(path=str(other), cache_dir=str(cache), min_freq=1)):
         prepare(config)
     records = {p.parent: json.loads(p.read_text()) for p in cache.glob("*/source.json")}
-    earlier = sorted(str(f) for f, r in records.items() if r["place"]["location"] == str(folder.resolve()))
-    assert len(records) == 3 and len(earlier) == 2
+    ours = sorted(str(f) for f, r in records.items() if r["place"]["location"] == str(folder.resolve()))
+    assert len(records) == 4 and len(ours) == 3
+    node_b = Path(ours.pop())
+    (node_b / "source.json").write_text(json.dumps({**records[node_b], "host": "node-b"}))
     (cache / "stray").mkdir()
     (cache / "stray" / "source.json").write_text("[1]")
     edited = {**splits, "train": (splits["train"][0], [1 - y for y in splits["train"][1]])}
     write_parquet(folder, edited)
     with caplog.at_level("INFO"):
         again = prepare(cfg)
-    assert not again.cache_hit and len(list(cache.glob("*/source.json"))) == 5  # nothing removed
+    assert not again.cache_hit and len(list(cache.glob("*/source.json"))) == 6  # nothing removed
     (line,) = [r.getMessage() for r in caplog.records if "earlier versions" in r.getMessage()]
     assert line.startswith(f"token cache: 2 entries of earlier versions of {folder.resolve()} (")
-    assert sorted(line.split("rm -r ")[1].split()) == earlier
+    assert sorted(shlex.split(line.split("rm -r ")[1])) == ours
     caplog.clear()
     with caplog.at_level("INFO"):  # a hit prepares nothing, and names nothing
         assert prepare(cfg).cache_hit and "earlier versions" not in caplog.text
