@@ -333,6 +333,20 @@ def test_a_launch_that_fails_before_it_runs_ends_the_job_with_exit_code_2(cluste
     assert said in text and not (held / "status.json").exists()
 
 
+def test_a_time_limit_near_the_stop_signals_lead_is_warned_about(cluster, job_env, tmp_path):
+    """USR1 comes 180 s before the time limit: with --time=2 at once, and every attempt would checkpoint and requeue
+    as it starts. The job's log says so before the launch (a dry run here); a 10-minute limit is not warned about."""
+    logs = {}
+    for minutes in (2, 10):
+        work = tmp_path / f"time-{minutes}"
+        work.mkdir()
+        job = sbatch({**job_env, "DISTSENT_DRY_RUN": "1"}, work, [f"--time={minutes}"], "train.sbatch", [str(CONFIG)])
+        fields, logs[minutes] = wait_done(job), job_logs(work)
+        assert fields["JobState"] == "COMPLETED", logs[minutes]
+    assert "warning: --time 00:02:00 leaves at most 0 s per attempt before USR1" in logs[2]
+    assert "accelerate launch" in logs[10] and "warning" not in logs[10]
+
+
 def test_a_refused_relaunch_of_a_finished_run_fails_the_job_and_keeps_the_record(two_node_run, job_env, synth_imdb,
                                                                                    tmp_path):
     """The finished two-node run's output_dir submitted again, with a data path that does not exist: the job fails,
