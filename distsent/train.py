@@ -118,9 +118,9 @@ def check(cfg) -> int:
     are. The tracker names; the data, read and checked as training reads it (columns, texts, labels and classes,
     the carve; a hub data set is fetched); for a new run, the pretrained vectors' file; a checkpoint.resume=never
     into a directory that holds a run; the checkpoint a run would resume from (the run's newest, else the one named),
-    against the config's part of the run's identity (the model, the seed, ...). Writes nothing. What depends on the machines (the process count against the global batch,
-    a precision the device lacks) or on the tokenized data (the vocabulary, the data's content) is checked when the
-    run starts."""
+    against the config's part of the run's identity (the model, the seed, ...). Writes nothing. What depends on the
+    machines (the process count against the global batch, a precision the device lacks) or on the tokenized data
+    (the vocabulary, the data's content) is checked when the run starts."""
     from .build import check_new_model, check_trackers
     from .checkpoint import by_step
     from .resume import check_config_against_run, resume_path
@@ -129,7 +129,7 @@ def check(cfg) -> int:
     root, resume = Path(cfg.output_dir) / "checkpoints", cfg.checkpoint.resume
     try:
         check_trackers(cfg.log.trackers)
-        if resume == "never" or not (by_step(root) or resume != "auto"):  # a new run (a resume keeps its model)
+        if resume == "never" or (resume == "auto" and not by_step(root)):  # new (a resume keeps its model)
             check_new_model(cfg)
             vectors = cfg.model.pretrained_embeddings
             if vectors and not Path(vectors).expanduser().is_file():
