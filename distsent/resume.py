@@ -31,9 +31,11 @@ def check_config_against_run(cfg, root: Path) -> None:
     verified nor repaired (the start does both): a check writes nothing and reads no weights."""
     newest = by_step(root)
     named = cfg.checkpoint.resume not in ("auto", "never")
-    path = newest[0][1] if newest else Path(cfg.checkpoint.resume) if named else None
+    path = newest[0][1] if newest else Path(cfg.checkpoint.resume).expanduser() if named else None
     if path is None:
         return
+    if not path.is_dir():  # a mistyped checkpoint.resume: the start would stop on it
+        raise CheckpointError(f"checkpoint.resume={cfg.checkpoint.resume}: no such checkpoint folder")
     try:
         saved = json.loads((path / "state.json").read_text())["identity"]
     except (OSError, ValueError, KeyError, TypeError):  # the start resumes from an older one, or says why not

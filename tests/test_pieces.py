@@ -654,9 +654,9 @@ def test_a_run_whose_directory_was_taken_over_stops_without_writing(synth_imdb, 
     """The lock's heartbeat found another launch's lock (test_a_stalled_run_whose_lock_was_taken_over_...; set here
     during step 6 or during the test-set evaluation after the last step, the only stand-in: a real takeover needs a
     minute-long stall), or the lock file was taken before any heartbeat noticed (during step 6 too, or while the
-    step-4 checkpoint's files were being written): the run stops with RunLockedError, writing no checkpoint, metrics row, best model or
-    status from then on (step 6 is a logging and an evaluation step; the checkpoint under way is not published),
-    and leaves the new owner's lock."""
+    step-4 checkpoint's files were being written): the run stops with RunLockedError, writing no checkpoint, metrics
+    row, best model or status from then on (step 6 is a logging and an evaluation step; the checkpoint under way is
+    not published), and leaves the new owner's lock."""
     from distsent import checkpoint
     from distsent.preemption import StopFlag
     from distsent.runlock import RunLockedError
@@ -799,6 +799,10 @@ def test_check_refuses_a_config_the_runs_checkpoint_would_refuse(synth_imdb, tmp
     state["identity"].update(seed=train["seed"], global_batch_size=train["global_batch_size"])
     state_file.write_text(json.dumps(state))
     assert main(["--check", *args]) == 0, capsys.readouterr().err
+    # a branch from a mistyped checkpoint into a new directory
+    branch = [f"output_dir={tmp_path / 'branch'}", f"checkpoint.resume={tmp_path / 'nowhere'}"]
+    assert main(["--check", *args, *branch]) == 2
+    assert f"checkpoint.resume={tmp_path / 'nowhere'}: no such checkpoint folder" in capsys.readouterr().err
 
 
 def test_time_elapsed_goes_on_across_a_resume(synth_imdb, tmp_path, cache_env):

@@ -334,8 +334,9 @@ def test_a_launch_that_fails_before_it_runs_ends_the_job_with_exit_code_2(cluste
 
 
 def test_a_time_limit_near_the_stop_signals_lead_is_warned_about(cluster, job_env, tmp_path):
-    """USR1 comes 180 s before the time limit: with --time=2 at once, and every attempt would checkpoint and requeue
-    as it starts. The job's log says so before the launch (a dry run here); a 10-minute limit is not warned about."""
+    """USR1 comes 180 s before the time limit: with --time=2 it comes as the job starts, and every attempt would
+    checkpoint and requeue at once. The job's log says so before the launch (a dry run here); a 10-minute limit is
+    not warned about."""
     logs = {}
     for minutes in (2, 10):
         work = tmp_path / f"time-{minutes}"
