@@ -101,6 +101,7 @@ class Trainer:
                 batches = epoch_batches(self.data.train.lengths, self.layout.global_batch, cfg.train.seed,
                                         state.epoch, cfg.data.bucket_batches)
                 t_epoch, eval_before, samples, tokens = time.perf_counter(), self.eval_seconds, 0, 0
+                whole = state.batch_in_epoch == 0  # an epoch resumed midway ran partly in an earlier launch
                 while not self._done():
                     batch = batches[state.batch_in_epoch]
                     self.train_step(batch)
@@ -126,10 +127,13 @@ class Trainer:
                         self.watch.check()
                         self._validate(runlog)
                     if epoch_end:  # the epoch's figures without the time spent evaluating
-                        train_s = time.perf_counter() - t_epoch - (self.eval_seconds - eval_before)
-                        runlog.log({"time/epoch_s": time.perf_counter() - t_epoch, "time/epoch_train_s": train_s,
-                                    "throughput/epoch_samples_per_s": samples / train_s,
-                                    "throughput/epoch_tokens_per_s": tokens / train_s}, state.step)
+                        epoch_s = time.perf_counter() - t_epoch
+                        train_s = epoch_s - (self.eval_seconds - eval_before)
+                        row = {"throughput/epoch_samples_per_s": samples / train_s,
+                               "throughput/epoch_tokens_per_s": tokens / train_s}
+                        if whole:  # its duration only when this launch ran all of it
+                            row |= {"time/epoch_s": epoch_s, "time/epoch_train_s": train_s}
+                        runlog.log(row, state.step)
                         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                     # one tiny all-reduce: every process stops at the same step, on a signal, a failed write or
                     # the run directory taken over by another launch while this one was stalled

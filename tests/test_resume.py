@@ -128,6 +128,9 @@ def test_signal_mid_epoch_then_resume_is_bitwise_exact(nproc, sig, reference, sy
     assert losses(run_dir) == losses(ref)  # every step logged once, with the same loss
     for epoch, ids in ids_per_epoch(run_dir).items():
         assert sorted(ids) == sorted(ids_per_epoch(ref)[epoch]) and len(ids) == len(set(ids)) == 1440, epoch
+    # epoch 1 ran partly before the stop: its rates are logged (this launch's part) but not a duration
+    epoch_rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "throughput/epoch_samples_per_s" in r]
+    assert [(r["step"], "time/epoch_s" in r) for r in epoch_rows][:2] == [(45, True), (90, False)]
 
 
 def test_ctrl_c_checkpoints_and_stops_and_a_plain_interrupt_is_one_line(synth_imdb, tmp_path, cache_env):
