@@ -25,23 +25,38 @@ LINE = "line.json"  # checkpoints/line.json: the line a rollback started (see se
 
 
 def check_config_against_run(cfg, root: Path) -> None:
-    """distsent-train --check: CheckpointError if the checkpoint a start would resume from (the run's newest, else
-    a checkpoint.resume path) was trained with another config, in the config's part of the run's identity (the
-    model, the seed, ...; the data's part needs the tokenized data). Reads that checkpoint's state.json alone, neither
-    verified nor repaired (the start does both): a check writes nothing and reads no weights."""
+    """distsent-train --check: CheckpointError if the start would refuse the checkpoint it resumes from (the run's
+    newest, or a checkpoint.resume path as resume_path decides) or that checkpoint was trained with another config,
+    in the config's part of the run's identity (the model, the seed, ...; the data's part needs the tokenized data).
+    Reads state.json files alone, neither verified nor repaired (the start does both): a check writes nothing and
+    reads no weights."""
     newest = by_step(root)
-    named = cfg.checkpoint.resume not in ("auto", "never")
-    path = newest[0][1] if newest else Path(cfg.checkpoint.resume).expanduser() if named else None
+    path = newest[0][1] if newest else None
+    if cfg.checkpoint.resume not in ("auto", "never"):
+        named = Path(cfg.checkpoint.resume).expanduser()
+        try:
+            relaunch = path is not None and resumed_from(path) == resume_tag(named, root)
+        except (OSError, ValueError, KeyError, TypeError):  # a damaged newest checkpoint: the start looks further
+            relaunch = False
+        if not relaunch:
+            if not named.is_dir():  # a mistyped checkpoint.resume: the start would stop on it
+                raise CheckpointError(f"checkpoint.resume={cfg.checkpoint.resume}: no such checkpoint folder")
+            if path is not None and not in_run(named, root):
+                raise _foreign(named, root)
+            path = named
     if path is None:
         return
-    if not path.is_dir():  # a mistyped checkpoint.resume: the start would stop on it
-        raise CheckpointError(f"checkpoint.resume={cfg.checkpoint.resume}: no such checkpoint folder")
     try:
         saved = json.loads((path / "state.json").read_text())["identity"]
     except (OSError, ValueError, KeyError, TypeError):  # the start resumes from an older one, or says why not
         return
     current = resume_identity(cfg)
     check_compatible(saved, current, path, only=current)
+
+
+def _foreign(named: Path, root: Path) -> CheckpointError:
+    return CheckpointError(f"checkpoint.resume={named.resolve()} is another run's checkpoint, but {root.parent} holds "
+                           f"checkpoints of its own: start the new run from it in a new output_dir")
 
 
 def resume_path(cfg, root: Path) -> Path | None:
@@ -73,8 +88,7 @@ def resume_path(cfg, root: Path) -> Path | None:
         return latest
     verify(named)
     if not in_run(named, root) and by_step(root):
-        raise CheckpointError(f"checkpoint.resume={named} is another run's checkpoint, but {root.parent} holds "
-                              f"checkpoints of its own: start the new run from it in a new output_dir")
+        raise _foreign(named, root)
     return named
 
 

@@ -803,6 +803,12 @@ def test_check_refuses_a_config_the_runs_checkpoint_would_refuse(synth_imdb, tmp
     branch = [f"output_dir={tmp_path / 'branch'}", f"checkpoint.resume={tmp_path / 'nowhere'}"]
     assert main(["--check", *args, *branch]) == 2
     assert f"checkpoint.resume={tmp_path / 'nowhere'}: no such checkpoint folder" in capsys.readouterr().err
+    # another run's checkpoint into a directory that holds checkpoints of its own, which the start refuses
+    assert main([*args, f"output_dir={tmp_path / 'other'}"]) == 0
+    foreign = [f"output_dir={tmp_path / 'other'}", f"checkpoint.resume={state_file.parent}"]
+    capsys.readouterr()
+    assert main(["--check", *args, *foreign]) == 2
+    assert "is another run's checkpoint, but" in capsys.readouterr().err
 
 
 def test_time_elapsed_goes_on_across_a_resume(synth_imdb, tmp_path, cache_env):
