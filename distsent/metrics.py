@@ -2,10 +2,11 @@
 the running training sums behind each logged row.
 
 Keys, everywhere (metrics.jsonl with a val/ or test/ prefix, W&B, distsent-evaluate's JSON): n, loss, acc, macro_f1,
-ece (top-label expected calibration error over 15 equal-width bins), precision/<class>, recall/<class>, f1/<class>,
-support/<class>, confusion (rows: true class, columns: predicted); for two classes also f1 and roc_auc of the
-positive class, tp, fp, tn, fn, and acc_<head> for each classifier head when there is more than one. Two classes:
-a review is called positive when its logit is above 0 (probability above 0.5); C classes: the most probable class.
+ece (top-label expected calibration error over 15 equal-width bins, as torchmetrics bins it), precision/<class>,
+recall/<class>, f1/<class>, support/<class>, confusion (rows: true class, columns: predicted; W&B gets it as a chart,
+for validation); for two classes also f1 and roc_auc of the positive class (the second class, label 1, whatever its
+name), tp, fp, tn, fn, and acc_<head> for each classifier head when there is more than one. Two classes: a review is
+called positive when its logit is above 0 (probability above 0.5); C classes: the most probable class.
 """
 
 from __future__ import annotations

@@ -75,7 +75,8 @@ class Predictor:
 
     def predict(self, texts: list[str]) -> list[dict]:
         """One result per text: {"label", "probability" (of that label), "probabilities" (every class's)}, and for
-        two classes "p_positive" (of the second class); or {"error"}."""
+        two classes "p_positive": the probability of the second class in label_names (label 1, the class the
+        single logit scores: "positive" for IMDB, whatever its name); or {"error"}."""
         if isinstance(texts, str):  # it would be read as a list of characters
             raise TypeError("predict() takes a list of texts; to classify one, pass [text]")
         texts = list(texts)  # a generator is read twice below; a pandas Series is indexed by its labels, not 0..n-1
@@ -157,7 +158,11 @@ def _run(argv: list[str] | None) -> int:
                         "model's data.text_column)")
     parser.add_argument("texts", nargs="*", help="texts to classify; '-' reads them from stdin, one per line")
     args = parser.parse_args(argv)
-    table = bool(args.file) and Path(args.file).suffix.lower() in FORMATS
+    suffix = Path(args.file).suffix.lower() if args.file and args.file != "-" else ""
+    table = suffix in FORMATS
+    if suffix and not table and suffix != ".txt":  # a .json or .tsv read line by line would classify its markup
+        parser.error(f"--file {args.file}: {suffix} is not read here: a .csv, .jsonl or .parquet file, or plain text "
+                     f"with one text per line (.txt, no extension, or - for stdin)")
     if args.file and args.texts:
         parser.error("give texts or --file, not both")
     if args.file == "-":  # stdin, as the texts' '-'

@@ -104,8 +104,6 @@ class _BarLines:
 def launch_topology(accelerator, layout) -> dict:
     """How the run was launched (processes, machines, batch layout, threads, software, Slurm job), logged with
     the config so that a dashboard shows what produced each curve."""
-    import sys
-
     import torch
 
     topo = {"num_processes": accelerator.num_processes, "num_machines": num_machines(),

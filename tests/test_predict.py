@@ -102,8 +102,10 @@ def test_cli_data_files_read_their_text_column(model_dir, tmp_path):
     assert proc.returncode == 2 and "new.csv: no 'text' column (columns: id, tweet)" in proc.stderr
     assert "--text-column" in proc.stderr
     (tmp_path / "new.txt").write_text("word1\n")
+    (tmp_path / "new.json").write_text('{"text": "word1"}\n')  # not classified line by line, braces and all
     for args, message in ((["--file", str(tmp_path / "new.txt"), "--text-column", "tweet"], "--text-column is for a"),
-                          (["--file", str(tmp_path / "new.txt"), "word1"], "give texts or --file, not both")):
+                          (["--file", str(tmp_path / "new.txt"), "word1"], "give texts or --file, not both"),
+                          (["--file", str(tmp_path / "new.json")], "new.json: .json is not read here: a .csv, .jsonl")):
         proc = subprocess.run([sys.executable, "-m", "distsent.predict", "--model", str(model_dir), *args],
                               capture_output=True, text=True, cwd=REPO, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
