@@ -125,11 +125,12 @@ def num_machines() -> int:
 
 
 def example_predictions(model, split, tokenizer, accelerator, n: int = 16) -> list[tuple[str, int, list[float]]]:
-    """(text as the model reads it, true class, class probabilities) for the first n reviews of a split."""
+    """(text as the model reads it, true class, class probabilities) for n reviews spread evenly over a split (a
+    file sorted by label would otherwise show one class only)."""
     import numpy as np
     import torch
 
-    idx = np.arange(min(n, len(split)))
+    idx = np.unique(np.linspace(0, len(split) - 1, num=min(n, len(split))).round().astype(np.int64))
     ids, lengths = (torch.from_numpy(a).to(accelerator.device) for a in split.batch(idx))
     was_training = model.training
     model.eval()

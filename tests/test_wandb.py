@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, direct_cmd, launch_cmd, read_jsonl, run, tiny_overrides
+from conftest import EMOTIONS, REPO, direct_cmd, launch_cmd, make_emotions, read_jsonl, run, tiny_overrides, write_csv
 from test_resume import start, stop_at
 
 pytestmark = pytest.mark.slow
@@ -71,6 +71,27 @@ def test_two_process_run_writes_one_complete_wandb_run(tmp_path, synth_imdb, cac
     assert (run_dir / "best" / "model.safetensors").is_file()
     models = [r["artifact"] for r in recs if r["type"] == "artifact" and r["artifact"].get("type") == "model"]
     assert len(models) == 1 and "best" in models[0]["aliases"]
+
+
+def test_a_multiclass_run_logs_its_class_names_and_examples_of_every_class(tmp_path, cache_env):
+    """Four classes, the validation file sorted by label: the confusion matrix and the per-class table carry the
+    class names, and the examples table shows reviews of more than one class."""
+    texts, labels = make_emotions(200, 2)
+    val = sorted(zip(texts, labels), key=lambda pair: pair[1])
+    data = write_csv(tmp_path / "data", {"train": make_emotions(800, 0), "validation": tuple(zip(*val)),
+                                         "test": make_emotions(100, 1)})
+    run_dir = tmp_path / "run"
+    proc = run(direct_cmd(wandb_args(run_dir, data, **{"train.epochs": 1, "train.select_metric": "macro_f1"})))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (offline,) = offline_runs(run_dir)
+    tables = {}
+    for f in (offline / "files" / "media" / "table" / "val").glob("*.table.json"):
+        tables.setdefault(f.name.split("_")[0], []).append(json.loads(f.read_text()))
+    per_class, confusion, examples = tables["per"][-1], tables["confusion"][-1], tables["examples"][-1]
+    assert [row[0] for row in per_class["data"]] == EMOTIONS  # class, precision, recall, f1, support
+    assert {row[0] for row in confusion["data"]} == set(EMOTIONS)  # actual, predicted, count
+    assert sum(row[2] for row in confusion["data"]) == 200
+    assert len(examples["data"]) == 16 and {row[1] for row in examples["data"]} == set(EMOTIONS)
 
 
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, synth_imdb, cache_env):
