@@ -30,7 +30,8 @@ def _doc(text: str, default, resume=False, cache: str = ""):
 class DataConfig:
     path: str = _doc("Local data: a folder with train / test files (and optionally validation, valid, val or dev), "
                      "each .csv, .jsonl or .parquet; or an aclImdb folder. Empty: data.train_file etc., else the "
-                     "DISTSENT_DATA_PATH environment variable, else the Hugging Face hub.", "")
+                     "DISTSENT_DATA_PATH environment variable (a local copy of the default hub data set, IMDB), "
+                     "else the Hugging Face hub.", "")
     train_file: str = _doc("Training file (.csv, .jsonl or .parquet), when the files are named one by one.", "")
     validation_file: str = _doc("Validation file; empty: validation is carved from training (data.val_fraction).", "")
     test_file: str = _doc("Test file (needed with data.train_file).", "")

@@ -9,6 +9,7 @@ naming the file and row of any label it cannot place.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import re
 from dataclasses import dataclass, field, replace
@@ -23,6 +24,7 @@ from .readers import (FORMATS, DataError, RawSplit, check_format, checked_split,
 SPLITS = ("train", "validation", "test")
 SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
 BINARY_NAMES = ["negative", "positive"]  # integer labels 0/1 without names: the sentiment convention
+log = logging.getLogger(__name__)
 DATA_PATH_ENV = "DISTSENT_DATA_PATH"
 INTEGER = re.compile(r"-?\d+")  # a class name that is an integer
 
@@ -77,9 +79,27 @@ def located(cfg: DataConfig) -> DataConfig:
         return str(Path(p).expanduser().resolve()) if p else p
 
     hub = absolute(cfg.hub_name) if cfg.hub_name and Path(cfg.hub_name).expanduser().is_dir() else cfg.hub_name
-    return replace(cfg, path=absolute(cfg.path or os.environ.get(DATA_PATH_ENV, "")), hub_name=hub,
+    return replace(cfg, path=absolute(data_path(cfg)), hub_name=hub,
                    train_file=absolute(cfg.train_file), validation_file=absolute(cfg.validation_file),
                    test_file=absolute(cfg.test_file))
+
+
+def data_path(cfg: DataConfig) -> str:
+    """data.path, else $DISTSENT_DATA_PATH where it stands for the default hub data set (IMDB's local copy): a
+    config that names another hub data set (configs/emotion.yaml) is not silently trained on that copy."""
+    env = os.environ.get(DATA_PATH_ENV, "")
+    if cfg.path or not env:
+        return cfg.path
+    if cfg.hub_name != DataConfig.hub_name:
+        if cfg.hub_name not in _ENV_IGNORED:
+            _ENV_IGNORED.add(cfg.hub_name)
+            log.warning("$%s (%s) is ignored: it stands for %s, and this config reads %s; give data.path=DIR to "
+                        "read a local copy of that", DATA_PATH_ENV, env, DataConfig.hub_name, cfg.hub_name)
+        return ""
+    return env
+
+
+_ENV_IGNORED: set[str] = set()  # hub names warned about once per process
 
 
 def _stamp(st: os.stat_result) -> str:
@@ -102,7 +122,7 @@ def find_source(cfg: DataConfig) -> Source:
                 raise DataError(f"data.{split}_file {path}: no such file")
             check_format(path)
         return Source("files", str(files["train"].parent), files)
-    path = cfg.path or os.environ.get(DATA_PATH_ENV, "")
+    path = data_path(cfg)
     if not path:
         return Source("hub", cfg.hub_name)
     root = Path(path).expanduser()
@@ -183,8 +203,9 @@ def _read_hub(cfg: DataConfig, role: str) -> RawSplit:
         raise DataError(f"{where}: {exc} (data.hub_config={cfg.hub_config!r}, "
                         f"data.hub_{role}_split={split!r})") from exc
     except Exception as exc:
+        local = f"data.path (or ${DATA_PATH_ENV})" if cfg.hub_name == DataConfig.hub_name else "data.path"
         raise DataError(f"cannot load {where} from the Hugging Face hub ({exc}); on a machine without internet, "
-                        f"point data.path or ${DATA_PATH_ENV} at a local copy") from exc
+                        f"point {local} at a local copy") from exc
     missing_columns(where, ds.column_names, cfg)
     table = ds.with_format("arrow")[:]
     labels = table.column(cfg.label_column)

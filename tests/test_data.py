@@ -2,6 +2,7 @@
 
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +12,7 @@ from conftest import make_reviews, write_aclimdb, write_parquet
 from distsent.config import DataConfig
 from distsent.data import prepare
 from distsent.readers import DataError
-from distsent.sources import find_source, load_splits
+from distsent.sources import find_source, load_splits, located
 from distsent.tokenizer import train_tokenizer
 from distsent.sampler import Layout, epoch_batches
 
@@ -166,9 +167,16 @@ def test_training_content_digest_follows_the_data_not_its_place(tmp_path, splits
     assert same.content == first.content
 
 
-def test_env_variable_points_at_local_copy(tmp_path, splits, monkeypatch):
+def test_env_variable_points_at_local_copy(tmp_path, splits, monkeypatch, caplog):
+    """$DISTSENT_DATA_PATH is the default data set's (IMDB's) local copy: a config that names another hub data set
+    reads that one (here: fails to reach the hub), with a warning, not IMDB's copy; data.path wins over both."""
     monkeypatch.setenv("DISTSENT_DATA_PATH", str(write_parquet(tmp_path, splits)))
     assert find_source(DataConfig()).files["train"] == tmp_path / "train.parquet"
+    other = DataConfig(hub_name="example/tickets")
+    assert find_source(other).kind == "hub" and located(other).path == ""
+    assert "$DISTSENT_DATA_PATH (" + str(tmp_path) + ") is ignored" in caplog.text
+    own = write_parquet(tmp_path / "own", splits)
+    assert find_source(replace(other, path=str(own))).files["train"] == own / "train.parquet"
 
 
 def test_validation_carved_from_train_seeded_and_disjoint(splits, tmp_path):
