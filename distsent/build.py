@@ -78,12 +78,17 @@ def build_accelerator(cfg: ExperimentConfig, run_dir: Path):
     return acc
 
 
-def build_layout(cfg: ExperimentConfig, acc) -> Layout:
-    """How each global batch splits over processes and micro-batches; Accelerate accumulates accordingly."""
+def layout_for(cfg: ExperimentConfig, world_size: int) -> Layout:
+    """The batch layout over `world_size` processes; ConfigError where the global batch does not split over them."""
     try:
-        layout = Layout.build(cfg.train.global_batch_size, acc.num_processes, cfg.train.micro_batch_size)
+        return Layout.build(cfg.train.global_batch_size, world_size, cfg.train.micro_batch_size)
     except ValueError as exc:
         raise ConfigError(str(exc)) from None
+
+
+def build_layout(cfg: ExperimentConfig, acc) -> Layout:
+    """How each global batch splits over processes and micro-batches; Accelerate accumulates accordingly."""
+    layout = layout_for(cfg, acc.num_processes)
     acc.gradient_accumulation_steps = layout.accum_steps
     warning = layout_warning(layout, cfg.train.micro_batch_size)
     if warning and acc.is_main_process:

@@ -24,12 +24,12 @@ OLD_DIR = re.compile(r"^\.step-(\d{8})\.old$")  # a checkpoint replaced by a new
 LINE = "line.json"  # checkpoints/line.json: the line a rollback started (see settle)
 
 
-def check_config_against_run(cfg, root: Path) -> None:
+def check_config_against_run(cfg, root: Path, label_names: list[str]) -> None:
     """distsent-train --check: CheckpointError if the start would refuse the checkpoint it resumes from (the run's
     newest, or a checkpoint.resume path as resume_path decides) or that checkpoint was trained with another config,
-    in the config's part of the run's identity (the model, the seed, ...; the data's part needs the tokenized data).
-    Reads state.json files alone, neither verified nor repaired (the start does both): a check writes nothing and
-    reads no weights."""
+    in the config's part of the run's identity (the model, the seed, ...) or in the data's classes (`label_names`,
+    as read now; the data's content needs the tokenized data). Reads state.json files alone, neither verified nor
+    repaired (the start does both): a check writes nothing and reads no weights."""
     newest = by_step(root)
     path = newest[0][1] if newest else None
     if cfg.checkpoint.resume not in ("auto", "never"):
@@ -50,7 +50,7 @@ def check_config_against_run(cfg, root: Path) -> None:
         saved = json.loads((path / "state.json").read_text())["identity"]
     except (OSError, ValueError, KeyError, TypeError):  # the start resumes from an older one, or says why not
         return
-    current = resume_identity(cfg)
+    current = {**resume_identity(cfg), "label_names": label_names}
     check_compatible(saved, current, path, only=current)
 
 

@@ -118,10 +118,11 @@ def check(cfg) -> int:
     are. The tracker names; the data, read and checked as training reads it (columns, texts, labels and classes,
     the carve; a hub data set is fetched); for a new run, the pretrained vectors' file; a checkpoint.resume=never
     into a directory that holds a run; the checkpoint a run would resume from (the run's newest, else the one named),
-    against the config's part of the run's identity (the model, the seed, ...). Writes nothing. What depends on the
-    machines (the process count against the global batch, a precision the device lacks) or on the tokenized data
-    (the vocabulary, the data's content) is checked when the run starts."""
-    from .build import check_new_model, check_trackers
+    against the config's part of the run's identity (the model, the seed, ...) and the data's classes; under a
+    launcher (WORLD_SIZE set), the global batch against its process count. Writes nothing. What depends on the
+    machines otherwise (the process count, a precision the device lacks) or on the tokenized data (the vocabulary,
+    the data's content) is checked when the run starts."""
+    from .build import check_new_model, check_trackers, layout_for
     from .checkpoint import by_step
     from .resume import check_config_against_run, resume_path
     from .sources import find_source, load_splits
@@ -129,6 +130,8 @@ def check(cfg) -> int:
     root, resume = Path(cfg.output_dir) / "checkpoints", cfg.checkpoint.resume
     try:
         check_trackers(cfg.log.trackers)
+        if "WORLD_SIZE" in os.environ:  # under accelerate launch / torchrun: the batch must split over its processes
+            layout_for(cfg, int(os.environ["WORLD_SIZE"]))
         if resume == "never" or (resume == "auto" and not by_step(root)):  # new (a resume keeps its model)
             check_new_model(cfg)
             vectors = cfg.model.pretrained_embeddings
@@ -139,7 +142,7 @@ def check(cfg) -> int:
         if resume == "never":
             resume_path(cfg.checkpoint, root)  # refused where the directory holds a run
         else:
-            check_config_against_run(cfg, root)
+            check_config_against_run(cfg, root, names)
     except (ConfigError, DataError, IntegrityError) as exc:  # Integrity: the resume refused
         return fail(f"{type(exc).__name__}: {exc}", 2)
     where = ", ".join(f"{split} {path}" for split, path in source.files.items()) or f"{source.kind} {source.location}"

@@ -775,7 +775,8 @@ def test_a_resume_trains_with_the_configs_learning_rate_betas_and_weight_decay(s
         assert lrs[step] == pytest.approx(0.5 * lr_factor(cfg, step, total)), step
     assert lrs[6] == pytest.approx(0.01 * lr_factor(cfg, 6, 6))
 
-def test_check_refuses_a_config_the_runs_checkpoint_would_refuse(synth_imdb, tmp_path, cache_env, capsys):
+def test_check_refuses_a_config_the_runs_checkpoint_would_refuse(synth_imdb, tmp_path, cache_env, capsys,
+                                                                  monkeypatch):
     """distsent-train --check into a run directory compares the config with the checkpoint the run would resume
     from, as the start will (a job queued with another model for an existing run said "config OK", then failed on
     its nodes); the same config, or a setting a resume may change, passes."""
@@ -792,6 +793,9 @@ def test_check_refuses_a_config_the_runs_checkpoint_would_refuse(synth_imdb, tmp
     err = capsys.readouterr().err
     assert f"{run_dir / 'checkpoints' / 'step-00000002'} was trained with a different setup" in err
     assert "model.hidden_dim: checkpoint 32, config 24" in err and "train.seed: checkpoint 0, config 5" in err, err
+    # the data's classes, as read now (their order here: the labels 0 / 1 named otherwise)
+    assert main(["--check", *args, "data.label_names=[positive,negative]"]) == 2
+    assert "label_names: checkpoint ['negative', 'positive'], config ['positive', 'negative']" in capsys.readouterr().err
     # an earlier version's identity (the train keys at the top, no later keys) is brought up to date, as a resume does
     state_file = run_dir / "checkpoints" / "step-00000002" / "state.json"
     state = json.loads(state_file.read_text())
@@ -809,6 +813,10 @@ def test_check_refuses_a_config_the_runs_checkpoint_would_refuse(synth_imdb, tmp
     capsys.readouterr()
     assert main(["--check", *args, *foreign]) == 2
     assert "is another run's checkpoint, but" in capsys.readouterr().err
+    # under a launcher the process count is known: a global batch it does not divide is found too
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["--check", *args, "train.global_batch_size=31"]) == 2
+    assert "train.global_batch_size=31 cannot be split evenly over 2 processes" in capsys.readouterr().err
 
 
 def test_time_elapsed_goes_on_across_a_resume(synth_imdb, tmp_path, cache_env):
