@@ -31,6 +31,9 @@ from .sources import BINARY_NAMES
 from .tokenizer import encode, load_tokenizer
 
 
+ENCODE_CHUNK = 4096  # texts tokenized together (memory), each chunk cut into batches sorted by length
+
+
 class Predictor:
     """A trained model with its tokenizer and config; batches reviews by length like the trainer does."""
 
@@ -57,15 +60,20 @@ class Predictor:
         word count before truncation; with heads=True, each classifier head's logits instead ([texts, heads] or
         [texts, heads, classes]; model.combine gives the model's). The ids come from the model folder's
         tokenizer.json, as for anyone who loads it with the tokenizers library."""
-        split, words = encode(self.tokenizer, texts, self.cfg.data.max_len, self.cfg.data.truncate, with_counts=True)
         classes = len(self.label_names)
         shape = (len(texts), len(self.model.head_names)) if heads else (len(texts),)
         out = np.zeros(shape if classes == 2 else (*shape, classes), dtype=np.float32)
-        order = np.argsort(split.lengths, kind="stable")
-        for i in range(0, len(order), self.batch_size):
-            idx = order[i: i + self.batch_size]
-            ids, lengths = split.batch(idx)
-            out[idx] = self.model(torch.from_numpy(ids), torch.from_numpy(lengths), heads=heads).float().numpy()
+        words = np.zeros(len(texts), dtype=np.int64)
+        # a chunk of texts at a time: the tokenizers library's encodings take about 30x their text's size
+        for start in range(0, len(texts), ENCODE_CHUNK):
+            split, words[start: start + ENCODE_CHUNK] = encode(self.tokenizer, texts[start: start + ENCODE_CHUNK],
+                                                               self.cfg.data.max_len, self.cfg.data.truncate, True)
+            order = np.argsort(split.lengths, kind="stable")  # batches of similar lengths: little padding
+            for i in range(0, len(order), self.batch_size):
+                idx = order[i: i + self.batch_size]
+                ids, lengths = split.batch(idx)
+                logits = self.model(torch.from_numpy(ids), torch.from_numpy(lengths), heads=heads)
+                out[start + idx] = logits.float().numpy()
         return out, words
 
     def probabilities(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:

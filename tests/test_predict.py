@@ -20,12 +20,19 @@ def predict_cli(model_dir, *args, stdin=None):
     return [json.loads(line) for line in proc.stdout.decode().split("\n") if line]  # not splitlines(): U+2028
 
 
-def test_batched_equals_one_by_one(model_dir):
+def test_batched_equals_one_by_one(model_dir, monkeypatch):
+    """Batches of 3, and texts tokenized 4 at a time (ENCODE_CHUNK, which bounds memory): each text's answer is
+    its own, in input order."""
+    import distsent.predict
+
     p = Predictor.load(model_dir, batch_size=3)
     texts = make_reviews(10, 5)[0]
-    together = p.probabilities(texts)[0]
+    together, words = p.probabilities(texts)
+    monkeypatch.setattr(distsent.predict, "ENCODE_CHUNK", 4)
+    chunked, chunked_words = p.probabilities(texts)
     alone = np.array([p.probabilities([t])[0][0] for t in texts])
-    assert np.allclose(together, alone, atol=1e-6)
+    assert np.allclose(together, alone, atol=1e-6) and np.allclose(chunked, alone, atol=1e-6)
+    assert chunked_words.tolist() == words.tolist() and min(words) > 0
 
 
 def test_awkward_inputs_get_defined_answers(model_dir):
