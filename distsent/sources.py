@@ -119,8 +119,13 @@ def find_source(cfg: DataConfig) -> Source:
         files = {s: Path(p).expanduser() for s, p in named.items() if p}
         for split, path in files.items():
             if not path.is_file():
-                raise DataError(f"data.{split}_file {path}: no such file")
+                raise DataError(f"data.{split}_file {path}: " + ("a folder, not a file (data.path names a folder of "
+                                                                 "train / test files)" if path.is_dir() else
+                                                                 "no such file"))
             check_format(path)
+        if len({p.resolve() for p in files.values()}) < len(files):  # scores on the training data itself
+            log.warning("data.train_file, validation_file and test_file are not all different files (%s): "
+                        "evaluation on a file trained on measures nothing", ", ".join(map(str, files.values())))
         return Source("files", str(files["train"].parent), files)
     path = data_path(cfg)
     if not path:
@@ -239,6 +244,12 @@ def class_names(train: RawSplit, cfg: DataConfig, named: list[str] | None, where
         raise DataError(f"data.label_names {names}: a name appears twice")
     if len(names) < 2:
         raise DataError(f"{where}: one class only ({names[0]!r}); a classifier needs two or more")
+    by_case = {}
+    for name in names:
+        by_case.setdefault(name.casefold(), []).append(name)
+    if clashes := [group for group in by_case.values() if len(group) > 1]:  # "Bug", "bug": likely one class
+        log.warning("%s: classes whose names differ only in case are separate classes: %s (labels are compared "
+                    "exactly; write each class one way if they are one)", where, "; ".join(map(str, clashes)))
     return names
 
 
@@ -339,9 +350,9 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
         missing = np.flatnonzero(counts == 0)
         listed = ", ".join(repr(names[i]) for i in missing)
         if np.bincount(raw["train"].labels, minlength=len(names))[missing].all():  # in the file, not in the part kept
-            cut = (f"data.limit={cfg.limit} (data.split_seed={cfg.split_seed})" if "validation" in raw else
-                   f"data.limit={cfg.limit} and the validation carve (data.val_fraction={cfg.val_fraction}, "
-                   f"data.split_seed={cfg.split_seed})")
+            cuts = [f"data.limit={cfg.limit}"] * bool(cfg.limit) + [
+                f"the validation carve (data.val_fraction={cfg.val_fraction})"] * ("validation" not in raw)
+            cut = f"{' and '.join(cuts)}, with data.split_seed={cfg.split_seed}"
             raise DataError(f"{where['train']}: no training example of class {listed} is left after {cut}; add "
                             f"examples or change those settings")
         fix = "remove it from data.label_names" if cfg.label_names else \

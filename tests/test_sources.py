@@ -78,6 +78,17 @@ def test_files_named_one_by_one_and_numbers_in_csv(tmp_path):
     assert len(splits["train"].labels) + len(splits["val"].labels) == 10 and splits["test"].labels.tolist() == [1, 0]
     with pytest.raises(DataError, match="data.test_file is not set"):
         find_source(DataConfig(train_file=str(train)))
+    with pytest.raises(DataError, match=r"data.train_file .*a: a folder, not a file \(data.path names a folder"):
+        find_source(DataConfig(train_file=str(tmp_path / "a"), test_file=str(test)))
+
+
+def test_warnings_for_a_test_file_trained_on_and_classes_that_differ_in_case(tmp_path, caplog):
+    train = write(tmp_path, "train", "csv", TEXTS, [y.capitalize() if i < 2 else y for i, y in enumerate(LABELS)])
+    _, names = load_splits(DataConfig(train_file=str(train), test_file=str(tmp_path / "." / "train.csv")))
+    assert names == ["Anger", "Joy", "anger", "fear", "joy", "sadness"]
+    assert "classes whose names differ only in case are separate classes: ['Anger', 'anger']; ['Joy', 'joy']" \
+        in caplog.text
+    assert "are not all different files" in caplog.text
 
 
 def test_texts_to_classify_need_no_label_and_keep_their_empty_records(tmp_path):
@@ -523,12 +534,12 @@ def test_a_class_whose_only_examples_go_to_validation_is_refused(tmp_path):
             splits, names = load_splits(DataConfig(path=str(tmp_path), val_fraction=0.3, split_seed=seed))
             outcomes.append(names.index("rare") in splits["train"].labels)
         except DataError as exc:
-            assert "no training example of class 'rare' is left after data.limit=0 and the validation carve " \
-                   f"(data.val_fraction=0.3, data.split_seed={seed})" in str(exc)
+            assert "no training example of class 'rare' is left after the validation carve " \
+                   f"(data.val_fraction=0.3), with data.split_seed={seed}" in str(exc)
             outcomes.append("refused")
     assert "refused" in outcomes and True in outcomes and False not in outcomes, outcomes
     # with a validation file nothing is carved: data.limit alone leaves the class out
     write(tmp_path, "validation", "csv", TEXTS, LABELS)
-    with pytest.raises(DataError, match=r"no training example of class .*'rare' is left after data.limit=5 "
-                                        r"\(data.split_seed=0\); add examples"):
+    with pytest.raises(DataError, match=r"no training example of class .*'rare' is left after data.limit=5, "
+                                        r"with data.split_seed=0; add examples"):
         load_splits(DataConfig(path=str(tmp_path), limit=5))
