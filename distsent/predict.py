@@ -207,7 +207,7 @@ def _run(argv: list[str] | None) -> int:
     texts = [t for _, t, err in items if err is None]
     results = iter(predictor.predict(texts))
     for place, text, err in items:  # place: the line of a file or stdin, as the records of a data file carry theirs
-        record = {**place, "error": err} if err else {**place, "text": text[:80], **next(results)}
+        record = {**place, "error": err} if err else {**place, "text": _shown(text), **next(results)}
         print(json.dumps(record, ensure_ascii=False))
     return 0
 
@@ -223,8 +223,13 @@ def _predict_table(predictor: Predictor, path: Path, text_column: str | None) ->
     texts = split.texts.to_pylist()
     for i, (text, result) in enumerate(zip(texts, predictor.predict(texts))):
         place = {"line": int(split.lines[i])} if split.lines is not None else {"row": i}
-        print(json.dumps({**place, "text": text[:80] if text is not None else None, **result}, ensure_ascii=False))
+        print(json.dumps({**place, "text": _shown(text), **result}, ensure_ascii=False))
     return 0
+
+
+def _shown(text: str | None) -> str | None:
+    """The text as a result line echoes it, to tell the lines apart: its first 80 characters, "..." if cut."""
+    return text if text is None or len(text) <= 80 else text[:80] + "..."
 
 
 if __name__ == "__main__":

@@ -60,8 +60,8 @@ def test_cli_output_into_a_closed_pipe_ends_quietly(model_dir, tmp_path):
 
 
 def test_cli_arguments_file_and_stdin(model_dir, tmp_path, monkeypatch, capsys):
-    by_args = predict_cli(model_dir, "good0 great", "bad1 awful")
-    assert [r["text"] for r in by_args] == ["good0 great", "bad1 awful"]
+    by_args = predict_cli(model_dir, "good0 great", "bad1 awful", "word1 " * 20)
+    assert [r["text"] for r in by_args] == ["good0 great", "bad1 awful", "word1 " * 13 + "wo..."]  # 80 + "..."
     f = tmp_path / "reviews.txt"
     f.write_bytes(b"good0 great\n\xff\xfe broken\n\nbad1 awful\n")
     by_file = predict_cli(model_dir, "--file", str(f))
