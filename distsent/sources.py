@@ -88,7 +88,7 @@ def data_path(cfg: DataConfig) -> str:
     """data.path, else $DISTSENT_DATA_PATH where it stands for the default hub data set (IMDB's local copy): a
     config that names another hub data set (configs/emotion.yaml) is not silently trained on that copy."""
     env = os.environ.get(DATA_PATH_ENV, "")
-    if cfg.path or not env:
+    if cfg.path or not env or cfg.train_file or cfg.validation_file or cfg.test_file:  # files named: no folder
         return cfg.path
     if cfg.hub_name != DataConfig.hub_name:
         if cfg.hub_name not in _ENV_IGNORED:
@@ -113,6 +113,11 @@ def find_source(cfg: DataConfig) -> Source:
     if cfg.train_file or cfg.test_file or cfg.validation_file:
         named = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
         for split in ("train", "test"):
+            if not named[split] and cfg.path:  # a folder, and one of its files replaced by name?
+                given = ", ".join(f"data.{s}_file" for s, p in named.items() if p)
+                raise DataError(f"data.path and {given} are set: they are two ways to name the data (a folder of "
+                                f"train / test files, or each file by name, data.train_file and data.test_file at "
+                                f"least); use one")
             if not named[split]:
                 raise DataError(f"data.{split}_file is not set: naming files one by one needs data.train_file and "
                                 f"data.test_file (data.validation_file is optional)")

@@ -177,6 +177,8 @@ def test_env_variable_points_at_local_copy(tmp_path, splits, monkeypatch, caplog
     assert "$DISTSENT_DATA_PATH (" + str(tmp_path) + ") is ignored" in caplog.text
     own = write_parquet(tmp_path / "own", splits)
     assert find_source(replace(other, path=str(own))).files["train"] == own / "train.parquet"
+    named = DataConfig(train_file=str(own / "train.parquet"), test_file=str(own / "test.parquet"))
+    assert located(named).path == "" and find_source(located(named)).files["train"] == own / "train.parquet"
 
 
 def test_validation_carved_from_train_seeded_and_disjoint(splits, tmp_path):

@@ -78,6 +78,8 @@ def test_files_named_one_by_one_and_numbers_in_csv(tmp_path):
     assert len(splits["train"].labels) + len(splits["val"].labels) == 10 and splits["test"].labels.tolist() == [1, 0]
     with pytest.raises(DataError, match="data.test_file is not set"):
         find_source(DataConfig(train_file=str(train)))
+    with pytest.raises(DataError, match="data.path and data.validation_file are set: they are two ways"):
+        find_source(DataConfig(path=str(tmp_path / "a"), validation_file=str(train)))
     with pytest.raises(DataError, match=r"data.train_file .*a: a folder, not a file \(data.path names a folder"):
         find_source(DataConfig(train_file=str(tmp_path / "a"), test_file=str(test)))
 
