@@ -199,6 +199,9 @@ class RunLog:
         self.trackers_on = False
         self.run_id = run_id
         self.failure: WriteError | None = None  # metrics.jsonl could not be written: the trainer stops at its step
+        # W&B's history has the steps up to the checkpoint resumed from: a row at one of them (a relaunch after the
+        # end testing again, a model evaluated at that step) goes to metrics.jsonl only; W&B would drop it
+        self.history_after = resume_step if resume_step is not None else -1
         if not self.active:
             return
         if resume_step is not None:
@@ -224,9 +227,8 @@ class RunLog:
         each time (RunLock.check), not only at the heartbeat: a process just back from a stall has not had one."""
         return self.main and not (self.lock and self.lock.check())
 
-    def log(self, metrics: dict, step: int, history: bool = True) -> None:
-        """A row of metrics.jsonl, and of the trackers' history unless `history` is False (a step W&B has passed:
-        it would drop the row with a warning)."""
+    def log(self, metrics: dict, step: int) -> None:
+        """A row of metrics.jsonl, and of the trackers' history if `step` is past the one resumed from."""
         if not self.active:
             return
         if self.failure is None:
@@ -238,7 +240,7 @@ class RunLog:
                 self.failure = exc
                 with contextlib.suppress(OSError):  # no partial line left behind
                     os.truncate(self.path, size)
-        if self.trackers_on and history:
+        if self.trackers_on and step > self.history_after:
             try:  # numbers only: the confusion matrix goes to W&B as a plot (log_wandb)
                 self.accelerator.log({k: v for k, v in metrics.items() if not isinstance(v, list)}, step=step)
             except Exception as exc:
@@ -257,7 +259,7 @@ class RunLog:
     def log_wandb(self, build, step: int) -> None:
         """W&B-only media (tables, plots): `build(wandb)` returns the values, built only when W&B is on."""
         run = self._wandb_run() if self.active else None
-        if run is None:
+        if run is None or step <= self.history_after:
             return
         try:
             import wandb

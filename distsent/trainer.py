@@ -318,7 +318,7 @@ class Trainer:
         ckpt.load_weights(best, self.eval_model)
         metrics = self.evaluate(self.data.test)
         state = self.state
-        runlog.log({f"test/{k}": v for k, v in metrics.items()}, state.step, history=not self.ended_before)
+        runlog.log({f"test/{k}": v for k, v in metrics.items()}, state.step)
         runlog.summary({f"test/{k}": v for k, v in metrics.items()})
         runlog.log_model(best, f"model-{state.run_id}", {
             "step": state.best_step, f"val_{self.cfg.train.select_metric}": state.best_val_acc,
@@ -359,15 +359,14 @@ class Trainer:
                 self._validate(runlog)
             state.epoch, state.batch_in_epoch = state.epoch + 1, 0
         # a resumed run logs its start-up rows at its first new step: the checkpoint's step is already in W&B; a
-        # relaunch after the end has none: its rows go to metrics.jsonl and W&B's summary, not W&B's history
+        # relaunch after the end has none: its rows go to metrics.jsonl (and W&B's summary), not W&B's history
         self.ended_before = self.resume_from is not None and self._done()
         row = {"data/prepare_s": self.prepare_s, "data/cache_hit": int(self.data.cache_hit)}
         for event in state.world_size_changes:
             if event["step"] == state.step:
                 row.update({"event/world_size_old": event["old_world_size"],
                             "event/world_size_new": event["new_world_size"]})
-        runlog.log(row, state.step + (1 if self.resume_from and not self.ended_before else 0),
-                   history=not self.ended_before)
+        runlog.log(row, state.step + (1 if self.resume_from and not self.ended_before else 0))
         # the resolved config.yaml only now: a refused resume leaves the directory's config as it was
         self._write_records(runlog, config=True, state="running", step=state.step, pid=os.getpid())
         return runlog

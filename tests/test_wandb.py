@@ -124,6 +124,23 @@ def test_resumed_run_continues_the_same_wandb_run(tmp_path, synth_imdb, cache_en
     assert steps == sorted(steps) and steps[-1] == 135
 
 
+def test_a_relaunch_that_evaluates_at_the_step_it_resumed_from_keeps_that_row_out_of_wandb_history(
+        tmp_path, synth_imdb, cache_env):
+    """Stopped before its first evaluation, relaunched with train.max_steps below that step: the run is over, its
+    model is evaluated at the checkpoint's step, which W&B's history has passed. The rows go to metrics.jsonl and the
+    test results to W&B's summary; W&B's history gets nothing (W&B would drop it with a warning)."""
+    run_dir = tmp_path / "run"
+    args = wandb_args(run_dir, synth_imdb, **{"model.hidden_dim": 64, "data.max_len": 96})
+    stop_at(run_dir, 12, start(1, args, launcher=False), group=True)  # the first evaluation: step 45
+    stopped = json.loads((run_dir / "status.json").read_text())["step"]
+    proc = run(direct_cmd([*args, "train.max_steps=10"]))
+    assert proc.returncode == 0 and "Tried to log to step" not in proc.stderr, proc.stderr[-3000:]
+    rows = read_jsonl(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in rows if "val/acc" in r or "test/acc" in r] == [stopped, stopped]
+    relaunch = offline_runs(run_dir)[-1]
+    assert not history(records(relaunch)) and "test/acc" in summary(relaunch)["summary"]
+
+
 @pytest.mark.parametrize("how", ["disabled", "unwritable"])
 def test_wandb_off_or_broken_never_stops_training(how, tmp_path, synth_imdb, cache_env):
     run_dir = tmp_path / "run"
