@@ -174,6 +174,17 @@ def by_step(root: Path) -> list[tuple[int, Path]]:
 def verify(path: Path) -> dict:
     """The checkpoint's state.json, after checking every file against the manifest; CheckpointError if not."""
     path = Path(path)
+    check_kind(path)
+    try:
+        files.verify(path, required=("model.safetensors", "optimizer.pt", "state.json"))
+    except IntegrityError as exc:
+        raise CheckpointError(str(exc)) from None
+    return json.loads((path / "state.json").read_text())
+
+
+def check_kind(path: Path) -> None:
+    """CheckpointError unless `path` is a folder laid out as a checkpoint (not a run directory, a folder of
+    checkpoints or a model folder); its files are not read."""
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder")
     if (path / "checkpoints").is_dir():
@@ -185,11 +196,6 @@ def verify(path: Path) -> dict:
     if (path / "tokenizer.json").is_file() and not (path / "optimizer.pt").is_file():
         raise CheckpointError(f"{path} is a model folder (such as <run>/best), which has no optimizer state to "
                               f"resume from: name a folder under <run>/checkpoints/")
-    try:
-        files.verify(path, required=("model.safetensors", "optimizer.pt", "state.json"))
-    except IntegrityError as exc:
-        raise CheckpointError(str(exc)) from None
-    return json.loads((path / "state.json").read_text())
 
 
 def find_latest(root: Path) -> Path | None:

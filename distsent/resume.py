@@ -13,7 +13,7 @@ from itertools import count
 from pathlib import Path
 
 from . import files
-from .checkpoint import CheckpointError, by_step, check_compatible, find_latest, verify
+from .checkpoint import CheckpointError, by_step, check_compatible, check_kind, find_latest, verify
 from .config import resume_identity
 from .files import WriteError
 from .together import fail_together, from_main
@@ -25,33 +25,15 @@ LINE = "line.json"  # checkpoints/line.json: the line a rollback started (see se
 
 
 def check_config_against_run(cfg, root: Path, label_names: list[str]) -> None:
-    """distsent-train --check: CheckpointError if the start would refuse the checkpoint it resumes from (the run's
-    newest, or a checkpoint.resume path as resume_path decides) or that checkpoint was trained with another config,
-    in the config's part of the run's identity (the model, the seed, ...) or in the data's classes (`label_names`,
-    as read now; the data's content needs the tokenized data). Reads state.json files alone, neither verified nor
-    repaired (the start does both): a check writes nothing and reads no weights."""
-    newest = by_step(root)
-    path = newest[0][1] if newest else None
-    if cfg.checkpoint.resume not in ("auto", "never"):
-        named = Path(cfg.checkpoint.resume).expanduser()
-        try:
-            relaunch = path is not None and resumed_from(path) == resume_tag(named, root)
-        except (OSError, ValueError, KeyError, TypeError):  # a damaged newest checkpoint: the start looks further
-            relaunch = False
-        if not relaunch:
-            if not named.is_dir():  # a mistyped checkpoint.resume: the start would stop on it
-                raise CheckpointError(f"checkpoint.resume={cfg.checkpoint.resume}: no such checkpoint folder")
-            if path is not None and not in_run(named, root):
-                raise _foreign(named, root)
-            path = named
+    """distsent-train --check: CheckpointError if the start would refuse the checkpoint it resumes from (chosen as
+    resume_path chooses it, but without reading any checkpoint's weights) or that checkpoint was trained with another
+    config, in the config's part of the run's identity (the model, the seed, ...) or in the data's classes
+    (`label_names`, as read now; the data's content needs the tokenized data). Writes nothing."""
+    path = resume_path(cfg.checkpoint, root, verify_files=False)
     if path is None:
         return
-    try:
-        saved = json.loads((path / "state.json").read_text())["identity"]
-    except (OSError, ValueError, KeyError, TypeError):  # the start resumes from an older one, or says why not
-        return
     current = {**resume_identity(cfg), "label_names": label_names}
-    check_compatible(saved, current, path, only=current)
+    check_compatible(json.loads((path / "state.json").read_text())["identity"], current, path, only=current)
 
 
 def _foreign(named: Path, root: Path) -> CheckpointError:
@@ -59,9 +41,10 @@ def _foreign(named: Path, root: Path) -> CheckpointError:
                            f"checkpoints of its own: start the new run from it in a new output_dir")
 
 
-def resume_path(cfg, root: Path) -> Path | None:
+def resume_path(cfg, root: Path, verify_files: bool = True) -> Path | None:
     """The checkpoint to restore (None: a fresh start), decided on checkpoint.resume; CheckpointError where the
-    start must be refused.
+    start must be refused. verify_files=False (--check): a checkpoint "verifies" if its state.json reads, its
+    files are not checked.
     'auto': the latest checkpoint under `root` that verifies; none there: a fresh start; some, none valid: refused.
     'never': a fresh start, refused where the run directory holds an earlier run.
     A path: the run's latest instead if that descends from this same path already (a relaunch of the command);
@@ -74,22 +57,41 @@ def resume_path(cfg, root: Path) -> Path | None:
                                   f"a fresh start there would mix the two runs' checkpoints, metrics and best model. "
                                   f"Use a new output_dir, or remove that run first")
         return None
-    latest = find_latest(root)
+    latest = find_latest(root) if verify_files else _newest_readable(root)
     if cfg.resume == "auto":
         if latest is None and by_step(root):
             raise CheckpointError(f"{root}: no checkpoint there verifies (each one's problem is logged above); a "
                                   f"fresh start would mix a new run into that one's records. Repair or remove them, "
                                   f"or use a new output_dir")
         return latest
-    named = Path(cfg.resume).resolve()
+    named = Path(cfg.resume).expanduser().resolve()
     if latest is not None and resumed_from(latest) == resume_tag(named, root):
         # carried out by an earlier launch of this command (a requeued job): continue, not start over from it
-        log.info("checkpoint.resume=%s was resumed from already: continuing from this run's latest, %s", named, latest)
+        if verify_files:
+            log.info("checkpoint.resume=%s was resumed from already: continuing from this run's latest, %s", named,
+                     latest)
         return latest
-    verify(named)
+    if verify_files:
+        verify(named)
+    else:
+        check_kind(named)
+        if not _state_reads(named):
+            raise CheckpointError(f"{named}: its state.json cannot be read")
     if not in_run(named, root) and by_step(root):
         raise _foreign(named, root)
     return named
+
+
+def _newest_readable(root: Path) -> Path | None:
+    """The newest checkpoint under `root` whose state.json reads: for a check that reads no weights."""
+    return next((path for _, path in by_step(root) if _state_reads(path)), None)
+
+
+def _state_reads(path: Path) -> bool:
+    try:
+        return "identity" in json.loads((path / "state.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def resumed_from(path: Path) -> str:
@@ -99,14 +101,14 @@ def resumed_from(path: Path) -> str:
 
 def in_run(path: Path, root: Path) -> bool:
     """Whether checkpoint `path` is one of the run's own (under its checkpoints folder `root`)."""
-    return path.resolve().parent == root.resolve()
+    return path.expanduser().resolve().parent == root.resolve()
 
 
 def resume_tag(path: Path, root: Path) -> str:
     """How a run records the checkpoint.resume it carried out (TrainState.resumed_from): one of its own checkpoints
     by name, so that a relaunch is recognised after the run directory moved or is mounted elsewhere; another
     run's by its absolute path."""
-    return path.name if in_run(path, root) else str(path.resolve())
+    return path.name if in_run(path, root) else str(path.expanduser().resolve())
 
 
 def set_aside_newer(root: Path, step: int, delete: bool) -> list[str]:

@@ -130,8 +130,9 @@ def check(cfg) -> int:
     root, resume = Path(cfg.output_dir) / "checkpoints", cfg.checkpoint.resume
     try:
         check_trackers(cfg.log.trackers)
-        if "WORLD_SIZE" in os.environ:  # under accelerate launch / torchrun: the batch must split over its processes
-            layout_for(cfg, int(os.environ["WORLD_SIZE"]))
+        world = os.environ.get("WORLD_SIZE", "")
+        if world.isdigit() and int(world) > 0:  # under accelerate launch / torchrun: the batch must split over them
+            layout_for(cfg, int(world))
         if resume == "never" or (resume == "auto" and not by_step(root)):  # new (a resume keeps its model)
             check_new_model(cfg)
             vectors = cfg.model.pretrained_embeddings

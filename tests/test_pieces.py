@@ -795,7 +795,8 @@ def test_check_refuses_a_config_the_runs_checkpoint_would_refuse(synth_imdb, tmp
     assert "model.hidden_dim: checkpoint 32, config 24" in err and "train.seed: checkpoint 0, config 5" in err, err
     # the data's classes, as read now (their order here: the labels 0 / 1 named otherwise)
     assert main(["--check", *args, "data.label_names=[positive,negative]"]) == 2
-    assert "label_names: checkpoint ['negative', 'positive'], config ['positive', 'negative']" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "label_names: checkpoint ['negative', 'positive'], config ['positive', 'negative']" in err
     # an earlier version's identity (the train keys at the top, no later keys) is brought up to date, as a resume does
     state_file = run_dir / "checkpoints" / "step-00000002" / "state.json"
     state = json.loads(state_file.read_text())
@@ -806,13 +807,21 @@ def test_check_refuses_a_config_the_runs_checkpoint_would_refuse(synth_imdb, tmp
     # a branch from a mistyped checkpoint into a new directory
     branch = [f"output_dir={tmp_path / 'branch'}", f"checkpoint.resume={tmp_path / 'nowhere'}"]
     assert main(["--check", *args, *branch]) == 2
-    assert f"checkpoint.resume={tmp_path / 'nowhere'}: no such checkpoint folder" in capsys.readouterr().err
+    assert f"{tmp_path / 'nowhere'}: no such checkpoint folder" in capsys.readouterr().err
     # another run's checkpoint into a directory that holds checkpoints of its own, which the start refuses
     assert main([*args, f"output_dir={tmp_path / 'other'}"]) == 0
     foreign = [f"output_dir={tmp_path / 'other'}", f"checkpoint.resume={state_file.parent}"]
     capsys.readouterr()
     assert main(["--check", *args, *foreign]) == 2
     assert "is another run's checkpoint, but" in capsys.readouterr().err
+    # a branch (named with ~, as the start expands it too) relaunched: it continues from its own newest checkpoint
+    # whose state.json reads, as the start continues from the newest that verifies
+    monkeypatch.setenv("HOME", str(tmp_path))
+    branch = [f"output_dir={tmp_path / 'branch'}", "checkpoint.resume=~/other/checkpoints/step-00000002"]
+    assert main([*args, *branch, "train.max_steps=6"]) == 0
+    (tmp_path / "branch" / "checkpoints" / "step-00000006" / "state.json").unlink()
+    capsys.readouterr()
+    assert main(["--check", *args, *branch, "train.max_steps=6"]) == 0, capsys.readouterr().err
     # under a launcher the process count is known: a global batch it does not divide is found too
     monkeypatch.setenv("WORLD_SIZE", "2")
     assert main(["--check", *args, "train.global_batch_size=31"]) == 2
