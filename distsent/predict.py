@@ -31,6 +31,9 @@ from .sources import BINARY_NAMES
 from .tokenizer import encode, load_tokenizer
 
 
+# --file types that are neither a data file (FORMATS) nor plain text with one text per line
+NOT_TEXT = {".json", ".ndjson", ".tsv", ".xml", ".html", ".htm", ".xlsx", ".xls", ".gz", ".bz2", ".xz", ".zst",
+            ".zip", ".tar", ".arrow", ".feather", ".pkl", ".pickle", ".avro", ".orc", ".npy", ".npz"}
 ENCODE_CHUNK = 4096  # texts tokenized together (memory), each chunk cut into batches sorted by length
 
 
@@ -113,7 +116,8 @@ class Predictor:
                 if n == 0:
                     results[i]["warning"] = "no words in the text: the prediction carries no information"
                 elif n > self.cfg.data.max_len:
-                    results[i]["truncated"] = f"{n} words, the model read the {self.cfg.data.truncate} {self.cfg.data.max_len}"
+                    data = self.cfg.data
+                    results[i]["truncated"] = f"{n} words, the model read the {data.truncate} {data.max_len}"
         return results
 
 
@@ -161,16 +165,16 @@ def _run(argv: list[str] | None) -> int:
     parser.add_argument("--model", required=True, help="model folder, e.g. runs/imdb_lstm/best")
     parser.add_argument("--file", help="a file with one text per line (- for stdin), or a .csv, .jsonl or .parquet "
                         "file, read as training reads it (texts may hold commas and newlines), whose text column is "
-                        "classified")
+                        "classified; other structured types (.json, .tsv, .xlsx, .gz, ...) are refused")
     parser.add_argument("--text-column", help="the text column of a .csv/.jsonl/.parquet --file (default: the "
                         "model's data.text_column)")
     parser.add_argument("texts", nargs="*", help="texts to classify; '-' reads them from stdin, one per line")
     args = parser.parse_args(argv)
     suffix = Path(args.file).suffix.lower() if args.file and args.file != "-" else ""
     table = suffix in FORMATS
-    if suffix and not table and suffix != ".txt":  # a .json or .tsv read line by line would classify its markup
+    if suffix in NOT_TEXT:  # read line by line, its markup or bytes would be classified
         parser.error(f"--file {args.file}: {suffix} is not read here: a .csv, .jsonl or .parquet file, or plain text "
-                     f"with one text per line (.txt, no extension, or - for stdin)")
+                     f"with one text per line")
     if args.file and args.texts:
         parser.error("give texts or --file, not both")
     if args.file == "-":  # stdin, as the texts' '-'

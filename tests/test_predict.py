@@ -116,6 +116,8 @@ def test_cli_data_files_read_their_text_column(model_dir, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "distsent.predict", "--model", str(model_dir), *args],
                               capture_output=True, text=True, cwd=REPO, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    (tmp_path / "new.2024-05").write_text("word1\n")  # any other name is plain text, one text per line
+    assert [r["text"] for r in predict_cli(model_dir, "--file", str(tmp_path / "new.2024-05"))] == ["word1"]
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):
