@@ -90,7 +90,7 @@ def data_path(cfg: DataConfig) -> str:
     env = os.environ.get(DATA_PATH_ENV, "")
     if cfg.path or not env or cfg.train_file or cfg.validation_file or cfg.test_file:  # files named: no folder
         return cfg.path
-    if cfg.hub_name != DataConfig.hub_name:
+    if cfg.hub_name not in (DataConfig.hub_name, "imdb"):  # "imdb": the hub's older name for it
         if cfg.hub_name not in _ENV_IGNORED:
             _ENV_IGNORED.add(cfg.hub_name)
             log.warning("$%s (%s) is ignored: it stands for %s, and this config reads %s; give data.path=DIR to "
@@ -128,9 +128,6 @@ def find_source(cfg: DataConfig) -> Source:
                                                                  "train / test files)" if path.is_dir() else
                                                                  "no such file"))
             check_format(path)
-        if len({p.resolve() for p in files.values()}) < len(files):  # scores on the training data itself
-            log.warning("data.train_file, validation_file and test_file are not all different files (%s): "
-                        "evaluation on a file trained on measures nothing", ", ".join(map(str, files.values())))
         return Source("files", str(files["train"].parent), files)
     path = data_path(cfg)
     if not path:
@@ -344,6 +341,8 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
             name = getattr(cfg, f"hub_{split}_split")
             if name:
                 raw[split], where[split] = _read_hub(cfg, split), _hub_where(cfg, name)
+    if src.kind == "files":
+        _warn_reused(src.files)
     names = class_names(raw["train"], cfg, read_class_labels(raw, where), where["train"])
     # one lookup for every file: integer labels in train.csv and the same written as strings in test.jsonl
     lookup = label_lookup(names, integers_are_positions(names, bool(cfg.label_names), class_label=False))
@@ -365,6 +364,18 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
         raise DataError(f"{where['train']}: no training example of class {listed} (classes {names}); {fix}, or add "
                         f"examples")
     return splits, names
+
+
+def _warn_reused(files: dict[str, Path]) -> None:
+    """Files named one by one where one file plays two parts: the scores it gives would measure nothing."""
+    same = {s: p.resolve() for s, p in files.items()}
+    for held_out in ("validation", "test"):
+        if same.get(held_out) == same["train"]:
+            log.warning("data.%s_file is the training file (%s): its scores are on data the model trained on",
+                        held_out, files[held_out])
+    if "validation" in same and same["validation"] == same["test"]:
+        log.warning("data.validation_file is the test file (%s): the model is chosen on the data it is tested on",
+                    files["test"])
 
 
 def subset(split: RawSplit, idx: np.ndarray) -> RawSplit:

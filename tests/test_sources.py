@@ -90,7 +90,10 @@ def test_warnings_for_a_test_file_trained_on_and_classes_that_differ_in_case(tmp
     assert names == ["Anger", "Joy", "anger", "fear", "joy", "sadness"]
     assert "classes whose names differ only in case are separate classes: ['Anger', 'anger']; ['Joy', 'joy']" \
         in caplog.text
-    assert "are not all different files" in caplog.text
+    assert f"data.test_file is the training file ({tmp_path / '.' / 'train.csv'})" in caplog.text
+    caplog.clear()
+    load_splits(DataConfig(train_file=str(train), validation_file=str(train), test_file=str(train)))
+    assert "data.validation_file is the training file" in caplog.text and "is the test file" in caplog.text
 
 
 def test_texts_to_classify_need_no_label_and_keep_their_empty_records(tmp_path):
