@@ -191,7 +191,7 @@ class RunLog:
     """Writes metrics to <run>/metrics.jsonl and forwards them to the Accelerate trackers; main process only."""
 
     def __init__(self, cfg, run_dir: Path, accelerator, run_id: str, resume_step: int | None, config: dict,
-                 lock=None):
+                 lock=None, history_after: int = -1):
         self.accelerator = accelerator
         self.main = accelerator.is_main_process
         self.lock = lock  # the run directory's (runlock.RunLock)
@@ -199,12 +199,13 @@ class RunLog:
         self.trackers_on = False
         self.run_id = run_id
         self.failure: WriteError | None = None  # metrics.jsonl could not be written: the trainer stops at its step
-        # W&B's history has the steps up to the checkpoint resumed from: a row at one of them (a relaunch after the
-        # end testing again, a model evaluated at that step) goes to metrics.jsonl only; W&B would drop it
-        self.history_after = resume_step if resume_step is not None else -1
+        # a W&B run that goes on has the steps up to the checkpoint resumed from (history_after): a row at one of
+        # them (a relaunch after the end testing again, a model evaluated at that step) goes to metrics.jsonl only;
+        # W&B would drop it
+        self.history_after = history_after
         if not self.active:
             return
-        if resume_step is not None:
+        if resume_step is not None:  # -1, a fresh start: no rows of an attempt that died before its first checkpoint
             try:
                 drop_rows_after(self.path, resume_step)
             except WriteError as exc:

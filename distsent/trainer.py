@@ -91,7 +91,7 @@ class Trainer:
     def fit(self) -> dict:
         cfg, acc, state = self.cfg, self.accelerator, self.state
         runlog = self._start()
-        bar = progress_bar(self.total_steps, state.step, acc.is_main_process)
+        bar = progress_bar(self.total_steps, state.step, acc.is_main_process and not self.ended_before)
         self.model.train()
         if self.ended_before and acc.is_main_process:  # a relaunch after the end (a requeue, say)
             log.info("the run had finished at step %d: testing the best model again", state.step)
@@ -348,10 +348,11 @@ class Trainer:
         if warning and acc.is_main_process:
             log.warning(warning)
         self.debug.resume(state.step)
+        continues = bool(state.run_id)  # its W&B run (a fresh start, a branch or a rollback begin a new one)
         state.run_id = state.run_id or new_run_id(acc)
-        # a fresh start drops any rows of an earlier attempt that stopped before its first checkpoint
         runlog = RunLog(cfg, self.run_dir, acc, state.run_id, state.step if self.resume_from else -1,
-                        {**cfg.to_dict(), "launch": launch_topology(acc, self.layout)}, self.lock)
+                        {**cfg.to_dict(), "launch": launch_topology(acc, self.layout)}, self.lock,
+                        history_after=state.step if continues else -1)
         if state.batch_in_epoch >= self.steps_per_epoch:
             # saved by an earlier version at an epoch's last step, before that epoch's evaluation (unless a periodic
             # one fell on the step): evaluate now, so that the epoch's model is a candidate for best/
