@@ -28,7 +28,7 @@ from .model import build_model
 from .files import EXIT_WRITE, IntegrityError
 from .readers import FORMATS, SURROGATE, DataError, read_file
 from .sources import BINARY_NAMES
-from .tokenizer import encode, load_tokenizer
+from .tokenizer import UNK, encode, load_tokenizer
 
 
 # --file types that are neither a data file (FORMATS) nor plain text with one text per line
@@ -57,32 +57,40 @@ class Predictor:
         load_weights(folder, model)
         return cls(model, tokenizer, cfg, names, batch_size or cfg.train.eval_batch_size)
 
-    @torch.no_grad()
     def logits(self, texts: list[str], heads: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The model's logits ([texts] for two classes, [texts, classes] for more) in input order, and each text's
         word count before truncation; with heads=True, each classifier head's logits instead ([texts, heads] or
         [texts, heads, classes]; model.combine gives the model's). The ids come from the model folder's
         tokenizer.json, as for anyone who loads it with the tokenizers library."""
+        return self._read(texts, heads)[:2]
+
+    def probabilities(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Class probabilities [texts, classes] in input order, and each text's word count before truncation."""
+        logits, words = self.logits(texts)
+        return self.model.probabilities(torch.from_numpy(logits)).numpy(), words
+
+    @torch.no_grad()
+    def _read(self, texts, heads: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """logits(), and how many of the words each text is read by are in the vocabulary (not <unk>)."""
         classes = len(self.label_names)
         shape = (len(texts), len(self.model.head_names)) if heads else (len(texts),)
         out = np.zeros(shape if classes == 2 else (*shape, classes), dtype=np.float32)
-        words = np.zeros(len(texts), dtype=np.int64)
+        words, known = np.zeros(len(texts), dtype=np.int64), np.zeros(len(texts), dtype=np.int64)
+        unk = self.tokenizer.token_to_id(UNK)
         # a chunk of texts at a time: the tokenizers library's encodings take about 30x their text's size
         for start in range(0, len(texts), ENCODE_CHUNK):
             split, words[start: start + ENCODE_CHUNK] = encode(self.tokenizer, texts[start: start + ENCODE_CHUNK],
                                                                self.cfg.data.max_len, self.cfg.data.truncate, True)
+            text_of_token = np.repeat(np.arange(len(split.lengths)), split.lengths)
+            known[start: start + len(split.lengths)] = np.bincount(text_of_token, split.tokens != unk,
+                                                                   len(split.lengths))
             order = np.argsort(split.lengths, kind="stable")  # batches of similar lengths: little padding
             for i in range(0, len(order), self.batch_size):
                 idx = order[i: i + self.batch_size]
                 ids, lengths = split.batch(idx)
                 logits = self.model(torch.from_numpy(ids), torch.from_numpy(lengths), heads=heads)
                 out[start + idx] = logits.float().numpy()
-        return out, words
-
-    def probabilities(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Class probabilities [texts, classes] in input order, and each text's word count before truncation."""
-        logits, words = self.logits(texts)
-        return self.model.probabilities(torch.from_numpy(logits)).numpy(), words
+        return out, words, known
 
     def predict(self, texts: list[str]) -> list[dict]:
         """One result per text: {"label", "probability" (of that label), "probabilities" (every class's)}, and for
@@ -105,8 +113,9 @@ class Predictor:
             else:
                 valid.append(i)
         if valid:
-            probs, n_words = self.probabilities([texts[i] for i in valid])
-            for i, p, n in zip(valid, probs, n_words):
+            logits, n_words, n_known = self._read([texts[i] for i in valid])
+            probs = self.model.probabilities(torch.from_numpy(logits)).numpy()
+            for i, p, n, k in zip(valid, probs, n_words, n_known):
                 # two classes: the second when its probability is above 0.5 (logit > 0), as in evaluation
                 best = int(p[1] > 0.5) if len(p) == 2 else int(p.argmax())
                 results[i] = {"label": self.label_names[best], "probability": round(float(p[best]), 6),
@@ -115,6 +124,9 @@ class Predictor:
                     results[i]["p_positive"] = round(float(p[1]), 6)
                 if n == 0:
                     results[i]["warning"] = "no words in the text: the prediction carries no information"
+                elif k == 0:  # in another language, say: every word read as <unk>, only the length is left
+                    results[i]["warning"] = "none of the words the model read is in its vocabulary: the prediction " \
+                                            "carries no information"
                 elif n > self.cfg.data.max_len:
                     data = self.cfg.data
                     results[i]["truncated"] = f"{n} words, the model read the {data.truncate} {data.max_len}"

@@ -38,7 +38,7 @@ def test_batched_equals_one_by_one(model_dir, monkeypatch):
 def test_awkward_inputs_get_defined_answers(model_dir):
     p = Predictor.load(model_dir)
     long = "good0 " * 5000
-    out = p.predict(["good0 word1", "", "   ", long, "?!...", 7, None])
+    out = p.predict(["good0 word1", "", "   ", long, "?!...", 7, None, "zzzz qqqq"])
     first = out[0]
     assert first["label"] == ("positive" if first["p_positive"] > 0.5 else "negative")
     assert first["probability"] == pytest.approx(max(first["p_positive"], 1 - first["p_positive"]), abs=2e-6)
@@ -46,6 +46,8 @@ def test_awkward_inputs_get_defined_answers(model_dir):
     assert "truncated" in out[3] and "5000 words" in out[3]["truncated"]
     assert "warning" in out[4]
     assert "expected a string, got int" in out[5]["error"] and out[6]["error"] == "no text (null)"
+    assert out[7]["warning"].startswith("none of the words the model read is in its vocabulary")
+    assert "warning" not in out[0] and "warning" not in out[3]
     with pytest.raises(TypeError, match=r"takes a list of texts; to classify one, pass \[text\]"):
         p.predict("good0 word1")  # not 11 one-character texts
 
