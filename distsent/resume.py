@@ -83,14 +83,20 @@ def resume_path(cfg, root: Path, verify_files: bool = True) -> Path | None:
 
 
 def _newest_readable(root: Path) -> Path | None:
-    """The newest checkpoint under `root` whose state.json reads: for a check that reads no weights."""
-    return next((path for _, path in by_step(root) if _state_reads(path)), None)
+    """The newest checkpoint under `root` whose state.json reads (for a check that reads no weights); the others
+    are named, as find_latest names those that do not verify."""
+    for _, path in by_step(root):
+        if _state_reads(path):
+            return path
+        log.warning("skipping checkpoint: %s: its state.json cannot be read", path)
+    return None
 
 
 def _state_reads(path: Path) -> bool:
     try:
-        return "identity" in json.loads((path / "state.json").read_text())
-    except (OSError, ValueError, TypeError):
+        state = json.loads((path / "state.json").read_text())
+        return isinstance(state["identity"], dict) and isinstance(state["train_state"], dict)
+    except (OSError, ValueError, KeyError, TypeError):
         return False
 
 
@@ -136,14 +142,15 @@ def _free_name(path: Path, suffix: str) -> Path:
     return next(c for c in candidates if not c.exists())
 
 
-def settle(acc, state, resume: str, resume_from: Path, run_dir: Path) -> None:
+def settle(acc, state, resume: str, resume_from: Path, run_dir: Path) -> bool:
     """Collective, after `resume_from` was restored into `state`: make it this run's. checkpoint.resume naming a
     path, carried out now, starts a new line from one of this run's older checkpoints (a rollback: the newer ones
     are deleted) or from another run's (a branch: a best model of its own); either is a new W&B run (W&B would drop
     a rollback's rows below the steps the old line logged). Checkpoints newer than the one resumed are otherwise
     ones `auto` skipped as broken: set aside. And best/ must hold the restored state's best model (a rollback, or a
     kill between writing best/ and the checkpoint, can leave a later one there); otherwise no model is best yet
-    and the next evaluation writes it."""
+    and the next evaluation writes it. Returns whether this launch begins a new W&B run (a branch, or a rollback
+    carried out now)"""
     root = run_dir / "checkpoints"
     named = resume_tag(Path(resume), root) if resume not in ("auto", "never") else ""
     new_line = bool(named) and state.resumed_from != named
@@ -156,7 +163,9 @@ def settle(acc, state, resume: str, resume_from: Path, run_dir: Path) -> None:
         except WriteError as exc:
             failure = exc
     fail_together(acc, failure, f"set aside the checkpoints after step {state.step}")
-    _adopt(state, named, new_line, branch, from_main(acc, line), from_main(acc, _exported_step(run_dir / "best")))
+    line = from_main(acc, line)
+    _adopt(state, named, new_line, branch, line, from_main(acc, _exported_step(run_dir / "best")))
+    return (new_line and branch) or bool(line and line.get("new"))
 
 
 def _record_line(root: Path, step: int, rollback: str) -> dict | None:
@@ -167,6 +176,7 @@ def _record_line(root: Path, step: int, rollback: str) -> dict | None:
     if rollback and (not line or line["resumed_from"] != rollback):
         line = {"step": step, "resumed_from": rollback, "run_id": secrets.token_hex(4)}
         files.atomic_write(root / LINE, json.dumps(line))
+        return {**line, "new": True}  # not in the file: a relaunch of this line continues its W&B run
     return line
 
 

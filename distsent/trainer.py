@@ -340,15 +340,15 @@ class Trainer:
             changed += changes_since(self.run_dir / "config.yaml", cfg, OPTIMIZER_SETTINGS + ("output_dir",))
             if changed and acc.is_main_process:
                 log.warning("resuming at step %d with changed settings: %s", state.step, ", ".join(changed))
-            settle(acc, state, cfg.checkpoint.resume, self.resume_from, self.run_dir)
+            continues = not settle(acc, state, cfg.checkpoint.resume, self.resume_from, self.run_dir)  # its W&B run
             self.started -= state.elapsed_s  # the time of the launches before, up to the checkpoint resumed from
         else:
             ckpt.seed_dropout(cfg.train.seed, 0, acc.process_index)
+            continues = False
         warning = schedule_warning(cfg, self.total_steps)  # after a resume's checks: a refused one says only why
         if warning and acc.is_main_process:
             log.warning(warning)
         self.debug.resume(state.step)
-        continues = bool(state.run_id)  # its W&B run (a fresh start, a branch or a rollback begin a new one)
         state.run_id = state.run_id or new_run_id(acc)
         runlog = RunLog(cfg, self.run_dir, acc, state.run_id, state.step if self.resume_from else -1,
                         {**cfg.to_dict(), "launch": launch_topology(acc, self.layout)}, self.lock,

@@ -887,6 +887,51 @@ def test_a_resume_does_not_need_the_pretrained_vectors_file(synth_imdb, tmp_path
     assert embeddings[1][good].tolist() == [0.25] * 32
 
 
+def test_settle_says_which_launches_begin_a_new_wandb_run(tmp_path):
+    """A branch, and a rollback carried out now, begin a new W&B run (whose history has no steps yet: a row at the
+    resumed step may go there); a plain resume and a relaunch of a rollback line go on with theirs."""
+    from types import SimpleNamespace
+
+    from distsent.resume import settle
+
+    def run_dir(name):
+        root = tmp_path / name / "checkpoints"
+        for step in (2, 4):
+            (root / f"step-{step:08d}").mkdir(parents=True)
+            (root / f"step-{step:08d}" / "state.json").write_text(json.dumps({"train_state": {"resumed_from": ""}}))
+        return root
+
+    def settled(resume, resume_from, root):
+        state = SimpleNamespace(step=int(resume_from.name[5:]), resumed_from="", run_id="old", stopped_early=False,
+                                best_val_acc=0.5, best_step=2, evals_since_best=0)
+        return settle(SimpleNamespace(is_main_process=True, num_processes=1), state, resume, resume_from,
+                      root.parent), state.run_id
+
+    own, other = run_dir("own"), run_dir("other")
+    assert settled("auto", own / "step-00000004", own) == (False, "old")
+    new, rolled_id = settled(str(own / "step-00000002"), own / "step-00000002", own)  # a rollback, now
+    assert new and rolled_id != "old" and not (own / "step-00000004").exists()
+    assert settled(str(own / "step-00000002"), own / "step-00000002", own) == (False, rolled_id)  # relaunched
+    (tmp_path / "branch" / "checkpoints").mkdir(parents=True)  # a new run directory
+    assert settled(str(other / "step-00000004"), other / "step-00000004", tmp_path / "branch" / "checkpoints") == (
+        True, "")
+
+
+def test_check_names_each_checkpoint_whose_state_cannot_be_read(tmp_path, caplog):
+    """--check's choice of checkpoint (resume_path without reading weights) refuses as the start does, naming the
+    checkpoints it skipped, as the start names those that do not verify."""
+    from types import SimpleNamespace
+
+    from distsent.resume import resume_path
+
+    root = tmp_path / "checkpoints"
+    (root / "step-00000002").mkdir(parents=True)
+    (root / "step-00000002" / "state.json").write_text('{"identity": {}}')  # no train state
+    with pytest.raises(ckpt.CheckpointError, match="no checkpoint there verifies"):
+        resume_path(SimpleNamespace(resume="auto"), root, verify_files=False)
+    assert "step-00000002: its state.json cannot be read" in caplog.text
+
+
 def test_a_rollback_abandons_the_newer_checkpoints_and_a_branch_is_a_run_of_its_own(synth_imdb, tmp_path, cache_env,
                                                                                     caplog):
     """checkpoint.resume naming one of the run's own older checkpoints rolls back: the newer ones are deleted (kept,
