@@ -91,15 +91,20 @@ def data_path(cfg: DataConfig) -> str:
     if cfg.path or not env or cfg.train_file or cfg.validation_file or cfg.test_file:  # files named: no folder
         return cfg.path
     if cfg.hub_name not in (DataConfig.hub_name, "imdb"):  # "imdb": the hub's older name for it
-        if cfg.hub_name not in _ENV_IGNORED:
-            _ENV_IGNORED.add(cfg.hub_name)
-            log.warning("$%s (%s) is ignored: it stands for %s, and this config reads %s; give data.path=DIR to "
-                        "read a local copy of that", DATA_PATH_ENV, env, DataConfig.hub_name, cfg.hub_name)
+        _warn_once("$%s (%s) is ignored: it stands for %s, and this config reads %s; give data.path=DIR to read a "
+                   "local copy of that", DATA_PATH_ENV, env, DataConfig.hub_name, cfg.hub_name)
         return ""
     return env
 
 
-_ENV_IGNORED: set[str] = set()  # hub names warned about once per process
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str, *args) -> None:
+    """A warning about the data settings, once per process (find_source runs for --check, preparation, a resume)."""
+    if (text := message % args) not in _WARNED:
+        _WARNED.add(text)
+        log.warning(text)
 
 
 def _stamp(st: os.stat_result) -> str:
@@ -128,6 +133,7 @@ def find_source(cfg: DataConfig) -> Source:
                                                                  "train / test files)" if path.is_dir() else
                                                                  "no such file"))
             check_format(path)
+        _warn_reused(files)
         return Source("files", str(files["train"].parent), files)
     path = data_path(cfg)
     if not path:
@@ -341,8 +347,6 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
             name = getattr(cfg, f"hub_{split}_split")
             if name:
                 raw[split], where[split] = _read_hub(cfg, split), _hub_where(cfg, name)
-    if src.kind == "files":
-        _warn_reused(src.files)
     names = class_names(raw["train"], cfg, read_class_labels(raw, where), where["train"])
     # one lookup for every file: integer labels in train.csv and the same written as strings in test.jsonl
     lookup = label_lookup(names, integers_are_positions(names, bool(cfg.label_names), class_label=False))
@@ -371,11 +375,11 @@ def _warn_reused(files: dict[str, Path]) -> None:
     same = {s: p.resolve() for s, p in files.items()}
     for held_out in ("validation", "test"):
         if same.get(held_out) == same["train"]:
-            log.warning("data.%s_file is the training file (%s): its scores are on data the model trained on",
-                        held_out, files[held_out])
+            _warn_once("data.%s_file is the training file (%s): its scores are on data the model trained on",
+                       held_out, files[held_out])
     if "validation" in same and same["validation"] == same["test"]:
-        log.warning("data.validation_file is the test file (%s): the model is chosen on the data it is tested on",
-                    files["test"])
+        _warn_once("data.validation_file is the test file (%s): the model is chosen on the data it is tested on",
+                   files["test"])
 
 
 def subset(split: RawSplit, idx: np.ndarray) -> RawSplit:
