@@ -32,8 +32,9 @@ from .tokenizer import UNK, encode, load_tokenizer
 
 
 # --file types that are neither a data file (FORMATS) nor plain text with one text per line
-NOT_TEXT = {".json", ".ndjson", ".tsv", ".xml", ".html", ".htm", ".xlsx", ".xls", ".gz", ".bz2", ".xz", ".zst",
-            ".zip", ".tar", ".arrow", ".feather", ".pkl", ".pickle", ".avro", ".orc", ".npy", ".npz"}
+NOT_TEXT = {".json", ".ndjson", ".tsv", ".xml", ".html", ".htm", ".xlsx", ".xls", ".docx", ".pdf", ".gz", ".tgz",
+            ".bz2", ".xz", ".zst", ".zip", ".7z", ".rar", ".tar", ".arrow", ".feather", ".pkl", ".pickle", ".avro",
+            ".orc", ".npy", ".npz", ".pt", ".bin", ".safetensors"}
 ENCODE_CHUNK = 4096  # texts tokenized together (memory), each chunk cut into batches sorted by length
 
 
@@ -71,7 +72,8 @@ class Predictor:
 
     @torch.no_grad()
     def _read(self, texts, heads: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """logits(), and how many of the words each text is read by are in the vocabulary (not <unk>)."""
+        """logits(), and for each text how many of the words the model reads (after the cut) are in its vocabulary
+        (not <unk>)."""
         classes = len(self.label_names)
         shape = (len(texts), len(self.model.head_names)) if heads else (len(texts),)
         out = np.zeros(shape if classes == 2 else (*shape, classes), dtype=np.float32)
@@ -124,10 +126,10 @@ class Predictor:
                     results[i]["p_positive"] = round(float(p[1]), 6)
                 if n == 0:
                     results[i]["warning"] = "no words in the text: the prediction carries no information"
-                elif k == 0:  # in another language, say: every word read as <unk>, only the length is left
+                if n > 0 and k == 0:  # in another language, say: every word read as <unk>, only the length is left
                     results[i]["warning"] = "none of the words the model read is in its vocabulary: the prediction " \
                                             "carries no information"
-                elif n > self.cfg.data.max_len:
+                if n > self.cfg.data.max_len:
                     data = self.cfg.data
                     results[i]["truncated"] = f"{n} words, the model read the {data.truncate} {data.max_len}"
         return results
