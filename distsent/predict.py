@@ -222,11 +222,12 @@ def _run(argv: list[str] | None) -> int:
                  for n, t in enumerate(args.texts, 1)]
     else:
         parser.error("give texts, --file PATH, or - for stdin")
-    texts = [t for _, t, err in items if err is None]
-    results = iter(predictor.predict(texts))
-    for place, text, err in items:  # place: the line of a file or stdin, as the records of a data file carry theirs
-        record = {**place, "error": err} if err else {**place, "text": _shown(text), **next(results)}
-        print(json.dumps(record, ensure_ascii=False))
+    for start in range(0, len(items), ENCODE_CHUNK):  # printed a chunk at a time: results of a big file never
+        chunk = items[start: start + ENCODE_CHUNK]         # pile up in memory
+        results = iter(predictor.predict([t for _, t, err in chunk if err is None]))
+        for place, text, err in chunk:  # place: the line of a file or stdin, as a data file's records carry theirs
+            record = {**place, "error": err} if err else {**place, "text": _shown(text), **next(results)}
+            print(json.dumps(record, ensure_ascii=False))
     return 0
 
 
@@ -238,10 +239,11 @@ def _predict_table(predictor: Predictor, path: Path, text_column: str | None) ->
     except DataError as exc:
         print(f"distsent-predict: {exc}", file=sys.stderr)
         return 2
-    texts = split.texts.to_pylist()
-    for i, (text, result) in enumerate(zip(texts, predictor.predict(texts))):
-        place = {"line": int(split.lines[i])} if split.lines is not None else {"row": i}
-        print(json.dumps({**place, "text": _shown(text), **result}, ensure_ascii=False))
+    for start in range(0, len(split.texts), ENCODE_CHUNK):  # as above: a chunk at a time
+        texts = split.texts.slice(start, ENCODE_CHUNK).to_pylist()
+        for i, (text, result) in enumerate(zip(texts, predictor.predict(texts)), start):
+            place = {"line": int(split.lines[i])} if split.lines is not None else {"row": i}
+            print(json.dumps({**place, "text": _shown(text), **result}, ensure_ascii=False))
     return 0
 
 

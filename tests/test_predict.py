@@ -62,6 +62,9 @@ def test_cli_output_into_a_closed_pipe_ends_quietly(model_dir, tmp_path):
 
 
 def test_cli_arguments_file_and_stdin(model_dir, tmp_path, monkeypatch, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
     by_args = predict_cli(model_dir, "good0 great", "bad1 awful", "word1 " * 20)
     assert [r["text"] for r in by_args] == ["good0 great", "bad1 awful", "word1 " * 13 + "wo..."]  # 80 + "..."
     f = tmp_path / "reviews.txt"
@@ -79,6 +82,17 @@ def test_cli_arguments_file_and_stdin(model_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(f.read_bytes())))
     assert main(["--model", str(model_dir), "--file", "-"]) == 0
     assert [json.loads(line) for line in capsys.readouterr().out.split("\n") if line] == by_file
+    # printed 2 at a time (ENCODE_CHUNK): the same lines, errors in their places; a data file's rows likewise
+    import distsent.predict
+
+    monkeypatch.setattr(distsent.predict, "ENCODE_CHUNK", 2)
+    assert main(["--model", str(model_dir), "--file", str(f)]) == 0
+    assert [json.loads(line) for line in capsys.readouterr().out.split("\n") if line] == by_file
+    pq.write_table(pa.table({"text": ["good0 great", None, "bad1 awful"]}), tmp_path / "three.parquet")
+    assert main(["--model", str(model_dir), "--file", str(tmp_path / "three.parquet")]) == 0
+    rows = [json.loads(line) for line in capsys.readouterr().out.split("\n") if line]
+    assert [r["row"] for r in rows] == [0, 1, 2] and rows[1]["error"] == "no text (null)"
+    assert [rows[0]["p_positive"], rows[2]["p_positive"]] == [by_file[0]["p_positive"], by_file[3]["p_positive"]]
 
 
 def test_cli_data_files_read_their_text_column(model_dir, tmp_path):
