@@ -21,10 +21,10 @@ import numpy as np
 from . import skip_final_collection
 from .config import ConfigError
 from .files import EXIT_WRITE, WriteError, atomic_write, writing
+from .labels import class_label_names, digit_names, encode_labels, integers_are_positions, label_lookup
 from .metrics import ECE_BINS, score_logits
 from .readers import DataError, read_file
-from .sources import (class_label_names, digit_names, encode_labels, integers_are_positions, label_lookup,
-                      load_splits)
+from .sources import load_splits
 
 
 def report(result: dict, classes: list[str]) -> str:

@@ -26,8 +26,8 @@ from .config import ConfigError
 from .configfile import load_config
 from .model import build_model
 from .files import EXIT_WRITE, IntegrityError
+from .labels import BINARY_NAMES
 from .readers import FORMATS, SURROGATE, DataError, read_file
-from .sources import BINARY_NAMES
 from .tokenizer import UNK, encode, load_tokenizer
 
 
