@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -216,11 +217,29 @@ def encode(tok, texts: list[str], max_len: int, truncate: str, with_counts: bool
     """Token ids of every text by the saved tokenizer itself (what any user of tokenizer.json gets), cut to max_len
     from the head or the tail, as a TokenizedSplit; with `with_counts`, also each text's word count before the cut."""
     texts = texts.to_pylist() if hasattr(texts, "to_pylist") else list(texts)  # an Arrow array of a read split
-    encodings = tok.encode_batch(texts, add_special_tokens=False)
-    offsets = np.zeros(len(encodings) + 1, dtype=np.int64)
-    np.cumsum([len(e.ids) for e in encodings], out=offsets[1:])
-    ids = np.fromiter((i for e in encodings for i in e.ids), dtype=np.int32, count=int(offsets[-1]))
-    return cut(ids, offsets, max_len, truncate, with_counts)
+    short = iter(tok.encode_batch([t for t in texts if len(t) <= LONG_TEXT], add_special_tokens=False))
+    ids = [_long_text_ids(tok, t) if len(t) > LONG_TEXT else np.asarray(next(short).ids, np.int32) for t in texts]
+    offsets = np.zeros(len(ids) + 1, dtype=np.int64)
+    np.cumsum([len(a) for a in ids], out=offsets[1:])
+    return cut(np.concatenate(ids) if ids else np.zeros(0, np.int32), offsets, max_len, truncate, with_counts)
+
+
+LONG_TEXT = 1 << 20  # characters: a longer text is tokenized a piece at a time
+# a place to cut a text: whitespace after a character that is not, and not inside an HTML line break ("<br />",
+# which the normalizer removes whole: "<br" and "/>" apart would leave the word "br")
+SAFE_CUT = re.compile(r"(?<=\S)(?<!<br)[\t\n\f\r ]")
+
+
+def _long_text_ids(tok, text: str) -> np.ndarray:
+    """A text of millions of characters (a whole file on one line, say) in pieces of about LONG_TEXT characters cut
+    at SAFE_CUT, where no word spans the cut: the ids of the whole text, without the library's encodings of all its
+    words at once (about 100 bytes per character)."""
+    pieces, start = [], 0
+    while len(text) - start > LONG_TEXT and (m := SAFE_CUT.search(text, start + LONG_TEXT)):
+        pieces.append(np.asarray(tok.encode(text[start: m.start()], add_special_tokens=False).ids, np.int32))
+        start = m.start()
+    pieces.append(np.asarray(tok.encode(text[start:], add_special_tokens=False).ids, np.int32))
+    return np.concatenate(pieces)
 
 
 def cut(ids: np.ndarray, offsets: np.ndarray, max_len: int, truncate: str, with_counts: bool = False):

@@ -25,9 +25,11 @@ SAMPLES = ["This movie was ABSOLUTELY fantastic!!! 10/10", "Don't watch it<br />
            "Naïve café-goers über-love it — 日本語 too", "  spaces\tand\nnewlines  ", "…", "1,000 cuts... C'est la vie"]
 
 
-def test_prepared_ids_match_the_saved_tokenizer(tmp_path):
+def test_prepared_ids_match_the_saved_tokenizer(tmp_path, monkeypatch):
     """Data preparation cuts words in bulk (numpy over UTF-8 bytes); prediction encodes with the saved tokenizer.json
-    (`encode`, the tokenizers library): every cached review's ids must be what prediction gives it."""
+    (`encode`, the tokenizers library): every cached review's ids must be what prediction gives it, also where it
+    tokenizes a long text a piece at a time (here every text over 5 characters, cut at whitespace)."""
+    import distsent.tokenizer
     from distsent.tokenizer import encode
 
     # "end", "!", "start": a review without words between two that touch words must not create an empty word;
@@ -47,9 +49,13 @@ def test_prepared_ids_match_the_saved_tokenizer(tmp_path):
             split = getattr(data, name)
             reviews = [originals[i] for i in split.ids]
             predicted = encode(data.tokenizer, reviews, max_len=10_000, truncate="head")
+            with monkeypatch.context() as m:
+                m.setattr(distsent.tokenizer, "LONG_TEXT", 5)
+                in_pieces = encode(data.tokenizer, reviews, max_len=10_000, truncate="head")
             for i, text in enumerate(reviews):
                 cached = split.tokens[split.offsets[i]: split.offsets[i + 1]].tolist()
                 assert cached == predicted.tokens[predicted.offsets[i]: predicted.offsets[i + 1]].tolist(), text
+                assert cached == in_pieces.tokens[in_pieces.offsets[i]: in_pieces.offsets[i + 1]].tolist(), text
                 assert cached == data.tokenizer.encode(text, add_special_tokens=False).ids, text
 
 
