@@ -243,6 +243,8 @@ def _predict_table(predictor: Predictor, path: Path, text_column: str | None) ->
         texts = split.texts.slice(start, ENCODE_CHUNK).to_pylist()
         for i, (text, result) in enumerate(zip(texts, predictor.predict(texts)), start):
             place = {"line": int(split.lines[i])} if split.lines is not None else {"row": i}
+            if i in split.problems:  # a record the reader could not take (not JSON, a number for a text, ...)
+                result = {"error": split.problems[i]}
             print(json.dumps({**place, "text": _shown(text), **result}, ensure_ascii=False))
     return 0
 

@@ -7,7 +7,7 @@ import csv
 import io
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +35,9 @@ class RawSplit:
     ids: np.ndarray  # int64, stable ids of the records within the split
     lines: np.ndarray | None = None  # each record's line in its file, for messages ("line 12"); None: "row i"
     class_label: list[str] | None = None  # a datasets ClassLabel's names, whose indices the integer labels are
+    # texts to classify (unlabeled reading): record -> what is wrong with it (its text is None), which prediction
+    # answers as that record's error; labeled reading stops at the first instead
+    problems: dict[int, str] = field(default_factory=dict)
 
     def where(self, i: int) -> str:
         return f"line {self.lines[i]}" if self.lines is not None else f"row {i}"
@@ -158,18 +161,23 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
     missing_columns(path, header, cfg, labeled)
     ti = header.index(cfg.text_column)
     li = header.index(cfg.label_column) if labeled else None
-    texts, labels, lines = [], [], []
+    texts, labels, lines, problems = [], [], [], {}
     end = reader.line_num
     try:
         for record in reader:
             first, end = end + 1, reader.line_num  # a quoted text may run over several lines: name the first
             if not record:  # a blank line
                 continue
-            if record == header:  # files joined with their headers: the header's words would become a class
-                raise DataError(f"{path}: line {first} repeats the header row (files joined with their headers?)")
-            if len(record) != len(header):
-                raise DataError(f"{path}: line {first} has {len(record)} fields, the header has "
-                                f"{len(header)} (an unquoted comma or quote in a text?)")
+            try:
+                if record == header:  # files joined with their headers: the header's words would become a class
+                    raise DataError(f"{path}: line {first} repeats the header row (files joined with their headers?)")
+                if len(record) != len(header):
+                    raise DataError(f"{path}: line {first} has {len(record)} fields, the header has "
+                                    f"{len(header)} (an unquoted comma or quote in a text?)")
+            except DataError as exc:
+                if labeled:
+                    raise
+                problems[len(texts)], record = str(exc).removeprefix(f"{path}: "), [None] * len(header)
             texts.append(record[ti])
             if labeled:
                 labels.append(record[li])
@@ -177,36 +185,49 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
     except csv.Error as exc:
         raise DataError(f"{path}: line {end + 1}: {exc} (a quote left open, or followed by something other than a "
                         f"comma; inside a quoted text write a quote as \"\")") from None
-    return checked_split(texts, _as_numbers(labels, path, lines), str(path), lines, labeled)
+    return replace(checked_split(texts, _as_numbers(labels, path, lines), str(path), lines, labeled),
+                   problems=problems)
 
 
 def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
-    texts, labels, lines = [], [], []
+    texts, labels, lines, problems = [], [], [], {}
     # lines end at \n, \r\n or \r only (a JSON string holds those escaped); str.splitlines() would also split at
     # U+2028 and other characters a JSON string may hold raw
     for n, line in enumerate(_utf8(path).replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
         if not line.strip():
             continue
         try:
-            record = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise DataError(f"{path}: line {n} is not JSON ({exc.msg})") from None
-        if not isinstance(record, dict):
-            raise DataError(f"{path}: line {n} is not a JSON object")
-        missing_columns(f"{path}: line {n}", list(record), cfg, labeled)
-        text = record[cfg.text_column]
-        if text is not None and not isinstance(text, str):
-            raise DataError(f"{path}: line {n}: the text is {type(text).__name__}, expected a string")
-        half = SURROGATE.search(text) if text else None  # "\ud83d" alone: half an emoji, from a tweet cut short
-        if half:
-            raise DataError(f"{path}: line {n}: the text holds a lone surrogate escape "
-                            f"({half.group().encode('unicode_escape').decode()}), which is not a character; remove it "
-                            f"or write the whole character")
+            text, label = _jsonl_record(path, n, line, cfg, labeled)
+        except DataError as exc:
+            if labeled:
+                raise
+            problems[len(texts)], text, label = str(exc).removeprefix(f"{path}: "), None, None
         texts.append(text)
         if labeled:
-            labels.append(record[cfg.label_column])
+            labels.append(label)
         lines.append(n)
-    return checked_split(texts, label_array(labels, path, lines), str(path), lines, labeled)
+    return replace(checked_split(texts, label_array(labels, path, lines), str(path), lines, labeled),
+                   problems=problems)
+
+
+def _jsonl_record(path: Path, n: int, line: str, cfg: DataConfig, labeled: bool) -> tuple[str | None, object]:
+    """The text (and label) of JSONL line `n`; DataError naming what is wrong with it."""
+    try:
+        record = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: line {n} is not JSON ({exc.msg})") from None
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: line {n} is not a JSON object")
+    missing_columns(f"{path}: line {n}", list(record), cfg, labeled)
+    text = record[cfg.text_column]
+    if text is not None and not isinstance(text, str):
+        raise DataError(f"{path}: line {n}: the text is {type(text).__name__}, expected a string")
+    half = SURROGATE.search(text) if text else None  # "\ud83d" alone: half an emoji, from a tweet cut short
+    if half:
+        raise DataError(f"{path}: line {n}: the text holds a lone surrogate escape "
+                        f"({half.group().encode('unicode_escape').decode()}), which is not a character; remove it "
+                        f"or write the whole character")
+    return text, record[cfg.label_column] if labeled else None
 
 
 def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:

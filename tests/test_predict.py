@@ -132,6 +132,12 @@ def test_cli_data_files_read_their_text_column(model_dir, tmp_path):
         proc = subprocess.run([sys.executable, "-m", "distsent.predict", "--model", str(model_dir), *args],
                               capture_output=True, text=True, cwd=REPO, timeout=120)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+    # a record the reader cannot take is answered with its error; the records around it are classified
+    (tmp_path / "some_bad.jsonl").write_text('{"text": "word1"}\n{"text": 5}\nnot json\n{"text": "good0"}\n')
+    out = predict_cli(model_dir, "--file", str(tmp_path / "some_bad.jsonl"))
+    assert [r["line"] for r in out] == [1, 2, 3, 4] and "label" in out[0] and "label" in out[3]
+    assert out[1]["error"] == "line 2: the text is int, expected a string" and out[1]["text"] is None
+    assert out[2]["error"].startswith("line 3 is not JSON")
     (tmp_path / "new.2024-05").write_text("word1\n")  # any other name is plain text, one text per line
     assert [r["text"] for r in predict_cli(model_dir, "--file", str(tmp_path / "new.2024-05"))] == ["word1"]
 

@@ -106,6 +106,19 @@ def test_texts_to_classify_need_no_label_and_keep_their_empty_records(tmp_path):
     assert split.texts.to_pylist() == ["a", ""] and split.lines.tolist() == [1, 2] and len(split.labels) == 0
     with pytest.raises(DataError, match="mac.jsonl: line 2 has an empty text"):  # training still refuses it
         read_file(tmp_path / "mac.jsonl", DataConfig())
+    # records the reader cannot take are each answered, not the file refused (training still refuses the file)
+    (tmp_path / "bad.jsonl").write_text('{"text": "a"}\nnot json\n[1]\n{"id": 3}\n{"text": 42}\n{"text": "\\ud83d"}\n')
+    split = read_file(tmp_path / "bad.jsonl", DataConfig(), labeled=False)
+    assert split.texts.to_pylist() == ["a"] + [None] * 5 and split.lines.tolist() == [1, 2, 3, 4, 5, 6]
+    assert [split.problems[i].split(" (")[0] for i in range(1, 6)] == [
+        "line 2 is not JSON", "line 3 is not a JSON object", "line 4: no 'text' column", "line 5: the text is int, "
+        "expected a string", "line 6: the text holds a lone surrogate escape"]
+    (tmp_path / "bad.csv").write_text('text,id\na,1\nb,2,3\ntext,id\n')
+    split = read_file(tmp_path / "bad.csv", DataConfig(), labeled=False)
+    assert split.texts.to_pylist() == ["a", None, None] and split.problems[1].startswith("line 3 has 3 fields")
+    assert split.problems[2].startswith("line 4 repeats the header row")
+    with pytest.raises(DataError, match="bad.csv: line 3 has 3 fields"):
+        read_file(tmp_path / "bad.csv", DataConfig(label_column="id"))
 
 
 def test_hub_class_label_names_and_order(tmp_path, monkeypatch):
