@@ -98,7 +98,7 @@ def by_name(labels: np.ndarray, data_names: list[str], names: list[str]) -> np.n
 def file_labels(split, names: list[str], cfg, where: str) -> np.ndarray:
     """The class indices of a --file's labels, read as training reads files (sources.load_splits): a ClassLabel
     file's integers (saved by datasets, a hub data set's own parquet) as its names; strings by name; other integers
-    as sources.integers_are_positions says, and for a model trained on a hub data set without data.label_names (a
+    as labels.integers_are_positions says, and for a model trained on a hub data set without data.label_names (a
     model folder records where its data was, sources.located: no place is the hub) as the hub's positions unless the
     classes are digits ("1", "2": a file's 2 is class "2", as written)."""
     if split.class_label is not None:

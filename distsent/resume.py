@@ -150,7 +150,7 @@ def settle(acc, state, resume: str, resume_from: Path, run_dir: Path) -> bool:
     ones `auto` skipped as broken: set aside. And best/ must hold the restored state's best model (a rollback, or a
     kill between writing best/ and the checkpoint, can leave a later one there); otherwise no model is best yet
     and the next evaluation writes it. Returns whether this launch begins a new W&B run (a branch, or a rollback
-    carried out now)"""
+    carried out now)."""
     root = run_dir / "checkpoints"
     named = resume_tag(Path(resume), root) if resume not in ("auto", "never") else ""
     new_line = bool(named) and state.resumed_from != named

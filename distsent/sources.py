@@ -99,8 +99,9 @@ _WARNED: set[str] = set()
 
 
 def _warn_once(message: str, *args) -> None:
-    """A warning about the data settings, once per process (find_source runs for --check, preparation, a resume)."""
-    if (text := message % args) not in _WARNED:
+    """A warning about the data settings, from the first process only (every process prepares the data), once
+    (find_source runs for --check, preparation, a resume)."""
+    if os.environ.get("RANK", "0") == "0" and (text := message % args) not in _WARNED:
         _WARNED.add(text)
         log.warning(text)
 

@@ -235,7 +235,7 @@ def _long_text_ids(tok, text: str) -> np.ndarray:
     at SAFE_CUT, where no word spans the cut: the ids of the whole text, without the library's encodings of all its
     words at once (about 100 bytes per character)."""
     pieces, start = [], 0
-    while len(text) - start > LONG_TEXT and (m := SAFE_CUT.search(text, start + LONG_TEXT)):
+    while len(text) - start > LONG_TEXT and (m := SAFE_CUT.search(text, start + max(LONG_TEXT, 1))):
         pieces.append(np.asarray(tok.encode(text[start: m.start()], add_special_tokens=False).ids, np.int32))
         start = m.start()
     pieces.append(np.asarray(tok.encode(text[start:], add_special_tokens=False).ids, np.int32))

@@ -59,6 +59,33 @@ def test_prepared_ids_match_the_saved_tokenizer(tmp_path, monkeypatch):
                 assert cached == data.tokenizer.encode(text, add_special_tokens=False).ids, text
 
 
+def test_a_long_text_in_pieces_has_the_ids_of_the_whole(monkeypatch):
+    """Texts over LONG_TEXT characters are tokenized in pieces cut at whitespace, never inside an HTML line break:
+    the ids are those of the whole text, for every text rule and for tokenizer.json files that saved the older
+    break pattern (any Unicode space inside the break)."""
+    import json
+
+    from tokenizers import Tokenizer
+
+    import distsent.tokenizer as tokenizer
+
+    rng = np.random.default_rng(3)
+    bits = ["good", "Bad", "<br />", "<br/>", "<br \t/>", "<br\u3000 />", "<br\x0b />", "<BR />", "İstanbul", "x_1",
+            " ", "  ", "\t", "\n", "\x1c", "\u2028", "\u00a0", "a,b", "!!", "日本語", "e\u0301"]
+    texts = ["".join(rng.choice(bits, size=int(rng.integers(1, 40)))) for _ in range(300)] + ["<br />", " a", "a "]
+    toks = [tokenizer.build_tokenizer(["good", "bad", "br", "x_1", "a", "b"], low, html)
+            for low in (False, True) for html in (False, True)]
+    older = json.loads(toks[-1].to_str())  # the break as saved before it was spelt out
+    older["normalizer"]["normalizers"][0]["pattern"]["Regex"] = tokenizer.HTML_BREAK_BEFORE
+    toks.append(Tokenizer.from_str(json.dumps(older)))
+    for long_text in (1, 2, 3, 5):
+        monkeypatch.setattr(tokenizer, "LONG_TEXT", long_text)
+        for tok in toks:
+            for text in texts:
+                whole = tok.encode(text, add_special_tokens=False).ids
+                assert tokenizer._long_text_ids(tok, text).tolist() == whole, (long_text, text)
+
+
 def test_bulk_encoding_on_several_cores_matches_one_review_at_a_time(monkeypatch):
     """Thousands of reviews are cut and hashed in shares on several threads, and the shares' dictionaries merged;
     the ids must still be those of encoding each review alone with tokenizer.json, and the vocabulary that of
