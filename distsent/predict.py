@@ -222,8 +222,9 @@ def _run(argv: list[str] | None) -> int:
                  for n, t in enumerate(args.texts, 1)]
     else:
         parser.error("give texts, --file PATH, or - for stdin")
-    for start in range(0, len(items), ENCODE_CHUNK):  # printed a chunk at a time: results of a big file never
-        chunk = items[start: start + ENCODE_CHUNK]         # pile up in memory
+    # printed a chunk at a time: the results of a big file never pile up in memory
+    for start in range(0, len(items), ENCODE_CHUNK):
+        chunk = items[start: start + ENCODE_CHUNK]
         results = iter(predictor.predict([t for _, t, err in chunk if err is None]))
         for place, text, err in chunk:  # place: the line of a file or stdin, as a data file's records carry theirs
             record = {**place, "error": err} if err else {**place, "text": _shown(text), **next(results)}
