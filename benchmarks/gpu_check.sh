@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check in one call on a machine with one CUDA GPU: the GPU tests, the cuDNN bound, the benchmark on the
-# GPU in fp32 / fp16 / bf16, and configs/imdb_lstm.yaml and configs/imdb_best.yaml trained to the end in bf16.
+# GPU in fp32 / fp16 / bf16, and configs/imdb_lstm.yaml and configs/imdb_best.yaml trained to the end in fp16.
 #   benchmarks/gpu_check.sh OUT_DIR [IMDB_DIR]
 # IMDB_DIR: train.parquet and test.parquet (default: $DISTSENT_DATA_PATH). Writes OUT_DIR/gpu_check.log (all that
 # was printed) and OUT_DIR/gpu_check.json (the numbers); exits non-zero if a step failed. Extra arguments go to

@@ -29,7 +29,9 @@ def bound(device: str, precision: str, batch: int, tokens: int, steps: int, warm
         with torch.autocast(device, dtype=DTYPES.get(precision, torch.bfloat16), enabled=on):
             out = lstm(x)[0]
         out[:, -1].float().sum().backward()
+        return out.dtype
 
+    computed = step()  # what the LSTM computed in: CUDA autocast gives cuDNN fp16 under bf16 too
     for _ in range(warmup):
         step()
     if device == "cuda":
@@ -40,7 +42,8 @@ def bound(device: str, precision: str, batch: int, tokens: int, steps: int, warm
     if device == "cuda":
         torch.cuda.synchronize()  # the clock stops when the GPU is done, not when the launches are
     ms = (time.perf_counter() - t0) / steps * 1000
-    return {"device": device, "precision": precision, "batch": batch, "tokens": tokens, "ms_per_step": ms,
+    return {"device": device, "precision": precision, "lstm_dtype": str(computed).removeprefix("torch."),
+            "batch": batch, "tokens": tokens, "ms_per_step": ms,
             "samples_per_s": batch / ms * 1000,
             "cudnn": torch.backends.cudnn.version() if device == "cuda" else None}
 

@@ -217,8 +217,9 @@ def build_run_model(cfg: ExperimentConfig, acc, data: PreparedData, resuming: bo
         for member in members(model):
             member.rnn_fp32 = True
         if acc.is_main_process:
-            log.warning("this %s cannot run the LSTM in bf16: the recurrent layer runs in fp32, the rest under bf16 "
-                        "autocast", "GPU's cuDNN" if acc.device.type == "cuda" else "CPU (oneDNN without native bf16)")
+            why = ("on a GPU, autocast would run it in fp16, unscaled" if acc.device.type == "cuda" else
+                   "this CPU's oneDNN has no bf16 recurrent layer")
+            log.warning("bf16: the recurrent layer runs in fp32 (%s), the rest under bf16 autocast", why)
     if not resuming:
         check_new_model(cfg)
     if cfg.model.pretrained_embeddings and resuming:

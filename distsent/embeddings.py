@@ -17,7 +17,8 @@ def load_vectors(path: str | Path, vocab: dict[str, int], dim: int) -> tuple[tor
     are skipped. A word is matched as it is, else lower-cased; an exact match wins over a lower-cased one whatever
     their order (frequency-ordered files often list "US" before "us"). The vector is the last `dim` fields, so a
     word holding spaces (GloVe 840B has some) is read, and skipped: vocabulary words have none. The first line's
-    count of values, or any line with too few, is an error naming the file and line.
+    count of values, or any line with too few, is an error naming the file and line; so is a file that covers no
+    vocabulary word.
     """
     path = Path(path).expanduser()  # as --check reads it
     if not path.is_file():
@@ -25,7 +26,8 @@ def load_vectors(path: str | Path, vocab: dict[str, int], dim: int) -> tuple[tor
     vectors = torch.zeros(len(vocab), dim)
     match = torch.zeros(len(vocab), dtype=torch.int8)  # 0: none yet, 1: lower-cased, 2: exact
     first = True
-    with open(path, encoding="utf-8-sig", errors="replace") as f:
+    # lines end at \n only: a stray \r inside a line (a web-crawled word) would otherwise cut it in two
+    with open(path, encoding="utf-8-sig", errors="replace", newline="\n") as f:
         for n, line in enumerate(f, 1):
             parts = line.rstrip().split(" ")
             if not line.strip() or (n == 1 and len(parts) == 2 and all(p.isdigit() for p in parts)):
@@ -45,6 +47,9 @@ def load_vectors(path: str | Path, vocab: dict[str, int], dim: int) -> tuple[tor
             if not torch.isfinite(vectors[idx]).all():
                 raise DataError(f"{path}:{n}: {word!r} has a non-finite value (nan or inf)")
             match[idx] = rank
+    if not match.any():  # the wrong file (another language, a header alone): the run would learn from random ones
+        raise DataError(f"model.pretrained_embeddings: {path} holds a vector for none of the vocabulary's "
+                        f"{len(vocab)} words (matched as written or lower-cased)")
     return vectors, match > 0
 
 

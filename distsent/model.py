@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 
 import torch
 import torch.nn.functional as F
@@ -36,10 +37,14 @@ class SentimentRNN(nn.Module):
                 nn.ModuleList(rnn_cls(cfg.embedding_dim if i == 0 else 2 * cfg.hidden_dim, cfg.hidden_dim,
                                       batch_first=True) for _ in range(2))
                 for i in range(cfg.num_layers))
-            self.between = nn.Dropout(between)
         else:
-            self.rnn = rnn_cls(cfg.embedding_dim, cfg.hidden_dim, num_layers=cfg.num_layers, dropout=between,
-                               batch_first=True)
+            # one module per layer with nn.Dropout between them, not the module's own `dropout`: on a GPU, cuDNN
+            # draws that dropout from a generator state of its own, which no checkpoint saves (a resume would not be
+            # exact); nn.Dropout draws from torch's generator, which checkpoints restore
+            self.rnn = nn.ModuleList(rnn_cls(cfg.embedding_dim if i == 0 else cfg.hidden_dim, cfg.hidden_dim,
+                                             batch_first=True) for i in range(cfg.num_layers))
+            self._register_load_state_dict_pre_hook(_stacked_layer_keys)
+        self.between = nn.Dropout(between)
         out_dim = cfg.hidden_dim * (2 if cfg.bidirectional else 1)
         if cfg.pooling == "attention":
             self.attention = nn.Linear(out_dim, 1)
@@ -51,7 +56,8 @@ class SentimentRNN(nn.Module):
         if cfg.cell == "lstm" and cfg.forget_bias:
             self._init_forget_bias(cfg.forget_bias)
         # Set by the trainer where the device cannot run the recurrent layer under bf16 autocast (a CPU whose oneDNN
-        # lacks native bf16, a cuDNN before 9.13): it then runs in fp32 while the rest keeps the autocast dtype.
+        # lacks native bf16; a GPU, whose autocast would run cuDNN's in fp16): it then runs in fp32 while the rest
+        # keeps the autocast dtype.
         self.rnn_fp32 = False
 
     def _init_forget_bias(self, value: float) -> None:
@@ -113,7 +119,9 @@ class SentimentRNN(nn.Module):
 
     def _recurrent(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if not self.cfg.bidirectional:
-            return self.rnn(x)[0]
+            for i, layer in enumerate(self.rnn):
+                x = layer(self.between(x) if i else x)[0]
+            return x
         rev = _reverse_index(lengths, x.shape[1])
         for i, (fwd, bwd) in enumerate(self.layers):
             if i:
@@ -217,6 +225,15 @@ class NgramHead(nn.Module):
         if self.num_classes == 2:
             return (self.ratio[ids] * self.weight[ids] * keep).sum(1) + self.bias
         return (self.ratio[:, ids] * self.weight[:, ids] * keep).sum(-1).T + self.bias
+
+
+def _stacked_layer_keys(state_dict: dict, prefix: str, *args) -> None:
+    """Load-time renaming for weights saved before a one-direction model kept one module per layer: the single
+    module's `rnn.weight_ih_l1` is layer 1's `rnn.1.weight_ih_l0` (the values and their order are the same)."""
+    for key in [k for k in state_dict if k.startswith(prefix + "rnn.")]:
+        found = re.fullmatch(r"(\w+)_l(\d+)", key[len(prefix) + 4:])
+        if found:
+            state_dict[f"{prefix}rnn.{found[2]}.{found[1]}_l0"] = state_dict.pop(key)
 
 
 def _reverse_index(lengths: torch.Tensor, width: int) -> torch.Tensor:

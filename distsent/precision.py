@@ -7,9 +7,11 @@ from pathlib import Path
 
 import torch
 
-# cuDNN takes bf16 inputs for its RNN kernels only from 9.13 (PyTorch PR 164411); before that a bf16 LSTM fails
-# or leaves cuDNN for a slow path
-CUDNN_BF16_RNN = 91300
+# CUDA autocast hands cuDNN's RNN kernels fp16 whatever its own dtype: PyTorch's autocast wrapper for them
+# (aten/src/ATen/cudnn/AutocastRNN.cpp, _cudnn_rnn_cast_reflatten) casts input, weights and states to half. Under bf16
+# autocast the LSTM would train in fp16 without the gradient scaler fp16 needs, so on a GPU it runs in fp32 under bf16
+# (cuDNN 9.13 takes bf16 RNN inputs, PyTorch PR 164411, but autocast never gives it any).
+CUDA_RNN_AUTOCAST_DTYPE = torch.float16
 
 
 def cpu_flags() -> set[str]:
@@ -43,13 +45,8 @@ def resolve(requested: str, device_type: str, cell: str = "lstm") -> tuple[str, 
     if cell == "gru" and device_type == "cpu":  # CPU autocast has no bf16 GRU: it would only add casts around it
         return "no", "the CPU runs a GRU in fp32 under bf16 autocast, which would only add casts: fp32"
     if device_type == "cuda":
-        # not counting emulation, which torch counts by default: a V100 or T4 would "support" bf16 at a crawl
-        if not torch.cuda.is_bf16_supported(including_emulation=False):
-            return "no", "this GPU has no native bf16: fp32"
-        version = torch.backends.cudnn.version() or 0
-        if version < CUDNN_BF16_RNN:
-            return "no", f"cuDNN {version} runs bf16 LSTMs only from version {CUDNN_BF16_RNN}: fp32"
-        return "bf16", f"the GPU has bf16 and cuDNN {version} runs the LSTM in it"
+        return "no", ("CUDA autocast runs cuDNN's recurrent layer in fp16 even under bf16, where no gradient scaler "
+                      "guards it: fp32 (train.mixed_precision=fp16 runs it in fp16 with a scaler)")
     native = {"avx512_bf16", "amx_bf16"} & cpu_flags()
     if native and cpu_supports_bf16_rnn():
         return "bf16", f"this CPU computes bf16 natively ({', '.join(sorted(native))}) and oneDNN runs the LSTM in it"
@@ -57,7 +54,6 @@ def resolve(requested: str, device_type: str, cell: str = "lstm") -> tuple[str, 
 
 
 def bf16_rnn_runs_on(device_type: str) -> bool:
-    """Whether the recurrent layer can run under bf16 autocast on this device (else it runs in fp32)."""
-    if device_type == "cuda":
-        return (torch.backends.cudnn.version() or 0) >= CUDNN_BF16_RNN
-    return cpu_supports_bf16_rnn()
+    """Whether the recurrent layer can run under bf16 autocast on this device (else it runs in fp32): on a CPU with
+    oneDNN's bf16 LSTM; never on a GPU, where autocast would run it in fp16 (CUDA_RNN_AUTOCAST_DTYPE)."""
+    return device_type != "cuda" and cpu_supports_bf16_rnn()

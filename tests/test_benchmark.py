@@ -77,7 +77,7 @@ def test_lstm_bound_reports_each_precision():
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines()]
     assert [r["precision"] for r in rows] == ["no", "bf16"]  # fp16 is a GPU precision: no CPU row
-    assert rows[0]["ms_per_step"] > 0 and rows[0]["samples_per_s"] > 0
+    assert rows[0]["ms_per_step"] > 0 and rows[0]["samples_per_s"] > 0 and rows[0]["lstm_dtype"] == "float32"
     assert rows[1].get("ms_per_step", 0) > 0 or "error" in rows[1]  # a CPU without bf16 LSTM says why
 
 

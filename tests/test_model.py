@@ -46,13 +46,33 @@ def test_overfits_tiny_batch():
     assert ((model(ids, lengths) > 0).float() == labels).all()
 
 
+def test_stacked_layers_equal_one_multi_layer_module_and_load_its_weights():
+    """A one-direction model keeps one module per layer (its dropout between layers then draws from torch's
+    generator, which checkpoints restore; cuDNN's own does not): it computes what a single multi-layer nn.LSTM with
+    the same dropout computes, draw for draw, and weights saved in that module's layout (earlier versions) load."""
+    cfg = ModelConfig(embedding_dim=12, hidden_dim=10, num_layers=3, dropout=0.5, bidirectional=False)
+    model = build_model(40, cfg)
+    stock = torch.nn.LSTM(12, 10, num_layers=3, dropout=0.5, batch_first=True)
+    old = {k: v for k, v in model.state_dict().items() if not k.startswith("rnn.")}
+    old.update({f"rnn.{k}": v for k, v in stock.state_dict().items()})  # rnn.weight_ih_l2, ...
+    model.load_state_dict(old)
+    assert torch.equal(model.rnn[2].weight_hh_l0, stock.weight_hh_l2)
+    x = torch.randn(4, 6, 12)
+    for train in (True, False):
+        model.train(train), stock.train(train)
+        torch.manual_seed(3)
+        ours = model._recurrent(x, torch.full((4,), 6))
+        torch.manual_seed(3)
+        assert torch.equal(ours, stock(x)[0])
+
+
 def test_bf16_fallback_runs_rnn_in_fp32():
     """With the fallback on, the recurrent layer computes in fp32 under bf16 autocast (on any CPU); the classifier
     layer still runs in bf16."""
     model = build_model(50, ModelConfig(embedding_dim=8, hidden_dim=8, num_layers=1))
     model.rnn_fp32 = True
     seen = {}
-    model.rnn.register_forward_hook(lambda m, args, out: seen.update(rnn=(args[0].dtype, out[0].dtype)))
+    model.rnn[0].register_forward_hook(lambda m, args, out: seen.update(rnn=(args[0].dtype, out[0].dtype)))
     model.fc.register_forward_hook(lambda m, args, out: seen.update(fc=out.dtype))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(torch.randint(2, 50, (3, 7)), torch.tensor([7, 5, 2]))
@@ -86,6 +106,12 @@ def test_pretrained_embeddings_initialise_known_words(tmp_path, monkeypatch):
     f.write_text("good 1 2 3 4\nbad 1 nan 3 4\n")
     with pytest.raises(DataError, match=r"vectors.txt:2: 'bad' has a non-finite value"):
         init_embedding(emb, str(f), vocab, freeze=False)
+    f.write_bytes(b"good 1 2 3 4\nwe\rird 5 5 5 5\n")  # a \r inside a word is part of it, not a line break
+    assert init_embedding(emb, str(f), vocab, freeze=False) == pytest.approx(1 / 5)
+    for text in ("", "3 4\n", "other 1 2 3 4\n"):  # empty, a header alone, no vocabulary word
+        f.write_text(text)
+        with pytest.raises(DataError, match=r"vectors.txt holds a vector for none of the vocabulary's 5 words"):
+            init_embedding(emb, str(f), vocab, freeze=True)
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
