@@ -21,10 +21,10 @@ from .config import ConfigError, ExperimentConfig, resume_identity
 from .data import PreparedData, cache_root, prepare
 from .runlock import RunLock, RunLockedError
 from .model import build_model, members
-from .precision import bf16_rnn_runs_on, resolve
+from .precision import bf16_rnn_runs_on, resolve, run_device
 from .sampler import Layout
 from .tokenizer import TokenizedSplit
-from .together import fail_together, forget_group, from_main
+from .together import fail_together, forget_group, from_main, set_group_timeout
 from .tracking import local_processes, num_machines
 
 log = logging.getLogger("distsent")
@@ -50,6 +50,7 @@ def build_accelerator(cfg: ExperimentConfig, run_dir: Path):
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     check_trackers(cfg.log.trackers)
+    set_group_timeout(cfg.dist.timeout_s)
     if cfg.train.deterministic:
         # before the first CUDA call: cuBLAS needs a fixed workspace for deterministic results
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -57,7 +58,7 @@ def build_accelerator(cfg: ExperimentConfig, run_dir: Path):
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     # None: take the launch config's (ACCELERATE_MIXED_PRECISION)
-    mp, why = resolve(cfg.train.mixed_precision, "cuda" if torch.cuda.is_available() else "cpu", cfg.model.cell)
+    mp, why = resolve(cfg.train.mixed_precision, run_device(), cfg.model.cell)
     mp = mp or None
     # Accelerate's own multi-CPU launch goes through mpirun; under torchrun (accelerate launch --multi_gpu) on a
     # machine without GPUs, cpu=True gives DDP over gloo instead of N unconnected single processes.

@@ -166,6 +166,13 @@ class TrainSums:
         for k, v in values.items():
             self.sums[k] += v
 
+    def add_step(self, norm: torch.Tensor, max_norm: float, share: float) -> None:
+        """An optimizer step's gradient norm before clipping, this process counting `share` of the step. A step the
+        fp16 scaler skips has an inf norm: it is counted in skipped_steps and left out of grad_norm, clip_fraction."""
+        counted = torch.isfinite(norm).double() * share
+        self.add(grad_norm=norm.nan_to_num(0.0, 0.0, 0.0) * counted, clipped=(norm > max_norm).double() * counted,
+                 steps=counted)
+
     def totals(self) -> dict:
         """Collective: the sums over all processes."""
         reduced = self.acc.reduce(torch.stack([self.sums[k] for k in self.KEYS]), "sum")

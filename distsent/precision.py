@@ -53,6 +53,13 @@ def resolve(requested: str, device_type: str, cell: str = "lstm") -> tuple[str, 
     return "no", "this CPU has no native bf16 (no avx512_bf16 or amx_bf16): fp32"
 
 
+def run_device() -> str:
+    """'cuda' or 'cpu': where Accelerate puts this run (a launch config's use_cpu keeps it on a GPU machine's CPU)."""
+    from accelerate.utils import parse_flag_from_env
+
+    return "cuda" if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU") else "cpu"
+
+
 def bf16_rnn_runs_on(device_type: str) -> bool:
     """Whether the recurrent layer can run under bf16 autocast on this device (else it runs in fp32): on a CPU with
     oneDNN's bf16 LSTM; never on a GPU, where autocast would run it in fp16 (CUDA_RNN_AUTOCAST_DTYPE)."""

@@ -16,6 +16,14 @@ class PeerFailed(RuntimeError):
 
 
 _group = None
+_timeout = None  # dist.timeout_s, for that group too: a new group would otherwise wait PyTorch's default 30 minutes
+
+
+def set_group_timeout(seconds: int) -> None:
+    global _timeout
+    from datetime import timedelta
+
+    _timeout = timedelta(seconds=seconds)
 
 
 def cpu_group():
@@ -24,7 +32,8 @@ def cpu_group():
     import torch.distributed as dist
 
     if _group is None:  # created on first use, which every process reaches at the same call
-        _group = dist.group.WORLD if dist.get_backend() == "gloo" else dist.new_group(backend="gloo")
+        _group = (dist.group.WORLD if dist.get_backend() == "gloo" else
+                  dist.new_group(backend="gloo", timeout=_timeout))
     return _group
 
 

@@ -196,7 +196,7 @@ class Trainer:
                     norm = clip_gradients(acc, self.raw_model, max_norm).detach().double()
                     self.watch.see(self.state.step + 1, losses.detach().sum(), norm)
                     share = 1.0 / acc.num_processes  # every process sees the same norm: count each step once
-                    self.sums.add(grad_norm=norm * share, clipped=(norm > max_norm).double() * share, steps=share)
+                    self.sums.add_step(norm, max_norm, share)
                     # fp16: the scaler skips a step with inf/NaN gradients and lowers its scale; compared on the
                     # device (Accelerate's step_was_skipped cannot see it with fused Adam, which skips in-kernel)
                     scale = acc.scaler._scale.clone() if acc.scaler is not None else None

@@ -96,6 +96,42 @@ def test_best_recipe_trains_in_two_processes_and_predicts(tmp_path, synth_imdb, 
     assert [r["label"] for r in out] == ["positive", "negative"]
 
 
+STALLED_PEER = """
+import sys, time, torch, torch.distributed as dist
+from datetime import timedelta
+from distsent import together
+dist.init_process_group("gloo", timeout=timedelta(seconds=120))
+together.set_group_timeout(2)  # dist.timeout_s=2
+get_backend, dist.get_backend = dist.get_backend, lambda group=None: "nccl"  # as on GPUs: a gloo group of its own
+group = together.cpu_group()
+dist.get_backend = get_backend
+assert group is not dist.group.WORLD
+if dist.get_rank() == 1:
+    time.sleep(60)  # a peer that hangs
+t0 = time.monotonic()
+try:
+    dist.all_reduce(torch.zeros(1), group=group)
+except RuntimeError:
+    print(f"gave up after {time.monotonic() - t0:.0f} s", flush=True)
+"""
+
+
+def test_the_agreements_own_group_waits_dist_timeout_s_for_a_stalled_peer(tmp_path):
+    """On GPUs the stop agreements run on a gloo group of their own (the world group is NCCL's); it must give up after
+    dist.timeout_s like the world group, not after PyTorch's default 30 minutes. Stood in for on CPUs by reporting
+    the gloo world group as NCCL's."""
+    script = tmp_path / "stalled.py"
+    script.write_text(STALLED_PEER)
+    env = run_env({"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), "WORLD_SIZE": "2"})
+    procs = [subprocess.Popen([sys.executable, str(script)], cwd=REPO, env={**env, "RANK": str(r)},
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in (0, 1)]
+    try:
+        out, err = procs[0].communicate(timeout=45)
+    finally:
+        procs[1].kill()
+    assert re.fullmatch(r"gave up after [0-9] s\n", out), err[-2000:]
+
+
 def test_bad_config_fails_before_training(tmp_path, synth_imdb, cache_env):
     proc = run(direct_cmd([*tiny_overrides(tmp_path / "r", synth_imdb), "model.hiden_dim=3"]))
     assert proc.returncode == 2 and "model.hiden_dim: unknown key" in proc.stderr

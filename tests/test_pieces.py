@@ -377,6 +377,46 @@ def test_model_folder_is_verified_before_prediction(model_dir, tmp_path):
     assert Predictor.load(legacy).predict(["good0 movie"])[0]["label"] in ("positive", "negative")
 
 
+def test_a_step_the_fp16_scaler_skips_is_left_out_of_the_gradient_norm():
+    from accelerate import Accelerator
+
+    from distsent.metrics import TrainSums
+
+    sums = TrainSums(Accelerator(cpu=True))
+    for norm in (3.0, 0.5, float("inf"), float("nan")):  # the last two: overflowed fp16 steps, skipped
+        sums.add_step(torch.tensor(norm, dtype=torch.float64), 1.0, 1.0)
+    sums.add(skipped=2.0)
+    row = sums.row(1.0, 10)
+    assert (row["grad_norm"], row["clip_fraction"], row["skipped_steps"]) == (1.75, 0.5, 2.0)
+    json.dumps(row, allow_nan=False)  # metrics.jsonl stays strict JSON
+
+
+def test_gpu_random_state_is_this_processs_device_alone(monkeypatch):
+    """A process saves its own GPU's random state, not every visible GPU's by number, and an earlier version's list
+    is used only where the node has as many GPUs as when it was written; else (or from a CPU checkpoint) the GPU is
+    seeded from the process's stream. torch.cuda is stood in for: there is no GPU here (test_gpu has the real one)."""
+    seen = {}
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: seen.update(state=int(s[0])))
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda n: seen.update(seed=n))
+    state = ckpt.rng_state()
+    assert state["cuda"].tolist() == [7]
+    ckpt.set_rng_state(state, 123)
+    assert seen == {"state": 7}
+    seen.clear()
+    ckpt.set_rng_state({**state, "cuda": [torch.tensor([5], dtype=torch.uint8), torch.tensor([6], dtype=torch.uint8)]},
+                       123)
+    assert seen == {"state": 6}  # the current device's entry
+    for cuda in ([torch.tensor([5], dtype=torch.uint8)] * 4, None):  # written on a 4-GPU node; on a CPU
+        seen.clear()
+        ckpt.set_rng_state({k: v for k, v in {**state, "cuda": cuda}.items() if v is not None}, 123)
+        assert seen == {"seed": 123}
+
+
 # --- metrics -----------------------------------------------------------------------------------------------------
 
 def test_metrics_against_hand_computed_values():
@@ -461,6 +501,10 @@ def test_auto_precision_picks_fp32_where_bf16_is_not_native(monkeypatch):
     assert precision.resolve("auto", "cpu")[0] == "no"
     # a GPU: CUDA autocast would run cuDNN's LSTM in fp16 under bf16 (checked on a GPU in test_gpu), so fp32
     assert precision.resolve("auto", "cuda")[0] == "no" and not precision.bf16_rnn_runs_on("cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine (stood in for)
+    assert precision.run_device() == "cuda"
+    monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # launched with use_cpu (launch/cpu_1proc.yaml): its CPU decides
+    assert precision.run_device() == "cpu"
     assert precision.resolve("fp16", "cuda") == ("fp16", "as configured")
 
 

@@ -230,8 +230,9 @@ def test_job_array_runs_one_seed_per_task_and_requeues_one_task(cluster, job_env
     tasks = {i: f"{array}_{i}" for i in (0, 1)}
     runs = {i: tmp_path / "runs" / f"smoke-{tasks[i]}" for i in (0, 1)}
     wait_step(runs[1], 20, tasks[1])
-    subprocess.run(["scancel", "--signal=USR1", "--batch", tasks[1]], check=True)
-    log(f"array task {tasks[1]}: scancel --signal=USR1 --batch")
+    # TERM to the batch shell: it reaches the ranks as USR1 (srun would kill them on a TERM) and they checkpoint
+    subprocess.run(["scancel", "--signal=TERM", "--batch", tasks[1]], check=True)
+    log(f"array task {tasks[1]}: scancel --signal=TERM --batch")
     wait_requeued(tasks[1])
     release(tasks[1])
     done = {i: wait_done(tasks[i]) for i in (0, 1)}
@@ -243,7 +244,7 @@ def test_job_array_runs_one_seed_per_task_and_requeues_one_task(cluster, job_env
         cfg = yaml.safe_load((runs[i] / "config.yaml").read_text())
         assert cfg["train"]["seed"] == i and cfg["log"]["wandb"]["group"] == f"smoke-{array}"
     assert (done[0]["Restarts"], done[1]["Restarts"]) == ("0", "1")
-    assert f"requeueing job {tasks[1]} (restart 1)" in logs[1] and "resumed from" in logs[1]
+    assert f"checkpoint written; requeueing job {tasks[1]} (restart 1)" in logs[1] and "resumed from" in logs[1]
     assert losses(runs[0]) != losses(runs[1])
 
 
