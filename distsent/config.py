@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 from dataclasses import dataclass, field
 
 
@@ -240,8 +241,9 @@ class CheckpointConfig:
 class DistConfig:
     timeout_s: int = _doc("Collective timeout: a process whose peer died exits after at most this long.", 600)
     stop_signals: list[str] = _doc("Signals that make the run checkpoint and exit (preemption; SIGINT: Ctrl-C, "
-                                   "a second Ctrl-C stops at once without a checkpoint).",
-                                   ["SIGTERM", "SIGUSR1", "SIGINT"])
+                                   "a second Ctrl-C stops at once without a checkpoint; SIGHUP: the terminal closed, "
+                                   "unless the run was started with it ignored, as by nohup).",
+                                   ["SIGTERM", "SIGUSR1", "SIGINT", "SIGHUP"])
 
     def __post_init__(self):
         _check_min("dist.timeout_s", self.timeout_s, 1)
@@ -291,6 +293,7 @@ class ExperimentConfig:
     def __post_init__(self):
         if not self.output_dir.strip():
             raise ConfigError("output_dir: empty; name the run directory (its checkpoints, metrics and best/)")
+        self.output_dir = os.path.expanduser(self.output_dir)  # as every other path (a quoted ~ is not the shell's)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -94,7 +94,7 @@ class Trainer:
         bar = progress_bar(self.total_steps, state.step, acc.is_main_process and not self.ended_before)
         self.model.train()
         if self.ended_before and acc.is_main_process:  # a relaunch after the end (a requeue, say)
-            log.info("the run had finished at step %d: testing the best model again", state.step)
+            log.info("the run is at step %d, at or past its end: testing the best model again", state.step)
         t_log, samples_log = time.perf_counter(), state.samples_seen
         try:
             while not self._done():
@@ -138,7 +138,7 @@ class Trainer:
                     # one tiny all-reduce: every process stops at the same step, on a signal, a failed write or
                     # the run directory taken over by another launch while this one was stalled
                     failure = runlog.failure or self.lock.lost
-                    what = f"write {runlog.path}" if runlog.failure else f"keep {self.lock.path}"
+                    what = f"keep the run's records (metrics.jsonl, run.lock) in {self.run_dir}"  # only it knows which
                     stopping = self.stop.agreed(acc, failure, what)
                     if stopping or last or state.stopped_early or self.checkpoints.due(state.step):
                         self.watch.check()

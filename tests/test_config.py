@@ -70,6 +70,12 @@ def test_numbers_in_string_fields_keep_their_text():
     assert type(cfg.model.hidden_dim) is int  # plain numbers where numbers are meant (safe_dump writes them)
 
 
+def test_output_dir_under_home_is_expanded(tmp_path, monkeypatch):
+    """A quoted or YAML ~ is not expanded by the shell: the run directory must not be a folder named ~ here."""
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert load_config(None, ["output_dir=~/runs/x"]).output_dir == str(tmp_path / "runs" / "x")
+
+
 def test_int_accepted_for_float():
     assert load_config(None, ["optim.lr=1"]).optim.lr == 1.0
 

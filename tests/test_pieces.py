@@ -227,11 +227,15 @@ def test_ctrl_c_once_flags_a_stop_twice_interrupts_and_the_handlers_come_back():
     finally:
         flag.restore()
     assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGUSR1)) == before
+    hup = signal.getsignal(signal.SIGHUP)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # started by nohup
     try:
-        assert StopFlag(["SIGINT"]).signals == [] and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert StopFlag(["SIGINT", "SIGHUP"]).signals == [] and signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGINT, started_with)
+        signal.signal(signal.SIGHUP, hup)
 
 
 

@@ -103,7 +103,8 @@ def reference(tmp_path_factory, synth_imdb):
     return uninterrupted_runs(tmp_path_factory, synth_imdb)
 
 
-@pytest.mark.parametrize("nproc, sig", [(1, signal.SIGUSR1), (2, signal.SIGUSR1), (2, signal.SIGTERM)])
+@pytest.mark.parametrize("nproc, sig", [(1, signal.SIGUSR1), (2, signal.SIGUSR1), (2, signal.SIGTERM),
+                                       (2, signal.SIGHUP)])  # the terminal closed
 def test_signal_mid_epoch_then_resume_is_bitwise_exact(nproc, sig, reference, synth_imdb, tmp_path, cache_env):
     run_dir = tmp_path / "run"
     proc = start(nproc, overrides(run_dir, synth_imdb))
@@ -237,7 +238,8 @@ def test_a_finished_run_relaunched_tests_once_more_and_a_damaged_best_stops_ever
     args = overrides(run_dir, synth_imdb)
     proc = run(launch_cmd(2, args))
     assert proc.returncode == 0 and "resumed from" in proc.stderr, proc.stderr[-3000:]
-    assert "the run had finished at step" in proc.stderr and not re.search(r"\| *\d+/\d+ \[", proc.stderr)  # no bar
+    assert "at or past its end: testing the best model again" in proc.stderr
+    assert not re.search(r"\| *\d+/\d+ \[", proc.stderr)  # no progress bar
     assert len([r for r in read_jsonl(run_dir / "metrics.jsonl") if "test/acc" in r]) == 1
     # a relaunch refused before it runs (a mistyped data path) leaves the finished run's status.json as it is
     finished = (run_dir / "status.json").read_text()

@@ -221,6 +221,22 @@ def test_requeued_onto_one_node_finishes_the_same_steps(cluster, job_env, synth_
     assert steps == list(range(1, EPOCHS * STEPS_PER_EPOCH + 1))
 
 
+def test_a_requeue_by_slurm_itself_is_not_told_to_resubmit(cluster, job_env, synth_imdb, tmp_path):
+    """`scontrol requeue` (what a preemption with PreemptMode=REQUEUE does): the ranks checkpoint, the script leaves
+    the requeue to Slurm without telling the user to submit again, and the job comes back and finishes."""
+    job = sbatch(job_env, tmp_path, [], "train.sbatch", [str(CONFIG), *overrides(synth_imdb)])
+    run_dir = tmp_path / "runs" / f"smoke-{job}"
+    wait_step(run_dir, 20, job)
+    subprocess.run(["scontrol", "requeue", job], check=True)
+    wait_requeued(job)
+    release(job)
+    fields = wait_done(job)
+    text = job_logs(tmp_path)
+    assert fields["JobState"] == "COMPLETED" and fields["Restarts"] == "1", text[-4000:]
+    assert "checkpoint written; Slurm is requeueing the job itself (restart 1)" in text and "not requeueing" not in text
+    assert "resumed from" in text and status(run_dir)["state"] == "finished"
+
+
 def test_job_array_runs_one_seed_per_task_and_requeues_one_task(cluster, job_env, synth_imdb, tmp_path):
     import yaml
 
@@ -368,7 +384,8 @@ def test_a_refused_relaunch_of_a_finished_run_fails_the_job_and_keeps_the_record
 def test_sweep_file_line_per_task_and_node_rank_per_task(cluster, tmp_path):
     """Without running anything (DISTSENT_DRY_RUN): task i takes line i of the overrides file, the run directory
     is named after the array task, and the node rank is left for each srun task's own shell to expand."""
-    (tmp_path / "sweep.txt").write_text("optim.lr=0.1\noptim.lr=0.2 model.bidirectional=true\n")
+    (tmp_path / "sweep.txt").write_text("optim.lr=0.1\noptim.lr=0.2 model.bidirectional=true 'log.wandb.notes=lr "
+                                        "sweep' log.wandb.tags='[a, b]' x=$(touch ran)\nx=\"unclosed\n")
     env = clean_env({"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2",
                      "SLURM_JOB_NUM_NODES": "3", "SLURM_JOB_NODELIST": "n[1-2],gpu7", "SLURM_CPUS_ON_NODE": "4",
                      "SLURM_SUBMIT_DIR": str(tmp_path), "DISTSENT_HOME": str(REPO), "DISTSENT_DRY_RUN": "1",
@@ -378,14 +395,19 @@ def test_sweep_file_line_per_task_and_node_rank_per_task(cluster, tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert f"output_dir={tmp_path}/runs/smoke-4240_2 log.wandb.group=smoke-4240 x.y=1 optim.lr=0.2 " \
-           f"model.bidirectional=true" in out
+           f"model.bidirectional=true 'log.wandb.notes=lr sweep' 'log.wandb.tags=[a, b]' 'x=$(touch' 'ran)'" in out
+    assert not (tmp_path / "ran").exists()  # quotes are read, nothing in the line is run
     assert "--num_machines 3 --num_processes 6 --main_process_ip n1 --main_process_port 24242" in out
     assert "--nodes=3 --ntasks=3 --ntasks-per-node=1" in out and "--cpus-per-task=4" in out
     assert 'exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"\' distsent-node' in out  # expanded per node
     env["SLURM_ARRAY_TASK_ID"] = "3"
     proc = subprocess.run(["bash", str(SLURM_DIR / "sweep.sbatch"), "--file", "sweep.txt", str(CONFIG)],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "line 3 of" in proc.stderr
+    assert proc.returncode == 2 and "line 3 of" in proc.stderr and "unmatched double quote" in proc.stderr
+    env["SLURM_ARRAY_TASK_ID"] = "4"
+    proc = subprocess.run(["bash", str(SLURM_DIR / "sweep.sbatch"), "--file", "sweep.txt", str(CONFIG)],
+                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and "line 4 of" in proc.stderr
     env["SLURM_ARRAY_TASK_ID"] = "0"  # --array=0-N, as for seeds: there is no line 0
     proc = subprocess.run(["bash", str(SLURM_DIR / "sweep.sbatch"), "--file", "sweep.txt", str(CONFIG)],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
