@@ -41,6 +41,19 @@ def _foreign(named: Path, root: Path) -> CheckpointError:
                            f"checkpoints of its own: start the new run from it in a new output_dir")
 
 
+def chosen_checkpoint(cfg, acc, root: Path) -> Path | None:
+    """Collective: resume_path, decided once, by the main process (another could see a checkpoint as broken that it
+    does not); an explicitly named checkpoint that is broken fails here, before the slow start-up."""
+    found, failure = None, None
+    if acc.is_main_process:
+        try:
+            found = resume_path(cfg, root)
+        except CheckpointError as exc:
+            failure = exc
+    fail_together(acc, failure, "find the checkpoint to resume from")
+    return from_main(acc, found)
+
+
 def resume_path(cfg, root: Path, verify_files: bool = True) -> Path | None:
     """The checkpoint to restore (None: a fresh start), decided on checkpoint.resume; CheckpointError where the
     start must be refused. verify_files=False (--check): a checkpoint "verifies" if its state.json reads, its
@@ -153,8 +166,10 @@ def settle(acc, state, resume: str, resume_from: Path, run_dir: Path) -> bool:
     carried out now)."""
     root = run_dir / "checkpoints"
     named = resume_tag(Path(resume), root) if resume not in ("auto", "never") else ""
-    new_line = bool(named) and state.resumed_from != named
     branch = not in_run(resume_from, root)
+    if named and not branch and not from_main(acc, any(s > state.step for s, _ in by_step(root))):
+        named = ""  # the run's own newest checkpoint: no step would repeat, nothing to roll back; as `auto`
+    new_line = bool(named) and state.resumed_from != named
     failure, line = None, None
     if acc.is_main_process:
         try:

@@ -22,11 +22,11 @@ from .files import IntegrityError, WriteError, writing
 from .metrics import EXIT_NONFINITE, EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums
 from .model import Ensemble
 from .preemption import EXIT_PREEMPTED, Preempted, StopFlag
-from .resume import resume_path, settle
+from .resume import chosen_checkpoint, in_run, settle
 from .sampler import epoch_batches
 from .sources import located
 from .state import TrainState
-from .together import PeerFailed, fail_together, from_main
+from .together import PeerFailed, fail_together
 from .tokenizer import TokenizedSplit
 from .tracking import (DebugRecords, RunLog, eval_media, example_predictions, launch_topology, progress_bar,
                        write_status)
@@ -54,17 +54,11 @@ class Trainer:
         """Data, model, optimizer, schedule, checkpoints and records, once the run directory is this run's."""
         setup_threads(cfg)
         announce(acc, self.layout, self.run_dir)
-        # decided once, by the main process (another could see a checkpoint as broken that it does not); an
-        # explicitly named checkpoint that is broken fails here, before the slow start-up
-        resume_from, failure = None, None
-        if acc.is_main_process:
-            try:
-                resume_from = resume_path(cfg.checkpoint, self.run_dir / "checkpoints")
-            except ckpt.CheckpointError as exc:
-                failure = exc
-        fail_together(acc, failure, "find the checkpoint to resume from")
-        self.resume_from = from_main(acc, resume_from)
-        self.data, self.prepare_s = build_data(cfg, acc, self.run_dir, resuming=self.resume_from is not None)
+        self.resume_from = chosen_checkpoint(cfg.checkpoint, acc, self.run_dir / "checkpoints")
+        # one of the run's own checkpoints; a branch (another run's) takes its vocabulary and records afresh, as a
+        # fresh start does: a tokenizer.json or metrics left by a start that died early may come from other settings
+        self.own_resume = self.resume_from is not None and in_run(self.resume_from, self.run_dir / "checkpoints")
+        self.data, self.prepare_s = build_data(cfg, acc, self.run_dir, resuming=self.own_resume)
         model = build_run_model(cfg, acc, self.data, resuming=self.resume_from is not None)
         self.model, self.optimizer = acc.prepare(model, build_optimizer(cfg, model))
         self.raw_model = acc.unwrap_model(self.model)
@@ -350,7 +344,7 @@ class Trainer:
             log.warning(warning)
         self.debug.resume(state.step)
         state.run_id = state.run_id or new_run_id(acc)
-        runlog = RunLog(cfg, self.run_dir, acc, state.run_id, state.step if self.resume_from else -1,
+        runlog = RunLog(cfg, self.run_dir, acc, state.run_id, state.step if self.own_resume else -1,
                         {**cfg.to_dict(), "launch": launch_topology(acc, self.layout)}, self.lock,
                         history_after=state.step if continues else -1)
         if state.batch_in_epoch >= self.steps_per_epoch:

@@ -1006,6 +1006,8 @@ def test_a_rollback_abandons_the_newer_checkpoints_and_a_branch_is_a_run_of_its_
     fit(first, **{"train.max_steps": 9})
     assert steps(first) == [3, 6, 9]
     first_id = run_id(first)
+    fit(first, **{"train.max_steps": 9, "checkpoint.resume": str(first / "checkpoints" / "step-00000009")})
+    assert not (first / "checkpoints" / "line.json").exists()  # its own newest: no rollback, no new W&B run
     rollback = {"train.max_steps": 5, "checkpoint.every": 1,
                 "checkpoint.resume": str(first / "checkpoints" / "step-00000003")}
     with pytest.raises(SystemExit):
@@ -1027,8 +1029,11 @@ def test_a_rollback_abandons_the_newer_checkpoints_and_a_branch_is_a_run_of_its_
     moved.rename(first)
 
     branch, origin = tmp_path / "branch", first / "checkpoints" / "step-00000006"
-    fit(branch, **{"train.max_steps": 8, "checkpoint.resume": str(origin)})
+    with pytest.raises(SystemExit):  # a start into the branch's directory that died early, with another vocabulary
+        fit(branch, crash=True, **{"data.min_freq": 200})
+    fit(branch, **{"train.max_steps": 8, "checkpoint.resume": str(origin)})  # its leftovers are not the branch's
     assert steps(branch) == [8] and run_id(branch) not in (first_id, run_id(first))
+    assert min(r["step"] for r in read_jsonl(branch / "metrics.jsonl")) == 7
     assert json.loads((branch / "best" / "meta.json").read_text())["step"] == 8  # its own, not the origin's
     shutil.rmtree(origin)  # pruned by the origin run meanwhile
     fit(branch, **{"train.max_steps": 9, "checkpoint.resume": str(origin)})
