@@ -242,7 +242,8 @@ class DistConfig:
     timeout_s: int = _doc("Collective timeout: a process whose peer died exits after at most this long.", 600)
     stop_signals: list[str] = _doc("Signals that make the run checkpoint and exit (preemption; SIGINT: Ctrl-C, "
                                    "a second Ctrl-C stops at once without a checkpoint; SIGHUP: the terminal closed, "
-                                   "unless the run was started with it ignored, as by nohup).",
+                                   "unless a process started with it ignored, as by nohup; torchrun, which runs "
+                                   "several processes, forwards it all the same).",
                                    ["SIGTERM", "SIGUSR1", "SIGINT", "SIGHUP"])
 
     def __post_init__(self):

@@ -29,7 +29,7 @@ class StopFlag:
     def __init__(self, signal_names: list[str]):
         self.received: int | None = None
         # a process started with Ctrl-C ignored (a shell's background job) or the hang-up ignored (nohup) keeps
-        # ignoring it
+        # ignoring it (under torchrun it is not: torchrun handles both itself and forwards them)
         self.signals = [s for s in (getattr(signal, name) for name in signal_names)
                         if not (s in (signal.SIGINT, signal.SIGHUP) and signal.getsignal(s) == signal.SIG_IGN)]
         self.previous = {s: signal.getsignal(s) for s in self.signals}  # put back by restore()

@@ -420,6 +420,10 @@ def test_sweep_file_line_per_task_and_node_rank_per_task(cluster, tmp_path):
     proc = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch"), "--nodes=2", str(CONFIG)],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "--nodes=2: sbatch options go before the script" in proc.stderr, proc.stderr
+    proc = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch"), str(CONFIG), "output_dir=~/runs/x"],
+                          env={**env, "HOME": str(tmp_path / "home")}, cwd=tmp_path, capture_output=True, text=True,
+                          timeout=60)  # a quoted ~: expanded as the trainer expands it
+    assert proc.returncode == 0 and f"run directory {tmp_path}/home/runs/x" in proc.stdout, proc.stderr
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
