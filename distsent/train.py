@@ -66,7 +66,7 @@ def _main(argv: list[str] | None) -> int:
         cfg = load_config(args.config, args.overrides) if args.config or args.overrides or not args.help_config \
             else None
     except ConfigError as exc:
-        return fail(f"config error: {exc}", 2)
+        return fail(f"config error: {exc}", 2, once_per_machine=True)  # every process reads the same config
     if args.help_config:
         try:
             print("\n".join(describe(values=cfg)), flush=True)
@@ -173,15 +173,17 @@ def explain(exc: BaseException) -> tuple[str, int]:
     return f"{type(exc).__name__}: {exc}", 1
 
 
-def fail(message: str, exit_code: int, cfg=None, trainer=None) -> int:
+def fail(message: str, exit_code: int, cfg=None, trainer=None, once_per_machine: bool = False) -> int:
     """One line on stderr; under `accelerate launch` / torchrun also in the error file its failure summary shows
     for this process (instead of "To enable traceback see ..."). With `cfg`, the main process also records the
     failure in status.json if the trainer did not (a failure during start-up: bad data, a refused checkpoint), so
     that people and schedulers read the documented exit code there, unless that file records a finished run: a
     relaunch that failed before it ran leaves that record as it was (slurm/train.sbatch reads the launch's own exit
     status from $DISTSENT_EXIT_REPORT). A preempted run's record does say failed then (the relaunch could not resume
-    it: a damaged checkpoint, edited data, or a config it refuses), and the next launch that resumes it says running."""
-    print(f"distsent-train: {message}", file=sys.stderr)
+    it: a damaged checkpoint, edited data, or a config it refuses), and the next launch that resumes it says running.
+    once_per_machine: an error every process meets alike is printed by each machine's first process only."""
+    if not once_per_machine or os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"distsent-train: {message}", file=sys.stderr)
     error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
     if error_file:
         with contextlib.suppress(OSError):

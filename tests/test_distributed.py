@@ -136,6 +136,10 @@ def test_bad_config_fails_before_training(tmp_path, synth_imdb, cache_env):
     proc = run(direct_cmd([*tiny_overrides(tmp_path / "r", synth_imdb), "model.hiden_dim=3"]))
     assert proc.returncode == 2 and "model.hiden_dim: unknown key" in proc.stderr
     assert not (tmp_path / "r").exists()
+    # two processes: the error once (the launcher's summary names it for each process from its error file)
+    proc = run(launch_cmd(2, [*tiny_overrides(tmp_path / "r", synth_imdb), "model.hiden_dim=3"]))
+    assert proc.returncode == 1 and proc.stderr.count("distsent-train: config error:") == 1, proc.stderr[-3000:]
+    assert proc.stderr.count("traceback : config error: the override model.hiden_dim=3") == 2
 
 
 def test_bf16_on_cpu_trains(tmp_path, synth_imdb, cache_env):
