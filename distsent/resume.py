@@ -166,11 +166,8 @@ def settle(acc, state, resume: str, resume_from: Path, run_dir: Path) -> bool:
     carried out now)."""
     root = run_dir / "checkpoints"
     named = resume_tag(Path(resume), root) if resume not in ("auto", "never") else ""
-    branch, own_newest = not in_run(resume_from, root), ""
-    newer = from_main(acc, any(s > state.step for s, _ in by_step(root)))  # on every process: a collective
-    if named and not branch and not newer:
-        own_newest, named = named, ""  # the run's own newest checkpoint: no step would repeat; as `auto`
     new_line = bool(named) and state.resumed_from != named
+    branch = not in_run(resume_from, root)
     failure, line = None, None
     if acc.is_main_process:
         try:
@@ -181,8 +178,6 @@ def settle(acc, state, resume: str, resume_from: Path, run_dir: Path) -> bool:
     fail_together(acc, failure, f"set aside the checkpoints after step {state.step}")
     line = from_main(acc, line)
     _adopt(state, named, new_line, branch, line, from_main(acc, _exported_step(run_dir / "best")))
-    if own_newest:  # recorded all the same: a relaunch of this command (a requeue) continues from the latest
-        state.resumed_from = own_newest
     return (new_line and branch) or bool(line and line.get("new"))
 
 
