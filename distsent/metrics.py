@@ -113,9 +113,20 @@ class EvalMetrics:
             out.update({"f1": 2 * tp / max(1, 2 * tp + fp + fn), "roc_auc": None, "tp": tp, "fp": fp, "tn": tn,
                         "fn": fn})
             if 0 < tp + fn < out["n"]:  # ROC-AUC needs both classes
-                out["roc_auc"] = float(self.auroc.compute())
+                out["roc_auc"] = float(_in_float64(self.auroc.compute))
         out.update({f"acc_{name}": float(m.compute()) for name, m in self.heads.items()})
         return out
+
+
+def _in_float64(compute):
+    """compute() with float64 as torch's default dtype: torchmetrics builds the ROC curve's rates in the default
+    dtype, and in float32 a perfectly separated split scores 0.99999988."""
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    try:
+        return compute()
+    finally:
+        torch.set_default_dtype(default)
 
 
 def per_class(cm: torch.Tensor, classes: list[str]) -> dict:

@@ -7,6 +7,7 @@ import sys
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import REPO, binary_score, make_reviews, score
 
@@ -17,7 +18,9 @@ def test_roc_auc_matches_pairwise_definition_with_ties():
     p = np.round(np.clip(0.3 * y + 0.7 * rng.random(300), 0, 1), 2)  # rounding makes ties
     pos, neg = p[y == 1], p[y == 0]
     pairwise = ((pos[:, None] > neg[None, :]).sum() + 0.5 * (pos[:, None] == neg[None, :]).sum()) / (len(pos) * len(neg))
-    assert abs(binary_score(p, y)["roc_auc"] - pairwise) < 1e-8  # torchmetrics sums in float32 in places
+    assert abs(binary_score(p, y)["roc_auc"] - pairwise) < 1e-12  # in float64, not torchmetrics' default float32
+    assert binary_score(np.where(y == 1, 0.9, 0.1) + 1e-3 * rng.random(300), y)["roc_auc"] == 1.0  # not 0.99999988
+    assert torch.get_default_dtype() == torch.float32  # put back
 
 
 def test_ece_small_when_calibrated_large_when_overconfident():
