@@ -124,16 +124,25 @@ class _Loader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
+# YAML 1.2's core schema for booleans, integers and floats, and no dates: YAML 1.1 read 010 as 8 (octal), 1:30 as 90
+# (base 60) and 2024-01-01 as a date, which no setting takes
+_YAML11_ONLY = {"tag:yaml.org,2002:bool", "tag:yaml.org,2002:int", "tag:yaml.org,2002:float",
+                "tag:yaml.org,2002:timestamp"}
 _Loader.yaml_implicit_resolvers = {
-    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    first: [(tag, regexp) for tag, regexp in resolvers if tag not in _YAML11_ONLY]
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                               list("tTfF"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                              list("-+0123456789"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
+    r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
+    list("-+0123456789."))
 _YAML11_BOOLS = {"yes": True, "y": True, "on": True, "no": False, "n": False, "off": False}
 
 
 class _Int(int):
-    """A YAML integer that keeps its text, for fields typed str: YAML 1.1 reads 010 as 8 and 1:30 as 90."""
+    """A YAML integer that keeps its text, for fields typed str (007 as a class name is not 7)."""
 
 
 class _Float(float):
@@ -148,7 +157,12 @@ def _keeping_text(kind, construct):
     return constructor
 
 
-_Loader.add_constructor("tag:yaml.org,2002:int", _keeping_text(_Int, yaml.SafeLoader.construct_yaml_int))
+def _yaml12_int(loader, node) -> int:
+    text = node.value
+    return int(text[2:], 8 if text[1] == "o" else 16) if text[:2] in ("0o", "0x") else int(text, 10)
+
+
+_Loader.add_constructor("tag:yaml.org,2002:int", _keeping_text(_Int, _yaml12_int))
 _Loader.add_constructor("tag:yaml.org,2002:float", _keeping_text(_Float, yaml.SafeLoader.construct_yaml_float))
 
 
@@ -165,6 +179,9 @@ def parse_override(text: str) -> tuple[str, object]:
         value = _yaml(raw) if raw.strip() else ""
     except (yaml.YAMLError, ConfigError) as exc:
         raise ConfigError(f"{key.strip()}: cannot read value {raw!r}: {exc}") from exc
+    if "#" in raw and "#" not in str("" if value is None else value):  # `notes=lr sweep #3` read as `lr sweep`
+        raise ConfigError(f"{key.strip()}: the value {raw!r} holds a # that YAML takes for a comment, cutting the "
+                          f"value short: quote it ({key.strip()}='...')")
     return key.strip(), value
 
 
@@ -172,11 +189,20 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
     """Read a YAML file (or start from the defaults), apply overrides, and check every key and type."""
     data: dict = {}
     if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist")
+        path = Path(path).expanduser()
+        try:  # any readable file: a pipe too (--config <(...))
+            text = path.read_bytes().decode("utf-8")
+        except FileNotFoundError:
+            raise ConfigError(f"config file {path} does not exist") from None
+        except IsADirectoryError:
+            raise ConfigError(f"config file {path} is a folder; name a YAML file (configs/*.yaml)") from None
+        except OSError as exc:
+            raise ConfigError(f"config file {path}: cannot read it: {exc.strerror or exc}") from None
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"config file {path}: not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset "
+                              f"{exc.start}); save it as UTF-8") from None
         try:
-            data = _yaml(path.read_text()) or {}
+            data = _yaml(text) or {}
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         except ConfigError as exc:

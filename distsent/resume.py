@@ -24,16 +24,17 @@ OLD_DIR = re.compile(r"^\.step-(\d{8})\.old$")  # a checkpoint replaced by a new
 LINE = "line.json"  # checkpoints/line.json: the line a rollback started (see settle)
 
 
-def check_config_against_run(cfg, root: Path, label_names: list[str]) -> None:
+def check_config_against_run(cfg, root: Path, label_names: list[str]) -> Path | None:
     """distsent-train --check: CheckpointError if the start would refuse the checkpoint it resumes from (chosen as
     resume_path chooses it, but without reading any checkpoint's weights) or that checkpoint was trained with another
     config, in the config's part of the run's identity (the model, the seed, ...) or in the data's classes
-    (`label_names`, as read now; the data's content needs the tokenized data). Writes nothing."""
+    (`label_names`, as read now; the data's content needs the tokenized data). Writes nothing; returns the
+    checkpoint (None: a fresh start)."""
     path = resume_path(cfg.checkpoint, root, verify_files=False)
-    if path is None:
-        return
-    current = {**resume_identity(cfg), "label_names": label_names}
-    check_compatible(json.loads((path / "state.json").read_text())["identity"], current, path, only=current)
+    if path is not None:
+        current = {**resume_identity(cfg), "label_names": label_names}
+        check_compatible(json.loads((path / "state.json").read_text())["identity"], current, path, only=current)
+    return path
 
 
 def _foreign(named: Path, root: Path) -> CheckpointError:

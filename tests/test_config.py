@@ -1,5 +1,6 @@
 """Config: YAML onto dataclasses, overrides, and errors that name the full key path."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -68,6 +69,12 @@ def test_numbers_in_string_fields_keep_their_text():
     cfg = load_config(None, ["data.label_names=[007, 010, 1.50]", "output_dir=1:30", "model.hidden_dim=12"])
     assert cfg.data.label_names == ["007", "010", "1.50"] and cfg.output_dir == "1:30"
     assert type(cfg.model.hidden_dim) is int  # plain numbers where numbers are meant (safe_dump writes them)
+    # numbers and dates as YAML 1.2 reads them: 010 is ten, 1:30 no integer, a date a string
+    assert load_config(None, ["log.wandb.notes='lr sweep #3'"]).log.wandb.notes == "lr sweep #3"  # quoted: kept
+    cfg = load_config(None, ["train.seed=010", "data.path=2024-01-01", "log.wandb.name=2024-01-01", "optim.lr=3e-4"])
+    assert (cfg.train.seed, cfg.data.path, cfg.log.wandb.name, cfg.optim.lr) == (10, "2024-01-01", "2024-01-01", 3e-4)
+    with pytest.raises(ConfigError, match="train.max_steps: expected an integer, got str '1:30'"):
+        load_config(None, ["train.max_steps=1:30"])
 
 
 def test_output_dir_under_home_is_expanded(tmp_path, monkeypatch):
@@ -106,6 +113,8 @@ def test_int_accepted_for_float():
     ("data.split_seed=-1", "data.split_seed: must be >= 0"),
     ("model.forget_bias=.nan", "model.forget_bias: must be a finite number"),  # stopped at step 1 as a bad lr
     ("train={a: 1, a: 2}", "train: cannot read value '{a: 1, a: 2}': a: given twice"),
+    ("log.wandb.notes=lr sweep #3", "log.wandb.notes: the value 'lr sweep #3' holds a # that YAML takes for a comment"),
+    ("data.path=#x", "data.path: the value '#x' holds a #"),  # read as empty: the default data set
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
@@ -128,6 +137,16 @@ def test_bad_yaml_file_names_file_and_key(tmp_path):
         assert str(info.value).startswith(message) and "bad.yaml" not in str(info.value), info.value
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    # a file that cannot be read as text: one line naming it, not a traceback
+    p.write_bytes(b"output_dir: caf\xe9\n")  # Latin-1
+    with pytest.raises(ConfigError, match=r"bad.yaml: not UTF-8 text \(byte 0xe9 at offset 15\); save it as UTF-8"):
+        load_config(p)
+    with pytest.raises(ConfigError, match="is a folder; name a YAML file"):
+        load_config(tmp_path)
+    read, write = os.pipe()  # --config <(...): a pipe is a file to read too
+    os.write(write, b"train:\n  epochs: 3\n")
+    os.close(write)
+    assert load_config(f"/dev/fd/{read}").train.epochs == 3
 
 
 def test_resolved_config_round_trips(tmp_path):

@@ -1060,6 +1060,37 @@ def test_a_rollback_abandons_the_newer_checkpoints_and_a_branch_is_a_run_of_its_
         fit(branch, **{"train.max_steps": 11})
 
 
+def test_a_resume_refuses_a_changed_vocabulary_setting(synth_imdb, tmp_path, cache_env, capsys):
+    """A resumed run keeps its tokenizer.json: data.min_freq or data.lowercase changed on a relaunch had no effect
+    yet went into config.yaml as if it had, so the run's own config no longer reproduced it."""
+    from distsent.config import ConfigError
+    from distsent.preemption import StopFlag
+    from distsent.train import main as train_main
+    from distsent.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+
+    def fit(**extra):
+        cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{
+            "train.max_steps": 3, "checkpoint.every": 3, **extra}))
+        trainer = Trainer(cfg, stop=StopFlag([]))
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+
+    fit()
+    for change in ({"data.min_freq": 4}, {"data.lowercase": "false"}):
+        with pytest.raises(ConfigError, match=r"data\.\w+ \w+ -> \w+: a resumed run keeps the vocabulary it was"):
+            fit(**change, **{"train.max_steps": 5})
+    assert "min_freq: 1" in (run_dir / "config.yaml").read_text()
+    args = ["--check", "--config", str(REPO / "configs" / "smoke.yaml"), *tiny_overrides(run_dir, synth_imdb),
+            "data.min_freq=4"]
+    assert train_main(args) == 2 and "data.min_freq 1 -> 4: a resumed run keeps" in capsys.readouterr().err
+    fit(**{"train.max_steps": 5})  # unchanged: it resumes
+    assert json.loads((run_dir / "status.json").read_text())["step"] == 5
+
+
 # --- moving average of the weights, a real run -------------------------------------------------------------------
 
 def test_moving_average_of_the_weights_is_kept_saved_and_evaluated(synth_imdb, tmp_path, cache_env):
