@@ -133,8 +133,8 @@ _Loader.yaml_implicit_resolvers = {
     for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
 _Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
                               list("tTfF"))
-_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9]+|0o[0-7]+|0x[0-9a-fA-F]+)$"),
-                              list("-+0123456789"))
+_Loader.add_implicit_resolver("tag:yaml.org,2002:int", re.compile(r"^(?:[-+]?[0-9][0-9_]*|0o[0-7]+|0x[0-9a-fA-F]+)$"),
+                              list("-+0123456789"))  # 100_000 as YAML 1.1 read it
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(
     r"^(?:[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?|[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$"),
     list("-+0123456789."))
@@ -159,7 +159,7 @@ def _keeping_text(kind, construct):
 
 def _yaml12_int(loader, node) -> int:
     text = node.value
-    return int(text[2:], 8 if text[1] == "o" else 16) if text[:2] in ("0o", "0x") else int(text, 10)
+    return int(text[2:], 8 if text[1] == "o" else 16) if text[:2] in ("0o", "0x") else int(text.replace("_", ""))
 
 
 _Loader.add_constructor("tag:yaml.org,2002:int", _keeping_text(_Int, _yaml12_int))
@@ -175,13 +175,20 @@ def parse_override(text: str) -> tuple[str, object]:
     key, sep, raw = text.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"override {text!r}: expected key.sub=value")
-    try:
-        value = _yaml(raw) if raw.strip() else ""
-    except (yaml.YAMLError, ConfigError) as exc:
-        raise ConfigError(f"{key.strip()}: cannot read value {raw!r}: {exc}") from exc
-    if "#" in raw and "#" not in str("" if value is None else value):  # `notes=lr sweep #3` read as `lr sweep`
+    value, rest = "", ""
+    if raw.strip():
+        loader = _Loader(raw)
+        try:
+            node = loader.get_single_node()
+            value = loader.construct_document(node) if node is not None else None
+            rest = raw[node.end_mark.index:] if node is not None else raw
+        except (yaml.YAMLError, ConfigError) as exc:
+            raise ConfigError(f"{key.strip()}: cannot read value {raw!r}: {exc}") from exc
+        finally:
+            loader.dispose()
+    if rest.strip():  # only a comment is left after the value: `notes=lr sweep #3` would be read as `lr sweep`
         raise ConfigError(f"{key.strip()}: the value {raw!r} holds a # that YAML takes for a comment, cutting the "
-                          f"value short: quote it ({key.strip()}='...')")
+                          f"value short: quote it (\"{key.strip()}='...'\" in a shell)")
     return key.strip(), value
 
 
@@ -189,7 +196,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
     """Read a YAML file (or start from the defaults), apply overrides, and check every key and type."""
     data: dict = {}
     if path is not None:
-        path = Path(path).expanduser()
+        try:
+            path = Path(path).expanduser()
+        except RuntimeError:  # ~name of no user (or no home): the name as written
+            path = Path(path)
         try:  # any readable file: a pipe too (--config <(...))
             text = path.read_bytes().decode("utf-8")
         except FileNotFoundError:

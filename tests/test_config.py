@@ -71,6 +71,7 @@ def test_numbers_in_string_fields_keep_their_text():
     assert type(cfg.model.hidden_dim) is int  # plain numbers where numbers are meant (safe_dump writes them)
     # numbers and dates as YAML 1.2 reads them: 010 is ten, 1:30 no integer, a date a string
     assert load_config(None, ["log.wandb.notes='lr sweep #3'"]).log.wandb.notes == "lr sweep #3"  # quoted: kept
+    assert load_config(None, ["log.wandb.notes=C#", "train.max_steps=100_000"]).train.max_steps == 100000
     cfg = load_config(None, ["train.seed=010", "data.path=2024-01-01", "log.wandb.name=2024-01-01", "optim.lr=3e-4"])
     assert (cfg.train.seed, cfg.data.path, cfg.log.wandb.name, cfg.optim.lr) == (10, "2024-01-01", "2024-01-01", 3e-4)
     with pytest.raises(ConfigError, match="train.max_steps: expected an integer, got str '1:30'"):
@@ -115,6 +116,7 @@ def test_int_accepted_for_float():
     ("train={a: 1, a: 2}", "train: cannot read value '{a: 1, a: 2}': a: given twice"),
     ("log.wandb.notes=lr sweep #3", "log.wandb.notes: the value 'lr sweep #3' holds a # that YAML takes for a comment"),
     ("data.path=#x", "data.path: the value '#x' holds a #"),  # read as empty: the default data set
+    ("log.wandb.notes=C# port #2", "log.wandb.notes: the value 'C# port #2' holds a #"),  # one # kept, one cut
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
