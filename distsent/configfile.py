@@ -222,7 +222,10 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
     given = {}  # key -> the override that set it, to blame the command line rather than the file
     for text in overrides:
         key, value = parse_override(text)
-        _set_path(data, key, value)
+        try:
+            _set_path(data, key, value)
+        except ConfigError as exc:  # `train: 3` in the file, then train.epochs=3
+            raise ConfigError(f"the override {text}: {exc}" + (f" (in {path})" if path is not None else "")) from None
         given.update({k: text for k in _leaves(key, value)})
     try:
         return _build(ExperimentConfig, _upgrade(data))

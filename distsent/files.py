@@ -107,7 +107,7 @@ def verify(folder: Path, required: tuple[str, ...] = ()) -> dict:
     """The folder's manifest, after checking every file it lists (and `required` ones) is there and intact."""
     folder = Path(folder)
     if not folder.is_dir():
-        raise IntegrityError(f"{folder}: no such folder")
+        raise IntegrityError(f"{folder}: {'a file, not a folder' if folder.exists() else 'no such folder'}")
     try:
         manifest = json.loads((folder / MANIFEST).read_text())
     except FileNotFoundError:

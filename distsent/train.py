@@ -129,6 +129,8 @@ def check(cfg) -> int:
 
     root, resume = Path(cfg.output_dir) / "checkpoints", cfg.checkpoint.resume
     try:
+        if root.parent.exists() and not root.parent.is_dir():
+            raise ConfigError(f"output_dir {cfg.output_dir}: a file, not a folder")
         check_trackers(cfg.log.trackers)
         world = os.environ.get("WORLD_SIZE", "")
         if world.isdigit() and int(world) > 0:  # under accelerate launch / torchrun: the batch must split over them

@@ -139,6 +139,10 @@ def test_bad_yaml_file_names_file_and_key(tmp_path):
         assert str(info.value).startswith(message) and "bad.yaml" not in str(info.value), info.value
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
+    p.write_text("train: 3\n")  # the override cannot reach into it: both named
+    with pytest.raises(ConfigError, match=r"the override train.epochs=3: train: is not a section, cannot set "
+                                          r"train.epochs \(in .*bad.yaml\)"):
+        load_config(p, ["train.epochs=3"])
     # a file that cannot be read as text: one line naming it, not a traceback
     p.write_bytes(b"output_dir: caf\xe9\n")  # Latin-1
     with pytest.raises(ConfigError, match=r"bad.yaml: not UTF-8 text \(byte 0xe9 at offset 15\); save it as UTF-8"):
@@ -214,6 +218,7 @@ def test_an_unknown_tracker_is_a_config_error_before_anything_starts(tmp_path):
     ("data.label_column=category", "DataError: {tmp}/data/train.csv: no 'category' column (columns: text, label); "
                                    "name the column with data.text_column / data.label_column (distsent-evaluate"),
     ("data.path={tmp}/unseen", "unseen/test.csv: line 3 has label 'refund', which is not one of the classes"),
+    ("output_dir={tmp}/afile", "ConfigError: output_dir {tmp}/afile: a file, not a folder"),  # the run: exit 74
 ])
 def test_check_finds_what_would_stop_a_queued_job_and_writes_nothing(tmp_path, capsys, override, message):
     """distsent-train --check: exit 0 naming the data files found, or 2 naming the problem; no run directory."""
@@ -226,6 +231,7 @@ def test_check_finds_what_would_stop_a_queued_job_and_writes_nothing(tmp_path, c
     (tmp_path / "unseen").mkdir()
     (tmp_path / "unseen" / "train.csv").write_text((data / "train.csv").read_text())
     (tmp_path / "unseen" / "test.csv").write_text("text,label\ngood,joy\nmoney back,refund\n")
+    (tmp_path / "afile").write_text("")
     run_dir = tmp_path / ("used" if override == "checkpoint.resume=never" else "run")
     if override == "checkpoint.resume=never":
         run_dir.mkdir()

@@ -308,6 +308,8 @@ def test_sealed_folder_detects_damage_and_recovers_an_interrupted_swap(tmp_path)
     (folder / "a.bin").write_bytes(b"y" * 100)
     with pytest.raises(files.IntegrityError, match="corrupted"):
         files.verify(folder)
+    with pytest.raises(files.IntegrityError, match="a.bin: a file, not a folder"):  # predict --model <a file>
+        files.verify(folder / "a.bin")
     # a crash between publish()'s two renames: the new folder is not in place yet, the previous one is kept aside
     os.rename(folder, tmp_path / ".best.old")
     files.recover(folder)
