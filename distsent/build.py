@@ -150,9 +150,9 @@ def refuse_vocabulary_changes(cfg: ExperimentConfig, run_dir: Path) -> None:
 
 
 def build_data(cfg: ExperimentConfig, acc, run_dir: Path, resuming: bool) -> tuple[PreparedData, float]:
-    """The tokenized splits (and the seconds it took). The run keeps its tokenizer.json, so a resume keeps its
-    vocabulary; a fresh start builds the vocabulary from the data (a tokenizer.json left by a start that failed
-    before its first checkpoint may come from other data)."""
+    """The tokenized splits (and the seconds it took). The run keeps its tokenizer.json, so a resume from one of its
+    own checkpoints (`resuming`) keeps its vocabulary; a fresh start or a branch builds the vocabulary from the data
+    (a tokenizer.json left by a start that failed before its first checkpoint may come from other data)."""
     tok_path = run_dir / "tokenizer.json"
     t0 = time.perf_counter()
     # In three turns: the main process builds the vocabulary and the token cache; then one process per other machine
