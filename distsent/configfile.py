@@ -44,7 +44,7 @@ def _convert(key: str, tp, value):
             raise ConfigError(f"{key}: expected an integer, got {_got(value)}")
         return int(value)
     if tp is float:
-        if isinstance(value, str):  # a quoted number ('0.01'), or a config.yaml read by yaml.safe_load
+        if isinstance(value, str):  # a quoted number: '0.01'
             try:
                 value = float(value)
             except ValueError:
