@@ -30,11 +30,13 @@ from .together import fail_together, forget_group, from_main, set_group_timeout
 from .tracking import local_processes, num_machines
 
 log = logging.getLogger("distsent")
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # wandb.Settings.mode's values
 
 
 def check_trackers(names: list[str]) -> None:
-    """A misspelt tracker name would stop Accelerator() with a traceback, and one whose package is missing would
-    log nothing with only Accelerate's warning: a ConfigError naming it instead, from --check too."""
+    """A misspelt tracker name would stop Accelerator() with a traceback, and one whose package is missing (or a
+    WANDB_MODE wandb rejects) would log nothing with only a warning: a ConfigError naming it instead, from --check
+    too."""
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import LoggerType
 
@@ -45,6 +47,9 @@ def check_trackers(names: list[str]) -> None:
         if name not in installed and name != "all":  # "all": those installed
             raise ConfigError(f"log.trackers: {name!r} is not installed in this Python environment (pip install "
                               f"{name.replace('_', '-')}, or leave it out)")
+    mode = os.environ.get("WANDB_MODE")  # wins over log.wandb.mode; a value wandb rejects would run without W&B
+    if mode and {"wandb", "all"} & set(names) and mode not in WANDB_MODES:
+        raise ConfigError(f"WANDB_MODE={mode} (environment): wandb's modes are {', '.join(WANDB_MODES)}")
 
 
 def build_accelerator(cfg: ExperimentConfig, run_dir: Path):

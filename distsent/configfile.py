@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 import typing
@@ -33,6 +34,8 @@ def _convert(key: str, tp, value):
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {_got(value)}")
         return [_convert(f"{key}[{i}]", item_tp, v) for i, v in enumerate(value)]
+    if tp in (bool, int):
+        value = _unquoted(value)
     if tp is bool:
         if isinstance(value, str) and value.lower() in _YAML11_BOOLS:  # `yes`, `off`: booleans to YAML 1.1 users
             return _YAML11_BOOLS[value.lower()]
@@ -59,6 +62,17 @@ def _convert(key: str, tp, value):
             raise ConfigError(f"{key}: expected a string, got {_got(value)}")
         return getattr(value, "text", str(value))  # a number as written: 007 or 1:30, not 7 or 90
     raise TypeError(f"{key}: unsupported annotation {tp!r}")
+
+
+def _unquoted(value):
+    """A quoted '3' or 'true' read as it would be unquoted, as a quoted '0.01' or 'yes' is: the setting's type
+    decides, not the quotes."""
+    if isinstance(value, str):
+        with contextlib.suppress(yaml.YAMLError, ConfigError):
+            read = _yaml(value)
+            if isinstance(read, (bool, int)):
+                return read
+    return value
 
 
 def _build(cls, data: dict, prefix: str = ""):
@@ -111,17 +125,33 @@ class _Loader(yaml.SafeLoader):
     turned `mixed_precision: no` into False. Fields typed bool still take those words (_YAML11_BOOLS). A key given
     twice in one mapping is refused: YAML keeps the last, and a second `train:` section would drop the first."""
 
-    def construct_mapping(self, node, deep=False):
-        lines: dict[str, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, resolved by the base class
-                continue
-            key, line = repr(self.construct_object(key_node, deep=True)), key_node.start_mark.line + 1
-            if key in lines:
-                raise ConfigError(f"{key.strip(chr(39))}: given twice (lines {lines[key]} and {line}); the second "
-                                  f"would replace the first")
-            lines[key] = line
-        return super().construct_mapping(node, deep)
+    def construct_document(self, node):
+        _refuse_repeated_keys(node)
+        return super().construct_document(node)
+
+
+def _refuse_repeated_keys(node, path: str = "", seen: set | None = None) -> None:
+    """A key given twice in one mapping, named with its section (`train.epochs`) and both lines."""
+    seen = set() if seen is None else seen
+    if id(node) in seen:  # an alias of a node already walked (or of its own parent)
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_repeated_keys(item, path, seen)
+    if not isinstance(node, yaml.MappingNode):
+        return
+    lines: dict[tuple, int] = {}
+    for key_node, value_node in node.value:
+        name = f"{path}.{key_node.value}" if path else str(key_node.value)
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, resolved by the base class
+            name = path
+        elif (key_node.tag, key_node.value) in lines:
+            raise ConfigError(f"{name}: given twice (lines {lines[key_node.tag, key_node.value]} and "
+                              f"{key_node.start_mark.line + 1}); the second would replace the first")
+        else:
+            lines[key_node.tag, key_node.value] = key_node.start_mark.line + 1
+        _refuse_repeated_keys(value_node, name, seen)
 
 
 # YAML 1.2's core schema for booleans, integers and floats, and no dates: YAML 1.1 read 010 as 8 (octal), 1:30 as 90
@@ -213,12 +243,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
                               f"{exc.start}); save it as UTF-8") from None
         try:
             data = _yaml(text) or {}
+            if not isinstance(data, dict):
+                raise ConfigError("the top level must be a mapping of keys")
+            data = _upgrade(data)  # before the overrides: model.ngram_max_n=2 wins over an old file's ngram_dim
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         except ConfigError as exc:
             raise ConfigError(f"{path}: {exc}") from None
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of keys")
     given = {}  # key -> the override that set it, to blame the command line rather than the file
     for text in overrides:
         key, value = parse_override(text)

@@ -138,11 +138,12 @@ def find_source(cfg: DataConfig) -> Source:
     if not path:
         return Source("hub", cfg.hub_name)
     root = Path(path).expanduser()
+    name = "data.path" if cfg.path else f"${DATA_PATH_ENV}"  # the setting that named it
     if root.is_file():
-        raise DataError(f"data.path {root} is a file; data.path names a folder of train / test files, "
+        raise DataError(f"{name} {root} is a file; data.path names a folder of train / test files, "
                         f"data.train_file and data.test_file name files one by one")
     if not root.is_dir():
-        raise DataError(f"data.path {root}: no such folder")
+        raise DataError(f"{name} {root}: no such folder")
     files = {}
     try:
         listing = sorted(root.iterdir())
@@ -155,13 +156,13 @@ def find_source(cfg: DataConfig) -> Source:
     for split, names in SPLIT_FILE_NAMES.items():
         found = [p for n in names for ext in FORMATS for p in present.get(f"{n}{ext}", [])]
         if len(found) > 1:
-            raise DataError(f"data.path {root}: several {split} files ({', '.join(p.name for p in found)}); keep one")
+            raise DataError(f"{name} {root}: several {split} files ({', '.join(p.name for p in found)}); keep one")
         if found:
             files[split] = found[0]
     if files:
         for split in ("train", "test"):
             if split not in files:
-                raise DataError(f"data.path {root}: no {split} file (expected {split}.csv, .jsonl or .parquet beside "
+                raise DataError(f"{name} {root}: no {split} file (expected {split}.csv, .jsonl or .parquet beside "
                                 f"{', '.join(p.name for p in files.values())})")
         return Source("files", str(root), files)
     for candidate in (root, root / "aclImdb"):
@@ -172,7 +173,7 @@ def find_source(cfg: DataConfig) -> Source:
                         raise DataError(f"{candidate / s / lab}: missing (an aclImdb copy needs "
                                         f"{{train,test}}/{{pos,neg}}/*.txt)")
             return Source("aclimdb", str(candidate))
-    raise DataError(f"data.path {root}: holds no train / test files (train.csv, test.csv, validation.csv; or .jsonl "
+    raise DataError(f"{name} {root}: holds no train / test files (train.csv, test.csv, validation.csv; or .jsonl "
                     f"or .parquet) and no aclImdb folder (train/pos, train/neg, test/pos, test/neg)")
 
 

@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
 def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(prog="distsent-train", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", help="YAML experiment config (configs/*.yaml)")
+    parser.add_argument("--config", action=_Once, help="YAML experiment config (configs/*.yaml)")
     parser.add_argument("--help-config", action="store_true", help="list every config key with its default and "
                         "what it does; with --config (and overrides), with the values they give")
     parser.add_argument("--check", action="store_true",
@@ -111,6 +111,16 @@ def _main(argv: list[str] | None) -> int:
     finally:  # also when the start-up failed after the process group was created
         trainer.close() if trainer is not None else close_process_group()
     return 0
+
+
+class _Once(argparse.Action):
+    """An option given once: a second --config would silently replace the first (argparse keeps the last)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest) is not None:
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)}, {values}): one config file "
+                         "per run; change its values with key.sub=value overrides")
+        setattr(namespace, self.dest, values)
 
 
 def check(cfg) -> int:

@@ -45,6 +45,9 @@ def test_a_section_override_sets_its_keys_and_a_key_given_twice_is_refused(tmp_p
     p.write_text("train:\n  epochs: 3\n  global_batch_size: 16\nmodel:\n  hidden_dim: 8\ntrain:\n  seed: 1\n")
     with pytest.raises(ConfigError, match=r"twice.yaml: train: given twice \(lines 1 and 6\)"):
         load_config(p)
+    p.write_text("log:\n  wandb:\n    tags: [a]\n    mode: offline\n    tags: [b]\n")  # named with its section
+    with pytest.raises(ConfigError, match=r"twice.yaml: log.wandb.tags: given twice \(lines 3 and 5\)"):
+        load_config(p)
     # a bad key of the file's section is still the file's, not the section override's; YAML merge keys still load
     p.write_text("train:\n  epochs: 0\n")
     with pytest.raises(ConfigError, match=r"^\S*twice.yaml: train.epochs: must be >= 1"):
@@ -168,6 +171,7 @@ def test_configs_saved_with_the_old_ngram_bag_key_still_load(tmp_path):
     old.write_text("model:\n  ngram_dim: 0\n  ngram_max_n: 2\n  hidden_dim: 16\n")
     cfg = load_config(old)
     assert cfg.model.ngram_max_n == 0 and cfg.model.hidden_dim == 16  # no n-gram head, as it was trained
+    assert load_config(old, ["model.ngram_max_n=2"]).model.ngram_max_n == 2  # the command line still wins
     old.write_text("model:\n  ngram_dim: 8\n  ngram_max_n: 3\n")
     with pytest.raises(ConfigError, match=r"config.yaml: model.ngram_dim: this model was trained with the fastText"):
         load_config(old)
@@ -185,6 +189,13 @@ def test_yaml_11_words_keep_their_string_meaning_and_still_set_booleans(tmp_path
     assert load_config(None, ["train.flush_denormal=n"]).train.flush_denormal is False
     with pytest.raises(ConfigError, match="train.flush_denormal: expected true or false"):
         load_config(None, ["train.flush_denormal=maybe"])
+    # quoted, as a quoted '0.01' or 'yes' always was: the setting's type decides, not the quotes
+    f.write_text("train:\n  flush_denormal: 'true'\n  epochs: '3'\n  max_steps: \"1_000\"\n")
+    cfg = load_config(f, ["data.lowercase='false'", "train.seed='7'"])
+    assert (cfg.train.flush_denormal, cfg.train.epochs, cfg.train.max_steps) == (True, 3, 1000)
+    assert cfg.data.lowercase is False and type(cfg.train.seed) is int and cfg.train.seed == 7
+    with pytest.raises(ConfigError, match="train.epochs: expected an integer, got str '3.0'"):
+        load_config(None, ["train.epochs='3.0'"])
 
 
 def test_an_unknown_tracker_is_a_config_error_before_anything_starts(tmp_path):
@@ -198,6 +209,12 @@ def test_an_unknown_tracker_is_a_config_error_before_anything_starts(tmp_path):
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import LoggerType
 
+    # WANDB_MODE wins over log.wandb.mode: a value wandb rejects would start the run without W&B, warned only
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("WANDB_MODE", "ofline")
+        with pytest.raises(ConfigError, match="WANDB_MODE=ofline .environment.: wandb's modes are online, offline"):
+            build_accelerator(load_config(None, [f"output_dir={tmp_path}"]), tmp_path)
+        build_accelerator(load_config(None, [f"output_dir={tmp_path}", "log.trackers=[]"]), tmp_path)  # not used
     missing = next((t.value for t in LoggerType if t.value != "all" and t not in get_available_trackers()), None)
     if missing is None:
         pytest.skip("every tracker Accelerate knows is installed here")
@@ -245,6 +262,16 @@ def test_check_finds_what_would_stop_a_queued_job_and_writes_nothing(tmp_path, c
     else:
         assert code == 2 and message.format(tmp=tmp_path) in err, err
     assert not run_dir.exists() or [p.name for p in run_dir.iterdir()] == ["metrics.jsonl"]
+
+
+def test_a_second_config_file_is_refused_not_silently_preferred(capsys):
+    from distsent.train import main
+
+    first, second = (str(CONFIGS[0].parent / name) for name in ("smoke.yaml", "emotion.yaml"))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--check", "--config", first, "--config", second])
+    assert exit_.value.code == 2
+    assert f"--config given twice ({first}, {second}): one config file per run" in capsys.readouterr().err
 
 
 def test_help_config_shows_a_configs_values_beside_the_defaults(capsys):

@@ -212,6 +212,9 @@ def test_env_variable_points_at_local_copy(tmp_path, splits, monkeypatch, caplog
     assert find_source(replace(other, path=str(own))).files["train"] == own / "train.parquet"
     named = DataConfig(train_file=str(own / "train.parquet"), test_file=str(own / "test.parquet"))
     assert located(named).path == "" and find_source(located(named)).files["train"] == own / "train.parquet"
+    monkeypatch.setenv("DISTSENT_DATA_PATH", str(tmp_path / "nowhere"))  # the error names what set the folder
+    with pytest.raises(DataError, match=r"^\$DISTSENT_DATA_PATH \S*nowhere: no such folder"):
+        find_source(DataConfig())
 
 
 def test_validation_carved_from_train_seeded_and_disjoint(splits, tmp_path):
