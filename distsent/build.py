@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import logging
@@ -19,7 +18,6 @@ import torch
 
 from . import files
 from .config import ConfigError, ExperimentConfig, resume_identity
-from .configfile import changes_since
 from .data import PreparedData, cache_root, prepare
 from .runlock import RunLock, RunLockedError
 from .model import build_model, members
@@ -140,18 +138,6 @@ def announce(acc, layout: Layout, run_dir: Path) -> None:
                  "(processes x micro-batch x accumulation), %d thread(s) per process", acc.num_processes,
                  num_machines(), acc.device, acc.mixed_precision, layout.global_batch, layout.world_size,
                  layout.micro_batch, layout.accum_steps, torch.get_num_threads())
-
-
-def refuse_vocabulary_changes(cfg: ExperimentConfig, run_dir: Path) -> None:
-    """A run resumed from its own checkpoint keeps the vocabulary it was built with (its tokenizer.json): a
-    vocabulary setting changed since its last launch would have no effect, yet be recorded as if it had."""
-    keys = {f"data.{f.name}" for f in dataclasses.fields(cfg.data)
-            if f.metadata["cache"] == "vocab" and not f.metadata["resume"]}  # the identity refuses the others
-    changed = [c for c in changes_since(run_dir / "config.yaml", cfg) if c.split(" ", 1)[0] in keys]
-    if changed:
-        raise ConfigError(f"{', '.join(changed)}: a resumed run keeps the vocabulary it was built with "
-                          f"({run_dir / 'tokenizer.json'}); keep the earlier value, or train a new run in a new "
-                          f"output_dir")
 
 
 def build_data(cfg: ExperimentConfig, acc, run_dir: Path, resuming: bool) -> tuple[PreparedData, float]:

@@ -280,8 +280,12 @@ def _upgrade_identity(saved: dict, current: dict) -> dict:
             saved[key] = {k: v for k, v in default.items() if k in current[key]} | saved[key]
         else:
             saved.setdefault(key, default)
-    # checkpoints of earlier versions did not record their data's content: nothing to compare it with
+    # checkpoints of earlier versions did not record their data's content nor two of its vocabulary settings (a
+    # resume keeps the run's tokenizer.json, so they could only be checked against config.yaml): nothing to compare
     saved.setdefault("data_content", current.get("data_content"))
+    if isinstance(saved.get("data"), dict) and isinstance(current.get("data"), dict):
+        saved["data"] = {k: current["data"][k] for k in ("min_freq", "lowercase") if k in current["data"]} \
+            | saved["data"]
     model = saved.get("model")
     if isinstance(model, dict) and isinstance(model.get("pretrained_embeddings"), str):  # the path, before
         saved["model"] = {**model, "pretrained_embeddings": bool(model["pretrained_embeddings"])}

@@ -61,8 +61,8 @@ class DataConfig:
     truncate: str = _doc("Which tokens a long text keeps: 'head' (the first max_len) or 'tail' (the last).", "head",
                           resume=True, cache="cut")
     min_freq: int = _doc("A word needs this many occurrences in the training split to enter the vocabulary.", 5,
-                          cache="vocab")
-    lowercase: bool = _doc("Lower-case text before splitting into words.", True, cache="vocab")
+                          resume=True, cache="vocab")
+    lowercase: bool = _doc("Lower-case text before splitting into words.", True, resume=True, cache="vocab")
     strip_html: bool = _doc("Replace HTML line breaks (<br />, frequent in IMDB) by spaces before splitting.", False,
                              resume=True, cache="vocab")
     cache_dir: str = _doc("Where tokenized data is cached; empty: $DISTSENT_CACHE or ~/.cache/distsent.", "")

@@ -132,9 +132,9 @@ def check(cfg) -> int:
     classes; under a launcher (WORLD_SIZE set), the global batch against its process count. Writes nothing. What
     depends on the machines otherwise (the process count, a precision the device lacks), on the checkpoint's files
     (its weights) or on the tokenized data (the vocabulary, the data's content) is checked when the run starts."""
-    from .build import check_new_model, check_trackers, layout_for, refuse_vocabulary_changes
+    from .build import check_new_model, check_trackers, layout_for
     from .checkpoint import by_step
-    from .resume import check_config_against_run, in_run, resume_path
+    from .resume import check_config_against_run, resume_path
     from .sources import find_source, load_splits
 
     root, resume = Path(cfg.output_dir) / "checkpoints", cfg.checkpoint.resume
@@ -154,8 +154,8 @@ def check(cfg) -> int:
         splits, names = load_splits(cfg.data)
         if resume == "never":
             resume_path(cfg.checkpoint, root)  # refused where the directory holds a run
-        elif (path := check_config_against_run(cfg, root, names)) is not None and in_run(path, root):
-            refuse_vocabulary_changes(cfg, root.parent)  # its own: it keeps its vocabulary
+        else:
+            check_config_against_run(cfg, root, names)
     except (ConfigError, DataError, IntegrityError) as exc:  # Integrity: the resume refused
         return fail(f"{type(exc).__name__}: {exc}", 2)
     where = ", ".join(f"{split} {path}" for split, path in source.files.items()) or f"{source.kind} {source.location}"

@@ -15,7 +15,7 @@ import torch
 from . import checkpoint as ckpt
 from .build import (OPTIMIZER_SETTINGS, announce, apply_optim_settings, batch_tensors, build_accelerator, build_data,
                     build_ema, build_layout, build_optimizer, build_run_model, build_scheduler, class_weights,
-                    close_process_group, lock_run_dir, new_run_id, refuse_vocabulary_changes, run_identity,
+                    close_process_group, lock_run_dir, new_run_id, run_identity,
                     schedule_warning, setup_threads)
 from .config import ExperimentConfig
 from .configfile import changes_since, save_config
@@ -59,8 +59,6 @@ class Trainer:
         # one of the run's own checkpoints; a branch (another run's) takes its vocabulary and records afresh, as a
         # fresh start does: a tokenizer.json or metrics left by a start that died early may come from other settings
         self.own_resume = self.resume_from is not None and in_run(self.resume_from, self.run_dir / "checkpoints")
-        if self.own_resume:
-            refuse_vocabulary_changes(cfg, self.run_dir)
         self.data, self.prepare_s = build_data(cfg, acc, self.run_dir, resuming=self.own_resume)
         model = build_run_model(cfg, acc, self.data, resuming=self.resume_from is not None)
         self.model, self.optimizer = acc.prepare(model, build_optimizer(cfg, model))
