@@ -117,9 +117,8 @@ class Predictor:
         if valid:
             logits, n_words, n_known = self._read([texts[i] for i in valid])
             probs = self.model.probabilities(torch.from_numpy(logits)).numpy()
-            for i, p, n, k in zip(valid, probs, n_words, n_known):
-                # two classes: the second when its probability is above 0.5 (logit > 0), as in evaluation
-                best = int(p[1] > 0.5) if len(p) == 2 else int(p.argmax())
+            chosen = self.model.predicted(torch.from_numpy(logits)).tolist()  # the training's own rule
+            for i, p, best, n, k in zip(valid, probs, chosen, n_words, n_known):
                 results[i] = {"label": self.label_names[best], "probability": round(float(p[best]), 6),
                               "probabilities": {name: round(float(q), 6) for name, q in zip(self.label_names, p)}}
                 if len(p) == 2:
