@@ -67,7 +67,7 @@ def write_figures(result: dict, classes: list[str], out: Path) -> list[Path]:
     for (i, j), v in np.ndenumerate(cm):
         ax.text(j, i, str(v), ha="center", va="center", color="white" if v > cm.max() / 2 else "black")
     ax.set(xticks=range(c), yticks=range(c), xlabel="predicted", ylabel="actual",
-           title=f"accuracy {result['acc']:.4f}, macro-F1 {result['macro_f1']:.4f}")
+           title=f"accuracy {result['acc']:.4f}\nmacro-F1 {result['macro_f1']:.4f}")  # fits 2 classes' width
     ax.set_xticklabels(classes, rotation=45 if c > 2 else 0, ha="right" if c > 2 else "center")
     ax.set_yticklabels(classes)
     save_png(fig, out / "confusion.png")

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import Metric
 
+from .model import predicted_class
+
 ECE_BINS = 15
 
 
@@ -88,20 +90,20 @@ class EvalMetrics:
         # probabilities, never logits: torchmetrics would take a batch of logits that happen to lie in [0, 1] for
         # probabilities; in float64, where float32 would round confident ones to exactly 1 and tie them
         logits, target = logits.double(), labels.long()
+        c = len(self.classes)
+        self.confusion.update(predicted_class(logits, c), target)  # the model's own rule, as training's accuracy
         if self.binary:
             p = torch.sigmoid(logits)
-            self.confusion.update(p, target)
-            self.auroc.update(p, target)
+            # ROC-AUC depends on the logits' order only: asinh keeps it (and the sigmoid the scores inside (0, 1),
+            # as torchmetrics wants) where the sigmoid alone rounds every logit above about 37 to 1.0, a tie
+            self.auroc.update(torch.sigmoid(torch.asinh(logits)), target)
             self.ece.update(torch.stack([1 - p, p], dim=1), target)
             self.loss.update(F.binary_cross_entropy_with_logits(logits, target.double(), reduction="sum"))
         else:
-            probs = torch.softmax(logits, dim=1)
-            self.confusion.update(probs, target)
-            self.ece.update(probs, target)
+            self.ece.update(torch.softmax(logits, dim=1), target)
             self.loss.update(F.cross_entropy(logits, target, reduction="sum"))
         for i, metric in enumerate(self.heads.values()):
-            head = head_logits[:, i].float()
-            metric.update(torch.sigmoid(head) if self.binary else head, target)
+            metric.update(predicted_class(head_logits[:, i].double(), c), target)
 
     def compute(self) -> dict:
         """Collective under DDP: every process must call it."""

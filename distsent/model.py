@@ -14,6 +14,12 @@ from torch import nn
 from .config import ModelConfig
 
 
+def predicted_class(logits: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The predicted class: for two classes the second when its logit is above 0 (not its probability above 0.5,
+    which rounds to exactly 0.5 below a logit of about 1e-16); for more, the largest logit."""
+    return logits.argmax(-1) if num_classes > 2 else (logits > 0).long()
+
+
 class SentimentRNN(nn.Module):
     """The tutorial's SentimentLSTM, without its padding defect and with options.
 
@@ -114,8 +120,7 @@ class SentimentRNN(nn.Module):
         return torch.stack([1 - p, p], dim=-1)
 
     def predicted(self, logits: torch.Tensor) -> torch.Tensor:
-        """The predicted class (two classes: positive when the logit is above 0)."""
-        return logits.argmax(-1) if self.num_classes > 2 else (logits > 0).long()
+        return predicted_class(logits, self.num_classes)
 
     def _recurrent(self, x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         if not self.cfg.bidirectional:

@@ -90,7 +90,8 @@ class Trainer:
         self.model.train()
         if self.ended_before and acc.is_main_process:  # a relaunch after the end (a requeue, say)
             log.info("the run is at step %d, at or past its end: testing the best model again", state.step)
-        t_log, samples_log = time.perf_counter(), state.samples_seen
+        # the rows' throughput on the training clock: wall time less evaluations, as the epochs' figures
+        t_log, samples_log = time.perf_counter() - self.eval_seconds, state.samples_seen
         try:
             while not self._done():
                 batches = epoch_batches(self.data.train.lengths, self.layout.global_batch, cfg.train.seed,
@@ -106,7 +107,7 @@ class Trainer:
                     bar.update(1)
                     if state.step % cfg.train.log_every == 0:
                         self.watch.check()  # nothing is logged, evaluated or saved from non-finite weights
-                        now = time.perf_counter()
+                        now = time.perf_counter() - self.eval_seconds
                         row = self.sums.row(now - t_log, state.samples_seen - samples_log) | {
                             "lr": self.scheduler.get_last_lr()[0], "epoch": self._epoch_float()}
                         runlog.log(row, state.step)

@@ -23,6 +23,20 @@ def test_roc_auc_matches_pairwise_definition_with_ties():
     assert torch.get_default_dtype() == torch.float32  # put back
 
 
+def test_binary_metrics_follow_the_logits_at_their_extremes():
+    """ROC-AUC depends on the logits' order alone: the sigmoid rounds every logit above about 37 to 1.0 (a tie), which
+    scored 0.75 here. A logit just above 0 is positive, as training's accuracy and prediction call it, where its
+    probability rounds to exactly 0.5 and torchmetrics' threshold called it negative; the same for each head."""
+    from distsent.metrics import score_logits
+
+    classes = ["negative", "positive"]
+    assert score_logits(torch.tensor([36.0, 37.0, 38.0, 39.0]), torch.tensor([0, 0, 1, 1]), classes)["roc_auc"] == 1.0
+    assert score_logits(torch.tensor([-40.0, -39.0, 50.0, 40.0]), torch.tensor([0, 0, 1, 1]), classes)["roc_auc"] == 1.0
+    heads = torch.tensor([[1e-17, 2.0], [-1.0, -1.0]])
+    m = score_logits(torch.tensor([1e-17, -1.0]), torch.tensor([1, 0]), classes, heads, ("rnn", "ngram"))
+    assert (m["acc"], m["tp"], m["acc_rnn"], m["acc_ngram"]) == (1.0, 1, 1.0, 1.0)
+
+
 def test_ece_small_when_calibrated_large_when_overconfident():
     rng = np.random.default_rng(1)
     p = rng.random(200_000)

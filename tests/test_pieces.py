@@ -1099,6 +1099,39 @@ def test_a_resume_refuses_a_changed_vocabulary_setting(synth_imdb, tmp_path, cac
     assert json.loads((run_dir / "status.json").read_text())["step"] == 5
 
 
+def test_logged_throughput_leaves_out_the_time_spent_evaluating(synth_imdb, tmp_path, cache_env, monkeypatch):
+    """A row after an evaluation counted the evaluation's time as training (the epoch rows never did): with each
+    evaluation made to last 1000 s more on the trainer's clock, every row's rate stays that of its steps."""
+    import types
+
+    from distsent import trainer as trainer_module
+    from distsent.preemption import StopFlag
+    from distsent.trainer import Trainer
+
+    extra = [0.0]  # seconds added to the trainer's clock by the evaluations so far
+    clock = types.SimpleNamespace(perf_counter=lambda: time.perf_counter() + extra[0])
+    monkeypatch.setattr(trainer_module, "time", clock)
+    evaluate = Trainer.evaluate
+
+    def slow_evaluate(self, *args, **kwargs):
+        extra[0] += 1000.0
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "evaluate", slow_evaluate)
+    run_dir = tmp_path / "run"
+    cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(
+        run_dir, synth_imdb, **{"train.max_steps": 6, "train.eval_every": 2, "train.log_every": 3}))
+    trainer = Trainer(cfg, stop=StopFlag([]))
+    try:
+        trainer.fit()
+    finally:
+        trainer.close()
+    rows = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+            if "throughput/samples_per_s" in r]
+    assert [r["step"] for r in rows] == [3, 6] and extra[0] >= 3000
+    assert all(r["throughput/samples_per_s"] > 3 * 32 / 100 for r in rows), rows  # not 96 samples per 1000 s
+
+
 # --- moving average of the weights, a real run -------------------------------------------------------------------
 
 def test_moving_average_of_the_weights_is_kept_saved_and_evaluated(synth_imdb, tmp_path, cache_env):
