@@ -188,8 +188,8 @@ def size_warnings(n_train: int, n_val: int, global_batch: int) -> list[str]:
     batch larger than the training split (one step per epoch)."""
     out = []
     if n_val < 100:
-        out.append(f"validation has {n_val} texts: model selection on so few is mostly chance (give a validation "
-                   f"file, or raise data.val_fraction)")
+        out.append(f"validation has {n_val} texts: model selection on so few is mostly chance (a larger "
+                   f"validation file; or, where it is carved from training, a larger data.val_fraction)")
     if global_batch > n_train:
         out.append(f"train.global_batch_size {global_batch} is larger than the {n_train} training texts: one "
                    f"optimizer step per epoch")

@@ -238,11 +238,11 @@ def load_weights(path: Path, model, optimizer=None, name: str = "model.safetenso
         raise CheckpointError(f"{path}: cannot be loaded into this model: {exc}") from exc
 
 
-def check_compatible(saved: dict, current: dict, path: Path, only=None) -> None:
+def check_compatible(saved: dict, current: dict, path: Path, only=None, branch: bool = False) -> None:
     """Refuse a resume whose identity (config.resume_identity + vocabulary) differs from the checkpoint's, naming
     every differing key. Sections are compared key by key, so a newly marked setting is checked too. `only`: the
     keys to compare, once an earlier version's identity is brought up to date (the config's, before the data's is
-    known)."""
+    known). `branch`: the checkpoint is another run's, named by checkpoint.resume."""
     saved = _upgrade_identity(saved, current)
     problems = []
     for key in sorted(set(saved) | set(current) if only is None else set(only)):
@@ -255,8 +255,11 @@ def check_compatible(saved: dict, current: dict, path: Path, only=None) -> None:
                    "tokenized)") if key == "data_content" else ""
             problems.append(f"{key}: checkpoint {old!r}, config {new!r}{why}")
     if problems:
+        advice = ("checkpoint.resume continues another run's training with its setup: it does not start training on "
+                  "other data or settings; for those, leave checkpoint.resume at auto (a fresh run)") if branch else \
+            "Use a new output_dir for the new setup."
         raise CheckpointError(f"{path} was trained with a different setup and cannot be resumed with this config: "
-                              + "; ".join(problems) + ". Use a new output_dir for the new setup.")
+                              + "; ".join(problems) + ". " + advice)
 
 
 # What checkpoints of earlier versions had, where their identity lacks a key: two classes, selection by accuracy,
@@ -327,7 +330,7 @@ class CheckpointManager:
         it fits this run. On another number of processes the data position carries over (the batch plan does not
         depend on it) but the per-process random streams cannot: they are re-derived and the change recorded."""
         saved = verify(path)
-        check_compatible(saved["identity"], identity, path)
+        check_compatible(saved["identity"], identity, path, branch=path.resolve().parent != self.root.resolve())
         load_weights(path, self.acc.unwrap_model(self.model), self.optimizer.optimizer)
         if self.averaged is not None:  # the identity (train.ema_decay) says the checkpoint has one
             load_weights(path, self.averaged, name=EMA_FILE)

@@ -59,7 +59,8 @@ def _convert(key: str, tp, value):
         if value is None:
             return ""
         if not isinstance(value, (str, int, float)) or isinstance(value, bool):
-            raise ConfigError(f"{key}: expected a string, got {_got(value)}")
+            quote = "; quote a name that YAML reads as true or false ('True')" if isinstance(value, bool) else ""
+            raise ConfigError(f"{key}: expected a string, got {_got(value)}{quote}")
         return getattr(value, "text", str(value))  # a number as written: 007 or 1:30, not 7 or 90
     raise TypeError(f"{key}: unsupported annotation {tp!r}")
 

@@ -24,9 +24,10 @@ def class_names(train: RawSplit, cfg: DataConfig, named: list[str] | None, where
     values = train.labels.tolist()
     strings = train.labels.dtype == object
     if strings and not all(isinstance(v, str) for v in values):
-        bad = next(i for i, v in enumerate(values) if not isinstance(v, str))
-        raise DataError(f"{where}: {train.where(bad)} has label {values[bad]!r}; labels must be all integers or all "
-                        f"strings")
+        number = next(i for i, v in enumerate(values) if not isinstance(v, str))
+        string = next(i for i, v in enumerate(values) if isinstance(v, str))
+        raise DataError(f"{where}: {train.where(number)} has the integer label {values[number]!r}, {train.where(string)} "
+                        f"the string label {values[string]!r}; labels must be all integers or all strings")
     seen = sorted(set(values))
     if cfg.label_names or named is not None:
         names = [str(n) for n in (cfg.label_names or named)]
@@ -38,6 +39,9 @@ def class_names(train: RawSplit, cfg: DataConfig, named: list[str] | None, where
         raise DataError(f"data.label_names {names}: a name appears twice")
     if len(names) < 2:
         raise DataError(f"{where}: one class only ({names[0]!r}); a classifier needs two or more")
+    if len(values) >= 20 and len(seen) > len(values) // 2:
+        log.warning("%s: %d different labels among %d texts (%s): is data.label_column (%r) the label column?", where,
+                    len(seen), len(values), shown([str(v) for v in seen], 5), cfg.label_column)
     by_case = {}
     for name in names:
         by_case.setdefault(name.casefold(), []).append(name)
@@ -45,6 +49,12 @@ def class_names(train: RawSplit, cfg: DataConfig, named: list[str] | None, where
         log.warning("%s: classes whose names differ only in case are separate classes: %s (labels are compared "
                     "exactly; write each class one way if they are one)", where, "; ".join(map(str, clashes)))
     return names
+
+
+def shown(names: list[str], most: int = 20) -> str:
+    """Class names for a message: all of them, or the first `most` and their count (a text column taken for the
+    label column makes a class of every text)."""
+    return str(names) if len(names) <= most else f"{str(names[:most])[:-1]}, ... ({len(names)} classes)]"
 
 
 def digit_names(names: list[str]) -> bool:
@@ -101,8 +111,8 @@ def encode_labels(split: RawSplit, names: list[str], lookup: dict, where: str) -
         index = lookup.get(key)
         if index is None:
             named = "; a datasets ClassLabel names these integers" if split.class_label is not None else ""
-            raise DataError(f"{where}: {split.where(i)} has label {key!r}, which is not one of the classes {names} "
-                            f"(they come from the training data, or data.label_names{named})")
+            raise DataError(f"{where}: {split.where(i)} has label {key!r}, which is not one of the classes "
+                            f"{shown(names)} (they come from the training data, or data.label_names{named})")
         out[i] = index
     return out
 

@@ -152,8 +152,8 @@ def _read_lines(stream) -> list[tuple[dict, str | None, str | None]]:
     crash."""
     out = []
     for n, raw in enumerate(stream, 1):
-        try:
-            out.append(({"line": n}, raw.decode("utf-8").rstrip("\r\n"), None))
+        try:  # utf-8-sig on the first line: a byte order mark (as some editors save) is not part of the text
+            out.append(({"line": n}, raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n"), None))
         except UnicodeDecodeError as exc:
             out.append(({"line": n}, None, f"line {n}: not valid UTF-8 ({exc.reason} at byte {exc.start})"))
     return out

@@ -128,20 +128,28 @@ def missing_columns(where, present, cfg: DataConfig, labeled: bool = True) -> No
     """DataError unless the text column (and, if labeled, the label column) is there exactly once."""
     hint = ("name the column with data.text_column / data.label_column (distsent-evaluate --file: --text-column / "
             "--label-column)" if labeled else "name the column with --text-column")
+    if labeled and cfg.text_column == cfg.label_column:  # the model would read its answers: test accuracy 1.0
+        raise DataError(f"{where}: the text column and the label column are both '{cfg.text_column}'; {hint}")
     for col in (cfg.text_column, cfg.label_column) if labeled else (cfg.text_column,):
         if col not in present:
             if len(present) == 1 and any(sep in present[0] for sep in ";\t|"):
                 hint = "the file reads as one column: distsent reads CSV separated by commas"
+            elif spaced := [c for c in present if isinstance(c, str) and c.strip() == col]:
+                hint = f"the column {spaced[0]!r} has spaces in its name: remove them"
             raise DataError(f"{where}: no '{col}' column (columns: {', '.join(present)}); {hint}")
         if list(present).count(col) > 1:
             raise DataError(f"{where}: {list(present).count(col)} columns are named '{col}'; rename all but one")
 
 
-def _utf8(path: Path) -> str:
+def _utf8(path: Path, labeled: bool = True) -> str:
+    """The file's text. Texts to classify (not `labeled`) keep bytes that are not UTF-8 as lone surrogates, so that
+    each such record gets an error of its own; labeled data stops at the first."""
     try:
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+    if not labeled:
+        return data.decode("utf-8-sig", errors="surrogateescape")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -154,21 +162,24 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
     # Python's csv refuses fields over 128 KiB by default: a long text is not an error (JSONL and parquet take it)
     csv.field_size_limit(2**31 - 1)  # the C long's limit on every platform
     # strict: a stray quote is an error naming its line, not a field that swallows the rest of the file
-    reader = csv.reader(io.StringIO(_utf8(path), newline=""), strict=True)
-    header = next(reader, None)
-    if not header:
-        raise DataError(f"{path}: empty (expected a header row, e.g. text,label)")
-    missing_columns(path, header, cfg, labeled)
-    ti = header.index(cfg.text_column)
-    li = header.index(cfg.label_column) if labeled else None
+    reader = csv.reader(io.StringIO(_utf8(path, labeled), newline=""), strict=True)
     texts, labels, lines, problems = [], [], [], {}
-    end = reader.line_num
+    end = 0
     try:
+        header = next(reader, None)
+        if not header:
+            raise DataError(f"{path}: empty (expected a header row, e.g. text,label)")
+        missing_columns(path, header, cfg, labeled)
+        ti = header.index(cfg.text_column)
+        li = header.index(cfg.label_column) if labeled else None
+        end = reader.line_num
         for record in reader:
             first, end = end + 1, reader.line_num  # a quoted text may run over several lines: name the first
             if not record:  # a blank line
                 continue
             try:
+                if not labeled and any(SURROGATE.search(f) for f in record):  # bytes that were not UTF-8 (_utf8)
+                    raise DataError(f"{path}: line {first} is not valid UTF-8")
                 if record == header:  # files joined with their headers: the header's words would become a class
                     raise DataError(f"{path}: line {first} repeats the header row (files joined with their headers?)")
                 if len(record) != len(header):
@@ -184,7 +195,8 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
             lines.append(first)
     except csv.Error as exc:
         raise DataError(f"{path}: line {end + 1}: {exc} (a quote left open, or followed by something other than a "
-                        f"comma; inside a quoted text write a quote as \"\")") from None
+                        f"comma: distsent reads CSV separated by commas; inside a quoted text write a quote as "
+                        f"\"\")") from None
     return replace(checked_split(texts, _as_numbers(labels, path, lines), str(path), lines, labeled),
                    problems=problems)
 
@@ -193,10 +205,12 @@ def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
     texts, labels, lines, problems = [], [], [], {}
     # lines end at \n, \r\n or \r only (a JSON string holds those escaped); str.splitlines() would also split at
     # U+2028 and other characters a JSON string may hold raw
-    for n, line in enumerate(_utf8(path).replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
+    for n, line in enumerate(_utf8(path, labeled).replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
         if not line.strip():
             continue
         try:
+            if not labeled and SURROGATE.search(line):  # bytes that were not UTF-8 (_utf8)
+                raise DataError(f"{path}: line {n} is not valid UTF-8")
             text, label = _jsonl_record(path, n, line, cfg, labeled)
         except DataError as exc:
             if labeled:
@@ -234,10 +248,12 @@ def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        missing_columns(path, pq.read_schema(path).names, cfg, labeled)  # a column named twice, before reading it
+        table = pq.read_table(path, columns=[cfg.text_column, cfg.label_column] if labeled else [cfg.text_column])
+    except DataError:
+        raise
     except Exception as exc:  # pyarrow raises several types for unreadable files
         raise DataError(f"{path}: cannot be read as parquet: {exc}") from exc
-    missing_columns(path, table.column_names, cfg, labeled)
     if not labeled:
         return checked_split(table.column(cfg.text_column), [], str(path), labeled=False)
     import pyarrow as pa

@@ -33,7 +33,8 @@ def check_config_against_run(cfg, root: Path, label_names: list[str]) -> Path | 
     path = resume_path(cfg.checkpoint, root, verify_files=False)
     if path is not None:
         current = {**resume_identity(cfg), "label_names": label_names}
-        check_compatible(json.loads((path / "state.json").read_text())["identity"], current, path, only=current)
+        check_compatible(json.loads((path / "state.json").read_text())["identity"], current, path, only=current,
+                         branch=not in_run(path, root))
     return path
 
 

@@ -116,12 +116,12 @@ def find_source(cfg: DataConfig) -> Source:
     """data.train_file (+ validation_file, test_file), else data.path (or $DISTSENT_DATA_PATH), else the hub."""
     if cfg.train_file or cfg.test_file or cfg.validation_file:
         named = {"train": cfg.train_file, "validation": cfg.validation_file, "test": cfg.test_file}
+        if cfg.path:  # a folder, and some files by name: which is meant? (the folder was silently ignored)
+            given = ", ".join(f"data.{s}_file" for s, p in named.items() if p)
+            raise DataError(f"data.path and {given} are set: they are two ways to name the data (a folder of "
+                            f"train / test files, or each file by name, data.train_file and data.test_file at "
+                            f"least); use one")
         for split in ("train", "test"):
-            if not named[split] and cfg.path:  # a folder, and one of its files replaced by name?
-                given = ", ".join(f"data.{s}_file" for s, p in named.items() if p)
-                raise DataError(f"data.path and {given} are set: they are two ways to name the data (a folder of "
-                                f"train / test files, or each file by name, data.train_file and data.test_file at "
-                                f"least); use one")
             if not named[split]:
                 raise DataError(f"data.{split}_file is not set: naming files one by one needs data.train_file and "
                                 f"data.test_file (data.validation_file is optional)")

@@ -172,6 +172,9 @@ def build_tokenizer(vocab_words: list[str], lowercase: bool, strip_html: bool):
 def vocabulary(distinct, counts: np.ndarray, min_freq: int) -> list[str]:
     """Words seen at least min_freq times, most frequent first, ties in alphabetical order."""
     keep = np.flatnonzero(counts >= min_freq)
+    if not len(keep):  # every word <unk>: the model would learn from the texts' lengths alone
+        raise DataError(f"data.min_freq={min_freq}: no word of the training split occurs that often (the commonest: "
+                        f"{int(counts.max(initial=0))} times), so the vocabulary would be empty; lower data.min_freq")
     words = distinct.take(keep).to_pylist()
     order = sorted(range(len(keep)), key=lambda i: (-counts[keep[i]], words[i]))
     return [words[i] for i in order]

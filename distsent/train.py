@@ -61,7 +61,7 @@ def _main(argv: list[str] | None) -> int:
                         help="check the config, its overrides and the data (read as training reads it), then exit "
                              "without training: 0 if they are usable, 2 with the error")
     parser.add_argument("overrides", nargs="*", metavar="key.sub=value")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # overrides on both sides of an option (... --check key=value)
     try:
         cfg = load_config(args.config, args.overrides) if args.config or args.overrides or not args.help_config \
             else None
@@ -133,6 +133,7 @@ def check(cfg) -> int:
     depends on the machines otherwise (the process count, a precision the device lacks), on the checkpoint's files
     (its weights) or on the tokenized data (the vocabulary, the data's content) is checked when the run starts."""
     from .build import check_new_model, check_trackers, layout_for
+    from .labels import shown
     from .checkpoint import by_step
     from .resume import check_config_against_run, resume_path
     from .sources import find_source, load_splits
@@ -160,7 +161,7 @@ def check(cfg) -> int:
         return fail(f"{type(exc).__name__}: {exc}", 2)
     where = ", ".join(f"{split} {path}" for split, path in source.files.items()) or f"{source.kind} {source.location}"
     sizes = " / ".join(f"{len(splits[s].labels)} {s}" for s in ("train", "val", "test"))
-    print(f"distsent-train: config OK; data: {where}: {sizes} texts, {len(names)} classes {names}; run directory "
+    print(f"distsent-train: config OK; data: {where}: {sizes} texts, {len(names)} classes {shown(names)}; run directory "
           f"{cfg.output_dir}")
     return 0
 

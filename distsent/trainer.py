@@ -105,7 +105,7 @@ class Trainer:
                     state.samples_seen += len(batch)
                     samples, tokens = samples + len(batch), tokens + int(self.data.train.lengths[batch].sum())
                     bar.update(1)
-                    if state.step % cfg.train.log_every == 0:
+                    if state.step % cfg.train.log_every == 0 or state.step == self.total_steps:  # and the last
                         self.watch.check()  # nothing is logged, evaluated or saved from non-finite weights
                         now = time.perf_counter() - self.eval_seconds
                         row = self.sums.row(now - t_log, state.samples_seen - samples_log) | {

@@ -96,6 +96,7 @@ def test_int_accepted_for_float():
     ("log.wandb.projekt=x", "log.wandb.projekt: unknown key"),
     ("model.hidden_dim=abc", "model.hidden_dim: expected an integer"),
     ("model.hidden_dim=1.5", "model.hidden_dim: expected an integer, got float 1.5"),  # not _Float
+    ("data.label_names=[false, true]", "data.label_names[0]: expected a string, got bool False; quote a name that"),
     ("train.flush_denormal=maybe", "train.flush_denormal: expected true or false"),
     ("model.pooling=first", "model.pooling: must be one of"),
     ("log.wandb.tags=x", "log.wandb.tags: expected a list"),
@@ -272,6 +273,10 @@ def test_a_second_config_file_is_refused_not_silently_preferred(capsys):
         main(["--check", "--config", first, "--config", second])
     assert exit_.value.code == 2
     assert f"--config given twice ({first}, {second}): one config file per run" in capsys.readouterr().err
+    # overrides on both sides of an option
+    assert main(["--config", second, "train.seed=3", "--help-config", "train.epochs=2"]) == 0
+    out = capsys.readouterr().out
+    assert "\ntrain.seed = 3 (default 0): " in out and "\ntrain.epochs = 2 (default 5): " in out
 
 
 def test_help_config_shows_a_configs_values_beside_the_defaults(capsys):

@@ -837,6 +837,13 @@ def test_check_refuses_a_config_the_runs_checkpoint_would_refuse(synth_imdb, tmp
     err = capsys.readouterr().err
     assert f"{run_dir / 'checkpoints' / 'step-00000002'} was trained with a different setup" in err
     assert "model.hidden_dim: checkpoint 32, config 24" in err and "train.seed: checkpoint 0, config 5" in err, err
+    assert "Use a new output_dir for the new setup." in err
+    # the same checkpoint named from a new directory: that directory is already new; the advice says what a branch is
+    branch = [f"output_dir={tmp_path / 'new'}", f"checkpoint.resume={run_dir / 'checkpoints' / 'step-00000002'}"]
+    assert main(["--check", *args, "model.hidden_dim=24", *branch]) == 2
+    err = capsys.readouterr().err
+    assert "model.hidden_dim: checkpoint 32, config 24. checkpoint.resume continues another run's training with " \
+           "its setup: it does not start training on other data or settings" in err, err
     # the data's classes, as read now (their order here: the labels 0 / 1 named otherwise)
     assert main(["--check", *args, "data.label_names=[positive,negative]"]) == 2
     err = capsys.readouterr().err
@@ -1101,7 +1108,8 @@ def test_a_resume_refuses_a_changed_vocabulary_setting(synth_imdb, tmp_path, cac
 
 def test_logged_throughput_leaves_out_the_time_spent_evaluating(synth_imdb, tmp_path, cache_env, monkeypatch):
     """A row after an evaluation counted the evaluation's time as training (the epoch rows never did): with each
-    evaluation made to last 1000 s more on the trainer's clock, every row's rate stays that of its steps."""
+    evaluation made to last 1000 s more on the trainer's clock, every row's rate stays that of its steps. The last
+    step has a row too (train.log_every does not divide 6)."""
     import types
 
     from distsent import trainer as trainer_module
@@ -1120,7 +1128,7 @@ def test_logged_throughput_leaves_out_the_time_spent_evaluating(synth_imdb, tmp_
     monkeypatch.setattr(Trainer, "evaluate", slow_evaluate)
     run_dir = tmp_path / "run"
     cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(
-        run_dir, synth_imdb, **{"train.max_steps": 6, "train.eval_every": 2, "train.log_every": 3}))
+        run_dir, synth_imdb, **{"train.max_steps": 6, "train.eval_every": 2, "train.log_every": 4}))
     trainer = Trainer(cfg, stop=StopFlag([]))
     try:
         trainer.fit()
@@ -1128,8 +1136,8 @@ def test_logged_throughput_leaves_out_the_time_spent_evaluating(synth_imdb, tmp_
         trainer.close()
     rows = [r for r in map(json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
             if "throughput/samples_per_s" in r]
-    assert [r["step"] for r in rows] == [3, 6] and extra[0] >= 3000
-    assert all(r["throughput/samples_per_s"] > 3 * 32 / 100 for r in rows), rows  # not 96 samples per 1000 s
+    assert [r["step"] for r in rows] == [4, 6] and extra[0] >= 3000
+    assert all(r["throughput/samples_per_s"] > 2 * 32 / 100 for r in rows), rows  # not 64-128 samples per 1000 s
 
 
 # --- moving average of the weights, a real run -------------------------------------------------------------------

@@ -76,6 +76,8 @@ def test_cli_arguments_file_and_stdin(model_dir, tmp_path, monkeypatch, capsys):
     assert by_file[2]["error"].startswith("empty text")
     assert [r["line"] for r in by_file] == [1, 2, 3, 4] and "line" not in by_args[0]
     assert predict_cli(model_dir, "-", stdin=f.read_bytes()) == by_file
+    # a byte order mark (some editors save one) is not part of the first text
+    assert predict_cli(model_dir, "-", stdin=b"\xef\xbb\xbf" + f.read_bytes()) == by_file
     # --file - is stdin too (in this process: the same reading, without another start-up)
     from distsent.predict import main
 

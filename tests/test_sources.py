@@ -80,6 +80,8 @@ def test_files_named_one_by_one_and_numbers_in_csv(tmp_path):
         find_source(DataConfig(train_file=str(train)))
     with pytest.raises(DataError, match="data.path and data.validation_file are set: they are two ways"):
         find_source(DataConfig(path=str(tmp_path / "a"), validation_file=str(train)))
+    with pytest.raises(DataError, match="data.path and data.train_file, data.test_file are set: they are two ways"):
+        find_source(DataConfig(path=str(tmp_path / "a"), train_file=str(train), test_file=str(test)))  # not ignored
     with pytest.raises(DataError, match=r"data.train_file .*a: a folder, not a file \(data.path names a folder"):
         find_source(DataConfig(train_file=str(tmp_path / "a"), test_file=str(test)))
 
@@ -119,6 +121,15 @@ def test_texts_to_classify_need_no_label_and_keep_their_empty_records(tmp_path):
     assert split.problems[2].startswith("line 4 repeats the header row")
     with pytest.raises(DataError, match="bad.csv: line 3 has 3 fields"):
         read_file(tmp_path / "bad.csv", DataConfig(label_column="id"))
+    # a record with bytes that are not UTF-8: that record's error, the others classified (training refuses the file)
+    (tmp_path / "bytes.jsonl").write_bytes(b'{"text": "great"}\n{"text": "caf\xe9"}\n{"text": "ok"}\n')
+    (tmp_path / "bytes.csv").write_bytes(b'text\ngreat\ncaf\xe9\nok\n')
+    for name, line in (("bytes.jsonl", 2), ("bytes.csv", 3)):  # the CSV's header is its line 1
+        split = read_file(tmp_path / name, DataConfig(), labeled=False)
+        assert split.texts.to_pylist() == ["great", None, "ok"]
+        assert split.problems == {1: f"line {line} is not valid UTF-8"}
+        with pytest.raises(DataError, match=f"{name}: line {line} is not valid UTF-8"):
+            read_file(tmp_path / name, DataConfig())
 
 
 def test_hub_class_label_names_and_order(tmp_path, monkeypatch):
@@ -346,7 +357,25 @@ def test_bad_data_is_named_by_file_and_row(tmp_path):
     assert "train.csv: line 3 has an empty text" in err
     err = error_of(tmp_path, good, good, fmt="jsonl",
                    raw_train=b'{"text": "a", "label": "joy"}\n{"text": "b", "label": 3}\n')
-    assert "train.jsonl: line 2 has label 3; labels must be all integers or all strings" in err
+    assert "train.jsonl: line 2 has the integer label 3, line 1 the string label 'joy'; labels must be all" in err
+    # a header the csv module cannot read (R's write.csv2, quoted and separated by semicolons): named, not a traceback
+    err = error_of(tmp_path, good, good, raw_train=b'"label";"text"\n"joy";"fine"\n')
+    assert "train.csv: line 1: ',' expected after '\"' (a quote left open, or followed by something other than" in err
+    err = error_of(tmp_path, good, good, raw_train=b'text, label\nfine,joy\n')
+    assert "no 'label' column (columns: text,  label); the column ' label' has spaces in its name: remove them" in err
+    err = error_of(tmp_path, good, good, text_column="label")  # the model would read its answers
+    assert "train.csv: the text column and the label column are both 'label'" in err
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    write(tmp_path / "twice", "test", "parquet", *good)
+    pq.write_table(pa.Table.from_arrays([pa.array(TEXTS), pa.array(TEXTS), pa.array(LABELS)],
+                                        names=["text", "text", "label"]), tmp_path / "twice" / "train.parquet")
+    with pytest.raises(DataError, match="train.parquet: 2 columns are named 'text'; rename all but one$"):
+        load_splits(DataConfig(path=str(tmp_path / "twice")))
+    # a text column taken for the label column: every text a class, the list cut short
+    err = error_of(tmp_path, (TEXTS * 3, [f"t{i}" for i in range(30)]), (["x"], ["joy"]))
+    assert "not one of the classes ['t0', 't1', 't10', 't11', " in err and ", ... (30 classes)] (they come" in err
 
 
 def test_long_texts_padded_labels_category_columns_and_mixed_formats(tmp_path):
@@ -397,6 +426,12 @@ def test_nothing_is_cached_when_the_data_is_bad(tmp_path):
     cache = tmp_path / "cache"
     with pytest.raises(DataError):
         prepare(DataConfig(path=str(tmp_path / "d"), cache_dir=str(cache), min_freq=1))
+    assert not any(cache.rglob("*.npy")) and not any(p.name.startswith("tok-") for p in cache.rglob("*"))
+    # a vocabulary of <pad> and <unk> alone: the model would read nothing but the texts' lengths
+    write(tmp_path / "d", "test", "csv", TEXTS, LABELS)
+    with pytest.raises(DataError, match="data.min_freq=1000: no word of the training split occurs that often .the "
+                                        "commonest: 2 times., so the vocabulary would be empty; lower data.min_freq"):
+        prepare(DataConfig(path=str(tmp_path / "d"), cache_dir=str(cache), min_freq=1000))
     assert not any(cache.rglob("*.npy")) and not any(p.name.startswith("tok-") for p in cache.rglob("*"))
 
 
