@@ -234,7 +234,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
         try:  # any readable file: a pipe too (--config <(...))
             text = path.read_bytes().decode("utf-8")
         except FileNotFoundError:
-            raise ConfigError(f"config file {path} does not exist") from None
+            # `--config <(...)` under accelerate launch / torchrun: the pipe is the launcher's, not its processes'
+            pipe = " (a pipe, --config <(...), that this process was not given: the processes a launcher starts " \
+                   "cannot read the launcher's; write the config to a file)" if str(path).startswith(("/dev/fd/",
+                                                                                                  "/proc/")) else ""
+            raise ConfigError(f"config file {path} does not exist{pipe}") from None
         except IsADirectoryError:
             raise ConfigError(f"config file {path} is a folder; name a YAML file (configs/*.yaml)") from None
         except OSError as exc:

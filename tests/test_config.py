@@ -1,6 +1,7 @@
 """Config: YAML onto dataclasses, overrides, and errors that name the full key path."""
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -157,6 +158,10 @@ def test_bad_yaml_file_names_file_and_key(tmp_path):
     os.write(write, b"train:\n  epochs: 3\n")
     os.close(write)
     assert load_config(f"/dev/fd/{read}").train.epochs == 3
+    os.close(read)  # as a process a launcher starts sees the launcher's pipe: not at all
+    with pytest.raises(ConfigError, match=re.escape(f"config file /dev/fd/{read} does not exist (a pipe, --config <(...), "
+                                                    "that this process was not given: the processes a launcher")):
+        load_config(f"/dev/fd/{read}")
 
 
 def test_resolved_config_round_trips(tmp_path):
