@@ -238,12 +238,17 @@ def load_weights(path: Path, model, optimizer=None, name: str = "model.safetenso
         raise CheckpointError(f"{path}: cannot be loaded into this model: {exc}") from exc
 
 
+def in_run(path: Path, root: Path) -> bool:
+    """Whether checkpoint `path` is one of the run's own (under its checkpoints folder `root`)."""
+    return path.expanduser().resolve().parent == root.resolve()
+
+
 def check_compatible(saved: dict, current: dict, path: Path, only=None, branch: bool = False) -> None:
     """Refuse a resume whose identity (config.resume_identity + vocabulary) differs from the checkpoint's, naming
     every differing key. Sections are compared key by key, so a newly marked setting is checked too. `only`: the
     keys to compare, once an earlier version's identity is brought up to date (the config's, before the data's is
     known). `branch`: the checkpoint is another run's, named by checkpoint.resume."""
-    saved = _upgrade_identity(saved, current)
+    saved = _upgrade_identity(saved, current, path)
     problems = []
     for key in sorted(set(saved) | set(current) if only is None else set(only)):
         old, new = saved.get(key), current.get(key)
@@ -256,7 +261,7 @@ def check_compatible(saved: dict, current: dict, path: Path, only=None, branch: 
             problems.append(f"{key}: checkpoint {old!r}, config {new!r}{why}")
     if problems:
         advice = ("checkpoint.resume continues another run's training with its setup: it does not start training on "
-                  "other data or settings; for those, leave checkpoint.resume at auto (a fresh run)") if branch else \
+                  "other data or settings (a fresh run does: checkpoint.resume=auto, the default)") if branch else \
             "Use a new output_dir for the new setup."
         raise CheckpointError(f"{path} was trained with a different setup and cannot be resumed with this config: "
                               + "; ".join(problems) + ". " + advice)
@@ -270,9 +275,22 @@ _EARLIER_DEFAULTS = {"label_names": ["negative", "positive"],
                      "model": {"members": 1}}
 
 
-def _upgrade_identity(saved: dict, current: dict) -> dict:
+def _run_config(path: Path, section: str, keys) -> dict:
+    """`keys` of a config section as the config.yaml of the run that wrote checkpoint `path` (<run>/checkpoints/
+    step-N) has them; {} where it has none or cannot be read."""
+    import yaml
+
+    try:
+        values = yaml.safe_load((path.parent.parent / "config.yaml").read_text())[section]
+        return {k: values[k] for k in keys if k in values}
+    except (OSError, ValueError, yaml.YAMLError, TypeError, KeyError):
+        return {}
+
+
+def _upgrade_identity(saved: dict, current: dict, path: Path) -> dict:
     """Identities of earlier versions: the train keys at the top (before the identity was grouped by config
-    section); keys added since take the value every run had before them."""
+    section); keys added since take the value every run had before them, or the checkpoint's run's config.yaml
+    has."""
     saved = dict(saved)
     if "train" not in saved and "seed" in saved:
         saved["train"] = {k: saved.pop(k) for k in ("global_batch_size", "seed")}
@@ -283,12 +301,12 @@ def _upgrade_identity(saved: dict, current: dict) -> dict:
             saved[key] = {k: v for k, v in default.items() if k in current[key]} | saved[key]
         else:
             saved.setdefault(key, default)
-    # checkpoints of earlier versions did not record their data's content nor two of its vocabulary settings (a
-    # resume keeps the run's tokenizer.json, so they could only be checked against config.yaml): nothing to compare
+    # checkpoints of earlier versions did not record their data's content (nothing to compare it with) nor two of
+    # its vocabulary settings: those as the run's config.yaml has them (nothing to compare if it has none)
     saved.setdefault("data_content", current.get("data_content"))
     if isinstance(saved.get("data"), dict) and isinstance(current.get("data"), dict):
-        saved["data"] = {k: current["data"][k] for k in ("min_freq", "lowercase") if k in current["data"]} \
-            | saved["data"]
+        vocabulary = {k: current["data"][k] for k in ("min_freq", "lowercase") if k in current["data"]}
+        saved["data"] = vocabulary | _run_config(path, "data", vocabulary) | saved["data"]
     model = saved.get("model")
     if isinstance(model, dict) and isinstance(model.get("pretrained_embeddings"), str):  # the path, before
         saved["model"] = {**model, "pretrained_embeddings": bool(model["pretrained_embeddings"])}
@@ -330,7 +348,7 @@ class CheckpointManager:
         it fits this run. On another number of processes the data position carries over (the batch plan does not
         depend on it) but the per-process random streams cannot: they are re-derived and the change recorded."""
         saved = verify(path)
-        check_compatible(saved["identity"], identity, path, branch=path.resolve().parent != self.root.resolve())
+        check_compatible(saved["identity"], identity, path, branch=not in_run(path, self.root))
         load_weights(path, self.acc.unwrap_model(self.model), self.optimizer.optimizer)
         if self.averaged is not None:  # the identity (train.ema_decay) says the checkpoint has one
             load_weights(path, self.averaged, name=EMA_FILE)

@@ -145,8 +145,8 @@ def _refuse_repeated_keys(node, path: str = "", seen: set | None = None) -> None
     lines: dict[tuple, int] = {}
     for key_node, value_node in node.value:
         name = f"{path}.{key_node.value}" if path else str(key_node.value)
-        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`, resolved by the base class
-            name = path
+        if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+            name = path  # `<<: *defaults`, resolved by the base class; a list as a key: refused by it
         elif (key_node.tag, key_node.value) in lines:
             raise ConfigError(f"{name}: given twice (lines {lines[key_node.tag, key_node.value]} and "
                               f"{key_node.start_mark.line + 1}); the second would replace the first")

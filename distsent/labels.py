@@ -3,15 +3,13 @@ ClassLabel, or the sorted training labels), and each label's class index, in any
 
 from __future__ import annotations
 
-import logging
 import re
 
 import numpy as np
 
 from .config import DataConfig
-from .readers import DataError, RawSplit
+from .readers import DataError, RawSplit, warn_once
 
-log = logging.getLogger(__name__)
 BINARY_NAMES = ["negative", "positive"]  # integer labels 0/1 without names: the sentiment convention
 INTEGER = re.compile(r"-?\d+")  # a class name that is an integer
 
@@ -40,13 +38,13 @@ def class_names(train: RawSplit, cfg: DataConfig, named: list[str] | None, where
     if len(names) < 2:
         raise DataError(f"{where}: one class only ({names[0]!r}); a classifier needs two or more")
     if len(values) >= 20 and len(seen) > len(values) // 2:
-        log.warning("%s: %d different labels among %d texts (%s): is data.label_column (%r) the label column?", where,
+        warn_once("%s: %d different labels among %d texts (%s): is data.label_column (%r) the label column?", where,
                     len(seen), len(values), shown([str(v) for v in seen], 5), cfg.label_column)
     by_case = {}
     for name in names:
         by_case.setdefault(name.casefold(), []).append(name)
     if clashes := [group for group in by_case.values() if len(group) > 1]:  # "Bug", "bug": likely one class
-        log.warning("%s: classes whose names differ only in case are separate classes: %s (labels are compared "
+        warn_once("%s: classes whose names differ only in case are separate classes: %s (labels are compared "
                     "exactly; write each class one way if they are one)", where, "; ".join(map(str, clashes)))
     return names
 

@@ -51,6 +51,8 @@ class Predictor:
         folder = Path(folder)
         verify_model_folder(folder)  # IntegrityError naming the file if anything is missing or damaged
         cfg = load_config(folder / "config.yaml")
+        if cfg.data.path and cfg.data.train_file:  # written by an earlier version, $DISTSENT_DATA_PATH as data.path
+            cfg = replace(cfg, data=replace(cfg.data, path=""))  # beside the files it trained on, which won then
         meta = _read_meta(folder / "meta.json")
         names = meta.get("label_names", BINARY_NAMES)  # model folders of earlier versions: IMDB's two classes
         tokenizer = load_tokenizer(folder / "tokenizer.json")

@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import io
 import json
+import logging
+import os
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,6 +23,18 @@ SURROGATE = re.compile("[\ud800-\udfff]")
 
 class DataError(ValueError):
     """The data is missing or malformed; the message names the file (and row) at fault."""
+
+
+log = logging.getLogger(__name__)
+_WARNED: set[str] = set()
+
+
+def warn_once(message: str, *args) -> None:
+    """A warning about the data, from the first process only (every process prepares the data), once (the data
+    is read for --check, preparation, a resume)."""
+    if os.environ.get("RANK", "0") == "0" and (text := message % args) not in _WARNED:
+        _WARNED.add(text)
+        log.warning(text)
 
 
 def check_format(path: Path) -> None:
@@ -169,6 +183,8 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
         header = next(reader, None)
         if not header:
             raise DataError(f"{path}: empty (expected a header row, e.g. text,label)")
+        if any(SURROGATE.search(name) for name in header):  # bytes that were not UTF-8 (_utf8), texts to classify
+            raise DataError(f"{path}: line 1 (the header) is not valid UTF-8; save the file as UTF-8")
         missing_columns(path, header, cfg, labeled)
         ti = header.index(cfg.text_column)
         li = header.index(cfg.label_column) if labeled else None

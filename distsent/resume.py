@@ -13,7 +13,7 @@ from itertools import count
 from pathlib import Path
 
 from . import files
-from .checkpoint import CheckpointError, by_step, check_compatible, check_kind, find_latest, verify
+from .checkpoint import CheckpointError, by_step, check_compatible, check_kind, find_latest, in_run, verify
 from .config import resume_identity
 from .files import WriteError
 from .together import fail_together, from_main
@@ -118,11 +118,6 @@ def _state_reads(path: Path) -> bool:
 def resumed_from(path: Path) -> str:
     """The checkpoint.resume a run's checkpoint descends from (TrainState.resumed_from), "" if none."""
     return json.loads((path / "state.json").read_text())["train_state"].get("resumed_from", "")
-
-
-def in_run(path: Path, root: Path) -> bool:
-    """Whether checkpoint `path` is one of the run's own (under its checkpoints folder `root`)."""
-    return path.expanduser().resolve().parent == root.resolve()
 
 
 def resume_tag(path: Path, root: Path) -> str:

@@ -9,7 +9,6 @@ then fixes the class names from the training split (or data.label_names) and tur
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -19,11 +18,10 @@ import numpy as np
 from .config import DataConfig
 from .labels import class_names, encode_labels, integers_are_positions, label_lookup, read_class_labels
 from .readers import (FORMATS, DataError, RawSplit, check_format, checked_split, label_array, missing_columns,
-                      read_file)
+                      read_file, warn_once)
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
-log = logging.getLogger(__name__)
 DATA_PATH_ENV = "DISTSENT_DATA_PATH"
 
 
@@ -89,21 +87,10 @@ def data_path(cfg: DataConfig) -> str:
     if cfg.path or not env or cfg.train_file or cfg.validation_file or cfg.test_file:  # files named: no folder
         return cfg.path
     if cfg.hub_name not in (DataConfig.hub_name, "imdb"):  # "imdb": the hub's older name for it
-        _warn_once("$%s (%s) is ignored: it stands for %s, and this config reads %s; give data.path=DIR to read a "
+        warn_once("$%s (%s) is ignored: it stands for %s, and this config reads %s; give data.path=DIR to read a "
                    "local copy of that", DATA_PATH_ENV, env, DataConfig.hub_name, cfg.hub_name)
         return ""
     return env
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str, *args) -> None:
-    """A warning about the data settings, from the first process only (every process prepares the data), once
-    (find_source runs for --check, preparation, a resume)."""
-    if os.environ.get("RANK", "0") == "0" and (text := message % args) not in _WARNED:
-        _WARNED.add(text)
-        log.warning(text)
 
 
 def _stamp(st: os.stat_result) -> str:
@@ -273,10 +260,10 @@ def _warn_reused(files: dict[str, Path]) -> None:
     same = {s: p.resolve() for s, p in files.items()}
     for held_out in ("validation", "test"):
         if same.get(held_out) == same["train"]:
-            _warn_once("data.%s_file is the training file (%s): its scores are on data the model trained on",
+            warn_once("data.%s_file is the training file (%s): its scores are on data the model trained on",
                        held_out, files[held_out])
     if "validation" in same and same["validation"] == same["test"]:
-        _warn_once("data.validation_file is the test file (%s): the model is chosen on the data it is tested on",
+        warn_once("data.validation_file is the test file (%s): the model is chosen on the data it is tested on",
                    files["test"])
 
 

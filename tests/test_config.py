@@ -49,6 +49,9 @@ def test_a_section_override_sets_its_keys_and_a_key_given_twice_is_refused(tmp_p
     p.write_text("log:\n  wandb:\n    tags: [a]\n    mode: offline\n    tags: [b]\n")  # named with its section
     with pytest.raises(ConfigError, match=r"twice.yaml: log.wandb.tags: given twice \(lines 3 and 5\)"):
         load_config(p)
+    p.write_text("train:\n  ? [epochs]\n  : 3\n")  # a list as a key: YAML's own error, not a traceback
+    with pytest.raises(ConfigError, match="(?s)twice.yaml: not valid YAML: .*found unhashable key"):
+        load_config(p)
     # a bad key of the file's section is still the file's, not the section override's; YAML merge keys still load
     p.write_text("train:\n  epochs: 0\n")
     with pytest.raises(ConfigError, match=r"^\S*twice.yaml: train.epochs: must be >= 1"):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, binary_score, make_reviews, score
+from conftest import REPO, binary_score, make_reviews, score, write_parquet
 
 
 def test_roc_auc_matches_pairwise_definition_with_ties():
@@ -278,6 +278,26 @@ def test_a_model_folder_names_where_its_data_was(tmp_path, monkeypatch):
     assert located(DataConfig()) == DataConfig()  # the hub: nothing to locate
     monkeypatch.setenv("DISTSENT_DATA_PATH", "imdb")
     assert located(DataConfig()).path == str(tmp_path / "imdb")
+
+
+def test_a_model_folder_of_an_earlier_version_with_a_folder_beside_its_files_still_evaluates(tmp_path, capsys):
+    """Earlier versions wrote $DISTSENT_DATA_PATH into best/config.yaml as data.path beside the files the run named
+    one by one (which it trained on); a config giving both is refused now, but such a folder still reads its files."""
+    from dataclasses import replace
+
+    from distsent.checkpoint import export_model
+    from distsent.evaluate import main
+    from distsent.predict import Predictor
+
+    texts, labels = make_reviews(40, 3)
+    for name in ("mine", "held_out"):
+        write_parquet(tmp_path / name, {"train": (texts, labels)})
+    model = Predictor.load(export_tiny_model(tmp_path / "best", []))
+    data = replace(model.cfg.data, path=str(tmp_path / "elsewhere"), train_file=str(tmp_path / "mine" / "train.parquet"),
+                   test_file=str(tmp_path / "held_out" / "train.parquet"))
+    export_model(tmp_path / "old", model.model, model.tokenizer, replace(model.cfg, data=data), {"step": 0})
+    assert main(["--model", str(tmp_path / "old"), "--split", "test"]) == 0, capsys.readouterr().err
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 40
 
 
 def test_evaluate_loss_comes_from_the_logits_of_a_confident_model(tmp_path, capsys):

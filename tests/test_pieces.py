@@ -20,7 +20,7 @@ from distsent import checkpoint as ckpt
 from distsent import files
 from distsent.build import build_scheduler, lr_factor
 from distsent.config import DataConfig, ExperimentConfig, resume_identity
-from distsent.configfile import load_config
+from distsent.configfile import load_config, save_config
 from distsent.metrics import EvalMetrics
 from distsent.resume import resume_path
 from distsent.state import TrainState
@@ -155,6 +155,15 @@ def test_identity_of_checkpoints_from_an_earlier_version_is_still_understood(tmp
     flat["seed"] = 3
     with pytest.raises(ckpt.CheckpointError, match="train.seed: checkpoint 3, config 0"):
         ckpt.check_compatible(flat, current, tmp_path)
+    # the vocabulary settings it lacks: as the run's config.yaml has them, if it has one
+    flat["seed"], step = 0, tmp_path / "run" / "checkpoints" / "step-00000003"
+    step.mkdir(parents=True)
+    changed = {**current, "data": {**current["data"], "min_freq": 4}}
+    ckpt.check_compatible(flat, changed, step)  # no config.yaml: nothing to compare with
+    save_config(dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, min_freq=1)), tmp_path / "run" /
+                "config.yaml")
+    with pytest.raises(ckpt.CheckpointError, match="data.min_freq: checkpoint 1, config 4"):
+        ckpt.check_compatible(flat, changed, step)
 
 
 def test_threads_follow_the_cores_and_the_slurm_allocation():

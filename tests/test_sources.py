@@ -130,6 +130,9 @@ def test_texts_to_classify_need_no_label_and_keep_their_empty_records(tmp_path):
         assert split.problems == {1: f"line {line} is not valid UTF-8"}
         with pytest.raises(DataError, match=f"{name}: line {line} is not valid UTF-8"):
             read_file(tmp_path / name, DataConfig())
+    (tmp_path / "bytes.csv").write_bytes(b'te\xefxt\ngreat\n')  # in the header: the file, not a missing column
+    with pytest.raises(DataError, match="bytes.csv: line 1 .the header. is not valid UTF-8; save the file as UTF-8"):
+        read_file(tmp_path / "bytes.csv", DataConfig(), labeled=False)
 
 
 def test_hub_class_label_names_and_order(tmp_path, monkeypatch):
