@@ -31,10 +31,11 @@ log = logging.getLogger("distsent")
 WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # wandb.Settings.mode's values
 
 
-def check_trackers(names: list[str]) -> None:
+def check_trackers(log_cfg) -> None:
     """A misspelt tracker name would stop Accelerator() with a traceback, and one whose package is missing (or a
-    WANDB_MODE wandb rejects) would log nothing with only a warning: a ConfigError naming it instead, from --check
-    too."""
+    WANDB_MODE or tag wandb rejects) would log nothing with only a warning: a ConfigError naming it instead, from
+    --check too."""
+    names = log_cfg.trackers
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import LoggerType
 
@@ -48,13 +49,24 @@ def check_trackers(names: list[str]) -> None:
     mode = os.environ.get("WANDB_MODE")  # wins over log.wandb.mode; a value wandb rejects would run without W&B
     if mode and {"wandb", "all"} & set(names) and mode not in WANDB_MODES:
         raise ConfigError(f"WANDB_MODE={mode} (environment): wandb's modes are {', '.join(WANDB_MODES)}")
+    if {"wandb", "all"} & set(names):
+        _check_tags("log.wandb.tags", log_cfg.wandb.tags)
+        if env := os.environ.get("WANDB_TAGS"):  # wandb reads it itself, as written
+            _check_tags(f"WANDB_TAGS={env!r} (environment)", env.split(","))
 
+
+def _check_tags(where: str, tags: list[str]) -> None:
+    """W&B's rule for tags (1 to 64 characters), and no spaces around one (a different tag from the same word)."""
+    for tag in tags:
+        if not 1 <= len(tag) <= 64 or tag != tag.strip():
+            raise ConfigError(f"{where}: tag {tag!r}: W&B tags are 1 to 64 characters, without spaces around them"
+                              + (" (separated by commas alone)" if where.startswith("WANDB_TAGS") else ""))
 
 def build_accelerator(cfg: ExperimentConfig, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    check_trackers(cfg.log.trackers)
+    check_trackers(cfg.log)
     set_group_timeout(cfg.dist.timeout_s)
     if cfg.train.deterministic:
         # before the first CUDA call: cuBLAS needs a fixed workspace for deterministic results

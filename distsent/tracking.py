@@ -101,15 +101,17 @@ class _BarLines:
         sys.stderr.flush()
 
 
-def launch_topology(accelerator, layout) -> dict:
-    """How the run was launched (processes, machines, batch layout, threads, software, Slurm job), logged with
+def launch_topology(accelerator, layout, resumed_from: str = "") -> dict:
+    """How the run was launched (processes, machines, batch layout, threads, software, Slurm job, and the
+    checkpoint.resume its line started from: a rollback's or a branch's W&B run beside the one it left), logged with
     the config so that a dashboard shows what produced each curve."""
     import torch
 
     topo = {"num_processes": accelerator.num_processes, "num_machines": num_machines(),
             "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
             "micro_batch": layout.micro_batch, "accum_steps": layout.accum_steps,
-            "threads_per_process": torch.get_num_threads(), "python": sys.version.split()[0], **software_versions()}
+            "threads_per_process": torch.get_num_threads(), "python": sys.version.split()[0], **software_versions(),
+            "resumed_from": resumed_from}
     for var in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT"):
         if var in os.environ:
             topo[var.lower()] = os.environ[var]
@@ -141,9 +143,11 @@ def example_predictions(model, split, tokenizer, accelerator, n: int = 16) -> li
              int(split.labels[i]), p) for i, p in zip(idx, probs)]
 
 
-def eval_media(wandb, metrics: dict, classes: list[str], examples: list[tuple[str, int, list[float]]]) -> dict:
-    """W&B media of one evaluation: the confusion matrix with the class names, a per-class table (precision,
-    recall, F1, support) and a table of examples (text as the model reads it, label, prediction, probabilities)."""
+def eval_media(wandb, metrics: dict, classes: list[str], examples: list[tuple[str, int, list[float]]],
+               split: str = "val") -> dict:
+    """W&B media of one evaluation of `split` (val, test): the confusion matrix with the class names, a per-class
+    table (precision, recall, F1, support) and a table of examples (text as the model reads it, label, prediction,
+    probabilities)."""
     truth, preds = [], []
     for i, row in enumerate(metrics["confusion"]):
         for j, count in enumerate(row):
@@ -158,8 +162,8 @@ def eval_media(wandb, metrics: dict, classes: list[str], examples: list[tuple[st
     for text, label, probs in examples:
         best = max(range(len(probs)), key=probs.__getitem__)
         examples_table.add_data(text, classes[label], classes[best], probs[best], best == label, *probs)
-    return {"val/confusion_matrix": wandb.plot.confusion_matrix(y_true=truth, preds=preds, class_names=classes),
-            "val/per_class": per_class, "val/examples": examples_table}
+    return {f"{split}/confusion_matrix": wandb.plot.confusion_matrix(y_true=truth, preds=preds, class_names=classes),
+            f"{split}/per_class": per_class, f"{split}/examples": examples_table}
 
 
 # W&B settings a job can override through the environment (they win over the YAML, as cluster users expect).
@@ -212,9 +216,11 @@ class RunLog:
                 self.failure = exc
         self.cfg = cfg
         if cfg.log.trackers:
-            project = wandb_settings(cfg, run_dir)["project"]
+            settings = wandb_settings(cfg, run_dir)
+            # the W&B settings in effect (WANDB_* win over the YAML), so that the dashboard's filters find the run
+            config = {**config, "log": {**config["log"], "wandb": {**config["log"]["wandb"], **settings}}}
             try:
-                accelerator.init_trackers(project, config=config,
+                accelerator.init_trackers(settings["project"], config=config,
                                           init_kwargs={"wandb": wandb_init_kwargs(cfg, run_dir, run_id)})
                 self.trackers_on = True
             except Exception as exc:  # a tracker failing must not stop training

@@ -142,7 +142,7 @@ def check(cfg) -> int:
     try:
         if root.parent.exists() and not root.parent.is_dir():
             raise ConfigError(f"output_dir {cfg.output_dir}: a file, not a folder")
-        check_trackers(cfg.log.trackers)
+        check_trackers(cfg.log)
         world = os.environ.get("WORLD_SIZE", "")
         if world.isdigit() and int(world) > 0:  # under accelerate launch / torchrun: the batch must split over them
             layout_for(cfg, int(world))

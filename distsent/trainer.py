@@ -15,8 +15,7 @@ import torch
 from . import checkpoint as ckpt
 from .build import (OPTIMIZER_SETTINGS, announce, apply_optim_settings, batch_tensors, build_accelerator, build_data,
                     build_ema, build_layout, build_optimizer, build_run_model, build_scheduler, class_weights,
-                    close_process_group, lock_run_dir, new_run_id, run_identity,
-                    schedule_warning, setup_threads)
+                    close_process_group, lock_run_dir, new_run_id, run_identity, schedule_warning, setup_threads)
 from .config import ExperimentConfig
 from .configfile import changes_since, save_config
 from .files import IntegrityError, WriteError, writing
@@ -277,8 +276,7 @@ class Trainer:
         state, patience = self.state, self.cfg.train.early_stop_patience
         runlog.log({f"val/{k}": v for k, v in metrics.items()} | {
             "epoch": self._epoch_float(), "time/elapsed_s": time.perf_counter() - self.started}, state.step)
-        runlog.log_wandb(lambda wandb: eval_media(wandb, metrics, self.data.label_names, example_predictions(
-            self.eval_model, self.data.val, self.data.tokenizer, self.accelerator)), state.step)
+        self._log_media(runlog, metrics, "val")
         select = self.cfg.train.select_metric
         if state.record_eval(metrics[select]):
             failure = None
@@ -316,6 +314,7 @@ class Trainer:
         state = self.state
         runlog.log({f"test/{k}": v for k, v in metrics.items()}, state.step)
         runlog.summary({f"test/{k}": v for k, v in metrics.items()})
+        self._log_media(runlog, metrics, "test")
         runlog.log_model(best, f"model-{state.run_id}", {
             "step": state.best_step, f"val_{self.cfg.train.select_metric}": state.best_val_acc,
             "test_acc": metrics["acc"], "test_macro_f1": metrics["macro_f1"]})
@@ -323,6 +322,11 @@ class Trainer:
             log.info("test (best model, step %d): acc %.4f macro-F1 %.4f loss %.4f on %d texts", state.best_step,
                      metrics["acc"], metrics["macro_f1"], metrics["loss"], metrics["n"])
         return metrics
+
+    def _log_media(self, runlog: RunLog, metrics: dict, split: str) -> None:
+        """W&B's confusion matrix, per-class table and examples of an evaluation of the val or test split."""
+        runlog.log_wandb(lambda wandb: eval_media(wandb, metrics, self.data.label_names, example_predictions(
+            self.eval_model, getattr(self.data, split), self.data.tokenizer, self.accelerator), split), self.state.step)
 
     # --- run records -------------------------------------------------------------------------------------------
 
@@ -347,7 +351,7 @@ class Trainer:
         self.debug.resume(state.step)
         state.run_id = state.run_id or new_run_id(acc)
         runlog = RunLog(cfg, self.run_dir, acc, state.run_id, state.step if self.own_resume else -1,
-                        {**cfg.to_dict(), "launch": launch_topology(acc, self.layout)}, self.lock,
+                        {**cfg.to_dict(), "launch": launch_topology(acc, self.layout, state.resumed_from)}, self.lock,
                         history_after=state.step if continues else -1)
         if state.batch_in_epoch >= self.steps_per_epoch:
             # saved by an earlier version at an epoch's last step, before that epoch's evaluation (unless a periodic

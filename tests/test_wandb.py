@@ -75,23 +75,37 @@ def test_two_process_run_writes_one_complete_wandb_run(tmp_path, synth_imdb, cac
 
 def test_a_multiclass_run_logs_its_class_names_and_examples_of_every_class(tmp_path, cache_env):
     """Four classes, the validation file sorted by label: the confusion matrix and the per-class table carry the
-    class names, and the examples table shows reviews of more than one class."""
+    class names, and the examples table shows reviews of more than one class; the test evaluation's too. The config
+    holds the W&B settings in effect (WANDB_* over the YAML); a rollback's new W&B run names where it started."""
     texts, labels = make_emotions(200, 2)
     val = sorted(zip(texts, labels), key=lambda pair: pair[1])
     data = write_csv(tmp_path / "data", {"train": make_emotions(800, 0), "validation": tuple(zip(*val)),
                                          "test": make_emotions(100, 1)})
     run_dir = tmp_path / "run"
-    proc = run(direct_cmd(wandb_args(run_dir, data, **{"train.epochs": 1, "train.select_metric": "macro_f1"})))
+    args = wandb_args(run_dir, data, **{"train.epochs": 1, "train.select_metric": "macro_f1",
+                                        "log.wandb.tags": "[yaml]", "checkpoint.keep_last": 5})
+    proc = run(direct_cmd(args), env={"WANDB_TAGS": "env1,env2"})
     assert proc.returncode == 0, proc.stderr[-3000:]
     (offline,) = offline_runs(run_dir)
-    tables = {}
-    for f in (offline / "files" / "media" / "table" / "val").glob("*.table.json"):
-        tables.setdefault(f.name.split("_")[0], []).append(json.loads(f.read_text()))
-    per_class, confusion, examples = tables["per"][-1], tables["confusion"][-1], tables["examples"][-1]
-    assert [row[0] for row in per_class["data"]] == EMOTIONS  # class, precision, recall, f1, support
-    assert {row[0] for row in confusion["data"]} == set(EMOTIONS)  # actual, predicted, count
-    assert sum(row[2] for row in confusion["data"]) == 200
-    assert len(examples["data"]) == 16 and {row[1] for row in examples["data"]} == set(EMOTIONS)
+    for split, n in (("val", 200), ("test", 100)):
+        tables = {}
+        for f in (offline / "files" / "media" / "table" / split).glob("*.table.json"):
+            tables.setdefault(f.name.split("_")[0], []).append(json.loads(f.read_text()))
+        per_class, confusion, examples = tables["per"][-1], tables["confusion"][-1], tables["examples"][-1]
+        assert [row[0] for row in per_class["data"]] == EMOTIONS  # class, precision, recall, f1, support
+        assert {row[0] for row in confusion["data"]} == set(EMOTIONS)  # actual, predicted, count
+        assert sum(row[2] for row in confusion["data"]) == n
+        assert len(examples["data"]) == 16 and {row[1] for row in examples["data"]} == set(EMOTIONS)
+    config = [r for r in records(offline) if r["type"] == "config"][0]["config"]["update"]
+    assert config["log"]["wandb"]["tags"] == ["env1", "env2"] and config["launch"]["resumed_from"] == ""
+    # a rollback: a new W&B run, whose config names the checkpoint its line started from
+    proc = run(direct_cmd([*args, f"checkpoint.resume={run_dir / 'checkpoints' / 'step-00000010'}"]))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rollback = offline_runs(run_dir)[-1]
+    config = [r for r in records(rollback) if r["type"] == "config"][0]["config"]["update"]
+    assert config["launch"]["resumed_from"] == "step-00000010"
+    ids = {[r for r in records(d) if r["type"] == "run"][0]["run"]["run_id"] for d in (offline, rollback)}
+    assert len(ids) == 2
 
 
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, synth_imdb, cache_env):
