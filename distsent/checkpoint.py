@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from . import files
-from .configfile import save_config
+from .configfile import save_config, saved_settings
 from .files import IntegrityError, WriteError
 from .runlock import RunLockedError
 from .together import fail_together
@@ -275,18 +275,6 @@ _EARLIER_DEFAULTS = {"label_names": ["negative", "positive"],
                      "model": {"members": 1}}
 
 
-def _run_config(path: Path, section: str, keys) -> dict:
-    """`keys` of a config section as the config.yaml of the run that wrote checkpoint `path` (<run>/checkpoints/
-    step-N) has them; {} where it has none or cannot be read."""
-    import yaml
-
-    try:
-        values = yaml.safe_load((path.parent.parent / "config.yaml").read_text())[section]
-        return {k: values[k] for k in keys if k in values}
-    except (OSError, ValueError, yaml.YAMLError, TypeError, KeyError):
-        return {}
-
-
 def _upgrade_identity(saved: dict, current: dict, path: Path) -> dict:
     """Identities of earlier versions: the train keys at the top (before the identity was grouped by config
     section); keys added since take the value every run had before them, or the checkpoint's run's config.yaml
@@ -305,8 +293,10 @@ def _upgrade_identity(saved: dict, current: dict, path: Path) -> dict:
     # its vocabulary settings: those as the run's config.yaml has them (nothing to compare if it has none)
     saved.setdefault("data_content", current.get("data_content"))
     if isinstance(saved.get("data"), dict) and isinstance(current.get("data"), dict):
+        run = saved_settings(path.parent.parent / "config.yaml").get("data")  # <run>/checkpoints/step-N
         vocabulary = {k: current["data"][k] for k in ("min_freq", "lowercase") if k in current["data"]}
-        saved["data"] = vocabulary | _run_config(path, "data", vocabulary) | saved["data"]
+        saved["data"] = vocabulary | {k: run[k] for k in vocabulary if isinstance(run, dict) and k in run} \
+            | saved["data"]
     model = saved.get("model")
     if isinstance(model, dict) and isinstance(model.get("pretrained_embeddings"), str):  # the path, before
         saved["model"] = {**model, "pretrained_embeddings": bool(model["pretrained_embeddings"])}

@@ -299,13 +299,18 @@ def save_config(cfg: ExperimentConfig, path: str | Path) -> None:
     atomic_write(path, yaml.safe_dump(cfg.to_dict(), sort_keys=False))
 
 
-def changes_since(path: str | Path, cfg: ExperimentConfig, skip: tuple[str, ...] = ()) -> list[str]:
-    """The settings of `cfg` that differ from a saved config.yaml (a run's, written by its last launch), each as
-    "key old -> new", less the keys in `skip`; none if there is no readable file."""
+def saved_settings(path: str | Path) -> dict:
+    """A saved config.yaml (a run's, written by its last launch) as plain data; {} if there is no readable one."""
     try:
         old = yaml.safe_load(Path(path).read_text())
     except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        return []
+        return {}
+    return old if isinstance(old, dict) else {}
+
+
+def changes_since(path: str | Path, cfg: ExperimentConfig, skip: tuple[str, ...] = ()) -> list[str]:
+    """The settings of `cfg` that differ from a saved config.yaml (a run's, written by its last launch), each as
+    "key old -> new", less the keys in `skip`; none if there is no readable file."""
     out = []
 
     def walk(before: dict, now: dict, prefix: str) -> None:
@@ -315,8 +320,7 @@ def changes_since(path: str | Path, cfg: ExperimentConfig, skip: tuple[str, ...]
             elif key in before and before[key] != value and prefix + key not in skip:
                 out.append(f"{prefix}{key} {before[key]!r} -> {value!r}")
 
-    if isinstance(old, dict):
-        walk(old, cfg.to_dict(), "")
+    walk(saved_settings(path), cfg.to_dict(), "")
     return out
 
 
