@@ -49,10 +49,11 @@ def check_trackers(log_cfg) -> None:
     mode = os.environ.get("WANDB_MODE")  # wins over log.wandb.mode; a value wandb rejects would run without W&B
     if mode and {"wandb", "all"} & set(names) and mode not in WANDB_MODES:
         raise ConfigError(f"WANDB_MODE={mode} (environment): wandb's modes are {', '.join(WANDB_MODES)}")
-    if {"wandb", "all"} & set(names):
-        _check_tags("log.wandb.tags", log_cfg.wandb.tags)
-        if env := os.environ.get("WANDB_TAGS"):  # wandb reads it itself, as written
+    if {"wandb", "all"} & set(names):  # WANDB_TAGS replaces the YAML's tags (and wandb reads it itself, as written)
+        if env := os.environ.get("WANDB_TAGS"):
             _check_tags(f"WANDB_TAGS={env!r} (environment)", env.split(","))
+        else:
+            _check_tags("log.wandb.tags", log_cfg.wandb.tags)
 
 
 def _check_tags(where: str, tags: list[str]) -> None:

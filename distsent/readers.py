@@ -183,9 +183,12 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
         header = next(reader, None)
         if not header:
             raise DataError(f"{path}: empty (expected a header row, e.g. text,label)")
-        if any(SURROGATE.search(name) for name in header):  # bytes that were not UTF-8 (_utf8), texts to classify
-            raise DataError(f"{path}: line 1 (the header) is not valid UTF-8; save the file as UTF-8")
-        missing_columns(path, header, cfg, labeled)
+        try:
+            missing_columns(path, header, cfg, labeled)
+        except DataError:  # texts to classify: a column missing because of bytes that were not UTF-8 (_utf8)?
+            if any(SURROGATE.search(name) for name in header):
+                raise DataError(f"{path}: line 1 (the header) is not valid UTF-8; save the file as UTF-8") from None
+            raise
         ti = header.index(cfg.text_column)
         li = header.index(cfg.label_column) if labeled else None
         end = reader.line_num

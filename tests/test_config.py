@@ -227,11 +227,16 @@ def test_an_unknown_tracker_is_a_config_error_before_anything_starts(tmp_path):
     # tags wandb refuses (it then starts no run at all) or keeps with their spaces: refused before the run
     for env, override, message in (("a, b", None, "WANDB_TAGS='a, b' (environment): tag ' b': W&B tags are 1 to 64"),
                                    ("a,,b", None, "WANDB_TAGS='a,,b' (environment): tag '': W&B tags are"),
-                                   ("", "log.wandb.tags=['" + "x" * 65 + "']", "log.wandb.tags: tag 'xxx")):
+                                   ("", "log.wandb.tags=['" + "x" * 65 + "']", "log.wandb.tags: tag 'xxx"),
+                                   ("a", "log.wandb.tags=[' y ']", None)):  # WANDB_TAGS replaces the YAML's
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("WANDB_TAGS", env)
+            cfg = load_config(None, [f"output_dir={tmp_path}", *filter(None, [override])])
+            if message is None:
+                build_accelerator(cfg, tmp_path)
+                continue
             with pytest.raises(ConfigError, match=re.escape(message)):
-                build_accelerator(load_config(None, [f"output_dir={tmp_path}", *filter(None, [override])]), tmp_path)
+                build_accelerator(cfg, tmp_path)
     missing = next((t.value for t in LoggerType if t.value != "all" and t not in get_available_trackers()), None)
     if missing is None:
         pytest.skip("every tracker Accelerate knows is installed here")

@@ -133,6 +133,8 @@ def test_texts_to_classify_need_no_label_and_keep_their_empty_records(tmp_path):
     (tmp_path / "bytes.csv").write_bytes(b'te\xefxt\ngreat\n')  # in the header: the file, not a missing column
     with pytest.raises(DataError, match="bytes.csv: line 1 .the header. is not valid UTF-8; save the file as UTF-8"):
         read_file(tmp_path / "bytes.csv", DataConfig(), labeled=False)
+    (tmp_path / "bytes.csv").write_bytes(b'text,caf\xe9\ngreat,x\n')  # in a column not read: read as before
+    assert read_file(tmp_path / "bytes.csv", DataConfig(), labeled=False).texts.to_pylist() == ["great"]
 
 
 def test_hub_class_label_names_and_order(tmp_path, monkeypatch):
