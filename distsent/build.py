@@ -63,6 +63,7 @@ def _check_tags(where: str, tags: list[str]) -> None:
             raise ConfigError(f"{where}: tag {tag!r}: W&B tags are 1 to 64 characters, without spaces around them"
                               + (" (separated by commas alone)" if where.startswith("WANDB_TAGS") else ""))
 
+
 def build_accelerator(cfg: ExperimentConfig, run_dir: Path):
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs

@@ -24,8 +24,9 @@ def class_names(train: RawSplit, cfg: DataConfig, named: list[str] | None, where
     if strings and not all(isinstance(v, str) for v in values):
         number = next(i for i, v in enumerate(values) if not isinstance(v, str))
         string = next(i for i, v in enumerate(values) if isinstance(v, str))
-        raise DataError(f"{where}: {train.where(number)} has the integer label {values[number]!r}, {train.where(string)} "
-                        f"the string label {values[string]!r}; labels must be all integers or all strings")
+        raise DataError(f"{where}: {train.where(number)} has the integer label {values[number]!r}, "
+                        f"{train.where(string)} the string label {values[string]!r}; labels must be all integers or "
+                        f"all strings")
     seen = sorted(set(values))
     if cfg.label_names or named is not None:
         names = [str(n) for n in (cfg.label_names or named)]
@@ -39,13 +40,13 @@ def class_names(train: RawSplit, cfg: DataConfig, named: list[str] | None, where
         raise DataError(f"{where}: one class only ({names[0]!r}); a classifier needs two or more")
     if len(values) >= 20 and len(seen) > len(values) // 2:
         warn_once("%s: %d different labels among %d texts (%s): is data.label_column (%r) the label column?", where,
-                    len(seen), len(values), shown([str(v) for v in seen], 5), cfg.label_column)
+                  len(seen), len(values), shown([str(v) for v in seen], 5), cfg.label_column)
     by_case = {}
     for name in names:
         by_case.setdefault(name.casefold(), []).append(name)
     if clashes := [group for group in by_case.values() if len(group) > 1]:  # "Bug", "bug": likely one class
         warn_once("%s: classes whose names differ only in case are separate classes: %s (labels are compared "
-                    "exactly; write each class one way if they are one)", where, "; ".join(map(str, clashes)))
+                  "exactly; write each class one way if they are one)", where, "; ".join(map(str, clashes)))
     return names
 
 

@@ -88,7 +88,7 @@ def data_path(cfg: DataConfig) -> str:
         return cfg.path
     if cfg.hub_name not in (DataConfig.hub_name, "imdb"):  # "imdb": the hub's older name for it
         warn_once("$%s (%s) is ignored: it stands for %s, and this config reads %s; give data.path=DIR to read a "
-                   "local copy of that", DATA_PATH_ENV, env, DataConfig.hub_name, cfg.hub_name)
+                  "local copy of that", DATA_PATH_ENV, env, DataConfig.hub_name, cfg.hub_name)
         return ""
     return env
 
@@ -261,10 +261,10 @@ def _warn_reused(files: dict[str, Path]) -> None:
     for held_out in ("validation", "test"):
         if same.get(held_out) == same["train"]:
             warn_once("data.%s_file is the training file (%s): its scores are on data the model trained on",
-                       held_out, files[held_out])
+                      held_out, files[held_out])
     if "validation" in same and same["validation"] == same["test"]:
         warn_once("data.validation_file is the test file (%s): the model is chosen on the data it is tested on",
-                   files["test"])
+                  files["test"])
 
 
 def subset(split: RawSplit, idx: np.ndarray) -> RawSplit:

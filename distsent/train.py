@@ -161,8 +161,8 @@ def check(cfg) -> int:
         return fail(f"{type(exc).__name__}: {exc}", 2)
     where = ", ".join(f"{split} {path}" for split, path in source.files.items()) or f"{source.kind} {source.location}"
     sizes = " / ".join(f"{len(splits[s].labels)} {s}" for s in ("train", "val", "test"))
-    print(f"distsent-train: config OK; data: {where}: {sizes} texts, {len(names)} classes {shown(names)}; run directory "
-          f"{cfg.output_dir}")
+    print(f"distsent-train: config OK; data: {where}: {sizes} texts, {len(names)} classes {shown(names)}; run "
+          f"directory {cfg.output_dir}")
     return 0
 
 

@@ -162,8 +162,8 @@ def test_bad_yaml_file_names_file_and_key(tmp_path):
     os.close(write)
     assert load_config(f"/dev/fd/{read}").train.epochs == 3
     os.close(read)  # as a process a launcher starts sees the launcher's pipe: not at all
-    with pytest.raises(ConfigError, match=re.escape(f"config file /dev/fd/{read} does not exist (a pipe, --config <(...), "
-                                                    "that this process was not given: the processes a launcher")):
+    pipe = f"config file /dev/fd/{read} does not exist (a pipe, --config <(...), that this process was not given"
+    with pytest.raises(ConfigError, match=re.escape(pipe)):
         load_config(f"/dev/fd/{read}")
 
 

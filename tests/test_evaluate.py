@@ -293,7 +293,8 @@ def test_a_model_folder_of_an_earlier_version_with_a_folder_beside_its_files_sti
     for name in ("mine", "held_out"):
         write_parquet(tmp_path / name, {"train": (texts, labels)})
     model = Predictor.load(export_tiny_model(tmp_path / "best", []))
-    data = replace(model.cfg.data, path=str(tmp_path / "elsewhere"), train_file=str(tmp_path / "mine" / "train.parquet"),
+    data = replace(model.cfg.data, path=str(tmp_path / "elsewhere"),
+                   train_file=str(tmp_path / "mine" / "train.parquet"),
                    test_file=str(tmp_path / "held_out" / "train.parquet"))
     export_model(tmp_path / "old", model.model, model.tokenizer, replace(model.cfg, data=data), {"step": 0})
     assert main(["--model", str(tmp_path / "old"), "--split", "test"]) == 0, capsys.readouterr().err
