@@ -25,7 +25,7 @@ from .precision import bf16_rnn_runs_on, resolve, run_device
 from .sampler import Layout
 from .tokenizer import TokenizedSplit
 from .together import fail_together, forget_group, from_main, set_group_timeout
-from .tracking import local_processes, num_machines
+from .tracking import num_machines
 
 log = logging.getLogger("distsent")
 WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # wandb.Settings.mode's values
@@ -125,23 +125,6 @@ def layout_warning(layout: Layout, micro_batch_cap: int) -> str | None:
             f"each process divide only into {layout.accum_steps} micro-batches of {layout.micro_batch}; a global "
             f"batch that is a multiple of {layout.world_size * micro_batch_cap} (processes x micro-batch) would run "
             f"in full ones")
-
-
-def setup_threads(cfg: ExperimentConfig) -> None:
-    """Flush denormals (see TrainConfig.flush_denormal) and share the cores among this machine's processes."""
-    torch.set_flush_denormal(cfg.train.flush_denormal)
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    torch.set_num_threads(cfg.train.threads or default_threads(cores, local_processes(),
-                                                                os.environ.get("SLURM_CPUS_PER_TASK")))
-
-
-def default_threads(cores: int, local_processes: int, slurm_cpus: str | None) -> int:
-    """Threads per process: the cores this process may run on, or fewer where Slurm allocated fewer (a node
-    without CPU binding lets every job see all cores: each rank then ran a thread per core against the others, 10-19x
-    slower on a shared node), divided among the node's processes."""
-    if slurm_cpus and slurm_cpus.isdigit():
-        cores = min(cores, int(slurm_cpus))
-    return max(1, cores // local_processes)
 
 
 def announce(acc, layout: Layout, run_dir: Path) -> None:

@@ -106,7 +106,7 @@ class Predictor:
         results: list[dict] = [{} for _ in texts]
         valid = []
         for i, text in enumerate(texts):
-            if text is None:
+            if _missing(text):
                 results[i] = {"error": "no text (null)"}
             elif not isinstance(text, str):
                 results[i] = {"error": f"expected a string, got {type(text).__name__}"}
@@ -249,6 +249,11 @@ def _predict_table(predictor: Predictor, path: Path, text_column: str | None) ->
                 result = {"error": split.problems[i]}
             print(json.dumps({**place, "text": _shown(text), **result}, ensure_ascii=False))
     return 0
+
+
+def _missing(value) -> bool:
+    """None, a float NaN (numpy's and pandas' missing number) or pandas.NA: a missing value in a table."""
+    return value is None or (isinstance(value, float) and value != value) or type(value).__name__ == "NAType"
 
 
 def _shown(text: str | None) -> str | None:

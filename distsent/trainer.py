@@ -15,7 +15,7 @@ import torch
 from . import checkpoint as ckpt
 from .build import (OPTIMIZER_SETTINGS, announce, apply_optim_settings, batch_tensors, build_accelerator, build_data,
                     build_ema, build_layout, build_optimizer, build_run_model, build_scheduler, class_weights,
-                    close_process_group, lock_run_dir, new_run_id, run_identity, schedule_warning, setup_threads)
+                    close_process_group, lock_run_dir, new_run_id, run_identity, schedule_warning)
 from .config import ExperimentConfig
 from .configfile import changes_since, save_config
 from .files import IntegrityError, WriteError, writing
@@ -28,6 +28,7 @@ from .sources import located
 from .state import TrainState
 from .together import PeerFailed, fail_together
 from .tokenizer import TokenizedSplit
+from .torchsettings import process_settings, restore_process_settings, setup_threads
 from .tracking import (DebugRecords, RunLog, eval_media, example_predictions, launch_topology, progress_bar,
                        write_status)
 
@@ -38,7 +39,7 @@ class Trainer:
     """Assembles the run from its config (build.py), then `fit()` trains, evaluates, checkpoints and tests."""
 
     def __init__(self, cfg: ExperimentConfig, stop: StopFlag | None = None):
-        self.cfg, self.run_dir = cfg, Path(cfg.output_dir)
+        self.cfg, self.run_dir, self.settings_before = cfg, Path(cfg.output_dir), process_settings()
         with writing(self.run_dir):  # a read-only filesystem: one line naming it
             self.run_dir.mkdir(parents=True, exist_ok=True)
         self.accelerator = acc = build_accelerator(cfg, self.run_dir)
@@ -48,6 +49,7 @@ class Trainer:
             self._assemble(cfg, acc, stop)
         except BaseException:  # a start that fails (bad data, a refused checkpoint) frees the directory too
             self.lock.release()
+            restore_process_settings(self.settings_before)
             raise
 
     def _assemble(self, cfg: ExperimentConfig, acc, stop: StopFlag | None) -> None:
@@ -213,11 +215,8 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self, split: TokenizedSplit) -> dict:
-        """metrics.EvalMetrics over the whole split, every review counted once, plus reviews per second.
-
-        Reviews are sorted by length (little padding) and dealt to the processes one by one, so every process gets
-        the same number of reviews (within one) and nearly the same number of tokens.
-        """
+        """metrics.EvalMetrics over the whole split, every review counted once, plus reviews per second. Reviews are
+        sorted by length (little padding) and dealt to the processes in turn: equal shares, nearly equal tokens."""
         acc, model = self.accelerator, self.eval_model
         scores = EvalMetrics(acc.device, self.data.label_names, model.head_names)
         t0 = time.perf_counter()  # after building the metrics: the first one imports torchmetrics' classes (~1 s)
@@ -376,10 +375,10 @@ class Trainer:
         return self.state.epoch + self.state.batch_in_epoch / self.steps_per_epoch
 
     def close(self) -> None:
-        """Release the DDP wrapper (its reducer holds the process group and the last step's all-reduce work) and
-        the optimizer while the interpreter is fully alive, then destroy the process group: left to interpreter
-        exit, gloo's threads could still hold that work when its tensors are freed, and the process aborts
-        ("terminate called without an active exception"; seen in 3 of 6 two-process runs before this)."""
+        """Release the DDP wrapper and the optimizer while the interpreter is fully alive, then destroy the process
+        group (left to interpreter exit, gloo's threads could still hold the last all-reduce's tensors when they are
+        freed: "terminate called without an active exception", 3 of 6 two-process runs); then the lock, the signal
+        handlers and the process-wide settings as they were."""
         import gc
 
         self.accelerator.free_memory()
@@ -388,6 +387,7 @@ class Trainer:
         close_process_group()
         self.lock.release()
         self.stop.restore()
+        restore_process_settings(self.settings_before)
 
 
 def clip_gradients(acc, model, max_norm: float) -> torch.Tensor:

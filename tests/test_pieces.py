@@ -167,7 +167,7 @@ def test_identity_of_checkpoints_from_an_earlier_version_is_still_understood(tmp
 
 
 def test_threads_follow_the_cores_and_the_slurm_allocation():
-    from distsent.build import default_threads
+    from distsent.torchsettings import default_threads
 
     assert default_threads(16, 2, None) == 8 and default_threads(16, 4, "") == 4
     assert default_threads(16, 2, "4") == 2  # Slurm gave this task 4 of the node's 16 cores: 2 per process
@@ -1113,6 +1113,35 @@ def test_a_resume_refuses_a_changed_vocabulary_setting(synth_imdb, tmp_path, cac
     assert train_main(args) == 2 and "data.min_freq: checkpoint 1, config 4" in capsys.readouterr().err
     fit(**{"train.max_steps": 5})  # unchanged: it resumes
     assert json.loads((run_dir / "status.json").read_text())["step"] == 5
+
+
+def test_a_second_run_in_one_process_starts_from_the_process_as_it_was(synth_imdb, tmp_path, cache_env):
+    """A notebook's runs: the first left its threads, denormal flushing and deterministic algorithms set, and
+    Accelerate's mixed precision fixed (a second run with another precision: "AcceleratorState has already been
+    initialized"). close() puts each back."""
+    from distsent.preemption import StopFlag
+    from distsent.torchsettings import process_settings
+    from distsent.trainer import Trainer
+
+    def fit(run_dir, **extra):
+        cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{
+            "train.max_steps": 2, **extra}))
+        trainer = Trainer(cfg, stop=StopFlag([]))
+        try:
+            trainer.fit()
+        finally:
+            trainer.close()
+
+    import torch
+
+    torch.use_deterministic_algorithms(False)  # the notebook's own state, which the first run changes
+    before = process_settings()
+    if before["threads"] == 1:
+        pytest.skip("one thread here: train.threads=1 would change nothing")
+    fit(tmp_path / "a", **{"train.threads": 1, "train.deterministic": "true", "train.flush_denormal": "true"})
+    assert process_settings() == before
+    fit(tmp_path / "b", **{"train.mixed_precision": "bf16"})  # another precision in the same process
+    assert json.loads((tmp_path / "b" / "status.json").read_text())["state"] == "finished"
 
 
 def test_logged_throughput_leaves_out_the_time_spent_evaluating(synth_imdb, tmp_path, cache_env, monkeypatch):

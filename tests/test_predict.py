@@ -193,6 +193,10 @@ def test_any_sequence_of_texts_and_non_utf8_arguments(model_dir):
     expected = p.predict(texts)
     assert p.predict(t for t in texts) == expected
     assert p.predict(pd.Series(texts, index=[2, 1, 0])) == expected
+    # a table's missing values (NaN in an object column, pandas' NA in a string column) are missing texts
+    missing = [{"error": "no text (null)"}] * 2
+    assert p.predict(pd.Series([texts[0], None, float("nan")]))[1:] == missing
+    assert p.predict(pd.Series([texts[0], None, pd.NA], dtype="string"))[1:] == missing
     assert p.predict(["caf\udce9 good0"]) == [{"error": "not valid UTF-8 (holds a lone surrogate)"}]
     proc = subprocess.run([sys.executable.encode(), b"-m", b"distsent.predict", b"--model", str(model_dir).encode(),
                            b"\xff good0", b"good0 great"], capture_output=True, cwd=REPO, timeout=120)
