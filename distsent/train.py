@@ -133,8 +133,8 @@ def check(cfg) -> int:
     depends on the machines otherwise (the process count, a precision the device lacks), on the checkpoint's files
     (its weights) or on the tokenized data (the vocabulary, the data's content) is checked when the run starts."""
     from .build import check_new_model, check_trackers, layout_for
-    from .labels import shown
     from .checkpoint import by_step
+    from .labels import shown
     from .resume import check_config_against_run, resume_path
     from .sources import find_source, load_splits
 
