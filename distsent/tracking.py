@@ -1,7 +1,9 @@
 """Run records: metrics.jsonl, status.json, the launch topology and Accelerate's trackers (W&B with its media,
 TensorBoard, ...) on the main process; per-process debug records.
 
-A tracker that cannot start or fails mid-run is dropped with a warning: logging never stops training.
+A tracker that fails mid-run, or cannot start for a passing reason (the network), is dropped with a warning: logging
+never stops training. One that W&B refuses for its setup (no API key for online mode, a wrong key) stops the run at its
+start, before a step is trained, rather than leaving a long run with no dashboard.
 """
 
 from __future__ import annotations
@@ -191,6 +193,16 @@ def wandb_init_kwargs(cfg, run_dir: Path, run_id: str) -> dict:
     return kwargs
 
 
+def _wandb_setup_error(exc: Exception) -> bool:
+    """wandb's errors for its setup (no API key configured, a key the server refuses), which a retry does not mend;
+    a network that is down times out with another error."""
+    try:
+        from wandb.errors import AuthenticationError, UsageError
+    except ImportError:
+        return False
+    return isinstance(exc, (UsageError, AuthenticationError))
+
+
 class RunLog:
     """Writes metrics to <run>/metrics.jsonl and forwards them to the Accelerate trackers; main process only."""
 
@@ -203,6 +215,7 @@ class RunLog:
         self.trackers_on = False
         self.run_id = run_id
         self.failure: WriteError | None = None  # metrics.jsonl could not be written: the trainer stops at its step
+        self.start_error: Exception | None = None  # W&B refused its setup: every process stops before training
         # a W&B run that goes on has the steps up to the checkpoint resumed from (history_after): a row at one of
         # them (a relaunch after the end testing again, a model evaluated at that step) goes to metrics.jsonl only;
         # W&B would drop it
@@ -223,7 +236,15 @@ class RunLog:
                 accelerator.init_trackers(settings["project"], config=config,
                                           init_kwargs={"wandb": wandb_init_kwargs(cfg, run_dir, run_id)})
                 self.trackers_on = True
-            except Exception as exc:  # a tracker failing must not stop training
+            except Exception as exc:  # a tracker failing must not stop training, unless it is set up wrong
+                if _wandb_setup_error(exc):
+                    from .config import ConfigError
+
+                    self.start_error = ConfigError(
+                        f"W&B could not start in mode {settings['mode']!r} ({type(exc).__name__}: {exc}): log in "
+                        "(`wandb login`, or WANDB_API_KEY in the job's environment), or set log.wandb.mode=offline "
+                        "(`wandb sync` later) or log.trackers=[]; nothing was trained")
+                    return
                 log.warning("trackers %s could not start (%s: %s); training goes on, metrics go to %s",
                             cfg.log.trackers, type(exc).__name__, exc, self.path)
 

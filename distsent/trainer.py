@@ -78,8 +78,7 @@ class Trainer:
         self.class_weights = class_weights(cfg, self.data, acc.device)
         self.stop = stop or StopFlag(cfg.dist.stop_signals)
         self.debug = DebugRecords(self.run_dir, acc.process_index, cfg.train.debug_records)
-        self.started = time.perf_counter() - self.prepare_s  # wall-clock origin of time/elapsed_s
-        self.eval_seconds = 0.0
+        self.started, self.eval_seconds = time.perf_counter() - self.prepare_s, 0.0  # time/elapsed_s's origin; evals
         self.failure_recorded = False  # status.json tells why the run stopped (else train.py writes it)
 
     # --- the loop ----------------------------------------------------------------------------------------------
@@ -352,6 +351,7 @@ class Trainer:
         runlog = RunLog(cfg, self.run_dir, acc, state.run_id, state.step if self.own_resume else -1,
                         {**cfg.to_dict(), "launch": launch_topology(acc, self.layout, state.resumed_from)}, self.lock,
                         history_after=state.step if continues else -1)
+        fail_together(acc, runlog.start_error, "start W&B")  # before any step: a run with no dashboard is no use
         if state.batch_in_epoch >= self.steps_per_epoch:
             # saved by an earlier version at an epoch's last step, before that epoch's evaluation (unless a periodic
             # one fell on the step): evaluate now, so that the epoch's model is a candidate for best/

@@ -172,6 +172,22 @@ def test_wandb_off_or_broken_never_stops_training(how, tmp_path, synth_imdb, cac
         assert "could not start" in proc.stderr
 
 
+def test_online_mode_without_an_api_key_stops_every_process_before_training(tmp_path, synth_imdb, cache_env):
+    """No key (no WANDB_API_KEY, no ~/.netrc) for an online run: wandb refuses at once, and a run that went on would
+    train for hours with no dashboard. Both processes stop at the start, nothing trained or checkpointed."""
+    run_dir, home = tmp_path / "run", tmp_path / "home"
+    home.mkdir()
+    proc = run(launch_cmd(2, wandb_args(run_dir, synth_imdb, **{"log.wandb.mode": "online"})),
+               env={"HOME": str(home), "WANDB_API_KEY": "", "NETRC": str(home / "none")})
+    # the launcher exits 1 for any failed process; the process that met the error exited 2 (a clear error)
+    assert proc.returncode == 1 and "exitcode  : 2" in proc.stderr, proc.stderr[-3000:]
+    # one line from each process: the error on the main one, a pointer to it on the other
+    assert proc.stderr.count("distsent-train: ConfigError: W&B could not start in mode 'online'") == 1
+    assert "wandb login" in proc.stderr and "distsent-train: PeerFailed: process 0 could not start W&B" in proc.stderr
+    assert not list(run_dir.glob("checkpoints/*")) and not (run_dir / "best").exists()
+    assert "train/loss" not in ((run_dir / "metrics.jsonl").read_text() if (run_dir / "metrics.jsonl").exists() else "")
+
+
 def test_api_key_never_reaches_the_run_directory(tmp_path, synth_imdb, cache_env):
     secret = "0123456789abcdef0123456789abcdef01234567"
     run_dir = tmp_path / "run"
