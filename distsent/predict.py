@@ -64,7 +64,12 @@ class Predictor:
         """The model's logits ([texts] for two classes, [texts, classes] for more) in input order, and each text's
         word count before truncation; with heads=True, each classifier head's logits instead ([texts, heads] or
         [texts, heads, classes]; model.combine gives the model's). The ids come from the model folder's
-        tokenizer.json, as for anyone who loads it with the tokenizers library."""
+        tokenizer.json, as for anyone who loads it with the tokenizers library. A text predict() would answer with
+        an error (None, empty, not a string) raises ValueError naming its index: these arrays have no place for it."""
+        texts = _as_list(texts)
+        for i, text in enumerate(texts):
+            if problem := _problem(text):
+                raise ValueError(f"texts[{i}]: {problem} (predict() answers such a text with an error of its own)")
         return self._read(texts, heads)[:2]
 
     def probabilities(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -100,20 +105,12 @@ class Predictor:
         """One result per text: {"label", "probability" (of that label), "probabilities" (every class's)}, and for
         two classes "p_positive": the probability of the second class in label_names (label 1, the class the
         single logit scores: "positive" for IMDB, whatever its name); or {"error"}."""
-        if isinstance(texts, str):  # it would be read as a list of characters
-            raise TypeError("predict() takes a list of texts; to classify one, pass [text]")
-        texts = list(texts)  # a generator is read twice below; a pandas Series is indexed by its labels, not 0..n-1
+        texts = _as_list(texts)
         results: list[dict] = [{} for _ in texts]
         valid = []
         for i, text in enumerate(texts):
-            if _missing(text):
-                results[i] = {"error": "no text (null)"}
-            elif not isinstance(text, str):
-                results[i] = {"error": f"expected a string, got {type(text).__name__}"}
-            elif not text.strip():
-                results[i] = {"error": "empty text: nothing to classify"}
-            elif SURROGATE.search(text):  # bytes that were not UTF-8, as Python keeps them (a command-line argument)
-                results[i] = {"error": "not valid UTF-8 (holds a lone surrogate)"}
+            if problem := _problem(text):
+                results[i] = {"error": problem}
             else:
                 valid.append(i)
         if valid:
@@ -134,6 +131,26 @@ class Predictor:
                     data = self.cfg.data
                     results[i]["truncated"] = f"{n} words, the model read the {data.truncate} {data.max_len}"
         return results
+
+
+def _as_list(texts) -> list:
+    """The texts as a list: a generator is read twice; a pandas Series is indexed by its labels, not 0..n-1."""
+    if isinstance(texts, str):  # it would be read as a list of characters
+        raise TypeError("the Predictor takes a list of texts; to classify one, pass [text]")
+    return list(texts)
+
+
+def _problem(text) -> str | None:
+    """Why a text cannot be classified, or None."""
+    if _missing(text):
+        return "no text (null)"
+    if not isinstance(text, str):
+        return f"expected a string, got {type(text).__name__}"
+    if not text.strip():
+        return "empty text: nothing to classify"
+    if SURROGATE.search(text):  # bytes that were not UTF-8, as Python keeps them (a command-line argument)
+        return "not valid UTF-8 (holds a lone surrogate)"
+    return None
 
 
 def _read_meta(path: Path) -> dict:

@@ -52,6 +52,21 @@ def test_awkward_inputs_get_defined_answers(model_dir):
         p.predict("good0 word1")  # not 11 one-character texts
 
 
+@pytest.mark.parametrize("bad, why", [("", "empty text"), ("  ", "empty text"), (None, r"no text \(null\)"),
+                                      (float("nan"), r"no text \(null\)"), (7, "expected a string, got int")])
+def test_logits_and_probabilities_refuse_a_text_predict_would_answer_with_an_error(model_dir, bad, why):
+    """The array methods have no place for a per-text error: the text is named by its index, not given a made-up
+    row of logits (an empty text) or a TypeError from deep in the tokenizer (None)."""
+    p = Predictor.load(model_dir)
+    texts = ["good0 great", "bad1 awful", bad]
+    for method in (p.logits, p.probabilities):
+        with pytest.raises(ValueError, match=rf"texts\[2\]: {why}"):
+            method(texts)
+    with pytest.raises(TypeError, match="takes a list of texts"):
+        p.logits("good0 great")
+    assert p.logits(texts[:2])[0].shape == (2,)
+
+
 def test_cli_output_into_a_closed_pipe_ends_quietly(model_dir, tmp_path):
     """`distsent-predict ... | head -1`: the reader leaves after one line; no BrokenPipeError traceback."""
     f = tmp_path / "many.txt"
