@@ -64,23 +64,23 @@ class Predictor:
         """The model's logits ([texts] for two classes, [texts, classes] for more) in input order, and each text's
         word count before truncation; with heads=True, each classifier head's logits instead ([texts, heads] or
         [texts, heads, classes]; model.combine gives the model's). The ids come from the model folder's
-        tokenizer.json, as for anyone who loads it with the tokenizers library. A text predict() would answer with
-        an error (None, empty, not a string) raises ValueError naming its index: these arrays have no place for it."""
-        texts = _as_list(texts)
-        for i, text in enumerate(texts):
-            if problem := _problem(text):
-                raise ValueError(f"texts[{i}]: {problem} (predict() answers such a text with an error of its own)")
-        return self._read(texts, heads)[:2]
+        tokenizer.json, as for anyone who loads it with the tokenizers library. `texts`: a list, or an Arrow string
+        array (a read split's). A text predict() would answer with an error (null or NaN, empty, not a string, not
+        UTF-8) raises ValueError naming its index: these arrays have no place for it. A text with no words left (an
+        HTML tag alone) gets logits carrying no information: its word count is 0."""
+        return self._read(texts if hasattr(texts, "to_pylist") else _as_list(texts), heads, check=True)[:2]
 
     def probabilities(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Class probabilities [texts, classes] in input order, and each text's word count before truncation."""
+        """Class probabilities [texts, classes] in input order, and each text's word count before truncation; texts
+        as for logits()."""
         logits, words = self.logits(texts)
         return self.model.probabilities(torch.from_numpy(logits)).numpy(), words
 
     @torch.no_grad()
-    def _read(self, texts, heads: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def _read(self, texts, heads: bool = False, check: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """logits(), and for each text how many of the words the model reads (after the cut) are in its vocabulary
-        (not <unk>)."""
+        (not <unk>). `check`: each text's problem is a ValueError (as Python strings, a chunk at a time: an Arrow
+        array of a million texts is not copied whole)."""
         classes = len(self.label_names)
         shape = (len(texts), len(self.model.head_names)) if heads else (len(texts),)
         out = np.zeros(shape if classes == 2 else (*shape, classes), dtype=np.float32)
@@ -88,8 +88,14 @@ class Predictor:
         unk = self.tokenizer.token_to_id(UNK)
         # a chunk of texts at a time: the tokenizers library's encodings take about 30x their text's size
         for start in range(0, len(texts), ENCODE_CHUNK):
-            split, words[start: start + ENCODE_CHUNK] = encode(self.tokenizer, texts[start: start + ENCODE_CHUNK],
-                                                               self.cfg.data.max_len, self.cfg.data.truncate, True)
+            chunk = texts[start: start + ENCODE_CHUNK]
+            chunk = chunk.to_pylist() if hasattr(chunk, "to_pylist") else chunk
+            for i, text in enumerate(chunk if check else ()):
+                if problem := _problem(text):
+                    raise ValueError(f"texts[{start + i}]: {problem} (predict() answers such a text with an error "
+                                     "of its own)")
+            split, words[start: start + ENCODE_CHUNK] = encode(self.tokenizer, chunk, self.cfg.data.max_len,
+                                                               self.cfg.data.truncate, True)
             text_of_token = np.repeat(np.arange(len(split.lengths)), split.lengths)
             known[start: start + len(split.lengths)] = np.bincount(text_of_token, split.tokens != unk,
                                                                    len(split.lengths))
@@ -146,7 +152,7 @@ def _problem(text) -> str | None:
         return "no text (null)"
     if not isinstance(text, str):
         return f"expected a string, got {type(text).__name__}"
-    if not text.strip():
+    if not text or text.isspace():
         return "empty text: nothing to classify"
     if SURROGATE.search(text):  # bytes that were not UTF-8, as Python keeps them (a command-line argument)
         return "not valid UTF-8 (holds a lone surrogate)"

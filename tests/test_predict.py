@@ -67,6 +67,18 @@ def test_logits_and_probabilities_refuse_a_text_predict_would_answer_with_an_err
     assert p.logits(texts[:2])[0].shape == (2,)
 
 
+def test_logits_read_an_arrow_array_as_its_list(model_dir):
+    """distsent-evaluate passes a read split's texts, an Arrow string array, checked a chunk at a time."""
+    import pyarrow as pa
+
+    p = Predictor.load(model_dir)
+    texts = ["good0 great", "bad1 awful", "word1 " * 30]
+    for array in (pa.array(texts, pa.large_string()), pa.chunked_array([texts[:1], texts[1:]])):
+        np.testing.assert_array_equal(p.logits(array)[0], p.logits(texts)[0])
+    with pytest.raises(ValueError, match=r"texts\[1\]: no text \(null\)"):
+        p.logits(pa.array(["good0", None]))
+
+
 def test_cli_output_into_a_closed_pipe_ends_quietly(model_dir, tmp_path):
     """`distsent-predict ... | head -1`: the reader leaves after one line; no BrokenPipeError traceback."""
     f = tmp_path / "many.txt"
