@@ -25,16 +25,15 @@ from .precision import bf16_rnn_runs_on, resolve, run_device
 from .sampler import Layout
 from .tokenizer import TokenizedSplit
 from .together import fail_together, forget_group, from_main, set_group_timeout
-from .tracking import num_machines
+from .tracking import WANDB_ENV, num_machines
 
 log = logging.getLogger("distsent")
-WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")  # wandb.Settings.mode's values
 
 
 def check_trackers(log_cfg) -> None:
-    """A misspelt tracker name would stop Accelerator() with a traceback, and one whose package is missing (or a
-    WANDB_MODE or tag wandb rejects) would log nothing with only a warning: a ConfigError naming it instead, from
-    --check too."""
+    """A misspelt tracker name would stop Accelerator() with a traceback, and one whose package is missing would log
+    nothing with only a warning: a ConfigError naming it instead, from --check too; W&B's settings as wandb validates
+    them."""
     names = log_cfg.trackers
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import LoggerType
@@ -46,22 +45,38 @@ def check_trackers(log_cfg) -> None:
         if name not in installed and name != "all":  # "all": those installed
             raise ConfigError(f"log.trackers: {name!r} is not installed in this Python environment (pip install "
                               f"{name.replace('_', '-')}, or leave it out)")
-    mode = os.environ.get("WANDB_MODE")  # wins over log.wandb.mode; a value wandb rejects would run without W&B
-    if mode and {"wandb", "all"} & set(names) and mode not in WANDB_MODES:
-        raise ConfigError(f"WANDB_MODE={mode} (environment): wandb's modes are {', '.join(WANDB_MODES)}")
-    if {"wandb", "all"} & set(names):  # WANDB_TAGS replaces the YAML's tags (and wandb reads it itself, as written)
-        if env := os.environ.get("WANDB_TAGS"):
-            _check_tags(f"WANDB_TAGS={env!r} (environment)", env.split(","))
-        else:
-            _check_tags("log.wandb.tags", log_cfg.wandb.tags)
+    if {"wandb", "all"} & set(names) and "wandb" in installed:
+        check_wandb_settings(log_cfg.wandb)
 
 
-def _check_tags(where: str, tags: list[str]) -> None:
-    """W&B's rule for tags (1 to 64 characters), and no spaces around one (a different tag from the same word)."""
-    for tag in tags:
-        if not 1 <= len(tag) <= 64 or tag != tag.strip():
-            raise ConfigError(f"{where}: tag {tag!r}: W&B tags are 1 to 64 characters, without spaces around them"
-                              + (" (separated by commas alone)" if where.startswith("WANDB_TAGS") else ""))
+# log.wandb's keys and the wandb.Settings fields that validate them
+_WANDB_FIELDS = {"project": "project", "entity": "entity", "name": "run_name", "group": "run_group",
+                 "notes": "run_notes", "mode": "mode", "tags": "run_tags"}
+
+
+def check_wandb_settings(wandb_cfg) -> None:
+    """The W&B settings in effect (a WANDB_* variable wins over the YAML), each validated by wandb.Settings itself:
+    one wandb refuses (a '/' in the project, a tag of 65 characters, WANDB_MODE=ofline) would stop the run at its
+    start, and --check should say so first; and no spaces around a tag (wandb keeps them: another tag)."""
+    import wandb
+
+    for key, field in _WANDB_FIELDS.items():
+        env = "WANDB_TAGS" if key == "tags" else WANDB_ENV[key]
+        from_env = os.environ.get(env)
+        where = f"{env}={from_env!r} (environment)" if from_env else f"log.wandb.{key}"
+        value = from_env or getattr(wandb_cfg, key)
+        if key == "tags":  # wandb reads WANDB_TAGS as written, empty tags included
+            value = tuple(value.split(",") if from_env else value)
+            if spaced := next((tag for tag in value if tag != tag.strip()), None):
+                raise ConfigError(f"{where}: tag {spaced!r} has spaces around it, which W&B keeps (another tag than "
+                                  "the word)" + (": separate tags by commas alone" if from_env else ""))
+        if not value:
+            continue
+        try:
+            wandb.Settings(**{field: value})
+        except Exception as exc:  # wandb's UsageError, or pydantic's ValidationError, whose errors() hold the why
+            why = exc.errors()[0]["msg"] if hasattr(exc, "errors") else str(exc)
+            raise ConfigError(f"{where}: W&B refuses it: {why}") from None
 
 
 def build_accelerator(cfg: ExperimentConfig, run_dir: Path):

@@ -2,8 +2,8 @@
 TensorBoard, ...) on the main process; per-process debug records.
 
 A tracker that fails mid-run, or cannot start for a passing reason (the network), is dropped with a warning: logging
-never stops training. One that W&B refuses for its setup (no API key for online mode, a wrong key) stops the run at its
-start, before a step is trained, rather than leaving a long run with no dashboard.
+never stops training. A W&B start that wandb refuses for its setup (online with no API key, a malformed key) stops the
+run at its start, before a step is trained, rather than leaving a long run with no dashboard.
 """
 
 from __future__ import annotations
@@ -169,14 +169,14 @@ def eval_media(wandb, metrics: dict, classes: list[str], examples: list[tuple[st
 
 
 # W&B settings a job can override through the environment (they win over the YAML, as cluster users expect).
-_WANDB_ENV = {"project": "WANDB_PROJECT", "entity": "WANDB_ENTITY", "name": "WANDB_NAME", "group": "WANDB_RUN_GROUP",
+WANDB_ENV = {"project": "WANDB_PROJECT", "entity": "WANDB_ENTITY", "name": "WANDB_NAME", "group": "WANDB_RUN_GROUP",
               "notes": "WANDB_NOTES", "mode": "WANDB_MODE"}
 
 
 def wandb_settings(cfg, run_dir: Path) -> dict:
     """The effective W&B settings: the YAML's log.wandb, overridden by WANDB_* environment variables."""
     w = cfg.log.wandb
-    out = {key: os.environ.get(env) or getattr(w, key) for key, env in _WANDB_ENV.items()}
+    out = {key: os.environ.get(env) or getattr(w, key) for key, env in WANDB_ENV.items()}
     out["name"] = out["name"] or run_dir.name
     tags = os.environ.get("WANDB_TAGS")
     out["tags"] = [t for t in tags.split(",") if t] if tags else list(w.tags)
@@ -194,13 +194,11 @@ def wandb_init_kwargs(cfg, run_dir: Path, run_id: str) -> dict:
 
 
 def _wandb_setup_error(exc: Exception) -> bool:
-    """wandb's errors for its setup (no API key configured, a key the server refuses), which a retry does not mend;
-    a network that is down times out with another error."""
-    try:
-        from wandb.errors import AuthenticationError, UsageError
-    except ImportError:
-        return False
-    return isinstance(exc, (UsageError, AuthenticationError))
+    """wandb's errors for its setup, which a retry does not mend: no API key (UsageError), a malformed one
+    (AuthenticationError), a setting it refuses. A key the server refuses, or a network that is down, is a CommError:
+    it only warns, as it cannot be told from an outage."""
+    errors = sys.modules.get("wandb.errors")  # raised by wandb, so already imported if it is one of its errors
+    return errors is not None and isinstance(exc, (errors.UsageError, errors.AuthenticationError))
 
 
 class RunLog:
@@ -240,10 +238,10 @@ class RunLog:
                 if _wandb_setup_error(exc):
                     from .config import ConfigError
 
-                    self.start_error = ConfigError(
-                        f"W&B could not start in mode {settings['mode']!r} ({type(exc).__name__}: {exc}): log in "
-                        "(`wandb login`, or WANDB_API_KEY in the job's environment), or set log.wandb.mode=offline "
-                        "(`wandb sync` later) or log.trackers=[]; nothing was trained")
+                    fix = ("log in (`wandb login`, or a valid WANDB_API_KEY in the job's environment), set "
+                           "log.wandb.mode=offline (`wandb sync` later)" if settings["mode"] == "online" else "fix it")
+                    self.start_error = ConfigError(f"W&B could not start ({type(exc).__name__}: {exc}): {fix}, or "
+                                                   "set log.trackers=[]; no step was trained in this launch")
                     return
                 log.warning("trackers %s could not start (%s: %s); training goes on, metrics go to %s",
                             cfg.log.trackers, type(exc).__name__, exc, self.path)

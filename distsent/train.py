@@ -124,14 +124,15 @@ class _Once(argparse.Action):
 
 
 def check(cfg) -> int:
-    """--check, once the config and its overrides have loaded: what else can be known before the run's machines
-    are. The tracker names; the data, read and checked as training reads it (columns, texts, labels and classes,
-    the carve; a hub data set is fetched); for a new run, the pretrained vectors' file; a checkpoint.resume=never
-    into a directory that holds a run; the checkpoint a run would resume from (chosen as the start chooses it, by
-    its state.json), against the config's part of the run's identity (the model, the seed, ...) and the data's
-    classes; under a launcher (WORLD_SIZE set), the global batch against its process count. Writes nothing. What
-    depends on the machines otherwise (the process count, a precision the device lacks), on the checkpoint's files
-    (its weights) or on the tokenized data (the vocabulary, the data's content) is checked when the run starts."""
+    """--check, once the config and its overrides have loaded: what else can be known before the run's machines are.
+    The tracker names and the W&B settings in effect (as wandb validates them); the data, read and checked as
+    training reads it (columns, texts, labels and classes, the carve; a hub data set is fetched); for a new run, the
+    pretrained vectors' file; a checkpoint.resume=never into a directory that holds a run; the checkpoint a run
+    would resume from (chosen as the start chooses it, by its state.json), against the config's part of the run's
+    identity (the model, the seed, ...) and the data's classes; under a launcher (WORLD_SIZE set), the global batch
+    against its process count. Writes nothing. What depends on the machines otherwise (the process count, a
+    precision the device lacks), on the checkpoint's files (its weights) or on the tokenized data (the vocabulary,
+    the data's content) is checked when the run starts."""
     from .build import check_new_model, check_trackers, layout_for
     from .checkpoint import by_step
     from .labels import shown

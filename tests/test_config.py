@@ -218,17 +218,21 @@ def test_an_unknown_tracker_is_a_config_error_before_anything_starts(tmp_path):
     from accelerate.tracking import get_available_trackers
     from accelerate.utils import LoggerType
 
-    # WANDB_MODE wins over log.wandb.mode: a value wandb rejects would start the run without W&B, warned only
+    # WANDB_MODE wins over log.wandb.mode: a value wandb refuses would stop the run only once it has started
     with pytest.MonkeyPatch.context() as env:
         env.setenv("WANDB_MODE", "ofline")
-        with pytest.raises(ConfigError, match="WANDB_MODE=ofline .environment.: wandb's modes are online, offline"):
+        refused = "WANDB_MODE='ofline' .environment.: W&B refuses it: Input should be 'online', 'offline'"
+        with pytest.raises(ConfigError, match=refused):
             build_accelerator(load_config(None, [f"output_dir={tmp_path}"]), tmp_path)
         build_accelerator(load_config(None, [f"output_dir={tmp_path}", "log.trackers=[]"]), tmp_path)  # not used
-    # tags wandb refuses (it then starts no run at all) or keeps with their spaces: refused before the run
-    for env, override, message in (("a, b", None, "WANDB_TAGS='a, b' (environment): tag ' b': W&B tags are 1 to 64"),
-                                   ("a,,b", None, "WANDB_TAGS='a,,b' (environment): tag '': W&B tags are"),
-                                   ("", "log.wandb.tags=['" + "x" * 65 + "']", "log.wandb.tags: tag 'xxx"),
-                                   ("a", "log.wandb.tags=[' y ']", None)):  # WANDB_TAGS replaces the YAML's
+    # tags and a project wandb refuses, or tags it keeps with their spaces: refused before the run
+    long_tag, spaced = "log.wandb.tags=['" + "x" * 65 + "']", "WANDB_TAGS='a, b' (environment): tag ' b' has spaces"
+    for env, override, message in (
+            ("a, b", None, spaced),
+            ("a,,b", None, "WANDB_TAGS='a,,b' (environment): W&B refuses it: Value error, Tag at index 1 is empty."),
+            ("", long_tag, "log.wandb.tags: W&B refuses it: Value error, Tag 'xxx"),
+            ("", "log.wandb.project=team/sentiment", "log.wandb.project: W&B refuses it: Invalid project name"),
+            ("a", "log.wandb.tags=[' y ']", None)):  # WANDB_TAGS replaces the YAML's
         with pytest.MonkeyPatch.context() as patch:
             patch.setenv("WANDB_TAGS", env)
             cfg = load_config(None, [f"output_dir={tmp_path}", *filter(None, [override])])
