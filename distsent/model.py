@@ -304,6 +304,16 @@ class Ensemble(nn.Module):
         return [list(m.parameters()) for m in self.members] + ([list(self.ngrams.parameters())] if self.ngrams else [])
 
 
+def clip_gradients(acc, model, max_norm: float) -> torch.Tensor:
+    """Clip the gradients' norm to max_norm and return it as it was before: Accelerate's clip over all parameters,
+    or, for an ensemble, each member (and the shared n-gram head) on its own, as it would be clipped alone; the
+    norm returned is then the largest of theirs."""
+    if not isinstance(model, Ensemble):
+        return acc.clip_grad_norm_(model.parameters(), max_norm)
+    acc.unscale_gradients()  # fp16: once, as acc.clip_grad_norm_ does before it clips
+    return torch.stack([torch.nn.utils.clip_grad_norm_(group, max_norm) for group in model.clip_groups()]).max()
+
+
 def members(model: nn.Module) -> list[SentimentRNN]:
     """The SentimentRNNs of a model: its ensemble's members, or the model itself."""
     return list(model.members) if isinstance(model, Ensemble) else [model]

@@ -20,8 +20,9 @@ from .config import ExperimentConfig
 from .configfile import changes_since, save_config
 from .files import IntegrityError, WriteError, writing
 from .metrics import EXIT_NONFINITE, EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums
-from .model import Ensemble
+from .model import clip_gradients
 from .preemption import EXIT_PREEMPTED, Preempted, StopFlag
+from .randomstate import seed_dropout
 from .resume import chosen_checkpoint, in_run, settle
 from .sampler import epoch_batches
 from .sources import located
@@ -40,15 +41,17 @@ class Trainer:
 
     def __init__(self, cfg: ExperimentConfig, stop: StopFlag | None = None):
         self.cfg, self.run_dir, self.settings_before = cfg, Path(cfg.output_dir), process_settings()
-        with writing(self.run_dir):  # a read-only filesystem: one line naming it
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-        self.accelerator = acc = build_accelerator(cfg, self.run_dir)
-        self.layout = build_layout(cfg, acc)
-        self.lock = lock_run_dir(self.run_dir, acc)  # a second launch into this directory stops here
+        self.lock = None
         try:
+            with writing(self.run_dir):  # a read-only filesystem: one line naming it
+                self.run_dir.mkdir(parents=True, exist_ok=True)
+            self.accelerator = acc = build_accelerator(cfg, self.run_dir)
+            self.layout = build_layout(cfg, acc)
+            self.lock = lock_run_dir(self.run_dir, acc)  # a second launch into this directory stops here
             self._assemble(cfg, acc, stop)
-        except BaseException:  # a start that fails (bad data, a refused checkpoint) frees the directory too
-            self.lock.release()
+        except BaseException:  # a start that fails (a directory in use, bad data, a refused checkpoint) frees the
+            if self.lock is not None:  # directory and puts the process's settings back, as close() does
+                self.lock.release()
             restore_process_settings(self.settings_before)
             raise
 
@@ -172,7 +175,7 @@ class Trainer:
         the whole global batch, whatever the number of processes.
         """
         acc, train = self.accelerator, self.data.train
-        scale = self.layout.world_size * self.layout.accum_steps / len(batch)
+        loss_scale = self.layout.world_size * self.layout.accum_steps / len(batch)
         for idx in self.layout.micro_batches(batch, acc.process_index):
             weight = 1.0
             if len(idx) == 0:  # a short last batch left this rank nothing: a zero-weight dummy keeps DDP in step
@@ -186,7 +189,7 @@ class Trainer:
                 if self.class_weights is not None:
                     losses = losses * self.class_weights[labels.long()]
                 logits = self.raw_model.combine(heads.detach())
-                acc.backward(losses.sum() * (scale * weight))
+                acc.backward(losses.sum() * (loss_scale * weight))
                 if acc.sync_gradients:
                     max_norm = self.cfg.optim.clip_grad_norm or float("inf")
                     norm = clip_gradients(acc, self.raw_model, max_norm).detach().double()
@@ -195,10 +198,10 @@ class Trainer:
                     self.sums.add_step(norm, max_norm, share)
                     # fp16: the scaler skips a step with inf/NaN gradients and lowers its scale; compared on the
                     # device (Accelerate's step_was_skipped cannot see it with fused Adam, which skips in-kernel)
-                    scale = acc.scaler._scale.clone() if acc.scaler is not None else None
+                    scale_before = acc.scaler._scale.clone() if acc.scaler is not None else None
                     self.optimizer.step()
-                    if scale is not None:
-                        self.sums.add(skipped=(acc.scaler._scale < scale).double().sum() * share)
+                    if scale_before is not None:
+                        self.sums.add(skipped=(acc.scaler._scale < scale_before).double().sum() * share)
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     if self.ema is not None:
@@ -332,7 +335,12 @@ class Trainer:
         """Restore the latest checkpoint (or seed a fresh run), open the run's logs and mark it running."""
         cfg, acc, state = self.cfg, self.accelerator, self.state
         if self.resume_from is not None:
-            self.checkpoints.restore(self.resume_from, self.identity, cfg.train.seed)
+            failure = None
+            try:  # every process reads its own random state: one missing (say) stops them all with one line each
+                self.checkpoints.restore(self.resume_from, self.identity, cfg.train.seed)
+            except Exception as exc:
+                failure = exc
+            fail_together(acc, failure, f"restore {self.resume_from}")
             changed = apply_optim_settings(cfg, self.optimizer.optimizer, self.scheduler, self.total_steps)
             # the rest against the last launch's config (the optimizer's: from the checkpoint; output_dir: this folder)
             changed += changes_since(self.run_dir / "config.yaml", cfg, OPTIMIZER_SETTINGS + ("output_dir",))
@@ -341,7 +349,7 @@ class Trainer:
             continues = not settle(acc, state, cfg.checkpoint.resume, self.resume_from, self.run_dir)  # its W&B run
             self.started -= state.elapsed_s  # the time of the launches before, up to the checkpoint resumed from
         else:
-            ckpt.seed_dropout(cfg.train.seed, 0, acc.process_index)
+            seed_dropout(cfg.train.seed, 0, acc.process_index)
             continues = False
         warning = schedule_warning(cfg, self.total_steps)  # after a resume's checks: a refused one says only why
         if warning and acc.is_main_process:
@@ -388,13 +396,3 @@ class Trainer:
         self.lock.release()
         self.stop.restore()
         restore_process_settings(self.settings_before)
-
-
-def clip_gradients(acc, model, max_norm: float) -> torch.Tensor:
-    """Clip the gradients' norm to max_norm and return it as it was before: Accelerate's clip over all parameters,
-    or, for an ensemble, each member (and the shared n-gram head) on its own, as it would be clipped alone; the
-    norm returned is then the largest of theirs."""
-    if not isinstance(model, Ensemble):
-        return acc.clip_grad_norm_(model.parameters(), max_norm)
-    acc.unscale_gradients()  # fp16: once, as acc.clip_grad_norm_ does before it clips
-    return torch.stack([torch.nn.utils.clip_grad_norm_(group, max_norm) for group in model.clip_groups()]).max()

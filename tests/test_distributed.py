@@ -142,6 +142,30 @@ def test_bad_config_fails_before_training(tmp_path, synth_imdb, cache_env):
     assert proc.stderr.count("traceback : config error: the override model.hiden_dim=3") == 2
 
 
+def test_a_random_state_only_one_process_cannot_read_stops_both_with_one_line_each(tmp_path, synth_imdb, cache_env):
+    """Each process restores its own random state: process 1's unreadable (its file replaced and the manifest
+    sealed again, so that the checkpoint verifies) stops it with its error and process 0 with one line pointing at
+    it, not with a gloo error out of the next collective. A manifest without a process's random state is refused."""
+    from distsent import checkpoint as ckpt
+    from distsent import files
+
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(run_dir, synth_imdb, **{"train.max_steps": 6, "checkpoint.every": 3})
+    assert run(launch_cmd(2, args)).returncode == 0
+    latest = ckpt.find_latest(run_dir / "checkpoints")
+    (latest / "rng-rank00001.pt").write_bytes(b"not a torch file")
+    manifest = json.loads((latest / files.MANIFEST).read_text())
+    files.seal(latest, **{k: v for k, v in manifest.items() if k != "files"})
+    proc = run(launch_cmd(2, args))  # a relaunch after the end restores the checkpoint, then tests again
+    assert proc.returncode == 1 and "distsent-train: PeerFailed: process 1 could not restore" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert "rank      : 1" in proc.stderr and "Connection" not in proc.stderr and "gloo" not in proc.stderr.lower()
+    (latest / "rng-rank00001.pt").unlink()
+    files.seal(latest, **{k: v for k, v in manifest.items() if k != "files"})
+    with pytest.raises(ckpt.CheckpointError, match="the manifest lists no rng-rank00001.pt"):
+        ckpt.verify(latest)
+
+
 def test_bf16_on_cpu_trains(tmp_path, synth_imdb, cache_env):
     run_dir = tmp_path / "bf16"
     proc = run(direct_cmd(tiny_overrides(run_dir, synth_imdb, **{"train.mixed_precision": "bf16", "train.epochs": 1})))

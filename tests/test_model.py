@@ -288,7 +288,7 @@ def test_ensemble_members_are_clipped_apart():
     is the largest."""
     from accelerate import Accelerator
 
-    from distsent.trainer import clip_gradients
+    from distsent.model import clip_gradients
 
     model = _ensemble(5, ngram_max_n=2, members=2)
     for scale, part in zip((10.0, 0.5, 2.0), (*model.members, model.ngrams)):

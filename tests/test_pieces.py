@@ -17,9 +17,9 @@ import torch
 
 from conftest import REPO, binary_score, direct_cmd, read_jsonl, run, tiny_overrides, train_rows
 from distsent import checkpoint as ckpt
-from distsent import files
+from distsent import files, randomstate
 from distsent.build import build_scheduler, lr_factor
-from distsent.config import DataConfig, ExperimentConfig, resume_identity
+from distsent.config import ConfigError, DataConfig, ExperimentConfig, resume_identity
 from distsent.configfile import load_config, save_config
 from distsent.metrics import EvalMetrics
 from distsent.resume import resume_path
@@ -420,17 +420,17 @@ def test_gpu_random_state_is_this_processs_device_alone(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_rng_state", lambda: torch.tensor([7], dtype=torch.uint8))
     monkeypatch.setattr(torch.cuda, "set_rng_state", lambda s: seen.update(state=int(s[0])))
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda n: seen.update(seed=n))
-    state = ckpt.rng_state()
+    state = randomstate.rng_state()
     assert state["cuda"].tolist() == [7]
-    ckpt.set_rng_state(state, 123)
+    randomstate.set_rng_state(state, 123)
     assert seen == {"state": 7}
     seen.clear()
-    ckpt.set_rng_state({**state, "cuda": [torch.tensor([5], dtype=torch.uint8), torch.tensor([6], dtype=torch.uint8)]},
+    randomstate.set_rng_state({**state, "cuda": [torch.tensor([5], dtype=torch.uint8), torch.tensor([6], dtype=torch.uint8)]},
                        123)
     assert seen == {"state": 6}  # the current device's entry
     for cuda in ([torch.tensor([5], dtype=torch.uint8)] * 4, None):  # written on a 4-GPU node; on a CPU
         seen.clear()
-        ckpt.set_rng_state({k: v for k, v in {**state, "cuda": cuda}.items() if v is not None}, 123)
+        randomstate.set_rng_state({k: v for k, v in {**state, "cuda": cuda}.items() if v is not None}, 123)
         assert seen == {"seed": 123}
 
 
@@ -1142,6 +1142,12 @@ def test_a_second_run_in_one_process_starts_from_the_process_as_it_was(synth_imd
     assert process_settings() == before
     fit(tmp_path / "b", **{"train.mixed_precision": "bf16"})  # another precision in the same process
     assert json.loads((tmp_path / "b" / "status.json").read_text())["state"] == "finished"
+    # a start refused after the Accelerator exists (fp16 on a CPU) puts them back too
+    with pytest.raises(ConfigError, match="fp16 needs a GPU"):
+        fit(tmp_path / "c", **{"train.deterministic": "true", "train.mixed_precision": "fp16"})
+    assert process_settings() == before
+    fit(tmp_path / "d", **{"train.mixed_precision": "no"})
+    assert json.loads((tmp_path / "d" / "status.json").read_text())["state"] == "finished"
 
 
 def test_logged_throughput_leaves_out_the_time_spent_evaluating(synth_imdb, tmp_path, cache_env, monkeypatch):
