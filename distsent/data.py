@@ -70,17 +70,21 @@ def training_content(manifest: dict) -> str:
 
 def _load_cached(folder: Path) -> tuple[list[TokenizedSplit], dict] | None:
     """The cached splits of `folder` and its manifest (class names, checksums), or None if absent; a damaged entry
-    is reported, removed and rebuilt."""
+    is reported, removed and rebuilt. One that cannot be read (no permission, too many open files) is not damaged:
+    it may be another user's, or memory-mapped by other runs, and is left as it is (DataError)."""
     if not folder.is_dir():
         return None
     try:
         manifest = files.verify(folder, required=tuple(f"{s}.{a}.npy" for s in SPLIT_NAMES
                                                        for a in TokenizedSplit.ARRAYS))
         return [TokenizedSplit.load(folder, s) for s in SPLIT_NAMES], manifest
-    except (files.IntegrityError, OSError, ValueError, KeyError) as exc:
+    except (files.IntegrityError, ValueError, KeyError) as exc:  # a missing, cut or altered file; a bad array
         log.warning("token cache entry damaged, rebuilding it: %s", exc)
         shutil.rmtree(folder, ignore_errors=True)
         return None
+    except OSError as exc:
+        raise DataError(f"token cache {folder}: cannot be read ({exc}); name another cache folder with data.cache_dir "
+                        f"or ${CACHE_ENV}") from None
 
 
 def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData:

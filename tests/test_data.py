@@ -388,6 +388,34 @@ def test_the_cache_entries_of_edited_files_are_named_for_removal_and_kept(tmp_pa
         assert prepare(cfg).cache_hit and "earlier versions" not in caplog.text
 
 
+def test_a_damaged_token_cache_entry_is_rebuilt_and_an_unreadable_one_left_alone(tmp_path, splits, caplog,
+                                                                                   monkeypatch):
+    """A cut id array is damage: reported, removed, rebuilt. A read that fails for another reason (too many open
+    files; no permission, which root here cannot be refused: stood in for by the loader raising) is not: the entry
+    may be another user's or memory-mapped by other runs, so it is named in a DataError and left in place."""
+    import errno
+
+    from distsent.tokenizer import TokenizedSplit
+
+    cfg = DataConfig(path=str(write_parquet(tmp_path / "d", splits)), cache_dir=str(tmp_path / "c"), min_freq=1)
+    first = prepare(cfg)
+    (ids,) = (tmp_path / "c").glob("*/tok-*/train.tokens.npy")
+    ids.write_bytes(ids.read_bytes()[:-8])
+    with caplog.at_level("WARNING"):
+        again = prepare(cfg)
+    assert "token cache entry damaged, rebuilding it" in caplog.text and not again.cache_hit
+    assert (again.train.tokens == first.train.tokens).all() and prepare(cfg).cache_hit
+    entry = sorted(p.name for p in ids.parent.iterdir())
+
+    def refused(folder, split):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    monkeypatch.setattr(TokenizedSplit, "load", refused)
+    with pytest.raises(DataError, match=rf"token cache {re.escape(str(ids.parent))}: cannot be read .*Too many open"):
+        prepare(cfg)
+    assert sorted(p.name for p in ids.parent.iterdir()) == entry
+
+
 @pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b"\xff\xfe" + b])
 def test_a_damaged_cached_tokenizer_is_reported_and_rebuilt(tmp_path, splits, caplog, damage):
     cfg = DataConfig(path=str(write_parquet(tmp_path / "d", splits)), cache_dir=str(tmp_path / "c"), min_freq=1)
