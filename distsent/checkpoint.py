@@ -10,6 +10,12 @@ Layout of `<run>/checkpoints/step-NNNNNNNN/`:
   manifest.json       written last: size and sha256 of every file above; a folder without it is incomplete
 A checkpoint is written under `.tmp-step-NNNNNNNN/` and renamed into place only when complete. A model folder
 (`<run>/best/`: weights, tokenizer.json, config.yaml, meta.json) is sealed by the same kind of manifest.
+
+Why not Accelerator.save_state / load_state: they write into the target folder in place (a kill midway leaves a
+folder that looks like a checkpoint), keep no checksums to verify, restore random states by process index (a
+process without a file of its own goes on, logged at info level) and all GPUs by device number, and know nothing
+of what the run must keep unchanged. The parts are the same: safetensors weights, the optimizer's state_dict, each
+process's random states, the stateful objects' state_dicts.
 """
 
 from __future__ import annotations
