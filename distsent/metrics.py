@@ -220,6 +220,8 @@ EXIT_NONFINITE = 3
 class NonFiniteError(RuntimeError):
     """Training met a non-finite loss or gradient norm; the message names the step and the quantity."""
 
+    exit_code = EXIT_NONFINITE
+
 
 class NonFiniteWatch:
     """The first step whose training loss or gradient norm was not finite, kept on the device, so that a step

@@ -19,7 +19,7 @@ from .build import (OPTIMIZER_SETTINGS, announce, apply_optim_settings, batch_te
 from .config import ExperimentConfig
 from .configfile import changes_since, save_config
 from .files import IntegrityError, WriteError, writing
-from .metrics import EXIT_NONFINITE, EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums
+from .metrics import EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums
 from .model import clip_gradients
 from .preemption import EXIT_PREEMPTED, Preempted, StopFlag
 from .randomstate import seed_dropout
@@ -245,10 +245,10 @@ class Trainer:
                             state.step, EXIT_PREEMPTED)
         else:
             error = str(exc)
-            if self.stop.received is not None:  # a stop signal came, but the checkpoint it asked for failed
-                error += (f"; a stop signal ({signal.Signals(self.stop.received).name}) came but its checkpoint "
-                          f"could not be written: a restart resumes from the latest complete checkpoint")
-            status = {"state": "failed", "exit_code": getattr(exc, "exit_code", EXIT_NONFINITE), "error": error}
+            if self.stop.received is not None:  # a stop signal came, but the run failed before its checkpoint
+                error += (f"; a stop signal ({signal.Signals(self.stop.received).name}) came but no checkpoint was "
+                          f"written for it: a restart resumes from the latest complete checkpoint")
+            status = {"state": "failed", "exit_code": exc.exit_code, "error": error}
         if self.accelerator.is_main_process and not self.lock.check():  # a run directory taken over is not ours
             try:
                 write_status(self.run_dir, step=state.step, **status)

@@ -299,7 +299,7 @@ def test_a_stop_signal_whose_checkpoint_fails_ends_the_job_without_requeueing(cl
     assert fields["ExitCode"] == "74:0", text[-4000:]
     stopped = status(run_dir)
     assert stopped["state"] == "failed" and stopped["exit_code"] == 74
-    assert "a stop signal (SIGUSR1) came but its checkpoint could not be written" in stopped["error"]
+    assert "a stop signal (SIGUSR1) came but no checkpoint was written for it" in stopped["error"]
     assert "No space left on device" in text
     assert f"the run failed after SIGUSR1: not requeueing; once the cause is fixed, to continue from the latest " \
            f"checkpoint, submit again with output_dir={run_dir}" in text

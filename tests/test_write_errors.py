@@ -93,7 +93,7 @@ def test_a_stop_signal_whose_checkpoint_cannot_be_written_says_so(small_disk, sy
     assert "distsent-train: WriteError: cannot write" in err and "No space left on device" in err
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "failed" and status["exit_code"] == 74
-    assert "a stop signal (SIGTERM) came but its checkpoint could not be written" in status["error"]
+    assert "a stop signal (SIGTERM) came but no checkpoint was written for it" in status["error"]
     assert_intact(run_dir, ["step-00000010"])
 
 
