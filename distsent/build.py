@@ -57,20 +57,24 @@ _WANDB_FIELDS = {"project": "project", "entity": "entity", "name": "run_name", "
 def check_wandb_settings(wandb_cfg) -> None:
     """The W&B settings in effect (a WANDB_* variable wins over the YAML), each validated by wandb.Settings itself:
     one wandb refuses (a '/' in the project, a tag of 65 characters, WANDB_MODE=ofline) would stop the run at its
-    start, and --check should say so first; and no spaces around a tag (wandb keeps them: another tag)."""
-    import wandb
-
+    start, and --check should say so first; and no spaces around a tag (wandb keeps them: another tag). A variable
+    exported empty counts: wandb reads it so (WANDB_MODE='' is no mode)."""
+    try:
+        import wandb
+    except Exception as exc:  # installed but broken (a protobuf it cannot use, say): it would fail at the start
+        raise ConfigError(f"log.trackers: wandb is installed but cannot be imported ({type(exc).__name__}: {exc}); "
+                          "repair it, or leave wandb out of log.trackers") from None
     for key, field in _WANDB_FIELDS.items():
         env = "WANDB_TAGS" if key == "tags" else WANDB_ENV[key]
-        from_env = os.environ.get(env)
-        where = f"{env}={from_env!r} (environment)" if from_env else f"log.wandb.{key}"
-        value = from_env or getattr(wandb_cfg, key)
+        from_env = os.environ.get(env)  # None: not set; '' counts
+        where = f"{env}={from_env!r} (environment)" if from_env is not None else f"log.wandb.{key}"
+        value = from_env if from_env is not None else getattr(wandb_cfg, key)
         if key == "tags":  # wandb reads WANDB_TAGS as written, empty tags included
-            value = tuple(value.split(",") if from_env else value)
+            value = tuple(value.split(",") if from_env is not None else value)
             if spaced := next((tag for tag in value if tag != tag.strip()), None):
                 raise ConfigError(f"{where}: tag {spaced!r} has spaces around it, which W&B keeps (another tag than "
                                   "the word)" + (": separate tags by commas alone" if from_env else ""))
-        if not value:
+        if not value and from_env is None:
             continue
         try:
             wandb.Settings(**{field: value})

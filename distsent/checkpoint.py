@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MODEL_FILES = ("config.yaml", "tokenizer.json", "model.safetensors")
 EMA_FILE = "ema.safetensors"
+RNG_WAIT_S = 30  # seconds the main process waits for the other processes' random states to show
 
 
 class CheckpointError(IntegrityError):
@@ -50,6 +51,15 @@ class CheckpointError(IntegrityError):
 
 def step_dir(root: Path, step: int) -> Path:
     return root / f"step-{step:08d}"
+
+
+def rng_file(rank: int) -> str:
+    """The file of process `rank`'s random states in a checkpoint."""
+    return f"rng-rank{rank:05d}.pt"
+
+
+def rng_files(world_size: int) -> list[str]:
+    return [rng_file(rank) for rank in range(world_size)]
 
 
 # --- save ------------------------------------------------------------------------------------------------------
@@ -77,7 +87,7 @@ def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep
                 tmp.mkdir(parents=True)
 
     def fill():
-        files.atomic_write(tmp / f"rng-rank{accelerator.process_index:05d}.pt", _torch_bytes(rng_state()))
+        files.atomic_write(tmp / rng_file(accelerator.process_index), _torch_bytes(rng_state()))
         if main:
             files.atomic_write(tmp / "model.safetensors", _weights_bytes(accelerator.unwrap_model(model)))
             if averaged is not None:
@@ -87,6 +97,12 @@ def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep
 
     def finish():
         if main:
+            # every process's random state, written before the last barrier, must be in the manifest (a resume
+            # refuses a checkpoint without one); a shared filesystem may show another machine's file a moment late
+            for _ in range(RNG_WAIT_S):
+                if all((tmp / name).is_file() for name in rng_files(accelerator.num_processes)):
+                    break
+                time.sleep(1)
             files.seal(tmp, step=step)
             files.publish(tmp, final)  # the same step saved again (an epoch end that is also periodic) replaces
             prune(root, keep_last)
@@ -157,7 +173,7 @@ def verify(path: Path) -> dict:
         raise CheckpointError(str(exc)) from None
     saved = json.loads((path / "state.json").read_text())
     world = saved.get("train_state", {}).get("world_size", 0)
-    if missing := [name for name in map("rng-rank{:05d}.pt".format, range(world)) if name not in listed]:
+    if missing := [name for name in rng_files(world) if name not in listed]:
         raise CheckpointError(f"{path}: the manifest lists no {missing[0]} (a random state of one of the {world} "
                               "processes that wrote it)")
     return saved
@@ -313,8 +329,12 @@ class CheckpointManager:
                 obj.load_state_dict(saved[name])
         state, acc = self.stateful["train_state"], self.acc
         if state.world_size == acc.num_processes:
-            set_rng_state(torch.load(path / f"rng-rank{acc.process_index:05d}.pt", weights_only=True),
-                          stream_seed(seed, state.step, acc.process_index))
+            rng = path / rng_file(acc.process_index)
+            try:
+                set_rng_state(torch.load(rng, weights_only=True), stream_seed(seed, state.step, acc.process_index))
+            except Exception as exc:  # sealed, so written so: unpickling, a missing key, a wrong type
+                raise CheckpointError(f"{rng}: not a random state this version can restore ({type(exc).__name__}: "
+                                      f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
         else:
             seed_dropout(seed, state.step, acc.process_index)
             state.world_size_changes.append({"step": state.step, "old_world_size": state.world_size,

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 class ConfigError(ValueError):
     """A config file or override is wrong; the message names the full key path."""
 
+    exit_code = 2  # as distsent-train exits on it
+
 
 def _doc(text: str, default, resume=False, cache: str = ""):
     """A dataclass field that carries its documentation (shown by `distsent-train --help-config`).

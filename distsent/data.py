@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -78,11 +79,16 @@ def _load_cached(folder: Path) -> tuple[list[TokenizedSplit], dict] | None:
         manifest = files.verify(folder, required=tuple(f"{s}.{a}.npy" for s in SPLIT_NAMES
                                                        for a in TokenizedSplit.ARRAYS))
         return [TokenizedSplit.load(folder, s) for s in SPLIT_NAMES], manifest
-    except (files.IntegrityError, ValueError, KeyError) as exc:  # a missing, cut or altered file; a bad array
+    except (files.IntegrityError, ValueError, KeyError, EOFError) as exc:  # a missing, cut or altered file
         log.warning("token cache entry damaged, rebuilding it: %s", exc)
         shutil.rmtree(folder, ignore_errors=True)
         return None
     except OSError as exc:
+        if isinstance(exc, (FileNotFoundError, NotADirectoryError, IsADirectoryError)) or exc.errno == errno.ESTALE:
+            # removed or replaced while this run read it (another run rebuilding it, a shared filesystem's node
+            # replacing it): prepared again; what is there now is the other run's, and stays
+            log.warning("token cache entry changed while it was read, preparing the data again: %s", exc)
+            return None
         raise DataError(f"token cache {folder}: cannot be read ({exc}); name another cache folder with data.cache_dir "
                         f"or ${CACHE_ENV}") from None
 

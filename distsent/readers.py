@@ -24,6 +24,8 @@ SURROGATE = re.compile("[\ud800-\udfff]")
 class DataError(ValueError):
     """The data is missing or malformed; the message names the file (and row) at fault."""
 
+    exit_code = 2  # as distsent-train exits on it
+
 
 log = logging.getLogger(__name__)
 _WARNED: set[str] = set()

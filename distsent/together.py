@@ -66,8 +66,8 @@ def agree(acc, stop: bool, failure: BaseException | None, what: str) -> bool:
     # [stop, exit status of each process's failure (0: none)]
     flags = torch.zeros(acc.num_processes + 1, dtype=torch.int64)
     flags[0] = int(stop)
-    if failure is not None:
-        flags[1 + acc.process_index] = getattr(failure, "exit_code", EXIT_ERROR)
+    if failure is not None:  # a clear error's code (2, 74, ...); anything else ends its process with 1 and a traceback
+        flags[1 + acc.process_index] = getattr(failure, "exit_code", 1)
     dist.all_reduce(flags, group=cpu_group())
     if failure is not None:
         raise failure

@@ -15,18 +15,20 @@ from .tracking import local_processes
 def process_settings() -> dict:
     """The process-wide settings a run changes (threads, denormals, deterministic algorithms), as they are now: the
     run puts them back at its end (`restore_process_settings`), so that a notebook's next cell or run starts from
-    its own."""
+    its own. "accelerate": whether Accelerate's state was set up already (another Trainer alive in this process)."""
+    from accelerate.state import AcceleratorState
+
     return {"threads": torch.get_num_threads(), "flush_denormal": torch.tensor([1e-40]).mul(1).item() == 0.0,
             "deterministic": torch.are_deterministic_algorithms_enabled(),
             "warn_only": torch.is_deterministic_algorithms_warn_only_enabled(),
             "cudnn": (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark),
-            "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG")}
+            "cublas": os.environ.get("CUBLAS_WORKSPACE_CONFIG"), "accelerate": AcceleratorState._shared_state != {}}
 
 
 def restore_process_settings(saved: dict) -> None:
-    """Put back what process_settings() read, and forget the run's Accelerate state (its mixed precision): a next
-    run in this process may use another one (Accelerate refuses to change it otherwise). The distributed state, whose
-    process group close_process_group() destroyed, is Accelerate's to keep."""
+    """Put back what process_settings() read, and forget the run's Accelerate state (its mixed precision) unless it
+    was there before the run: a next run in this process may use another one (Accelerate refuses to change it
+    otherwise). The distributed state, whose process group close_process_group() destroyed, is Accelerate's to keep."""
     from accelerate.state import AcceleratorState
 
     torch.set_num_threads(saved["threads"])
@@ -35,7 +37,8 @@ def restore_process_settings(saved: dict) -> None:
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved["cudnn"]
     if saved["cublas"] is None:
         os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
-    AcceleratorState._reset_state()  # what Accelerate's own test utilities call between runs
+    if not saved["accelerate"]:  # set up by this run, not by another Trainer still alive in this process
+        AcceleratorState._reset_state()  # what Accelerate's own test utilities call between runs
 
 
 def setup_threads(cfg: ExperimentConfig) -> None:

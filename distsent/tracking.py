@@ -195,10 +195,12 @@ def wandb_init_kwargs(cfg, run_dir: Path, run_id: str) -> dict:
 
 def _wandb_setup_error(exc: Exception) -> bool:
     """wandb's errors for its setup, which a retry does not mend: no API key (UsageError), a malformed one
-    (AuthenticationError), a setting it refuses. A key the server refuses, or a network that is down, is a CommError:
-    it only warns, as it cannot be told from an outage."""
+    (AuthenticationError), a setting it refuses (UsageError, or pydantic's ValidationError). A key the server
+    refuses, or a network that is down, is a CommError: it only warns, as it cannot be told from an outage."""
     errors = sys.modules.get("wandb.errors")  # raised by wandb, so already imported if it is one of its errors
-    return errors is not None and isinstance(exc, (errors.UsageError, errors.AuthenticationError))
+    pydantic = sys.modules.get("pydantic")  # wandb's settings validate with it: a value it refuses
+    return errors is not None and (isinstance(exc, (errors.UsageError, errors.AuthenticationError))
+                                   or (pydantic is not None and isinstance(exc, pydantic.ValidationError)))
 
 
 class RunLog:

@@ -2,6 +2,7 @@
 
 import os
 import re
+import sys
 from pathlib import Path
 
 import pytest
@@ -234,13 +235,21 @@ def test_an_unknown_tracker_is_a_config_error_before_anything_starts(tmp_path):
             ("", "log.wandb.project=team/sentiment", "log.wandb.project: W&B refuses it: Invalid project name"),
             ("a", "log.wandb.tags=[' y ']", None)):  # WANDB_TAGS replaces the YAML's
         with pytest.MonkeyPatch.context() as patch:
-            patch.setenv("WANDB_TAGS", env)
+            patch.setenv("WANDB_TAGS", env) if env else patch.delenv("WANDB_TAGS", raising=False)
             cfg = load_config(None, [f"output_dir={tmp_path}", *filter(None, [override])])
             if message is None:
                 build_accelerator(cfg, tmp_path)
                 continue
             with pytest.raises(ConfigError, match=re.escape(message)):
                 build_accelerator(cfg, tmp_path)
+    with pytest.MonkeyPatch.context() as patch:  # exported empty: wandb reads no mode at all
+        patch.setenv("WANDB_MODE", "")
+        with pytest.raises(ConfigError, match="WANDB_MODE='' .environment.: W&B refuses it"):
+            build_accelerator(load_config(None, [f"output_dir={tmp_path}"]), tmp_path)
+        patch.delenv("WANDB_MODE")
+        patch.setitem(sys.modules, "wandb", None)  # installed but cannot be imported: it would fail at the start
+        with pytest.raises(ConfigError, match="wandb is installed but cannot be imported"):
+            build_accelerator(load_config(None, [f"output_dir={tmp_path}"]), tmp_path)
     missing = next((t.value for t in LoggerType if t.value != "all" and t not in get_available_trackers()), None)
     if missing is None:
         pytest.skip("every tracker Accelerate knows is installed here")

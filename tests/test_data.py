@@ -415,6 +415,15 @@ def test_a_damaged_token_cache_entry_is_rebuilt_and_an_unreadable_one_left_alone
         prepare(cfg)
     assert sorted(p.name for p in ids.parent.iterdir()) == entry
 
+    def removed(folder, split):  # another run removed the entry while this one read it: prepared again
+        raise FileNotFoundError(errno.ENOENT, "No such file or directory", str(folder / f"{split}.ids.npy"))
+
+    monkeypatch.setattr(TokenizedSplit, "load", removed)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert not prepare(cfg).cache_hit
+    assert "token cache entry changed while it was read" in caplog.text
+
 
 @pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b"\xff\xfe" + b])
 def test_a_damaged_cached_tokenizer_is_reported_and_rebuilt(tmp_path, splits, caplog, damage):

@@ -159,7 +159,11 @@ def test_a_random_state_only_one_process_cannot_read_stops_both_with_one_line_ea
     proc = run(launch_cmd(2, args))  # a relaunch after the end restores the checkpoint, then tests again
     assert proc.returncode == 1 and "distsent-train: PeerFailed: process 1 could not restore" in proc.stderr, \
         proc.stderr[-3000:]
-    assert "rank      : 1" in proc.stderr and "Connection" not in proc.stderr and "gloo" not in proc.stderr.lower()
+    assert "distsent-train: CheckpointError: " in proc.stderr and "rng-rank00001.pt: not a random state" in proc.stderr
+    # both exit 2, a clear error, and no traceback of the unpickler or of gloo
+    assert proc.stderr.count("exitcode  : 2") == 2
+    assert proc.stderr.count("Traceback (most recent call last)") == 1  # the launcher's own (ChildFailedError)
+    assert "Connection" not in proc.stderr and "gloo" not in proc.stderr.lower()
     (latest / "rng-rank00001.pt").unlink()
     files.seal(latest, **{k: v for k, v in manifest.items() if k != "files"})
     with pytest.raises(ckpt.CheckpointError, match="the manifest lists no rng-rank00001.pt"):

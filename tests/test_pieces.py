@@ -1133,8 +1133,10 @@ def test_a_second_run_in_one_process_starts_from_the_process_as_it_was(synth_imd
             trainer.close()
 
     import torch
+    from accelerate.state import AcceleratorState
 
     torch.use_deterministic_algorithms(False)  # the notebook's own state, which the first run changes
+    AcceleratorState._reset_state()  # a notebook that has set up no Accelerator yet (earlier tests here did)
     before = process_settings()
     if before["threads"] == 1:
         pytest.skip("one thread here: train.threads=1 would change nothing")
@@ -1148,6 +1150,16 @@ def test_a_second_run_in_one_process_starts_from_the_process_as_it_was(synth_imd
     assert process_settings() == before
     fit(tmp_path / "d", **{"train.mixed_precision": "no"})
     assert json.loads((tmp_path / "d" / "status.json").read_text())["state"] == "finished"
+    # a run that fails beside one still alive leaves that one's Accelerate state alone
+    alive = Trainer(load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(tmp_path / "e", synth_imdb, **{
+        "train.max_steps": 2, "train.mixed_precision": "no"})), stop=StopFlag([]))
+    try:
+        with pytest.raises(ValueError, match="AcceleratorState has already been initialized"):  # Accelerate's
+            fit(tmp_path / "f", **{"train.mixed_precision": "fp16"})
+        alive.fit()
+    finally:
+        alive.close()
+    assert json.loads((tmp_path / "e" / "status.json").read_text())["state"] == "finished"
 
 
 def test_logged_throughput_leaves_out_the_time_spent_evaluating(synth_imdb, tmp_path, cache_env, monkeypatch):
