@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -273,9 +274,13 @@ def test_plain_scancel_stops_for_good_after_a_checkpoint(cluster, job_env, synth
     text = job_logs(tmp_path)
     assert fields["JobState"] == "CANCELLED" and fields["Restarts"] == "0", text[-3000:]
     assert status(run_dir)["state"] == "preempted", "the ranks checkpoint on SIGTERM before the job ends"
-    # a new job would get a run directory of its own: the hint names this one's
-    assert re.search(rf"not requeueing; to continue from the checkpoint, submit again with output_dir=\S*/runs/"
-                     rf"smoke-{job}\n", text), text[-3000:]
+    # a new job would get a run directory of its own: the hint gives the command, with this one's, and it resumes
+    hint = re.search(r"not requeueing; to continue from the checkpoint, submit again with the same config, "
+                     r"overrides and environment: (sbatch \[options\] .*)\n", text)
+    assert hint and hint[1].endswith(f"output_dir={run_dir}"), text[-3000:]
+    again = sbatch(job_env, tmp_path, [], "train.sbatch", shlex.split(hint[1])[3:])
+    assert wait_done(again)["JobState"] == "COMPLETED" and status(run_dir)["state"] == "finished", job_logs(tmp_path)
+    assert "resumed from" in job_logs(tmp_path)
 
 
 def test_a_stop_signal_whose_checkpoint_fails_ends_the_job_without_requeueing(cluster, job_env, synth_imdb,
@@ -301,8 +306,9 @@ def test_a_stop_signal_whose_checkpoint_fails_ends_the_job_without_requeueing(cl
     assert stopped["state"] == "failed" and stopped["exit_code"] == 74
     assert "a stop signal (SIGUSR1) came but no checkpoint was written for it" in stopped["error"]
     assert "No space left on device" in text
-    assert f"the run failed after SIGUSR1: not requeueing; once the cause is fixed, to continue from the latest " \
-           f"checkpoint, submit again with output_dir={run_dir}" in text
+    assert "the run failed after SIGUSR1: not requeueing; once the cause is fixed, to continue from the checkpoint, " \
+           "submit again with the same config, overrides and environment: sbatch [options] " in text
+    assert f"output_dir={run_dir}\n" in text
 
 
 def test_a_failed_run_ends_the_job_with_the_trainers_exit_code(cluster, job_env, tmp_path):
@@ -343,7 +349,7 @@ def test_a_launch_that_fails_before_it_runs_ends_the_job_with_exit_code_2(cluste
         said = f"{held} is in use by a live run (host {socket.gethostname()}, pid {os.getpid()}"
     else:
         args.append("--nodes=2")
-        said = "--nodes=2: sbatch options go before the script"
+        said = "--nodes=2: after the script come the config file (no --config) and key=value overrides"
     job = sbatch(job_env, tmp_path, [], "train.sbatch", args)
     fields, text = wait_done(job), job_logs(tmp_path)
     assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0", text[-3000:]
@@ -419,11 +425,43 @@ def test_sweep_file_line_per_task_and_node_rank_per_task(cluster, tmp_path):
     assert proc.returncode == 2 and "--file goes before the config" in proc.stderr, proc.stderr
     proc = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch"), "--nodes=2", str(CONFIG)],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "--nodes=2: sbatch options go before the script" in proc.stderr, proc.stderr
+    assert proc.returncode == 2 and "--nodes=2: after the script come the config file (no --config)" in proc.stderr
+    assert "sbatch's own options go before the script" in proc.stderr
+    for args in (["--config", str(CONFIG)], [str(CONFIG), "output_dir=runs/one"]):  # distsent-train's syntax; a
+        proc = subprocess.run(["bash", str(SLURM_DIR / "sweep.sbatch"), *args],  # directory for every task
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and ("(no --config)" in proc.stderr or "a run directory of its own" in
+                                         proc.stderr), proc.stderr
+    # the site's precision becomes the run's (the shipped configs' `auto` would win over the launch config's);
+    # an override on the command line wins over it
+    proc = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch"), str(CONFIG), "train.seed=3"],
+                          env={**env, "DISTSENT_MIXED_PRECISION": "bf16"}, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0 and "train.mixed_precision=bf16 train.seed=3" in proc.stdout, proc.stderr
     proc = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch"), str(CONFIG), "output_dir=~/runs/x"],
                           env={**env, "HOME": str(tmp_path / "home")}, cwd=tmp_path, capture_output=True, text=True,
                           timeout=60)  # a quoted ~: expanded as the trainer expands it
     assert proc.returncode == 0 and f"run directory {tmp_path}/home/runs/x" in proc.stdout, proc.stderr
+
+
+def test_a_script_submitted_by_a_relative_path_finds_its_checkout_from_another_working_directory(cluster, job_env,
+                                                                                                 tmp_path):
+    """sbatch copies the script to its spool: the checkout is found through the job's Command, the path as given to
+    sbatch (here relative to where sbatch ran, with the job working elsewhere: --chdir) followed by the arguments,
+    in a checkout whose path has a space. A dry run: the launch step names the checkout's launch config."""
+    home = tmp_path / "a checkout"
+    shutil.copytree(SLURM_DIR, home / "slurm")
+    shutil.copytree(REPO / "launch", home / "launch")
+    submit, work = tmp_path / "submit", tmp_path / "work"
+    submit.mkdir(), work.mkdir()
+    script = os.path.relpath(home / "slurm" / "train.sbatch", submit)
+    proc = subprocess.run(["sbatch", "--parsable", f"--chdir={work}", script, str(CONFIG), "log.wandb.notes=a b"],
+                          env={**job_env, "DISTSENT_DRY_RUN": "1"}, cwd=submit, capture_output=True, text=True,
+                          timeout=60)
+    job = proc.stdout.strip().split(";")[0]
+    assert job, proc.stderr
+    assert wait_done(job)["JobState"] == "COMPLETED", job_logs(work)
+    assert f"--config_file '{home}/launch/multi_node.yaml'" in job_logs(work), job_logs(work)
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
