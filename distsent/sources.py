@@ -129,8 +129,8 @@ def find_source(cfg: DataConfig) -> Source:
     if root.is_file():
         raise DataError(f"{name} {root} is a file; data.path names a folder of train / test files, "
                         f"data.train_file and data.test_file name files one by one")
-    if not root.is_dir():
-        raise DataError(f"{name} {root}: no such folder")
+    if not root.is_dir():  # a relative path is read from the working directory (a Slurm job's may be elsewhere)
+        raise DataError(f"{name} {root}: no such folder" + ("" if root.is_absolute() else f" ({root.absolute()})"))
     files = {}
     try:
         listing = sorted(root.iterdir())

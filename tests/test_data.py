@@ -252,6 +252,8 @@ def test_bad_data_errors_name_the_file(tmp_path, splits):
     assert "train.parquet: no 'text' column (columns: review, label)" in source_error(no_text)
 
     assert "no such folder" in source_error(tmp_path / "nowhere")
+    # a relative path is named as given and as the working directory makes it (a Slurm job's may be elsewhere)
+    assert source_error("mydata") == f"data.path mydata: no such folder ({Path.cwd() / 'mydata'})"
     (tmp_path / "other").mkdir()
     assert "holds no train / test files" in source_error(tmp_path / "other")
 
