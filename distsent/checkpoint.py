@@ -20,9 +20,11 @@ process's random states, the stateful objects' state_dicts.
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import logging
+import pickle
 import re
 import shutil
 import time
@@ -100,9 +102,12 @@ def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep
             # every process's random state, written before the last barrier, must be in the manifest (a resume
             # refuses a checkpoint without one); a shared filesystem may show another machine's file a moment late
             for _ in range(RNG_WAIT_S):
-                if all((tmp / name).is_file() for name in rng_files(accelerator.num_processes)):
+                if not (missing := [n for n in rng_files(accelerator.num_processes) if not (tmp / n).is_file()]):
                     break
                 time.sleep(1)
+            else:  # a checkpoint without it could not be resumed: not published, the earlier ones kept
+                raise WriteError(errno.ENOENT, f"{tmp / missing[0]}: not there {RNG_WAIT_S} s after its process "
+                                               "wrote it (a shared filesystem that shows other machines' files late?)")
             files.seal(tmp, step=step)
             files.publish(tmp, final)  # the same step saved again (an epoch end that is also periodic) replaces
             prune(root, keep_last)
@@ -330,9 +335,10 @@ class CheckpointManager:
         state, acc = self.stateful["train_state"], self.acc
         if state.world_size == acc.num_processes:
             rng = path / rng_file(acc.process_index)
-            try:
-                set_rng_state(torch.load(rng, weights_only=True), stream_seed(seed, state.step, acc.process_index))
-            except Exception as exc:  # sealed, so written so: unpickling, a missing key, a wrong type
+            try:  # sealed, so written so: what this version cannot load, or holds other keys or types
+                saved_rng = torch.load(rng, weights_only=True)
+                set_rng_state(saved_rng, stream_seed(seed, state.step, acc.process_index))
+            except (pickle.UnpicklingError, EOFError, KeyError, TypeError, ValueError) as exc:  # not the GPU's
                 raise CheckpointError(f"{rng}: not a random state this version can restore ({type(exc).__name__}: "
                                       f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
         else:

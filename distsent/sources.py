@@ -117,7 +117,8 @@ def find_source(cfg: DataConfig) -> Source:
             if not path.is_file():
                 raise DataError(f"data.{split}_file {path}: " + ("a folder, not a file (data.path names a folder of "
                                                                  "train / test files)" if path.is_dir() else
-                                                                 "no such file"))
+                                                                 "no such file" + ("" if path.is_absolute() else
+                                                                                   f" ({path.absolute()})")))
             check_format(path)
         _warn_reused(files)
         return Source("files", str(files["train"].parent), files)

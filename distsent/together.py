@@ -67,7 +67,8 @@ def agree(acc, stop: bool, failure: BaseException | None, what: str) -> bool:
     flags = torch.zeros(acc.num_processes + 1, dtype=torch.int64)
     flags[0] = int(stop)
     if failure is not None:  # a clear error's code (2, 74, ...); anything else ends its process with 1 and a traceback
-        flags[1 + acc.process_index] = getattr(failure, "exit_code", 1)
+        code = getattr(failure, "exit_code", 1)
+        flags[1 + acc.process_index] = code if isinstance(code, int) and code > 0 else 1
     dist.all_reduce(flags, group=cpu_group())
     if failure is not None:
         raise failure

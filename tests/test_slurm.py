@@ -278,7 +278,7 @@ def test_plain_scancel_stops_for_good_after_a_checkpoint(cluster, job_env, synth
     hint = re.search(r"not requeueing; to continue from the checkpoint, submit again with the same config, "
                      r"overrides and environment: (sbatch \[options\] .*)\n", text)
     assert hint and hint[1].endswith(f"output_dir={run_dir}"), text[-3000:]
-    again = sbatch(job_env, tmp_path, [], "train.sbatch", shlex.split(hint[1])[3:])
+    again = sbatch(job_env, tmp_path, [], "train.sbatch", shlex.split(hint[1])[4:])
     assert wait_done(again)["JobState"] == "COMPLETED" and status(run_dir)["state"] == "finished", job_logs(tmp_path)
     assert "resumed from" in job_logs(tmp_path)
 
@@ -438,6 +438,11 @@ def test_sweep_file_line_per_task_and_node_rank_per_task(cluster, tmp_path):
                           env={**env, "DISTSENT_MIXED_PRECISION": "bf16"}, cwd=tmp_path, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 0 and "train.mixed_precision=bf16 train.seed=3" in proc.stdout, proc.stderr
+    proc = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch"), str(CONFIG)],  # the trainer's auto: not the
+                          env={**env, "DISTSENT_MIXED_PRECISION": "auto"}, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=60)  # launcher's, which knows no, bf16 and fp16 only
+    assert proc.returncode == 0 and "train.mixed_precision=auto" in proc.stdout, proc.stderr
+    assert "--mixed_precision" not in proc.stdout
     proc = subprocess.run(["bash", str(SLURM_DIR / "train.sbatch"), str(CONFIG), "output_dir=~/runs/x"],
                           env={**env, "HOME": str(tmp_path / "home")}, cwd=tmp_path, capture_output=True, text=True,
                           timeout=60)  # a quoted ~: expanded as the trainer expands it
