@@ -101,13 +101,13 @@ def _main(argv: list[str] | None) -> int:
         # another launch took it over while this one was stalled)
         lock = trainer.lock if trainer is not None else None
         ours = lock.check() is None if lock is not None else RunLock(Path(cfg.output_dir)).live_owner() is None
-        code = fail(message, code, cfg if ours else None, trainer)
         if isinstance(exc, PeerFailed):
-            # give the failing process a moment to end first, so that the launcher's summary names it as the root
-            # cause; the launcher's SIGTERM to the rest meanwhile changes nothing
+            # the launcher's summary names as root cause the error file with the earliest timestamp, in whole
+            # seconds: this one is written a moment after the failing process's, so that it never ties or wins;
+            # the launcher's SIGTERM to the rest meanwhile changes nothing
             stop.ignore()
             time.sleep(PEER_EXIT_DELAY_S)
-        return code
+        return fail(message, code, cfg if ours else None, trainer)
     finally:  # also when the start-up failed after the process group was created
         trainer.close() if trainer is not None else close_process_group()
     return 0
