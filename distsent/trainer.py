@@ -93,8 +93,7 @@ class Trainer:
         self.model.train()
         if self.ended_before and acc.is_main_process:  # a relaunch after the end (a requeue, say)
             log.info("the run is at step %d, at or past its end: testing the best model again", state.step)
-        # the rows' throughput on the training clock: wall time less evaluations, as the epochs' figures
-        t_log, samples_log = time.perf_counter() - self.eval_seconds, state.samples_seen
+        self.logged = (time.perf_counter() - self.eval_seconds, state.samples_seen)  # last row's: train clock, samples
         try:
             while not self._done():
                 batches = epoch_batches(self.data.train.lengths, self.layout.global_batch, cfg.train.seed,
@@ -108,23 +107,16 @@ class Trainer:
                     state.samples_seen += len(batch)
                     samples, tokens = samples + len(batch), tokens + int(self.data.train.lengths[batch].sum())
                     bar.update(1)
-                    if state.step % cfg.train.log_every == 0 or state.step == self.total_steps:  # and the last
-                        self.watch.check()  # nothing is logged, evaluated or saved from non-finite weights
-                        now = time.perf_counter() - self.eval_seconds
-                        row = self.sums.row(now - t_log, state.samples_seen - samples_log) | {
-                            "lr": self.scheduler.get_last_lr()[0], "epoch": self._epoch_float()}
-                        runlog.log(row, state.step)
-                        # refresh=False: the bar redraws on its own clock (above), not at every log row
-                        bar.set_postfix(loss=f"{row['train/loss']:.4f}", acc=f"{row['train/acc']:.3f}",
-                                        refresh=False)
-                        self.sums.reset()
-                        t_log, samples_log = now, state.samples_seen
+                    if row_due := state.step % cfg.train.log_every == 0 or state.step == self.total_steps:  # and last
+                        self._log_train_row(runlog, bar)
                     epoch_end = state.batch_in_epoch == len(batches)
                     # train.max_steps ending the run mid-epoch: its last steps are evaluated and saved like an epoch's
                     last = epoch_end or state.step == cfg.train.max_steps
                     if last or (cfg.train.eval_every and state.step % cfg.train.eval_every == 0):
                         self.watch.check()
                         self._validate(runlog)
+                        if state.stopped_early and not row_due:  # an early stop's last steps too
+                            self._log_train_row(runlog, bar)
                     if epoch_end:  # the epoch's figures without the time spent evaluating
                         epoch_s = time.perf_counter() - t_epoch
                         train_s = epoch_s - (self.eval_seconds - eval_before)
@@ -161,6 +153,18 @@ class Trainer:
             raise
         runlog.finish()
         return result
+
+    def _log_train_row(self, runlog: RunLog, bar) -> None:
+        """Collective: the training row of the steps since the last one, on the training clock."""
+        self.watch.check()  # nothing is logged, evaluated or saved from non-finite weights
+        now, (t_log, samples_log) = time.perf_counter() - self.eval_seconds, self.logged
+        row = self.sums.row(now - t_log, self.state.samples_seen - samples_log) | {
+            "lr": self.scheduler.get_last_lr()[0], "epoch": self._epoch_float()}
+        runlog.log(row, self.state.step)
+        self.sums.reset()
+        self.logged = (now, self.state.samples_seen)
+        # refresh=False: the bar redraws on its own clock, not at every log row
+        bar.set_postfix(loss=f"{row['train/loss']:.4f}", acc=f"{row['train/acc']:.3f}", refresh=False)
 
     def _done(self) -> bool:
         max_steps = self.cfg.train.max_steps
@@ -370,10 +374,8 @@ class Trainer:
         # relaunch after the end has none: its rows go to metrics.jsonl (and W&B's summary), not W&B's history
         self.ended_before = self.resume_from is not None and self._done()
         row = {"data/prepare_s": self.prepare_s, "data/cache_hit": int(self.data.cache_hit)}
-        for event in state.world_size_changes:
-            if event["step"] == state.step:
-                row.update({"event/world_size_old": event["old_world_size"],
-                            "event/world_size_new": event["new_world_size"]})
+        for e in (e for e in state.world_size_changes if e["step"] == state.step):  # resumed on another number
+            row.update({"event/world_size_old": e["old_world_size"], "event/world_size_new": e["new_world_size"]})
         runlog.log(row, state.step + (1 if self.resume_from and not self.ended_before else 0))
         # the resolved config.yaml only now: a refused resume leaves the directory's config as it was
         self._write_records(runlog, config=True, state="running", step=state.step, pid=os.getpid())

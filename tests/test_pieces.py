@@ -578,7 +578,7 @@ def test_every_shipped_config_chooses_its_precision_by_the_machine():
 @pytest.mark.slow
 def test_early_stopping_stops_after_patience_and_a_rerun_does_not_train_on(synth_imdb, tmp_path, cache_env):
     run_dir = tmp_path / "run"
-    args = tiny_overrides(run_dir, synth_imdb, **{"train.epochs": 30, "train.eval_every": 5,
+    args = tiny_overrides(run_dir, synth_imdb, **{"train.epochs": 30, "train.eval_every": 5, "train.log_every": 7,
                                                   "train.early_stop_patience": 3, "optim.lr": 0.03})
     proc = run(direct_cmd(args))
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -589,6 +589,7 @@ def test_early_stopping_stops_after_patience_and_a_rerun_does_not_train_on(synth
     assert all(r["val/acc"] <= val[best]["val/acc"] for r in val[best:])
     steps = train_rows(run_dir)[-1]["step"]
     assert steps < 30 * 45 and "stopping early" in proc.stderr
+    assert steps == val[-1]["step"], "the last steps before the stop get their training row"
     assert json.loads((run_dir / "best" / "meta.json").read_text())["step"] == val[best]["step"]
     assert [r for r in rows if "test/acc" in r]
     proc = run(direct_cmd(args))  # the same command again: resumes, sees the stop, does not train further
