@@ -4,7 +4,7 @@ Layout of `<run>/checkpoints/step-NNNNNNNN/`:
   model.safetensors   model weights (the same on every process under DDP, written once)
   ema.safetensors     with train.ema_decay: the moving average of the weights (what is evaluated), written once
   optimizer.pt        optimizer state (tensors and numbers only: loaded with torch.load(weights_only=True))
-  rng-rankNNNNN.pt    each process's python / numpy / torch (/ CUDA) random states
+  rng-rankNNNNN.pt    each process's python / numpy / torch (/ CUDA) random states, sent to the main process
   state.json          train state (step, data position, best model, world size, tracker run id), scheduler,
                       scaler, running log sums, and the run's identity (what a resume must keep unchanged)
   manifest.json       written last: size and sha256 of every file above; a folder without it is incomplete
@@ -20,7 +20,6 @@ process's random states, the stateful objects' state_dicts.
 
 from __future__ import annotations
 
-import errno
 import io
 import json
 import logging
@@ -31,6 +30,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 
 from . import files
 from .configfile import save_config, saved_settings
@@ -44,7 +44,6 @@ log = logging.getLogger(__name__)
 STEP_DIR = re.compile(r"^step-(\d{8})$")
 MODEL_FILES = ("config.yaml", "tokenizer.json", "model.safetensors")
 EMA_FILE = "ema.safetensors"
-RNG_WAIT_S = 30  # seconds the main process waits for the other processes' random states to show
 
 
 class CheckpointError(IntegrityError):
@@ -69,63 +68,50 @@ def rng_files(world_size: int) -> list[str]:
 def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep_last: int,
          averaged=None, lock=None) -> Path:
     """Write checkpoint `step` collectively (every process calls this) and prune old ones; returns its path.
-    `averaged`: the moving average of the weights (train.ema_decay), saved beside the weights. `lock`: the run's
-    RunLock, read by the main process before each phase: if another launch has taken the directory over (this
-    process was stalled), the main process begins no further phase and every process raises (RunLockedError there,
-    PeerFailed on the others): nothing is published or pruned in a folder whose checkpoints are now the new owner's,
-    and the partial folder is left as it is (the other processes may have written their random states into it).
+    `averaged`: the moving average of the weights (train.ema_decay), saved beside the weights.
 
-    If any process cannot write its part (a full disk, no permission), every process raises (WriteError naming
-    the file there, PeerFailed on the others), the partial folder is removed and earlier checkpoints stay as they
-    were: a checkpoint is either complete and published or not there at all.
+    The main process writes every file: the weights and optimizer are the same on every process under DDP, and the
+    other processes' random states are sent to it over the process group, so no file of another machine has to
+    show on a shared filesystem before the manifest seals the folder. If it cannot write (a full disk, no
+    permission), every process raises (WriteError naming the file there, PeerFailed on the others), the partial
+    folder is removed and earlier checkpoints stay as they were: a checkpoint is either complete and published or
+    not there at all. `lock`: the run's RunLock, read before writing and before publishing: if another launch has taken
+    the directory over (this process was stalled), nothing more is written, published, pruned or tidied in a folder
+    whose checkpoints are now the new owner's, and every process raises (RunLockedError, PeerFailed).
     """
     final, tmp = step_dir(root, step), root / f".tmp-step-{step:08d}"
-    main = accelerator.is_main_process
+    rng_states = gather_object([_torch_bytes(rng_state())])  # in process order, on every process
 
-    def start():
-        if main:
-            shutil.rmtree(tmp, ignore_errors=True)
-            with files.writing(tmp):
-                tmp.mkdir(parents=True)
+    def check_lock():
+        if lock is not None and lock.check() is not None:
+            raise lock.lost
 
-    def fill():
-        files.atomic_write(tmp / rng_file(accelerator.process_index), _torch_bytes(rng_state()))
-        if main:
-            files.atomic_write(tmp / "model.safetensors", _weights_bytes(accelerator.unwrap_model(model)))
-            if averaged is not None:
-                files.atomic_write(tmp / EMA_FILE, _weights_bytes(averaged))
-            files.atomic_write(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
-            files.atomic_write(tmp / "state.json", json.dumps(state, indent=1))
+    def write():
+        check_lock()
+        shutil.rmtree(tmp, ignore_errors=True)
+        with files.writing(tmp):
+            tmp.mkdir(parents=True)
+        for rank, rng_bytes in enumerate(rng_states):
+            files.atomic_write(tmp / rng_file(rank), rng_bytes)
+        files.atomic_write(tmp / "model.safetensors", _weights_bytes(accelerator.unwrap_model(model)))
+        if averaged is not None:
+            files.atomic_write(tmp / EMA_FILE, _weights_bytes(averaged))
+        files.atomic_write(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
+        files.atomic_write(tmp / "state.json", json.dumps(state, indent=1))
+        check_lock()  # the writing may have stalled: a folder taken over meanwhile gets nothing published or pruned
+        files.seal(tmp, step=step)
+        files.publish(tmp, final)  # the same step saved again (an epoch end that is also periodic) replaces
+        prune(root, keep_last)
 
-    def finish():
-        if main:
-            # every process's random state, written before the last barrier, must be in the manifest (a resume
-            # refuses a checkpoint without one); a shared filesystem may show another machine's file a moment late
-            for _ in range(RNG_WAIT_S):
-                if not (missing := [n for n in rng_files(accelerator.num_processes) if not (tmp / n).is_file()]):
-                    break
-                time.sleep(1)
-            else:  # a checkpoint without it could not be resumed: not published, the earlier ones kept
-                raise WriteError(errno.ENOENT, f"{tmp / missing[0]}: not there {RNG_WAIT_S} s after its process "
-                                               "wrote it (a shared filesystem that shows other machines' files late?)")
-            files.seal(tmp, step=step)
-            files.publish(tmp, final)  # the same step saved again (an epoch end that is also periodic) replaces
-            prune(root, keep_last)
-
-    for phase in (start, fill, finish):  # each ends in a barrier that also tells every process of any failure
-        failure = None
+    failure = None
+    if accelerator.is_main_process:
         try:
-            if main and lock is not None and lock.check() is not None:
-                raise lock.lost
-            phase()
+            write()
         except (WriteError, RunLockedError) as exc:
             failure = exc
-        try:
-            fail_together(accelerator, failure, f"write checkpoint {final}")
-        except Exception:
-            if main and not isinstance(failure, RunLockedError):  # a folder taken over: its files are not ours to tidy
+            if not isinstance(exc, RunLockedError):  # a folder taken over: its files are not ours to tidy
                 shutil.rmtree(tmp, ignore_errors=True)
-            raise
+    fail_together(accelerator, failure, f"write checkpoint {final}")
     return final
 
 
@@ -295,7 +281,7 @@ def _upgrade_identity(saved: dict, current: dict, path: Path) -> dict:
 
 class CheckpointManager:
     """Owns `<run>/checkpoints/` for one run: when to save, and how to restore everything (which checkpoint
-    to resume from is resume.py's).
+    to resume from is resume.py's); and writes the run's best model to `<run>/best/`.
 
     `stateful` maps names to objects with state_dict()/load_state_dict() (scheduler, scaler, train state, log
     sums) that travel in state.json beside the model and optimizer files; `averaged` is the weights' moving
@@ -319,6 +305,17 @@ class CheckpointManager:
         if self.acc.is_main_process:
             log.info("checkpoint %s written in %.2f s", path.name, time.perf_counter() - t0)
         return path
+
+    def export_best(self, model, tokenizer, cfg, meta: dict, write: bool) -> None:
+        """Collective: `<run>/best/` written by the process told to `write` (export_model); every process raises
+        if it could not be."""
+        failure, best = None, self.root.parent / "best"
+        if write:
+            try:
+                export_model(best, model, tokenizer, cfg, meta)
+            except WriteError as exc:
+                failure = exc
+        fail_together(self.acc, failure, f"write {best}")
 
     def restore(self, path: Path, identity: dict, seed: int) -> None:
         """Load model, optimizer, every stateful object and the random streams from `path`, after checking that

@@ -28,6 +28,7 @@ from .model import build_model
 from .files import EXIT_WRITE, IntegrityError
 from .labels import BINARY_NAMES
 from .readers import FORMATS, SURROGATE, DataError, read_file
+from .sampler import by_length
 from .tokenizer import UNK, encode, load_tokenizer
 
 
@@ -99,9 +100,7 @@ class Predictor:
             text_of_token = np.repeat(np.arange(len(split.lengths)), split.lengths)
             known[start: start + len(split.lengths)] = np.bincount(text_of_token, split.tokens != unk,
                                                                    len(split.lengths))
-            order = np.argsort(split.lengths, kind="stable")  # batches of similar lengths: little padding
-            for i in range(0, len(order), self.batch_size):
-                idx = order[i: i + self.batch_size]
+            for idx in by_length(split.lengths, self.batch_size):
                 ids, lengths = split.batch(idx)
                 logits = self.model(torch.from_numpy(ids), torch.from_numpy(lengths), heads=heads)
                 out[start + idx] = logits.float().numpy()

@@ -34,6 +34,13 @@ def epoch_batches(lengths: np.ndarray, global_batch: int, seed: int, epoch: int,
     return [batches[i] for i in perm] + batches[full:]
 
 
+def by_length(lengths: np.ndarray, batch_size: int, rank: int = 0, world_size: int = 1) -> list[np.ndarray]:
+    """Evaluation and prediction batches: indices sorted by length (little padding); with `world_size` processes,
+    process `rank`'s share, dealt in turn (equal counts, nearly equal tokens)."""
+    mine = np.argsort(lengths, kind="stable")[rank::world_size]
+    return [mine[i: i + batch_size] for i in range(0, len(mine), batch_size)]
+
+
 @dataclass(frozen=True)
 class Layout:
     """How a global batch maps onto processes: world_size x accum_steps micro-batches of micro_batch samples."""

@@ -24,7 +24,7 @@ from .model import clip_gradients
 from .preemption import EXIT_PREEMPTED, Preempted, StopFlag
 from .randomstate import seed_dropout
 from .resume import chosen_checkpoint, in_run, settle
-from .sampler import epoch_batches
+from .sampler import by_length, epoch_batches
 from .sources import located
 from .state import TrainState
 from .together import PeerFailed, fail_together
@@ -88,13 +88,14 @@ class Trainer:
 
     def fit(self) -> dict:
         cfg, acc, state = self.cfg, self.accelerator, self.state
-        runlog = self._start()
-        bar = progress_bar(self.total_steps, state.step, acc.is_main_process and not self.ended_before)
-        self.model.train()
-        if self.ended_before and acc.is_main_process:  # a relaunch after the end (a requeue, say)
-            log.info("the run is at step %d, at or past its end: testing the best model again", state.step)
-        self.logged = (time.perf_counter() - self.eval_seconds, state.samples_seen)  # last row's: train clock, samples
+        runlog, bar = self._start(), None
         try:
+            self._open(runlog)
+            bar = progress_bar(self.total_steps, state.step, acc.is_main_process and not self.ended_before)
+            self.model.train()
+            if self.ended_before and acc.is_main_process:  # a relaunch after the end (a requeue, say)
+                log.info("the run is at step %d, at or past its end: testing the best model again", state.step)
+            self.logged = (time.perf_counter() - self.eval_seconds, state.samples_seen)  # last row's clock, samples
             while not self._done():
                 batches = epoch_batches(self.data.train.lengths, self.layout.global_batch, cfg.train.seed,
                                         state.epoch, cfg.data.bucket_batches)
@@ -145,7 +146,8 @@ class Trainer:
             result = self._test(runlog)
             self._write_records(runlog, state="finished", step=state.step, exit_code=0)
         except BaseException as exc:
-            bar.close()
+            if bar is not None:
+                bar.close()
             if isinstance(exc, (Preempted, NonFiniteError, WriteError, PeerFailed)):
                 runlog.finish(self._record_failure(exc))
             elif exc is not self.lock.lost:  # W&B learns the launch failed (the lost run's W&B run is the new owner's)
@@ -228,9 +230,8 @@ class Trainer:
         t0 = time.perf_counter()  # after building the metrics: the first one imports torchmetrics' classes (~1 s)
         was_training = model.training
         model.eval()
-        mine = np.argsort(split.lengths, kind="stable")[acc.process_index:: acc.num_processes]
-        for i in range(0, len(mine), self.cfg.train.eval_batch_size):
-            ids, lengths, labels = batch_tensors(split, mine[i: i + self.cfg.train.eval_batch_size], acc.device)
+        for idx in by_length(split.lengths, self.cfg.train.eval_batch_size, acc.process_index, acc.num_processes):
+            ids, lengths, labels = batch_tensors(split, idx, acc.device)
             with acc.autocast():
                 heads = model(ids, lengths, heads=True)
             scores.update(model.combine(heads), labels, heads)
@@ -284,17 +285,11 @@ class Trainer:
         self._log_media(runlog, metrics, "val")
         select = self.cfg.train.select_metric
         if state.record_eval(metrics[select]):
-            failure = None
-            if runlog.active:  # the main process, unless the run directory was taken over
-                try:
-                    cfg = replace(self.cfg, data=located(self.cfg.data))  # the folder names its data's place
-                    ckpt.export_model(self.run_dir / "best", self.eval_model, self.data.tokenizer, cfg,
-                                      {"step": state.step, f"val_{select}": state.best_val_acc,
-                                       "vocab_size": self.data.tokenizer.get_vocab_size(),
-                                       "label_names": self.data.label_names})
-                except WriteError as exc:
-                    failure = exc
-            fail_together(self.accelerator, failure, f"write {self.run_dir / 'best'}")
+            cfg = replace(self.cfg, data=located(self.cfg.data))  # the folder names its data's place
+            self.checkpoints.export_best(self.eval_model, self.data.tokenizer, cfg, {
+                "step": state.step, f"val_{select}": state.best_val_acc,
+                "vocab_size": self.data.tokenizer.get_vocab_size(), "label_names": self.data.label_names},
+                write=runlog.active)  # the main process, unless the run directory was taken over
             runlog.summary({f"best/val_{select}": metrics[select], "best/step": state.step})
         elif patience and state.evals_since_best >= patience:
             state.stopped_early = True
@@ -336,7 +331,7 @@ class Trainer:
     # --- run records -------------------------------------------------------------------------------------------
 
     def _start(self) -> RunLog:
-        """Restore the latest checkpoint (or seed a fresh run), open the run's logs and mark it running."""
+        """Restore the latest checkpoint (or seed a fresh run) and open the run's logs (W&B's run)."""
         cfg, acc, state = self.cfg, self.accelerator, self.state
         if self.resume_from is not None:
             failure = None
@@ -364,6 +359,12 @@ class Trainer:
                         {**cfg.to_dict(), "launch": launch_topology(acc, self.layout, state.resumed_from)}, self.lock,
                         history_after=state.step if continues else -1)
         fail_together(acc, runlog.start_error, "start W&B")  # before any step: a run with no dashboard is no use
+        return runlog
+
+    def _open(self, runlog: RunLog) -> None:
+        """Collective, once W&B has started (inside fit's try: a failure here is reported to W&B and status.json
+        like any other): start-up rows, and the run marked running with its config.yaml."""
+        cfg, state = self.cfg, self.state
         if state.batch_in_epoch >= self.steps_per_epoch:
             # saved by an earlier version at an epoch's last step, before that epoch's evaluation (unless a periodic
             # one fell on the step): evaluate now, so that the epoch's model is a candidate for best/
@@ -379,7 +380,6 @@ class Trainer:
         runlog.log(row, state.step + (1 if self.resume_from and not self.ended_before else 0))
         # the resolved config.yaml only now: a refused resume leaves the directory's config as it was
         self._write_records(runlog, config=True, state="running", step=state.step, pid=os.getpid())
-        return runlog
 
     def _epoch_float(self) -> float:
         return self.state.epoch + self.state.batch_in_epoch / self.steps_per_epoch

@@ -146,6 +146,8 @@ def test_a_random_state_only_one_process_cannot_read_stops_both_with_one_line_ea
     """Each process restores its own random state: process 1's unreadable (its file replaced and the manifest
     sealed again, so that the checkpoint verifies) stops it with its error and process 0 with one line pointing at
     it, not with a gloo error out of the next collective. A manifest without a process's random state is refused."""
+    import torch
+
     from distsent import checkpoint as ckpt
     from distsent import files
 
@@ -153,6 +155,9 @@ def test_a_random_state_only_one_process_cannot_read_stops_both_with_one_line_ea
     args = tiny_overrides(run_dir, synth_imdb, **{"train.max_steps": 6, "checkpoint.every": 3})
     assert run(launch_cmd(2, args)).returncode == 0
     latest = ckpt.find_latest(run_dir / "checkpoints")
+    # the main process writes both files, from states sent to it: each process's own (their streams differ)
+    states = [torch.load(latest / ckpt.rng_file(rank), weights_only=True)["torch"] for rank in (0, 1)]
+    assert not torch.equal(*states)
     (latest / "rng-rank00001.pt").write_bytes(b"not a torch file")
     manifest = json.loads((latest / files.MANIFEST).read_text())
     files.seal(latest, **{k: v for k, v in manifest.items() if k != "files"})

@@ -227,3 +227,25 @@ def test_a_launch_stopped_by_any_error_ends_its_wandb_run_with_that_exit_code(tm
         trainer.close()
     (offline,) = offline_runs(run_dir)
     assert [r["exit"]["exit_code"] for r in records(offline) if r["type"] == "exit"] == [130]
+
+
+def test_a_launch_failing_as_it_opens_its_records_ends_its_wandb_run_and_status(tmp_path, synth_imdb, cache_env):
+    """After W&B has started, the run's config.yaml cannot be written (a directory stands in its place): the launch
+    stops with the write error, and W&B and status.json both learn it (they were left to wandb's exit hook)."""
+    from distsent.configfile import load_config
+    from distsent.files import EXIT_WRITE, WriteError
+    from distsent.preemption import StopFlag
+    from distsent.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    (run_dir / "config.yaml").mkdir(parents=True)
+    trainer = Trainer(load_config(REPO / "configs" / "smoke.yaml", wandb_args(run_dir, synth_imdb)), stop=StopFlag([]))
+    try:
+        with pytest.raises(WriteError, match="config.yaml"):
+            trainer.fit()
+    finally:
+        trainer.close()
+    (offline,) = offline_runs(run_dir)
+    assert [r["exit"]["exit_code"] for r in records(offline) if r["type"] == "exit"] == [EXIT_WRITE]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and "config.yaml" in status["error"] and status["step"] == 0
