@@ -103,18 +103,20 @@ class _BarLines:
         sys.stderr.flush()
 
 
-def launch_topology(accelerator, layout, resumed_from: str = "") -> dict:
-    """How the run was launched (processes, machines, batch layout, threads, software, Slurm job, and the
-    checkpoint.resume its line started from: a rollback's or a branch's W&B run beside the one it left), logged with
-    the config so that a dashboard shows what produced each curve."""
+def launch_topology(accelerator, layout, start_step: int, resumed_from: str = "") -> dict:
+    """How the run was launched (processes, machines, batch layout, threads, software, Slurm job, the data and cache
+    places given by the environment, the step it starts from, and the checkpoint.resume its line started from: a
+    rollback's or a branch's W&B run beside the one it left), logged with the config so that a dashboard shows what
+    produced each curve."""
     import torch
 
     topo = {"num_processes": accelerator.num_processes, "num_machines": num_machines(),
             "device": str(accelerator.device), "mixed_precision": accelerator.mixed_precision,
             "micro_batch": layout.micro_batch, "accum_steps": layout.accum_steps,
             "threads_per_process": torch.get_num_threads(), "python": sys.version.split()[0], **software_versions(),
-            "resumed_from": resumed_from}
-    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT"):
+            "start_step": start_step, "resumed_from": resumed_from}
+    for var in ("SLURM_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_NODELIST", "SLURM_RESTART_COUNT",
+                "DISTSENT_DATA_PATH", "DISTSENT_CACHE"):
         if var in os.environ:
             topo[var.lower()] = os.environ[var]
     return topo
@@ -204,7 +206,9 @@ def _wandb_setup_error(exc: Exception) -> bool:
 
 
 class RunLog:
-    """Writes metrics to <run>/metrics.jsonl and forwards them to the Accelerate trackers; main process only."""
+    """Writes metrics to <run>/metrics.jsonl and forwards them to the Accelerate trackers; main process only. Each
+    launch appends its topology (config["launch"]: processes, device, the precision and threads in effect, software,
+    Slurm job, the step it starts from) to <run>/launches.jsonl: what produced the rows, without W&B too."""
 
     def __init__(self, cfg, run_dir: Path, accelerator, run_id: str, resume_step: int | None, config: dict,
                  lock=None, history_after: int = -1):
@@ -227,6 +231,7 @@ class RunLog:
                 drop_rows_after(self.path, resume_step)
             except WriteError as exc:
                 self.failure = exc
+        self._append(run_dir / "launches.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **config["launch"]})
         self.cfg = cfg
         if cfg.log.trackers:
             settings = wandb_settings(cfg, run_dir)
@@ -259,15 +264,7 @@ class RunLog:
         """A row of metrics.jsonl, and of the trackers' history if `step` is past the one resumed from."""
         if not self.active:
             return
-        if self.failure is None:
-            size = self.path.stat().st_size if self.path.is_file() else 0
-            try:
-                with writing(self.path), open(self.path, "a") as f:
-                    f.write(json.dumps({"step": step, **metrics}) + "\n")
-            except WriteError as exc:
-                self.failure = exc
-                with contextlib.suppress(OSError):  # no partial line left behind
-                    os.truncate(self.path, size)
+        self._append(self.path, {"step": step, **metrics})
         if self.trackers_on and step > self.history_after:
             try:  # numbers only: the confusion matrix goes to W&B as a plot (log_wandb)
                 self.accelerator.log({k: v for k, v in metrics.items() if not isinstance(v, list)}, step=step)
@@ -275,6 +272,19 @@ class RunLog:
                 log.warning("tracker logging failed at step %d (%s: %s); trackers are off for the rest of the run",
                             step, type(exc).__name__, exc)
                 self.trackers_on = False
+
+    def _append(self, path: Path, row: dict) -> None:
+        """One JSON line; a failed write leaves no partial line and stops the run at its step (self.failure)."""
+        if self.failure is not None:
+            return
+        size = path.stat().st_size if path.is_file() else 0
+        try:
+            with writing(path), open(path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+        except WriteError as exc:
+            self.failure = exc
+            with contextlib.suppress(OSError):
+                os.truncate(path, size)
 
     def _wandb_run(self):
         if not self.trackers_on:
@@ -295,6 +305,11 @@ class RunLog:
             run.log(build(wandb), step=step)
         except Exception as exc:
             log.warning("W&B media logging failed at step %d (%s: %s)", step, type(exc).__name__, exc)
+
+    def log_eval_media(self, metrics: dict, data, split: str, model, step: int) -> None:
+        """W&B's confusion matrix, per-class table and examples of an evaluation of `split` (val, test) of `data`."""
+        self.log_wandb(lambda wandb: eval_media(wandb, metrics, data.label_names, example_predictions(
+            model, getattr(data, split), data.tokenizer, self.accelerator), split), step)
 
     def log_model(self, folder: Path, name: str, metadata: dict) -> None:
         """Upload a model folder as a W&B artifact (in offline mode it is staged for `wandb sync`)."""

@@ -30,8 +30,7 @@ from .state import TrainState
 from .together import PeerFailed, fail_together
 from .tokenizer import TokenizedSplit
 from .torchsettings import process_settings, restore_process_settings, setup_threads
-from .tracking import (DebugRecords, RunLog, eval_media, example_predictions, launch_topology, progress_bar,
-                       write_status)
+from .tracking import DebugRecords, RunLog, launch_topology, progress_bar, write_status
 
 log = logging.getLogger("distsent")
 
@@ -282,7 +281,7 @@ class Trainer:
         state, patience = self.state, self.cfg.train.early_stop_patience
         runlog.log({f"val/{k}": v for k, v in metrics.items()} | {
             "epoch": self._epoch_float(), "time/elapsed_s": time.perf_counter() - self.started}, state.step)
-        self._log_media(runlog, metrics, "val")
+        runlog.log_eval_media(metrics, self.data, "val", self.eval_model, state.step)
         select = self.cfg.train.select_metric
         if state.record_eval(metrics[select]):
             cfg = replace(self.cfg, data=located(self.cfg.data))  # the folder names its data's place
@@ -314,7 +313,7 @@ class Trainer:
         state = self.state
         runlog.log({f"test/{k}": v for k, v in metrics.items()}, state.step)
         runlog.summary({f"test/{k}": v for k, v in metrics.items()})
-        self._log_media(runlog, metrics, "test")
+        runlog.log_eval_media(metrics, self.data, "test", self.eval_model, state.step)
         runlog.log_model(best, f"model-{state.run_id}", {
             "step": state.best_step, f"val_{self.cfg.train.select_metric}": state.best_val_acc,
             "test_acc": metrics["acc"], "test_macro_f1": metrics["macro_f1"]})
@@ -322,11 +321,6 @@ class Trainer:
             log.info("test (best model, step %d): acc %.4f macro-F1 %.4f loss %.4f on %d texts", state.best_step,
                      metrics["acc"], metrics["macro_f1"], metrics["loss"], metrics["n"])
         return metrics
-
-    def _log_media(self, runlog: RunLog, metrics: dict, split: str) -> None:
-        """W&B's confusion matrix, per-class table and examples of an evaluation of the val or test split."""
-        runlog.log_wandb(lambda wandb: eval_media(wandb, metrics, self.data.label_names, example_predictions(
-            self.eval_model, getattr(self.data, split), self.data.tokenizer, self.accelerator), split), self.state.step)
 
     # --- run records -------------------------------------------------------------------------------------------
 
@@ -355,9 +349,9 @@ class Trainer:
             log.warning(warning)
         self.debug.resume(state.step)
         state.run_id = state.run_id or new_run_id(acc)
+        launch = launch_topology(acc, self.layout, state.step, state.resumed_from)
         runlog = RunLog(cfg, self.run_dir, acc, state.run_id, state.step if self.own_resume else -1,
-                        {**cfg.to_dict(), "launch": launch_topology(acc, self.layout, state.resumed_from)}, self.lock,
-                        history_after=state.step if continues else -1)
+                        {**cfg.to_dict(), "launch": launch}, self.lock, history_after=state.step if continues else -1)
         fail_together(acc, runlog.start_error, "start W&B")  # before any step: a run with no dashboard is no use
         return runlog
 
@@ -383,6 +377,12 @@ class Trainer:
 
     def _epoch_float(self) -> float:
         return self.state.epoch + self.state.batch_in_epoch / self.steps_per_epoch
+
+    def __enter__(self) -> "Trainer":
+        return self
+
+    def __exit__(self, *exc_info) -> None:
+        self.close()
 
     def close(self) -> None:
         """Release the DDP wrapper and the optimizer while the interpreter is fully alive, then destroy the process

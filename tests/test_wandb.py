@@ -239,12 +239,10 @@ def test_a_launch_failing_as_it_opens_its_records_ends_its_wandb_run_and_status(
 
     run_dir = tmp_path / "run"
     (run_dir / "config.yaml").mkdir(parents=True)
-    trainer = Trainer(load_config(REPO / "configs" / "smoke.yaml", wandb_args(run_dir, synth_imdb)), stop=StopFlag([]))
-    try:
-        with pytest.raises(WriteError, match="config.yaml"):
-            trainer.fit()
-    finally:
-        trainer.close()
+    cfg = load_config(REPO / "configs" / "smoke.yaml", wandb_args(run_dir, synth_imdb))
+    with Trainer(cfg, stop=StopFlag([])) as trainer, pytest.raises(WriteError, match="config.yaml"):
+        trainer.fit()
+    assert not (run_dir / "run.lock").exists()  # the with block closed the run
     (offline,) = offline_runs(run_dir)
     assert [r["exit"]["exit_code"] for r in records(offline) if r["type"] == "exit"] == [EXIT_WRITE]
     status = json.loads((run_dir / "status.json").read_text())

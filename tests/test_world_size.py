@@ -65,6 +65,11 @@ def test_stop_and_resume_on_another_world_size(before, after, references, synth_
     events = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "event/world_size_old" in r]
     assert [(r["step"], r["event/world_size_old"], r["event/world_size_new"]) for r in events] == [
         (stopped_at + 1, before, after)]
+    # and each launch in launches.jsonl, with what it ran on
+    launches = read_jsonl(run_dir / "launches.jsonl")
+    assert [(r["start_step"], r["num_processes"], r["mixed_precision"]) for r in launches] == [
+        (0, before, "no"), (stopped_at, after, "no")]
+    assert all(r["torch"] and r["device"].startswith("cpu") and r["threads_per_process"] >= 1 for r in launches)
     name, weights = final_weights(run_dir)
     assert name == "step-00000135"
     diff = max(max_diff(weights, final_weights(references[n])[1]) for n in (1, 2))
