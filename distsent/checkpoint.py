@@ -30,7 +30,6 @@ import time
 from pathlib import Path
 
 import torch
-from accelerate.utils import gather_object
 
 from . import files
 from .configfile import save_config, saved_settings
@@ -42,6 +41,7 @@ from .together import fail_together
 log = logging.getLogger(__name__)
 
 STEP_DIR = re.compile(r"^step-(\d{8})$")
+TMP_DIR = re.compile(r"^\.tmp-step-(\d{8})$")
 MODEL_FILES = ("config.yaml", "tokenizer.json", "model.safetensors")
 EMA_FILE = "ema.safetensors"
 
@@ -80,6 +80,8 @@ def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep
     whose checkpoints are now the new owner's, and every process raises (RunLockedError, PeerFailed).
     """
     final, tmp = step_dir(root, step), root / f".tmp-step-{step:08d}"
+    from accelerate.utils import gather_object  # here: prediction imports this module, and needs no Accelerate
+
     rng_states = gather_object([_torch_bytes(rng_state())])  # in process order, on every process
 
     def check_lock():
@@ -99,9 +101,10 @@ def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep
         files.atomic_write(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
         files.atomic_write(tmp / "state.json", json.dumps(state, indent=1))
         check_lock()  # the writing may have stalled: a folder taken over meanwhile gets nothing published or pruned
-        files.seal(tmp, step=step)
-        files.publish(tmp, final)  # the same step saved again (an epoch end that is also periodic) replaces
-        prune(root, keep_last)
+        with files.writing(tmp):  # reading back for the checksums, renaming, pruning: any OSError is a WriteError
+            files.seal(tmp, step=step)
+            files.publish(tmp, final)  # the same step saved again (an epoch end that is also periodic) replaces
+            prune(root, keep_last)
 
     failure = None
     if accelerator.is_main_process:
@@ -109,7 +112,7 @@ def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep
             write()
         except (WriteError, RunLockedError) as exc:
             failure = exc
-            if not isinstance(exc, RunLockedError):  # a folder taken over: its files are not ours to tidy
+            if lock is None or lock.check() is None:  # a folder taken over: its files are not ours to tidy
                 shutil.rmtree(tmp, ignore_errors=True)
     fail_together(accelerator, failure, f"write checkpoint {final}")
     return final
@@ -136,7 +139,7 @@ def prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     newest = by_step(root)[0][0] if complete else -1
     for tmp in root.glob(".tmp-step-*"):
-        if int(tmp.name.rsplit("-", 1)[1]) <= newest:
+        if (m := TMP_DIR.match(tmp.name)) and int(m.group(1)) <= newest:  # not a stray folder of another name
             shutil.rmtree(tmp, ignore_errors=True)
     for old in root.glob(".step-*.old"):
         if old.with_name(old.name[1: -len(".old")]).is_dir():
@@ -241,11 +244,11 @@ def check_compatible(saved: dict, current: dict, path: Path, only=None, branch: 
 
 
 # What checkpoints of earlier versions had, where their identity lacks a key: two classes, selection by accuracy,
-# no class weights, no label smoothing, no moving average.
+# no class weights, no label smoothing, no moving average, a validation carve that ignores the classes.
 _EARLIER_DEFAULTS = {"label_names": ["negative", "positive"],
                      "train": {"select_metric": "acc", "class_weights": "none", "label_smoothing": 0.0,
                                "ema_decay": 0.0},
-                     "model": {"members": 1}}
+                     "model": {"members": 1}, "data": {"stratify": False}}
 
 
 def _upgrade_identity(saved: dict, current: dict, path: Path) -> dict:

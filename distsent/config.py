@@ -59,6 +59,9 @@ class DataConfig:
                                resume=True, cache="split")
     split_seed: int = _doc("Seed of the subset and validation carving (kept apart from the training seed).", 0,
                             resume=True, cache="split")
+    stratify: bool = _doc("Carve validation (and the data.limit subset) with each class in its share of the "
+                          "training data, so that a rare class is not left out of validation by chance.", False,
+                          resume=True, cache="split")
     max_len: int = _doc("Tokens kept per text.", 256, resume=True, cache="cut")
     truncate: str = _doc("Which tokens a long text keeps: 'head' (the first max_len) or 'tail' (the last).", "head",
                           resume=True, cache="cut")

@@ -140,7 +140,7 @@ class RunLock:
             if "pid" in held and not self._mine(held):
                 # this process was stalled (suspended, stopped) past stale_s and another launch took the run over:
                 # refreshing would make two runs write one directory; the trainer writes nothing more and stops at
-                # the end of its step, of its test evaluation or of the checkpoint phase it is in
+                # the end of its step or of its test evaluation, and a checkpoint being written is not published
                 self.lost = RunLockedError(
                     f"{self.path.parent} was taken over by another launch (host {held.get('host')}, pid "
                     f"{held['pid']}) while this process was stalled for over {self.stale_s:.0f} s; this process "

@@ -272,11 +272,23 @@ def subset(split: RawSplit, idx: np.ndarray) -> RawSplit:
     return RawSplit(split.texts.take(idx), split.labels[idx], split.ids[idx])
 
 
+def stratified(order: np.ndarray, labels: np.ndarray) -> np.ndarray:
+    """`order` rearranged so that every prefix holds each class in about its share: the k-th of a class's n texts
+    (in `order`) goes to (k + 1/2) / n of the way, ties in `order`'s own (random) order."""
+    by_label = labels[order]
+    counts = np.bincount(by_label)
+    rank = np.empty(len(order))
+    rank[np.argsort(by_label, kind="stable")] = np.arange(len(order)) - np.repeat(np.cumsum(counts) - counts, counts)
+    return order[np.argsort((rank + 0.5) / counts[by_label], kind="stable")]
+
+
 def carve(cfg: DataConfig, train: RawSplit, test: RawSplit, val: RawSplit | None = None) -> dict[str, RawSplit]:
     """Apply the size limits and, without a validation file, hold out validation from train; seeded by
     data.split_seed."""
     rng = np.random.default_rng(cfg.split_seed)
     order = rng.permutation(len(train.texts))
+    if cfg.stratify:
+        order = stratified(order, train.labels)
     if cfg.limit:
         order = order[: cfg.limit]
     if val is not None:

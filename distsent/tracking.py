@@ -231,7 +231,8 @@ class RunLog:
                 drop_rows_after(self.path, resume_step)
             except WriteError as exc:
                 self.failure = exc
-        self._append(run_dir / "launches.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **config["launch"]})
+        if "launch" in config:  # the trainer's RunLog (launch_topology)
+            self._append(run_dir / "launches.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **config["launch"]})
         self.cfg = cfg
         if cfg.log.trackers:
             settings = wandb_settings(cfg, run_dir)

@@ -124,7 +124,7 @@ def test_a_setting_newly_marked_as_identity_is_checked_without_other_code(tmp_pa
 def test_the_cache_keys_come_from_the_same_declarations():
     cfg = DataConfig()
     assert set(cfg.stage_settings("split")) == {
-        "limit", "test_limit", "val_fraction", "split_seed", "text_column", "label_column", "label_names",
+        "limit", "test_limit", "val_fraction", "split_seed", "stratify", "text_column", "label_column", "label_names",
         "hub_config", "hub_train_split", "hub_validation_split", "hub_test_split"}
     assert set(cfg.stage_settings("vocab")) == {"min_freq", "lowercase", "strip_html"}
     assert set(cfg.stage_settings("cut")) == {"max_len", "truncate"}
@@ -367,6 +367,37 @@ def test_checkpoint_manager_saves_and_restores_everything(tmp_path):
     assert torch.equal(torch.rand(3), torch_random)  # the random stream continues where the checkpoint left it
     with pytest.raises(ckpt.CheckpointError, match="vocab_sha256"):
         manager.restore(latest, {**identity, "vocab_sha256": "w"}, seed=0)
+
+
+def test_a_stray_folder_and_an_io_error_while_sealing_a_checkpoint(tmp_path, monkeypatch):
+    """A folder named like a partial checkpoint but not one (`.tmp-step-x`) is left alone by pruning (it stopped
+    every save with a ValueError); an I/O error while the checkpoint is read back for its manifest (stood in for:
+    root reads every file here) is a WriteError naming the folder, which is removed; the earlier checkpoint stays."""
+    import errno
+
+    from accelerate import Accelerator
+
+    from distsent.files import WriteError
+
+    acc = Accelerator(cpu=True)
+    cfg = load_config(None, ["checkpoint.keep_last=1"])
+    model = torch.nn.Linear(3, 1)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1)
+    model, opt = acc.prepare(model, opt)
+    manager = ckpt.CheckpointManager(tmp_path, cfg.checkpoint, acc, model, opt, {"train_state": TrainState()})
+    identity = resume_identity(cfg)
+    (tmp_path / "checkpoints" / ".tmp-step-x").mkdir(parents=True)
+    manager.save(5, identity)
+    manager.save(6, identity)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".tmp-step-x", "step-00000006"]
+
+    def unreadable(folder, **fields):
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(ckpt.files, "seal", unreadable)
+    with pytest.raises(WriteError, match=r"\.tmp-step-00000010: .*Input/output error"):
+        manager.save(10, identity)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".tmp-step-x", "step-00000006"]
 
 
 def test_model_folder_is_verified_before_prediction(model_dir, tmp_path):
@@ -738,7 +769,7 @@ def test_a_run_whose_directory_was_taken_over_stops_without_writing(synth_imdb, 
         return evaluate(split)
 
     def taken_over_in_the_checkpoint(module, weights_bytes=checkpoint._weights_bytes):
-        take_over(heartbeat_noticed=False)  # the save reads the lock file itself, before its next phase
+        take_over(heartbeat_noticed=False)  # the save reads the lock file itself, before sealing
         return weights_bytes(module)
 
     if moment.startswith("step 6"):

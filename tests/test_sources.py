@@ -70,6 +70,31 @@ def test_integer_labels_label_names_order_and_columns(tmp_path):
     assert [names[i] for i in splits["test"].labels] == LABELS
 
 
+def test_a_stratified_carve_keeps_each_class_in_its_share(tmp_path):
+    """600 texts: 480 joy, 90 anger, 30 love (the row's number in each text). data.stratify: validation (10%) holds
+    48 / 9 / 3, and data.limit=300 keeps 240 / 45 / 15; the parts are disjoint and cover the file; the same seed
+    carves the same texts. Without it, one random cut (the carve earlier runs made)."""
+    labels = ["joy"] * 480 + ["anger"] * 90 + ["love"] * 30
+    write(tmp_path / "d", "train", "csv", [f"text {i}" for i in range(600)], labels)
+    write(tmp_path / "d", "test", "csv", ["a", "b"], ["joy", "love"])
+
+    def carved(**settings):
+        splits, names = load_splits(DataConfig(path=str(tmp_path / "d"), val_fraction=0.1, **settings))
+        counts = {part: np.bincount(splits[part].labels, minlength=3).tolist() for part in ("train", "val")}
+        texts = {part: [t.as_py() for t in splits[part].texts] for part in ("train", "val")}
+        return names, counts, texts
+
+    names, counts, texts = carved(stratify=True)
+    assert names == ["anger", "joy", "love"]
+    assert counts == {"train": [81, 432, 27], "val": [9, 48, 3]}
+    assert sorted(texts["train"] + texts["val"], key=lambda t: int(t.split()[1])) == [f"text {i}" for i in range(600)]
+    assert carved(stratify=True)[2] == texts and carved(stratify=True, split_seed=1)[2] != texts
+    assert carved(stratify=True, limit=300)[1] == {"train": [41, 216, 13], "val": [4, 24, 2]}
+    plain = carved(stratify=False)
+    assert plain[1] != counts and sum(plain[1]["val"]) == 60
+    assert plain[2] == carved()[2]  # off by default: the carve is the one earlier versions made
+
+
 def test_files_named_one_by_one_and_numbers_in_csv(tmp_path):
     train = write(tmp_path / "a", "mine", "csv", TEXTS, [1, 0, 1, 1, 0, 1, 0, 0, 1, 0])
     test = write(tmp_path / "b", "held_out", "parquet", TEXTS[:2], [1, 0])
