@@ -101,10 +101,13 @@ def save(root: Path, step: int, accelerator, model, optimizer, state: dict, keep
         files.atomic_write(tmp / "optimizer.pt", _torch_bytes(optimizer.state_dict()))
         files.atomic_write(tmp / "state.json", json.dumps(state, indent=1))
         check_lock()  # the writing may have stalled: a folder taken over meanwhile gets nothing published or pruned
-        with files.writing(tmp):  # reading back for the checksums, renaming, pruning: any OSError is a WriteError
+        with files.writing(tmp):  # reading back for the checksums, renaming: any OSError is a WriteError
             files.seal(tmp, step=step)
             files.publish(tmp, final)  # the same step saved again (an epoch end that is also periodic) replaces
+        try:  # published: a checkpoint that could not be pruned is disk space, not a failed save
             prune(root, keep_last)
+        except OSError as exc:
+            log.warning("%s: could not remove older checkpoints (%s); they stay", root, exc)
 
     failure = None
     if accelerator.is_main_process:

@@ -15,15 +15,16 @@ class ConfigError(ValueError):
     exit_code = 2  # as distsent-train exits on it
 
 
-def _doc(text: str, default, resume=False, cache: str = ""):
+def _doc(text: str, default, resume=False, cache: str = "", cache_if_set: bool = False):
     """A dataclass field that carries its documentation (shown by `distsent-train --help-config`).
 
     resume=True: part of the run's identity, which a resumed run must keep unchanged (`resume_identity`); a
     function (bool): what it makes of the value is, instead of the value itself.
     cache: the stage of data preparation the setting changes ("split", "vocab" or "cut"), so that it enters the
-    token cache's key for that stage (`DataConfig.stage_settings`).
+    token cache's key for that stage (`DataConfig.stage_settings`). cache_if_set: a setting added after the cache
+    existed enters the key only away from its default, so that entries prepared before it stay valid.
     """
-    metadata = {"doc": text, "resume": resume, "cache": cache}
+    metadata = {"doc": text, "resume": resume, "cache": cache, "cache_if_set": cache_if_set}
     if isinstance(default, (list, dict)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -61,7 +62,7 @@ class DataConfig:
                             resume=True, cache="split")
     stratify: bool = _doc("Carve validation (and the data.limit subset) with each class in its share of the "
                           "training data, so that a rare class is not left out of validation by chance.", False,
-                          resume=True, cache="split")
+                          resume=True, cache="split", cache_if_set=True)
     max_len: int = _doc("Tokens kept per text.", 256, resume=True, cache="cut")
     truncate: str = _doc("Which tokens a long text keeps: 'head' (the first max_len) or 'tail' (the last).", "head",
                           resume=True, cache="cut")
@@ -86,7 +87,8 @@ class DataConfig:
 
     def stage_settings(self, stage: str) -> dict:
         """The settings that change one stage of data preparation ("split", "vocab" or "cut"): its cache key."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("cache") == stage}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.metadata.get("cache") == stage
+                and not (f.metadata.get("cache_if_set") and getattr(self, f.name) == f.default)}
 
 
 @dataclass

@@ -259,3 +259,11 @@ class NonFiniteWatch:
                 "non-finite " + " and ".join(found) + ": the run stopped before writing anything from these weights "
                 "(the last checkpoint and best/ are from before). Check the data and any pretrained embeddings, or "
                 "lower optim.lr or optim.clip_grad_norm; resuming as it is repeats the same steps.")
+
+
+def epoch_row(epoch_s: float, eval_s: float, samples: int, tokens: int, whole: bool) -> dict:
+    """An epoch's throughput on the training clock (its `eval_s` of evaluation left out), and its duration when
+    this launch ran `whole` of it (not resumed midway)."""
+    train_s = epoch_s - eval_s
+    row = {"throughput/epoch_samples_per_s": samples / train_s, "throughput/epoch_tokens_per_s": tokens / train_s}
+    return row | ({"time/epoch_s": epoch_s, "time/epoch_train_s": train_s} if whole else {})

@@ -247,8 +247,9 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
             cuts = [f"data.limit={cfg.limit}"] * bool(cfg.limit) + [
                 f"the validation carve (data.val_fraction={cfg.val_fraction})"] * ("validation" not in raw)
             cut = f"{' and '.join(cuts)}, with data.split_seed={cfg.split_seed}"
+            stratify = "" if cfg.stratify else " (data.stratify=true keeps each class in its share)"
             raise DataError(f"{where['train']}: no training example of class {listed} is left after {cut}; add "
-                            f"examples or change those settings")
+                            f"examples or change those settings{stratify}")
         fix = "remove it from data.label_names" if cfg.label_names else \
             "list the classes to train in data.label_names (the data's ClassLabel names it)"
         raise DataError(f"{where['train']}: no training example of class {listed} (classes {names}); {fix}, or add "

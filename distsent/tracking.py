@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import time
+from datetime import datetime
 from pathlib import Path
 
 from .files import WriteError, atomic_write, writing
@@ -207,12 +208,13 @@ def _wandb_setup_error(exc: Exception) -> bool:
 
 class RunLog:
     """Writes metrics to <run>/metrics.jsonl and forwards them to the Accelerate trackers; main process only. Each
-    launch appends its topology (config["launch"]: processes, device, the precision and threads in effect, software,
-    Slurm job, the step it starts from) to <run>/launches.jsonl: what produced the rows, without W&B too."""
+    launch that starts training appends its topology (config["launch"]: processes, device, mixed precision,
+    threads, software, Slurm job, the step it starts from) and W&B run id to <run>/launches.jsonl: what produced
+    the rows, without W&B too."""
 
     def __init__(self, cfg, run_dir: Path, accelerator, run_id: str, resume_step: int | None, config: dict,
                  lock=None, history_after: int = -1):
-        self.accelerator = accelerator
+        self.accelerator, self.run_dir, self.launch = accelerator, run_dir, config.get("launch", {})
         self.main = accelerator.is_main_process
         self.lock = lock  # the run directory's (runlock.RunLock)
         self.path = run_dir / "metrics.jsonl"
@@ -231,8 +233,6 @@ class RunLog:
                 drop_rows_after(self.path, resume_step)
             except WriteError as exc:
                 self.failure = exc
-        if "launch" in config:  # the trainer's RunLog (launch_topology)
-            self._append(run_dir / "launches.jsonl", {"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **config["launch"]})
         self.cfg = cfg
         if cfg.log.trackers:
             settings = wandb_settings(cfg, run_dir)
@@ -273,6 +273,13 @@ class RunLog:
                 log.warning("tracker logging failed at step %d (%s: %s); trackers are off for the rest of the run",
                             step, type(exc).__name__, exc)
                 self.trackers_on = False
+
+    def record_launch(self) -> None:
+        """This launch's line in launches.jsonl: written with the run's config.yaml, once W&B (if any) has started."""
+        now = datetime.now().astimezone().isoformat(timespec="seconds")
+        self._append(self.run_dir / "launches.jsonl", {"time": now, "run_id": self.run_id, **self.launch})
+        if self.failure is not None:
+            raise self.failure
 
     def _append(self, path: Path, row: dict) -> None:
         """One JSON line; a failed write leaves no partial line and stops the run at its step (self.failure)."""

@@ -19,7 +19,7 @@ from .build import (OPTIMIZER_SETTINGS, announce, apply_optim_settings, batch_te
 from .config import ExperimentConfig
 from .configfile import changes_since, save_config
 from .files import IntegrityError, WriteError, writing
-from .metrics import EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums
+from .metrics import EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums, epoch_row
 from .model import clip_gradients
 from .preemption import EXIT_PREEMPTED, Preempted, StopFlag
 from .randomstate import seed_dropout
@@ -119,12 +119,8 @@ class Trainer:
                             self._log_train_row(runlog, bar)
                     if epoch_end:  # the epoch's figures without the time spent evaluating
                         epoch_s = time.perf_counter() - t_epoch
-                        train_s = epoch_s - (self.eval_seconds - eval_before)
-                        row = {"throughput/epoch_samples_per_s": samples / train_s,
-                               "throughput/epoch_tokens_per_s": tokens / train_s}
-                        if whole:  # its duration only when this launch ran all of it
-                            row |= {"time/epoch_s": epoch_s, "time/epoch_train_s": train_s}
-                        runlog.log(row, state.step)
+                        runlog.log(epoch_row(epoch_s, self.eval_seconds - eval_before, samples, tokens, whole),
+                                   state.step)
                         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                     # one tiny all-reduce: every process stops at the same step, on a signal, a failed write or
                     # the run directory taken over by another launch while this one was stalled
@@ -261,14 +257,15 @@ class Trainer:
         return status["exit_code"]
 
     def _write_records(self, runlog: RunLog, config: bool = False, **status) -> None:
-        """Collective: the status (and with config, the run's config.yaml) on the main process, failing on every
-        process if it or metrics.jsonl could not be written (a run whose records are lost is not reported
+        """Collective: the status (with config, also config.yaml and launches.jsonl) on the main process, failing
+        on every process if it or metrics.jsonl could not be written (a run whose records are lost is not reported
         finished)."""
         failure = runlog.failure or self.lock.check()  # taken over after the last step: the new owner's records
         if self.accelerator.is_main_process and failure is None:
             try:
                 if config:
                     save_config(self.cfg, self.run_dir / "config.yaml")
+                    runlog.record_launch()
                 write_status(self.run_dir, **status)
             except WriteError as exc:
                 failure = exc
@@ -391,6 +388,8 @@ class Trainer:
         handlers and the process-wide settings as they were."""
         import gc
 
+        if self.model is None:  # closed already: the process settings may be another Trainer's by now
+            return
         self.accelerator.free_memory()
         self.model = self.optimizer = self.checkpoints = self.ema = self.eval_model = None
         gc.collect()

@@ -124,10 +124,12 @@ def test_a_setting_newly_marked_as_identity_is_checked_without_other_code(tmp_pa
 def test_the_cache_keys_come_from_the_same_declarations():
     cfg = DataConfig()
     assert set(cfg.stage_settings("split")) == {
-        "limit", "test_limit", "val_fraction", "split_seed", "stratify", "text_column", "label_column", "label_names",
+        "limit", "test_limit", "val_fraction", "split_seed", "text_column", "label_column", "label_names",
         "hub_config", "hub_train_split", "hub_validation_split", "hub_test_split"}
     assert set(cfg.stage_settings("vocab")) == {"min_freq", "lowercase", "strip_html"}
     assert set(cfg.stage_settings("cut")) == {"max_len", "truncate"}
+    # a setting added later enters the key only when set: entries prepared before it stay valid
+    assert DataConfig(stratify=True).stage_settings("split") == {**cfg.stage_settings("split"), "stratify": True}
 
 
 def test_identity_of_checkpoints_from_an_earlier_version_is_still_understood(tmp_path):
@@ -137,8 +139,8 @@ def test_identity_of_checkpoints_from_an_earlier_version_is_still_understood(tmp
     # model.members
     earlier_model = {k: v for k, v in current["model"].items() if k != "members"}
     earlier_model["pretrained_embeddings"] = ""  # the path then, whether vectors were used now
-    # nor data.min_freq / data.lowercase (the run's tokenizer.json, kept on a resume, had them)
-    earlier_data = {k: v for k, v in current["data"].items() if k not in ("min_freq", "lowercase")}
+    # nor data.min_freq / data.lowercase (the run's tokenizer.json, kept on a resume, had them), nor data.stratify
+    earlier_data = {k: v for k, v in current["data"].items() if k not in ("min_freq", "lowercase", "stratify")}
     flat = {"model": earlier_model, "data": earlier_data,
             **{k: current["train"][k] for k in ("global_batch_size", "seed")}}
     current = {**current, "label_names": ["negative", "positive"], "data_content": "0123abcd"}
@@ -394,10 +396,16 @@ def test_a_stray_folder_and_an_io_error_while_sealing_a_checkpoint(tmp_path, mon
     def unreadable(folder, **fields):
         raise OSError(errno.EIO, "Input/output error")
 
+    def unremovable(root, keep_last):
+        raise PermissionError(errno.EACCES, "Permission denied")
+
+    monkeypatch.setattr(ckpt, "prune", unremovable)  # published: older checkpoints that stay are not a failed save
+    ckpt.verify(manager.save(7, identity))
     monkeypatch.setattr(ckpt.files, "seal", unreadable)
     with pytest.raises(WriteError, match=r"\.tmp-step-00000010: .*Input/output error"):
         manager.save(10, identity)
-    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".tmp-step-x", "step-00000006"]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == [".tmp-step-x", "step-00000006",
+                                                                           "step-00000007"]
 
 
 def test_model_folder_is_verified_before_prediction(model_dir, tmp_path):

@@ -619,8 +619,12 @@ def test_a_class_whose_only_examples_go_to_validation_is_refused(tmp_path):
         except DataError as exc:
             assert "no training example of class 'rare' is left after the validation carve " \
                    f"(data.val_fraction=0.3), with data.split_seed={seed}" in str(exc)
+            assert "data.stratify=true keeps each class in its share" in str(exc)
             outcomes.append("refused")
     assert "refused" in outcomes and True in outcomes and False not in outcomes, outcomes
+    # stratified, the one rare text stays in training at every seed
+    assert all(names.index("rare") in splits["train"].labels for splits, names in (
+        load_splits(DataConfig(path=str(tmp_path), val_fraction=0.3, split_seed=s, stratify=True)) for s in range(12)))
     # with a validation file nothing is carved: data.limit alone leaves the class out
     write(tmp_path, "validation", "csv", TEXTS, LABELS)
     with pytest.raises(DataError, match=r"no training example of class .*'rare' is left after data.limit=5, "

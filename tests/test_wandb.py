@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from conftest import EMOTIONS, REPO, direct_cmd, launch_cmd, make_emotions, read_jsonl, run, tiny_overrides, write_csv
 from test_resume import start, stop_at
@@ -189,6 +190,7 @@ def test_online_mode_without_an_api_key_stops_every_process_before_training(tmp_
     assert "wandb login" in proc.stderr and "distsent-train: PeerFailed: process 0 could not start W&B" in proc.stderr
     assert not list(run_dir.glob("checkpoints/*")) and not (run_dir / "best").exists()
     assert "train/loss" not in ((run_dir / "metrics.jsonl").read_text() if (run_dir / "metrics.jsonl").exists() else "")
+    assert not (run_dir / "launches.jsonl").exists()  # a launch that trained nothing is not one of the run's
 
 
 def test_api_key_never_reaches_the_run_directory(tmp_path, synth_imdb, cache_env):
@@ -243,6 +245,11 @@ def test_a_launch_failing_as_it_opens_its_records_ends_its_wandb_run_and_status(
     with Trainer(cfg, stop=StopFlag([])) as trainer, pytest.raises(WriteError, match="config.yaml"):
         trainer.fit()
     assert not (run_dir / "run.lock").exists()  # the with block closed the run
+    threads = torch.get_num_threads()  # as before the Trainer
+    torch.set_num_threads(other := 1 if threads != 1 else 2)  # another Trainer's, say: a second close() keeps it
+    trainer.close()
+    assert torch.get_num_threads() == other and not (run_dir / "launches.jsonl").exists()
+    torch.set_num_threads(threads)
     (offline,) = offline_runs(run_dir)
     assert [r["exit"]["exit_code"] for r in records(offline) if r["type"] == "exit"] == [EXIT_WRITE]
     status = json.loads((run_dir / "status.json").read_text())

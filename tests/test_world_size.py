@@ -70,6 +70,7 @@ def test_stop_and_resume_on_another_world_size(before, after, references, synth_
     assert [(r["start_step"], r["num_processes"], r["mixed_precision"]) for r in launches] == [
         (0, before, "no"), (stopped_at, after, "no")]
     assert all(r["torch"] and r["device"].startswith("cpu") and r["threads_per_process"] >= 1 for r in launches)
+    assert len({r["run_id"] for r in launches}) == 1  # one run, continued (its W&B run too)
     name, weights = final_weights(run_dir)
     assert name == "step-00000135"
     diff = max(max_diff(weights, final_weights(references[n])[1]) for n in (1, 2))
