@@ -179,7 +179,8 @@ def build_data(cfg: ExperimentConfig, acc, run_dir: Path, resuming: bool) -> tup
     if acc.is_main_process:
         log.info("data: %d train / %d val / %d test texts, vocabulary %d (%s)", len(data.train), len(data.val),
                  len(data.test), data.tokenizer.get_vocab_size(), "from cache" if data.cache_hit else "tokenized now")
-        for warning in size_warnings(len(data.train), len(data.val), cfg.train.global_batch_size):
+        for warning in size_warnings(data.train.labels, data.val.labels, data.label_names,
+                                     cfg.train.global_batch_size):
             log.warning(warning)
     return data, seconds
 
@@ -199,10 +200,13 @@ def _prepare_here(cfg: ExperimentConfig, acc, tok_path: Path, resuming: bool) ->
     return data
 
 
-def size_warnings(n_train: int, n_val: int, global_batch: int) -> list[str]:
-    """Sizes that still run but make a run say little: a validation split too small to select a model on, a global
-    batch larger than the training split (one step per epoch)."""
-    out = []
+def size_warnings(train_labels: np.ndarray, val_labels: np.ndarray, names: list[str], global_batch: int) -> list[str]:
+    """Sizes that still run but make a run say little: a validation split too small to select a model on, or
+    without a class, a global batch larger than the training split (one step per epoch)."""
+    out, n_train, n_val = [], len(train_labels), len(val_labels)
+    if absent := [repr(names[c]) for c in np.flatnonzero(np.bincount(val_labels, minlength=len(names)) == 0)]:
+        out.append(f"validation has no text of class {', '.join(absent)}: model selection cannot weigh it (a "
+                   f"validation carved from training keeps each class's share with data.stratify=true)")
     if n_val < 100:
         out.append(f"validation has {n_val} texts: model selection on so few is mostly chance (a larger "
                    f"validation file; or, where it is carved from training, a larger data.val_fraction)")
@@ -212,13 +216,11 @@ def size_warnings(n_train: int, n_val: int, global_batch: int) -> list[str]:
     return out
 
 
-def batch_tensors(split: TokenizedSplit, idx: np.ndarray, device=None):
+def batch_tensors(split: TokenizedSplit, idx: np.ndarray, device="cpu"):
     """(ids, lengths, labels) of reviews `idx`: right-padded ids, true lengths, float labels."""
     ids, lengths = split.batch(idx)
-    out = torch.from_numpy(ids), torch.from_numpy(lengths), torch.from_numpy(split.labels[idx]).float()
-    if device is None:
-        return out
-    return out[0].to(device, non_blocking=True), out[1].to(device), out[2].to(device)
+    return (torch.from_numpy(ids).to(device, non_blocking=True), torch.from_numpy(lengths).to(device),
+            torch.from_numpy(split.labels[idx]).float().to(device))
 
 
 def check_new_model(cfg: ExperimentConfig) -> None:

@@ -24,16 +24,19 @@ from .files import EXIT_WRITE, WriteError, atomic_write, writing
 from .labels import class_label_names, digit_names, encode_labels, integers_are_positions, label_lookup
 from .metrics import ECE_BINS, score_logits
 from .readers import DataError, read_file
-from .sources import load_splits
+from .sources import load_splits, records_digest
 
 
 def report(result: dict, classes: list[str]) -> str:
-    """The per-class table (precision, recall, F1, support), then accuracy and macro-F1."""
+    """The per-class table (precision, recall, F1, support: texts of the class, predicted: texts given it), then
+    accuracy and macro-F1, whose average leaves out a class with neither (marked)."""
     width = max(len(c) for c in classes + ["macro-F1"])
-    lines = [f"{'':{width}}  precision  recall      f1  support"]
-    for c in classes:
+    lines = [f"{'':{width}}  precision  recall      f1  support  predicted"]
+    for i, c in enumerate(classes):
+        predicted = sum(row[i] for row in result["confusion"])
+        absent = "  (not in macro-F1: no texts, none predicted)" if not (predicted or result[f"support/{c}"]) else ""
         lines.append(f"{c:{width}}  {result[f'precision/{c}']:9.4f}  {result[f'recall/{c}']:6.4f}  "
-                     f"{result[f'f1/{c}']:6.4f}  {result[f'support/{c}']:7d}")
+                     f"{result[f'f1/{c}']:6.4f}  {result[f'support/{c}']:7d}  {predicted:9d}{absent}")
     wrong = result["n"] - round(result["acc"] * result["n"])
     lines.append(f"{'accuracy':{width}}  {result['acc']:.4f} of {result['n']} ({wrong} wrong)")
     lines.append(f"{'macro-F1':{width}}  {result['macro_f1']:.4f}")
@@ -149,6 +152,12 @@ def main(argv: list[str] | None = None) -> int:
                                 f"folder)") from exc
             split = splits["val" if args.split == "validation" else args.split]
             split.labels = by_name(split.labels, data_names, names)
+            chosen_on = predictor.meta.get("val_records")  # model folders of earlier versions: not known
+            if split is splits["val"] and chosen_on and records_digest(split.ids, split.labels) != chosen_on:
+                raise DataError(f"--split {args.split}: the validation texts read now are not those {args.model} was "
+                                "chosen on (the data or its settings changed since: a validation carved from a "
+                                "training file that changed holds texts the model trained on); score --split test, "
+                                "or a --file")
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:  # as predict's; DataError, IntegrityError too
         print(f"distsent-evaluate: {exc}", file=sys.stderr)
         return 2

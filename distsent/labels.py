@@ -110,6 +110,8 @@ def encode_labels(split: RawSplit, names: list[str], lookup: dict, where: str) -
         index = lookup.get(key)
         if index is None:
             named = "; a datasets ClassLabel names these integers" if split.class_label is not None else ""
+            if isinstance(key, int) and not digit_names(names) and all(lookup.get(c) == c for c in range(len(names))):
+                named += f"; an integer label is a class's position there, 0 to {len(names) - 1}"
             raise DataError(f"{where}: {split.where(i)} has label {key!r}, which is not one of the classes "
                             f"{shown(names)} (they come from the training data, or data.label_names{named})")
         out[i] = index

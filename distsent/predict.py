@@ -44,7 +44,7 @@ class Predictor:
 
     def __init__(self, model, tokenizer, cfg, label_names: list[str], batch_size: int = 256):
         self.model, self.tokenizer, self.cfg, self.batch_size = model.eval(), tokenizer, cfg, batch_size
-        self.label_names = label_names
+        self.label_names, self.meta = label_names, {}
 
     @classmethod
     def load(cls, folder: str | Path, batch_size: int = 0) -> "Predictor":
@@ -59,7 +59,9 @@ class Predictor:
         tokenizer = load_tokenizer(folder / "tokenizer.json")
         model = build_model(tokenizer.get_vocab_size(), cfg.model, len(names))
         load_weights(folder, model)
-        return cls(model, tokenizer, cfg, names, batch_size or cfg.train.eval_batch_size)
+        predictor = cls(model, tokenizer, cfg, names, batch_size or cfg.train.eval_batch_size)
+        predictor.meta = meta  # step, validation score, val_records (evaluate checks --split val against it)
+        return predictor
 
     def logits(self, texts: list[str], heads: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The model's logits ([texts] for two classes, [texts, classes] for more) in input order, and each text's

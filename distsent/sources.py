@@ -283,6 +283,14 @@ def stratified(order: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return order[np.argsort((rank + 0.5) / counts[by_label], kind="stable")]
 
 
+def records_digest(ids: np.ndarray, labels: np.ndarray) -> str:
+    """Which records a split holds, with their classes: a model folder keeps its validation split's, so that
+    `distsent-evaluate --split val` can tell the split it reads now from the one the model was chosen on."""
+    digest = hashlib.sha256(np.asarray(ids, np.int64).tobytes())
+    digest.update(np.asarray(labels, np.int64).tobytes())
+    return digest.hexdigest()[:16]
+
+
 def carve(cfg: DataConfig, train: RawSplit, test: RawSplit, val: RawSplit | None = None) -> dict[str, RawSplit]:
     """Apply the size limits and, without a validation file, hold out validation from train; seeded by
     data.split_seed."""

@@ -25,7 +25,7 @@ from .preemption import EXIT_PREEMPTED, Preempted, StopFlag
 from .randomstate import seed_dropout
 from .resume import chosen_checkpoint, in_run, settle
 from .sampler import by_length, epoch_batches
-from .sources import located
+from .sources import located, records_digest
 from .state import TrainState
 from .together import PeerFailed, fail_together
 from .tokenizer import TokenizedSplit
@@ -284,7 +284,8 @@ class Trainer:
             cfg = replace(self.cfg, data=located(self.cfg.data))  # the folder names its data's place
             self.checkpoints.export_best(self.eval_model, self.data.tokenizer, cfg, {
                 "step": state.step, f"val_{select}": state.best_val_acc,
-                "vocab_size": self.data.tokenizer.get_vocab_size(), "label_names": self.data.label_names},
+                "vocab_size": self.data.tokenizer.get_vocab_size(), "label_names": self.data.label_names,
+                "val_records": records_digest(self.data.val.ids, self.data.val.labels)},
                 write=runlog.active)  # the main process, unless the run directory was taken over
             runlog.summary({f"best/val_{select}": metrics[select], "best/step": state.step})
         elif patience and state.evals_since_best >= patience:

@@ -63,6 +63,13 @@ def test_multiclass_metrics_by_hand_and_a_class_absent_from_the_split():
     assert (m["precision/joy"], m["recall/joy"]) == (0.5, 1.0) and abs(m["f1/joy"] - 2 / 3) < 1e-12
     assert m["f1/love"] == 0.0 and m["support/love"] == 1 and m["support/fear"] == 0
     assert abs(m["macro_f1"] - (0.8 + 2 / 3 + 0.0) / 3) < 1e-12 and abs(m["acc"] - 4 / 6) < 1e-12
+    # distsent-evaluate's table counts each class's predictions and marks the class its macro-F1 leaves out
+    from distsent.evaluate import report
+
+    rows = {line.split()[0]: line for line in report(m, classes).splitlines()[1:5]}
+    assert rows["joy"].split()[4:] == ["2", "4"] and rows["love"].split()[4:] == ["1", "0"]
+    assert rows["fear"].endswith("0          0  (not in macro-F1: no texts, none predicted)")
+    assert "not in macro-F1" not in rows["love"] + rows["anger"] + rows["joy"]
 
 
 def test_evaluate_command_on_a_labeled_file(model_dir, tmp_path):
@@ -364,3 +371,24 @@ def test_a_classlabel_file_is_read_by_evaluate_as_training_read_it(tmp_path, cap
             assert main(["--model", str(model), "--file", str(f)]) == 0, capsys.readouterr().err
             results.append(json.loads(capsys.readouterr().out.splitlines()[0])["confusion"])
         assert results[0] == results[1], names
+
+
+def test_evaluate_refuses_a_validation_split_the_model_was_not_chosen_on(tmp_path, cache_env):
+    """--split val carves validation from the training file again: after rows were added to that file, the carve
+    holds other texts, some of which the model trained on. Refused, since the model folder keeps which records its
+    validation held (from a real training run); the test split still scores."""
+    from conftest import direct_cmd, make_emotions, run, tiny_overrides, write_csv
+
+    data, run_dir = tmp_path / "data", tmp_path / "run"
+    write_csv(data, {"train": make_emotions(200, 0), "test": make_emotions(40, 1)})
+    assert run(direct_cmd(tiny_overrides(run_dir, data, **{"train.max_steps": 4}))).returncode == 0
+    evaluate = [sys.executable, "-m", "distsent.evaluate", "--model", str(run_dir / "best"), "--split"]
+    proc = subprocess.run([*evaluate, "val"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[0])["n"] == 20, proc.stderr[-2000:]
+    texts, labels = make_emotions(30, 2)
+    with open(data / "train.csv", "a", encoding="utf-8") as f:
+        f.writelines(f"{t},{y}\n" for t, y in zip(texts, labels))
+    proc = subprocess.run([*evaluate, "val"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "--split val: the validation texts read now are not those" in proc.stderr
+    proc = subprocess.run([*evaluate, "test"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[0])["n"] == 40

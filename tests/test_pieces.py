@@ -180,9 +180,11 @@ def test_sizes_that_make_a_run_say_little_are_warned_about():
     from distsent.build import layout_warning, size_warnings
     from distsent.sampler import Layout
 
-    assert size_warnings(1440, 160, 32) == []
-    assert [w.split(":")[0] for w in size_warnings(11, 1, 32)] == [
-        "validation has 1 texts", "train.global_batch_size 32 is larger than the 11 training texts"]
+    labels = np.arange(1600) % 2
+    assert size_warnings(labels[:1440], labels[1440:], ["negative", "positive"], 32) == []
+    assert [w.split(":")[0] for w in size_warnings(labels[:11], labels[:1], ["negative", "positive"], 32)] == [
+        "validation has no text of class 'positive'", "validation has 1 texts",
+        "train.global_batch_size 32 is larger than the 11 training texts"]
     # a micro-batch cap the per-process batch divides badly: the same steps through tiny micro-batches
     assert layout_warning(Layout.build(74, 2, 32), 32).startswith(
         "train.micro_batch_size 32: the 37 texts of each process divide only into 37 micro-batches of 1")

@@ -630,3 +630,14 @@ def test_a_class_whose_only_examples_go_to_validation_is_refused(tmp_path):
     with pytest.raises(DataError, match=r"no training example of class .*'rare' is left after data.limit=5, "
                                         r"with data.split_seed=0; add examples"):
         load_splits(DataConfig(path=str(tmp_path), limit=5))
+
+
+def test_integer_labels_past_the_named_classes_say_they_are_positions(tmp_path):
+    """Star ratings 1-5 named by data.label_names: integers are positions in that list (0-4), so 5 is none; the
+    error says how integers are read, not only that 5 is not a class."""
+    write(tmp_path, "train", "csv", TEXTS, [1, 2, 3, 4, 5] * 2)
+    write(tmp_path, "test", "csv", TEXTS[:2], [1, 2])
+    stars = ["one star", "two stars", "three stars", "four stars", "five stars"]
+    with pytest.raises(DataError, match=r"line 7 has label 5, which is not one of the classes .*an integer label is "
+                                        r"a class's position there, 0 to 4"):
+        load_splits(DataConfig(path=str(tmp_path), label_names=stars))
