@@ -92,23 +92,31 @@ def checked_split(texts, labels, where: str, lines: list[int] | None = None, lab
     if split.labels.dtype == object:  # string labels of any format: spaces around one are not part of it
         split.labels = np.fromiter((v.strip() or None if isinstance(v, str) else v for v in split.labels), object,
                                    len(split.labels))
-    if texts.null_count:
-        row = int(np.flatnonzero(texts.is_null().to_numpy(zero_copy_only=False))[0])
-        raise DataError(f"{where}: {split.where(row)} has no text (null)")
+    # every record without a text or a label at once, the first few named: one run finds them all
+    null = texts.is_null().to_numpy(zero_copy_only=False)
+    problems = {int(row): "has no text (null)" for row in np.flatnonzero(null)}
     # blank: Python's whitespace (str.isspace, as prediction's text.strip()); RE2's \s alone is ASCII. The match
     # stops at a text's first other character.
-    blank = pc.match_substring_regex(texts, r"^[\s\x0b\x1c-\x1f\x85\p{Z}]*$").to_numpy(zero_copy_only=False)
-    if blank.any():
-        raise DataError(f"{where}: {split.where(int(np.flatnonzero(blank)[0]))} has an empty text")
+    blank = pc.fill_null(pc.match_substring_regex(texts, r"^[\s\x0b\x1c-\x1f\x85\p{Z}]*$"), False)
+    problems |= {int(row): "has an empty text" for row in np.flatnonzero(blank.to_numpy(zero_copy_only=False))}
     odd = next((i for i, v in enumerate(split.labels) if not _scalar_label(v)), None) if split.labels.dtype == object \
         else None
     if odd is not None:
         raise DataError(f"{where}: {split.where(odd)} has label {split.labels[odd]!r}; a label is one integer or one "
                         f"string")
-    if len(split.labels) and split.labels.dtype == object and any(v is None for v in split.labels):
-        row = next(i for i, v in enumerate(split.labels) if v is None)
-        raise DataError(f"{where}: {split.where(row)} has no label")
+    if split.labels.dtype == object:
+        problems |= {i: "has no label" for i, v in enumerate(split.labels) if v is None and i not in problems}
+    if problems:
+        raise DataError(f"{where}: {listed(split, problems)}")
     return split
+
+
+def listed(split: RawSplit, problems: dict[int, str], shown: int = 5) -> str:
+    """Records' problems (record -> what is wrong), the first `shown` named, with how many there are."""
+    rows = sorted(problems)
+    named = "; ".join(f"{split.where(r)} {problems[r]}" for r in rows[:shown])
+    more = f"; and {len(rows) - shown} more" if len(rows) > shown else ""
+    return (f"{len(rows)} records cannot be used: " if len(rows) > 1 else "") + named + more
 
 
 def first_invalid_utf8(strings) -> int | None:

@@ -641,3 +641,19 @@ def test_integer_labels_past_the_named_classes_say_they_are_positions(tmp_path):
     with pytest.raises(DataError, match=r"line 7 has label 5, which is not one of the classes .*an integer label is "
                                         r"a class's position there, 0 to 4"):
         load_splits(DataConfig(path=str(tmp_path), label_names=stars))
+
+
+def test_every_record_without_a_text_or_label_is_counted_in_one_error(tmp_path):
+    """An export with several bad records: one run names how many there are and the first five, not one per run."""
+    texts, labels = list(TEXTS), list(LABELS)
+    for row in (1, 4, 8):
+        texts[row] = "  "
+    for row in (2, 6, 9):
+        labels[row] = ""
+    write(tmp_path, "train", "csv", texts, labels)
+    write(tmp_path, "test", "csv", TEXTS[:2], LABELS[:2])
+    with pytest.raises(DataError) as err:
+        load_splits(DataConfig(path=str(tmp_path)))
+    message = str(err.value)
+    assert message.endswith("train.csv: 6 records cannot be used: line 3 has an empty text; line 4 has no label; "
+                            "line 6 has an empty text; line 8 has no label; line 10 has an empty text; and 1 more")
