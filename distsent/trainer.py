@@ -39,8 +39,7 @@ class Trainer:
     """Assembles the run from its config (build.py), then `fit()` trains, evaluates, checkpoints and tests."""
 
     def __init__(self, cfg: ExperimentConfig, stop: StopFlag | None = None):
-        self.cfg, self.run_dir, self.settings_before = cfg, Path(cfg.output_dir), process_settings()
-        self.lock = None
+        self.cfg, self.run_dir, self.settings_before, self.lock = cfg, Path(cfg.output_dir), process_settings(), None
         try:
             with writing(self.run_dir):  # a read-only filesystem: one line naming it
                 self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -131,6 +130,7 @@ class Trainer:
                         self.watch.check()
                         state.elapsed_s = time.perf_counter() - self.started
                         self.checkpoints.save(state.step, self.identity)
+                        self._write_records(runlog, state="running", step=state.step, pid=os.getpid())  # its progress
                     if stopping:
                         raise Preempted()
                     if epoch_end:

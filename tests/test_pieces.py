@@ -1359,3 +1359,27 @@ def test_programs_leave_the_final_garbage_collection_out_at_exit(program):
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.splitlines()[-2:] == ["exiting 0", "frozen"], proc.stdout[-500:]
+
+
+def test_status_shows_the_step_of_the_last_checkpoint_while_running(synth_imdb, tmp_path, cache_env):
+    """status.json says running from the start and, after each checkpoint, at which step: a scheduler or a person
+    reading it mid-run sees how far the run got (it said step 0 until the end)."""
+    from distsent.preemption import StopFlag
+    from distsent.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{
+        "checkpoint.every": 3, "train.max_steps": 7}))
+    seen = []
+    with Trainer(cfg, stop=StopFlag([])) as trainer:
+        step = trainer.train_step
+
+        def watched(batch):
+            status = json.loads((run_dir / "status.json").read_text())
+            seen.append((status["state"], status["step"]))
+            step(batch)
+
+        trainer.train_step = watched
+        trainer.fit()
+    assert seen == [("running", 0)] * 3 + [("running", 3)] * 3 + [("running", 6)]
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
