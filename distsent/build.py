@@ -160,8 +160,7 @@ def build_data(cfg: ExperimentConfig, acc, run_dir: Path, resuming: bool) -> tup
     """The tokenized splits (and the seconds it took). The run keeps its tokenizer.json, so a resume from one of its
     own checkpoints (`resuming`) keeps its vocabulary; a fresh start or a branch builds the vocabulary from the data
     (a tokenizer.json left by a start that failed before its first checkpoint may come from other data)."""
-    tok_path = run_dir / "tokenizer.json"
-    t0 = time.perf_counter()
+    tok_path, t0 = run_dir / "tokenizer.json", time.perf_counter()
     # In three turns: the main process builds the vocabulary and the token cache; then one process per other machine
     # reads it, or builds it once where $DISTSENT_CACHE is local to each machine (not each of its processes at once,
     # with their memory); then the rest read it. If a turn fails (bad data, a full disk), every process stops with it
@@ -177,8 +176,9 @@ def build_data(cfg: ExperimentConfig, acc, run_dir: Path, resuming: bool) -> tup
         fail_together(acc, failure, "prepare the data")
     seconds = time.perf_counter() - t0
     if acc.is_main_process:
-        log.info("data: %d train / %d val / %d test texts, vocabulary %d (%s)", len(data.train), len(data.val),
-                 len(data.test), data.tokenizer.get_vocab_size(), "from cache" if data.cache_hit else "tokenized now")
+        log.info("data: %d train / %d val / %d test texts, vocabulary %d (%s), classes %s", len(data.train),
+                 len(data.val), len(data.test), data.tokenizer.get_vocab_size(),
+                 "from cache" if data.cache_hit else "tokenized now", ", ".join(data.label_names))
         for warning in size_warnings(data.train.labels, data.val.labels, data.label_names,
                                      cfg.train.global_batch_size):
             log.warning(warning)

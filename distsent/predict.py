@@ -258,7 +258,7 @@ def _run(argv: list[str] | None) -> int:
 
 
 def _predict_table(predictor: Predictor, path: Path, text_column: str | None) -> int:
-    """One JSON line per record of a data file, in file order, each with its line (CSV, JSONL) or row (parquet)."""
+    """One JSON line per record of a data file, in file order, each with its row (and for CSV, JSONL, its line)."""
     cfg = replace(predictor.cfg.data, text_column=text_column or predictor.cfg.data.text_column)
     try:
         split = read_file(path, cfg, labeled=False)
@@ -268,7 +268,8 @@ def _predict_table(predictor: Predictor, path: Path, text_column: str | None) ->
     for start in range(0, len(split.texts), ENCODE_CHUNK):  # as above: a chunk at a time
         texts = split.texts.slice(start, ENCODE_CHUNK).to_pylist()
         for i, (text, result) in enumerate(zip(texts, predictor.predict(texts)), start):
-            place = {"line": int(split.lines[i])} if split.lines is not None else {"row": i}
+            # row: the record's place in file order (0 for the first: a join back to the file's other columns)
+            place = {"row": i} | ({"line": int(split.lines[i])} if split.lines is not None else {})
             if i in split.problems:  # a record the reader could not take (not JSON, a number for a text, ...)
                 result = {"error": split.problems[i]}
             print(json.dumps({**place, "text": _shown(text), **result}, ensure_ascii=False))

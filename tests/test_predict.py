@@ -140,8 +140,8 @@ def test_cli_data_files_read_their_text_column(model_dir, tmp_path):
     (tmp_path / "new.JSONL").write_text("".join(json.dumps({"tweet": t}, ensure_ascii=False) + "\n\n"
                                                 for t in texts + [""]), encoding="utf-8")
     pq.write_table(pa.table({"tweet": texts + [None]}), tmp_path / "new.parquet")
-    places = {"new.csv": [{"line": 2}, {"line": 3}, {"line": 5}, {"line": 6}],
-              "new.JSONL": [{"line": 1}, {"line": 3}, {"line": 5}, {"line": 7}],
+    places = {"new.csv": [{"row": 0, "line": 2}, {"row": 1, "line": 3}, {"row": 2, "line": 5}, {"row": 3, "line": 6}],
+              "new.JSONL": [{"row": 0, "line": 1}, {"row": 1, "line": 3}, {"row": 2, "line": 5}, {"row": 3, "line": 7}],
               "new.parquet": [{"row": 0}, {"row": 1}, {"row": 2}, {"row": 3}]}
     for name, where in places.items():
         out = predict_cli(model_dir, "--file", str(tmp_path / name), "--text-column", "tweet")
