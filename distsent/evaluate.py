@@ -178,7 +178,9 @@ def main(argv: list[str] | None = None) -> int:
         try:
             with writing(args.out):
                 args.out.mkdir(parents=True, exist_ok=True)
-            atomic_write(args.out / "metrics.json", json.dumps(result, indent=1))
+            scored = {"model": str(Path(args.model).resolve()), "step": predictor.meta.get("step")} | (
+                {"file": str(Path(args.file).resolve())} if args.file else {"split": args.split})
+            atomic_write(args.out / "metrics.json", json.dumps(scored | result, indent=1))  # and what was scored
             print(f"wrote {args.out / 'metrics.json'}", file=sys.stderr)
             for f in write_figures(result, names, args.out):
                 print(f"wrote {f}", file=sys.stderr)

@@ -84,6 +84,8 @@ def test_evaluate_command_on_a_labeled_file(model_dir, tmp_path):
     assert summary["n"] == 40 and {"acc", "f1", "roc_auc", "ece"} <= set(summary)
     for png in ("confusion.png", "reliability.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    written = json.loads((out / "metrics.json").read_text())  # the metrics, with what was scored by which model
+    assert (written["model"], written["file"], written["n"]) == (str(model_dir.resolve()), str(f.resolve()), 40)
     # the same records under other column names, named on the command line: the same metrics
     other = tmp_path / "other.jsonl"
     other.write_text("".join(json.dumps({"review": t, "stars": y}) + "\n" for t, y in zip(texts, labels)))
