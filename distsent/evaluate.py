@@ -153,11 +153,11 @@ def main(argv: list[str] | None = None) -> int:
             split = splits["val" if args.split == "validation" else args.split]
             split.labels = by_name(split.labels, data_names, names)
             chosen_on = predictor.meta.get("val_records")  # model folders of earlier versions: not known
-            if split is splits["val"] and chosen_on and records_digest(split.ids, split.labels) != chosen_on:
+            if split is splits["val"] and chosen_on and records_digest(predictor.tokenized(split)) != chosen_on:
+                data = f"the data in {args.data_path}" if args.data_path else "the data or its settings changed since"
                 raise DataError(f"--split {args.split}: the validation texts read now are not those {args.model} was "
-                                "chosen on (the data or its settings changed since: a validation carved from a "
-                                "training file that changed holds texts the model trained on); score --split test, "
-                                "or a --file")
+                                f"chosen on ({data}: a validation carved from a training file that changed holds "
+                                "texts the model trained on); score --split test, or a --file")
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:  # as predict's; DataError, IntegrityError too
         print(f"distsent-evaluate: {exc}", file=sys.stderr)
         return 2

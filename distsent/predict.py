@@ -108,6 +108,12 @@ class Predictor:
                 out[start + idx] = logits.float().numpy()
         return out, words, known
 
+    def tokenized(self, split):
+        """A labeled split's texts as the model reads them (a TokenizedSplit, ids and labels kept), as training cut
+        them."""
+        tokens = encode(self.tokenizer, split.texts, self.cfg.data.max_len, self.cfg.data.truncate)
+        return tokens.relabel(split.labels, split.ids)
+
     def predict(self, texts: list[str]) -> list[dict]:
         """One result per text: {"label", "probability" (of that label), "probabilities" (every class's)}, and for
         two classes "p_positive": the probability of the second class in label_names (label 1, the class the

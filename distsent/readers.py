@@ -99,15 +99,13 @@ def checked_split(texts, labels, where: str, lines: list[int] | None = None, lab
     # stops at a text's first other character.
     blank = pc.fill_null(pc.match_substring_regex(texts, r"^[\s\x0b\x1c-\x1f\x85\p{Z}]*$"), False)
     problems |= {int(row): "has an empty text" for row in np.flatnonzero(blank.to_numpy(zero_copy_only=False))}
-    odd = next((i for i, v in enumerate(split.labels) if not _scalar_label(v)), None) if split.labels.dtype == object \
-        else None
-    if odd is not None:
-        raise DataError(f"{where}: {split.where(odd)} has label {split.labels[odd]!r}; a label is one integer or one "
-                        f"string")
-    if split.labels.dtype == object:
-        problems |= {i: "has no label" for i, v in enumerate(split.labels) if v is None and i not in problems}
+    for i, v in enumerate(split.labels if split.labels.dtype == object else ()):
+        if i not in problems and (v is None or not _scalar_label(v)):
+            problems[i] = "has no label" if v is None else f"has label {v!r}"
     if problems:
-        raise DataError(f"{where}: {listed(split, problems)}")
+        kind = "; a label is one integer or one string" if any(p.startswith("has label") for p in problems.values()) \
+            else ""
+        raise DataError(f"{where}: {listed(split, problems)}{kind}")
     return split
 
 

@@ -283,11 +283,14 @@ def stratified(order: np.ndarray, labels: np.ndarray) -> np.ndarray:
     return order[np.argsort((rank + 0.5) / counts[by_label], kind="stable")]
 
 
-def records_digest(ids: np.ndarray, labels: np.ndarray) -> str:
-    """Which records a split holds, with their classes: a model folder keeps its validation split's, so that
-    `distsent-evaluate --split val` can tell the split it reads now from the one the model was chosen on."""
-    digest = hashlib.sha256(np.asarray(ids, np.int64).tobytes())
-    digest.update(np.asarray(labels, np.int64).tobytes())
+def records_digest(split) -> str:
+    """Which records a tokenized split holds, with their classes and token ids: a model folder keeps its validation
+    split's, so that `distsent-evaluate --split val` can tell the split it reads now from the one the model was
+    chosen on (the same rows reordered or replaced in a training file change the carve's texts, not its rows)."""
+    digest = hashlib.sha256()
+    for array, dtype in ((split.ids, np.int64), (split.labels, np.int64), (split.tokens, np.int32),
+                         (split.lengths, np.int64)):
+        digest.update(np.ascontiguousarray(array, dtype).tobytes())
     return digest.hexdigest()[:16]
 
 

@@ -387,6 +387,18 @@ def test_evaluate_refuses_a_validation_split_the_model_was_not_chosen_on(tmp_pat
     evaluate = [sys.executable, "-m", "distsent.evaluate", "--model", str(run_dir / "best"), "--split"]
     proc = subprocess.run([*evaluate, "val"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[0])["n"] == 20, proc.stderr[-2000:]
+    # the same rows exported again in another order within each class: every row keeps its class, not its text
+    original = (data / "train.csv").read_text(encoding="utf-8")
+    texts, labels = make_emotions(200, 0)
+    rotated = list(texts)
+    for label in set(labels):
+        rows = [i for i, y in enumerate(labels) if y == label]
+        for i, j in zip(rows, rows[1:] + rows[:1]):
+            rotated[i] = texts[j]
+    write_csv(data, {"train": (rotated, labels)})
+    proc = subprocess.run([*evaluate, "val"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2 and "--split val: the validation texts read now are not those" in proc.stderr
+    (data / "train.csv").write_text(original, encoding="utf-8")
     texts, labels = make_emotions(30, 2)
     with open(data / "train.csv", "a", encoding="utf-8") as f:
         f.writelines(f"{t},{y}\n" for t, y in zip(texts, labels))
