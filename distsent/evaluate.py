@@ -150,9 +150,9 @@ def main(argv: list[str] | None = None) -> int:
                     raise
                 raise DataError(f"{exc} (the model's own data settings; --data-path DIR reads the splits from a "
                                 f"folder)") from exc
-            split = splits["val" if args.split == "validation" else args.split]
+            split = splits[split_name := "val" if args.split == "validation" else args.split]
             split.labels = by_name(split.labels, data_names, names)
-            chosen_on = predictor.meta.get("val_records")  # model folders of earlier versions: not known
+            chosen_on = predictor.meta.get("val_texts")  # model folders of earlier versions: not known
             if split is splits["val"] and chosen_on and records_digest(predictor.tokenized(split)) != chosen_on:
                 data = f"the data in {args.data_path}" if args.data_path else "the data or its settings changed since"
                 raise DataError(f"--split {args.split}: the validation texts read now are not those {args.model} was "
@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> int:
             with writing(args.out):
                 args.out.mkdir(parents=True, exist_ok=True)
             scored = {"model": str(Path(args.model).resolve()), "step": predictor.meta.get("step")} | (
-                {"file": str(Path(args.file).resolve())} if args.file else {"split": args.split})
+                {"file": str(Path(args.file).resolve())} if args.file else {"split": split_name} | (
+                    {"data_path": str(Path(args.data_path).resolve())} if args.data_path else {}))
             atomic_write(args.out / "metrics.json", json.dumps(scored | result, indent=1))  # and what was scored
             print(f"wrote {args.out / 'metrics.json'}", file=sys.stderr)
             for f in write_figures(result, names, args.out):

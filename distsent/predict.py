@@ -29,7 +29,7 @@ from .files import EXIT_WRITE, IntegrityError
 from .labels import BINARY_NAMES
 from .readers import FORMATS, SURROGATE, DataError, read_file
 from .sampler import by_length
-from .tokenizer import UNK, encode, load_tokenizer
+from .tokenizer import UNK, cut, encode, index_words, load_tokenizer, word_ids
 
 
 # --file types that are neither a data file (FORMATS) nor plain text with one text per line
@@ -60,7 +60,7 @@ class Predictor:
         model = build_model(tokenizer.get_vocab_size(), cfg.model, len(names))
         load_weights(folder, model)
         predictor = cls(model, tokenizer, cfg, names, batch_size or cfg.train.eval_batch_size)
-        predictor.meta = meta  # step, validation score, val_records (evaluate checks --split val against it)
+        predictor.meta = meta  # step, validation score, val_texts (evaluate checks --split val against it)
         return predictor
 
     def logits(self, texts: list[str], heads: bool = False) -> tuple[np.ndarray, np.ndarray]:
@@ -109,10 +109,13 @@ class Predictor:
         return out, words, known
 
     def tokenized(self, split):
-        """A labeled split's texts as the model reads them (a TokenizedSplit, ids and labels kept), as training cut
-        them."""
-        tokens = encode(self.tokenizer, split.texts, self.cfg.data.max_len, self.cfg.data.truncate)
-        return tokens.relabel(split.labels, split.ids)
+        """A read split's texts cut into ids as training cut them (the token cache's vectorized cutter, with this
+        model's vocabulary and data settings; not encode(), whose library may split a character Python's tables do
+        not know otherwise), its ids and labels kept."""
+        data = self.cfg.data
+        distinct, index, offsets = index_words(split.texts, data.lowercase, data.strip_html)
+        ids = word_ids(self.tokenizer, distinct)[index]
+        return cut(ids, offsets, data.max_len, data.truncate).relabel(split.labels, split.ids)
 
     def predict(self, texts: list[str]) -> list[dict]:
         """One result per text: {"label", "probability" (of that label), "probabilities" (every class's)}, and for

@@ -101,11 +101,10 @@ def checked_split(texts, labels, where: str, lines: list[int] | None = None, lab
     problems |= {int(row): "has an empty text" for row in np.flatnonzero(blank.to_numpy(zero_copy_only=False))}
     for i, v in enumerate(split.labels if split.labels.dtype == object else ()):
         if i not in problems and (v is None or not _scalar_label(v)):
-            problems[i] = "has no label" if v is None else f"has label {v!r}"
+            shown = repr(v) if len(repr(v)) <= 60 else repr(v)[:57] + "..."
+            problems[i] = "has no label" if v is None else f"has label {shown} (a label is one integer or one string)"
     if problems:
-        kind = "; a label is one integer or one string" if any(p.startswith("has label") for p in problems.values()) \
-            else ""
-        raise DataError(f"{where}: {listed(split, problems)}{kind}")
+        raise DataError(f"{where}: {listed(split, problems)}")
     return split
 
 

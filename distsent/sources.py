@@ -287,7 +287,7 @@ def records_digest(split) -> str:
     """Which records a tokenized split holds, with their classes and token ids: a model folder keeps its validation
     split's, so that `distsent-evaluate --split val` can tell the split it reads now from the one the model was
     chosen on (the same rows reordered or replaced in a training file change the carve's texts, not its rows)."""
-    digest = hashlib.sha256()
+    digest = hashlib.sha256(f"{len(split.ids)} {len(split.tokens)}".encode())
     for array, dtype in ((split.ids, np.int64), (split.labels, np.int64), (split.tokens, np.int32),
                          (split.lengths, np.int64)):
         digest.update(np.ascontiguousarray(array, dtype).tobytes())

@@ -382,14 +382,16 @@ def test_evaluate_refuses_a_validation_split_the_model_was_not_chosen_on(tmp_pat
     from conftest import direct_cmd, make_emotions, run, tiny_overrides, write_csv
 
     data, run_dir = tmp_path / "data", tmp_path / "run"
-    write_csv(data, {"train": make_emotions(200, 0), "test": make_emotions(40, 1)})
+    texts, labels = make_emotions(200, 0)
+    # letters newer than Python's Unicode tables (16.0): the tokenizers library splits them otherwise
+    texts = [f"{t} nice\U00010d50word \u1c89ok" if i % 2 else t for i, t in enumerate(texts)]
+    write_csv(data, {"train": (texts, labels), "test": make_emotions(40, 1)})
     assert run(direct_cmd(tiny_overrides(run_dir, data, **{"train.max_steps": 4}))).returncode == 0
     evaluate = [sys.executable, "-m", "distsent.evaluate", "--model", str(run_dir / "best"), "--split"]
     proc = subprocess.run([*evaluate, "val"], capture_output=True, text=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0 and json.loads(proc.stdout.splitlines()[0])["n"] == 20, proc.stderr[-2000:]
     # the same rows exported again in another order within each class: every row keeps its class, not its text
     original = (data / "train.csv").read_text(encoding="utf-8")
-    texts, labels = make_emotions(200, 0)
     rotated = list(texts)
     for label in set(labels):
         rows = [i for i, y in enumerate(labels) if y == label]
