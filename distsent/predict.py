@@ -42,9 +42,10 @@ ENCODE_CHUNK = 4096  # texts tokenized together (memory), each chunk cut into ba
 class Predictor:
     """A trained model with its tokenizer and config; batches reviews by length like the trainer does."""
 
-    def __init__(self, model, tokenizer, cfg, label_names: list[str], batch_size: int = 256):
+    def __init__(self, model, tokenizer, cfg, label_names: list[str], batch_size: int = 256, meta: dict | None = None):
         self.model, self.tokenizer, self.cfg, self.batch_size = model.eval(), tokenizer, cfg, batch_size
-        self.label_names, self.meta = label_names, {}
+        # meta.json: step, validation score, val_texts (evaluate checks --split val against it)
+        self.label_names, self.meta = label_names, meta or {}
 
     @classmethod
     def load(cls, folder: str | Path, batch_size: int = 0) -> "Predictor":
@@ -59,9 +60,7 @@ class Predictor:
         tokenizer = load_tokenizer(folder / "tokenizer.json")
         model = build_model(tokenizer.get_vocab_size(), cfg.model, len(names))
         load_weights(folder, model)
-        predictor = cls(model, tokenizer, cfg, names, batch_size or cfg.train.eval_batch_size)
-        predictor.meta = meta  # step, validation score, val_texts (evaluate checks --split val against it)
-        return predictor
+        return cls(model, tokenizer, cfg, names, batch_size or cfg.train.eval_batch_size, meta)
 
     def logits(self, texts: list[str], heads: bool = False) -> tuple[np.ndarray, np.ndarray]:
         """The model's logits ([texts] for two classes, [texts, classes] for more) in input order, and each text's

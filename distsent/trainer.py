@@ -285,7 +285,7 @@ class Trainer:
             self.checkpoints.export_best(self.eval_model, self.data.tokenizer, cfg, {
                 "step": state.step, f"val_{select}": state.best_val_acc,
                 "vocab_size": self.data.tokenizer.get_vocab_size(), "label_names": self.data.label_names,
-                "val_texts": records_digest(self.data.val)},
+                "val_texts": records_digest(self.data.val) if runlog.active else ""},
                 write=runlog.active)  # the main process, unless the run directory was taken over
             runlog.summary({f"best/val_{select}": metrics[select], "best/step": state.step})
         elif patience and state.evals_since_best >= patience:
