@@ -11,6 +11,7 @@ Steps, each in its own process with a time limit; every result goes to OUT_DIR/g
   imdb_lstm  configs/imdb_lstm.yaml trained to the end on the GPU in fp16: wall time and test accuracy
   imdb_best  configs/imdb_best.yaml likewise
 `--device cpu --quick` runs every step tiny on a CPU (the GPU tests then skip): how the script itself is tested.
+`--steps gpu_tests,imdb_lstm` runs only the steps named (a short lease on a GPU machine fits fewer).
 Needs only what the repository imports (distsent runs from the checkout, no install): with local parquet data and
 no trackers, neither `datasets` nor `wandb` is imported.
 """
@@ -27,6 +28,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+STEPS = ("gpu_tests", "bound", "benchmark", "imdb_lstm", "imdb_best")
 
 
 def step(name: str, cmd: list[str], limit_s: int, env: dict) -> dict:
@@ -64,6 +66,19 @@ def train_config(name: str, args, tmp: Path, env: dict) -> dict:
             "log_tail": r["out"][-1500:]}
 
 
+def benchmark(args, tmp: Path, env: dict) -> dict:
+    """benchmarks/run.py on the device: the tutorial's pipeline and distsent, per precision."""
+    bench_json = tmp / "benchmark.json"
+    sizes = ["--limit", "300", "--test-limit", "100", "--prep-limit", "300", "--skip-seed", "--threads", "1",
+             "--precisions", "bf16"] if args.quick else ["--limit", "3000", "--test-limit", "1000", "--prep-limit",
+                                                       "3000"]
+    bench = step("benchmark", [sys.executable, "benchmarks/run.py", "--data", args.data, *sizes, "--out",
+                               str(bench_json), *(["--gpu", "--only-gpu"] if args.device == "cuda" else [])],
+                 240, env)
+    return {"rc": bench["rc"], "wall_s": bench["wall_s"],
+            **(json.loads(bench_json.read_text()) if bench_json.is_file() else {})}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, type=Path)
@@ -71,7 +86,11 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
     ap.add_argument("--quick", action="store_true", help="every step tiny (to test this script)")
     ap.add_argument("--limit-train-s", type=int, default=120, help="time limit of each training run")
+    ap.add_argument("--steps", default=",".join(STEPS), help="the steps to run, comma-separated (default: all)")
     args = ap.parse_args(argv)
+    wanted = args.steps.split(",")
+    if unknown := sorted(set(wanted) - set(STEPS)):
+        ap.error(f"--steps: no step {', '.join(unknown)} (the steps: {', '.join(STEPS)})")
     args.out.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
            "WANDB_MODE": "disabled", "PYTHONUNBUFFERED": "1"}
@@ -83,29 +102,26 @@ def main(argv=None) -> int:
                          "cuda": torch.version.cuda, "cudnn": torch.backends.cudnn.version()}
     with tempfile.TemporaryDirectory() as tmp:
         env["DISTSENT_CACHE"] = str(Path(tmp) / "cache")
-        tests = step("gpu_tests", [sys.executable, "-m", "pytest", "-q", "-rA", "-m", "gpu", "tests/test_gpu.py",
-                                   "-p", "no:cacheprovider"], 240, env)
-        result["gpu_tests"] = {"rc": tests["rc"], "wall_s": tests["wall_s"],
-                               "summary": [line for line in tests["out"].splitlines()
-                                           if line.startswith(("PASSED", "FAILED", "SKIPPED", "ERROR"))
-                                           or " passed" in line or " skipped" in line]}
-        bound = step("bound", [sys.executable, "benchmarks/lstm_bound.py", "--device", args.device,
-                               *(["--steps", "2", "--warmup", "1"] if args.quick else [])], 120, env)
-        result["bound"] = [json.loads(line) for line in bound["out"].splitlines() if line.startswith("{")]
-        bench_json = Path(tmp) / "benchmark.json"
-        sizes = ["--limit", "300", "--test-limit", "100", "--prep-limit", "300", "--skip-seed", "--threads", "1",
-                 "--precisions", "bf16"] if args.quick else ["--limit", "3000", "--test-limit", "1000", "--prep-limit",
-                                                           "3000"]
-        bench = step("benchmark", [sys.executable, "benchmarks/run.py", "--data", args.data, *sizes, "--out",
-                                   str(bench_json), *(["--gpu", "--only-gpu"] if args.device == "cuda" else [])],
-                     240, env)
-        result["benchmark"] = {"rc": bench["rc"], "wall_s": bench["wall_s"],
-                               **(json.loads(bench_json.read_text()) if bench_json.is_file() else {})}
+        if "gpu_tests" in wanted:
+            tests = step("gpu_tests", [sys.executable, "-m", "pytest", "-q", "-rA", "-m", "gpu", "tests/test_gpu.py",
+                                       "-p", "no:cacheprovider"], 240, env)
+            result["gpu_tests"] = {"rc": tests["rc"], "wall_s": tests["wall_s"],
+                                   "summary": [line for line in tests["out"].splitlines()
+                                               if line.startswith(("PASSED", "FAILED", "SKIPPED", "ERROR"))
+                                               or " passed" in line or " skipped" in line]}
+        if "bound" in wanted:
+            bound = step("bound", [sys.executable, "benchmarks/lstm_bound.py", "--device", args.device,
+                                   *(["--steps", "2", "--warmup", "1"] if args.quick else [])], 120, env)
+            result["bound"] = {"rc": bound["rc"], "rows": [json.loads(line) for line in bound["out"].splitlines()
+                                                           if line.startswith("{")]}
+        if "benchmark" in wanted:
+            result["benchmark"] = benchmark(args, Path(tmp), env)
         for name in ("imdb_lstm", "imdb_best"):
-            result[name] = train_config(name, args, Path(tmp), env)
+            if name in wanted:
+                result[name] = train_config(name, args, Path(tmp), env)
     result["finished"] = time.strftime("%Y-%m-%dT%H:%M:%S")
     (args.out / "gpu_check.json").write_text(json.dumps(result, indent=1))
-    failed = [k for k in ("gpu_tests", "benchmark", "imdb_lstm", "imdb_best") if result[k]["rc"] != 0]
+    failed = [k for k in wanted if result[k]["rc"] != 0]
     print(f"\ngpu_check: {'all steps ran' if not failed else 'failed: ' + ', '.join(failed)}; "
           f"{args.out / 'gpu_check.json'}", flush=True)
     return 1 if failed else 0

@@ -91,12 +91,24 @@ def test_gpu_check_runs_every_step_on_a_cpu(tmp_path, synth_imdb, cache_env):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((out / "gpu_check.json").read_text())
     assert result["gpu_tests"]["rc"] == 0 and any("skipped" in line for line in result["gpu_tests"]["summary"])
-    assert result["bound"] and result["bound"][0]["ms_per_step"] > 0
+    assert result["bound"]["rc"] == 0 and result["bound"]["rows"][0]["ms_per_step"] > 0
     # its quick benchmark runs distsent in bf16 (a row of its own; fp32 rows are tested above)
     assert result["benchmark"]["rc"] == 0 and result["benchmark"]["runs"]["ds-1x1-bf16"]["train_samples_per_s"] > 0
     for name in ("imdb_lstm", "imdb_best"):
         assert result[name]["rc"] == 0 and result[name]["test_acc"] is not None, result[name]["log_tail"]
     assert "gpu_check: all steps ran" in (out / "gpu_check.log").read_text()
+
+
+def test_gpu_check_runs_only_the_steps_named(tmp_path, synth_imdb, cache_env):
+    cmd = [sys.executable, "benchmarks/gpu_check.py", "--out", str(tmp_path), "--data", str(synth_imdb), "--device",
+           "cpu", "--quick"]
+    proc = subprocess.run([*cmd, "--steps", "bound"], cwd=REPO, env=run_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((tmp_path / "gpu_check.json").read_text())
+    assert result["bound"]["rows"] and not {"gpu_tests", "benchmark", "imdb_lstm", "imdb_best"} & set(result)
+    proc = subprocess.run([*cmd, "--steps", "bound,imdb"], cwd=REPO, env=run_env(), capture_output=True, text=True)
+    assert proc.returncode == 2 and "no step imdb" in proc.stderr
 
 
 @pytest.mark.slow
