@@ -174,10 +174,10 @@ class TrainConfig:
     micro_batch_size: int = _doc("Largest per-process batch; 0 = global_batch_size / processes. Smaller values "
                                  "add gradient accumulation.", 0)
     eval_batch_size: int = _doc("Per-process batch for evaluation and prediction.", 256)
-    mixed_precision: str = _doc("'auto' (bf16 on a CPU that runs the LSTM natively in bf16, else fp32: a GRU on a "
-                                "CPU and any GPU, whose autocast runs the LSTM in fp16 even under bf16; the run logs "
-                                "which and why), 'no' (fp32), 'fp16' (GPU, with a gradient scaler) or 'bf16'; "
-                                "empty = what the launch config says.", "")
+    mixed_precision: str = _doc("'auto' (fp16 with its gradient scaler on a GPU; bf16 on a CPU that runs the LSTM "
+                                "natively in bf16; else fp32, a GRU on a CPU too; the run logs which and why), 'no' "
+                                "(fp32), 'fp16' (GPU, with a gradient scaler) or 'bf16'; empty = what the launch "
+                                "config says.", "")
     deterministic: bool = _doc("Deterministic kernels (torch.use_deterministic_algorithms, cuDNN deterministic) so "
                                "that a GPU run and its resume are bitwise reproducible, at some speed; CPU runs are "
                                "reproducible without it.", False)

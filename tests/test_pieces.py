@@ -557,8 +557,10 @@ def test_auto_precision_picks_fp32_where_bf16_is_not_native(monkeypatch):
     assert precision.resolve("auto", "cpu")[0] == "bf16"
     monkeypatch.setattr(precision, "cpu_supports_bf16_rnn", lambda: False)  # flags, but oneDNN cannot run it
     assert precision.resolve("auto", "cpu")[0] == "no"
-    # a GPU: CUDA autocast would run cuDNN's LSTM in fp16 under bf16 (checked on a GPU in test_gpu), so fp32
-    assert precision.resolve("auto", "cuda")[0] == "no" and not precision.bf16_rnn_runs_on("cuda")
+    # a GPU: CUDA autocast would run cuDNN's LSTM in fp16 under bf16 (checked on a GPU in test_gpu), so fp16 with
+    # the gradient scaler, for a GRU too
+    assert precision.resolve("auto", "cuda")[0] == "fp16" and not precision.bf16_rnn_runs_on("cuda")
+    assert precision.resolve("auto", "cuda", "gru")[0] == "fp16"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine (stood in for)
     assert precision.run_device() == "cuda"
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # launched with use_cpu (launch/cpu_1proc.yaml): its CPU decides
