@@ -170,6 +170,7 @@ def check(cfg) -> int:
 def explain(exc: BaseException) -> tuple[str, int]:
     """The one line and exit code for an error that stops the run."""
     from .metrics import EXIT_NONFINITE, NonFiniteError
+    from .preemption import INTERRUPTED
     from .together import PeerFailed
 
     if isinstance(exc, (ConfigError, DataError, IntegrityError)):  # Integrity: a checkpoint, best/
@@ -179,8 +180,7 @@ def explain(exc: BaseException) -> tuple[str, int]:
     if isinstance(exc, NonFiniteError):
         return str(exc), EXIT_NONFINITE
     if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C, or one with SIGINT not among dist.stop_signals
-        return ("interrupted (Ctrl-C) without a checkpoint; checkpoint.resume=auto (the default) resumes from the "
-                "latest one", 130)
+        return INTERRUPTED, 130
     # anything else (a peer killed in the middle of a collective, a bug): its traceback too, and status.json says
     # failed rather than running with a dead pid
     traceback.print_exception(exc)

@@ -19,15 +19,15 @@ from .build import (OPTIMIZER_SETTINGS, announce, apply_optim_settings, batch_te
 from .config import ExperimentConfig
 from .configfile import changes_since, save_config
 from .files import IntegrityError, WriteError, writing
-from .metrics import EvalMetrics, NonFiniteError, NonFiniteWatch, TrainSums, epoch_row
+from .metrics import EvalMetrics, NonFiniteWatch, TrainSums, epoch_row
 from .model import clip_gradients
-from .preemption import EXIT_PREEMPTED, Preempted, StopFlag
+from .preemption import EXIT_PREEMPTED, INTERRUPTED, Preempted, StopFlag
 from .randomstate import seed_dropout
 from .resume import chosen_checkpoint, in_run, settle
 from .sampler import by_length, epoch_batches
 from .sources import located, records_digest
 from .state import TrainState
-from .together import PeerFailed, fail_together
+from .together import fail_together
 from .tokenizer import TokenizedSplit
 from .torchsettings import process_settings, restore_process_settings, setup_threads
 from .tracking import DebugRecords, RunLog, launch_topology, progress_bar, write_status
@@ -143,10 +143,8 @@ class Trainer:
         except BaseException as exc:
             if bar is not None:
                 bar.close()
-            if isinstance(exc, (Preempted, NonFiniteError, WriteError, PeerFailed)):
+            if exc is not self.lock.lost:  # status.json and W&B learn how it ended (a lost run's are the new owner's)
                 runlog.finish(self._record_failure(exc))
-            elif exc is not self.lock.lost:  # W&B learns the launch failed (the lost run's W&B run is the new owner's)
-                runlog.finish(130 if isinstance(exc, KeyboardInterrupt) else getattr(exc, "exit_code", 1))
             raise
         runlog.finish()
         return result
@@ -235,8 +233,8 @@ class Trainer:
         return {**out, "samples_per_s": out["n"] / (time.perf_counter() - t0)}
 
     def _record_failure(self, exc: BaseException) -> int:
-        """status.json for a run that stops early: preempted (checkpoint written) or failed, with the error; returns
-        the exit code."""
+        """status.json (also under the Python API) for a run that stops early: preempted (checkpoint written) or failed,
+        with the error and the exit code it carries (any other exception, a bug say, is named: exit 1); returns it."""
         state, self.failure_recorded = self.state, True
         if isinstance(exc, Preempted):
             status = {"state": "preempted", "exit_code": EXIT_PREEMPTED}
@@ -244,11 +242,13 @@ class Trainer:
                 log.warning("stopped by a signal at step %d after writing its checkpoint; exit code %d",
                             state.step, EXIT_PREEMPTED)
         else:
-            error = str(exc)
+            code = getattr(exc, "exit_code", 130 if isinstance(exc, KeyboardInterrupt) else 1)
+            error = (str(exc) if hasattr(exc, "exit_code") else INTERRUPTED if code == 130
+                     else f"{type(exc).__name__}: {exc}")
             if self.stop.received is not None:  # a stop signal came, but the run failed before its checkpoint
                 error += (f"; a stop signal ({signal.Signals(self.stop.received).name}) came but no checkpoint was "
                           f"written for it: a restart resumes from the latest complete checkpoint")
-            status = {"state": "failed", "exit_code": exc.exit_code, "error": error}
+            status = {"state": "failed", "exit_code": code, "error": error}
         if self.accelerator.is_main_process and not self.lock.check():  # a run directory taken over is not ours
             try:
                 write_status(self.run_dir, step=state.step, **status)
