@@ -204,31 +204,39 @@ def test_api_key_never_reaches_the_run_directory(tmp_path, synth_imdb, cache_env
             assert secret.encode() not in f.read_bytes(), f
 
 
-def test_a_launch_stopped_by_any_error_ends_its_wandb_run_with_that_exit_code(tmp_path, synth_imdb, cache_env):
-    """Not only preemption and write failures: a Ctrl-C outside the stop signals (or any other error) reaches W&B as
-    the launch's exit code, not "finished" with 0. The interrupt is raised inside step 4 by a wrapped train_step,
-    the only stand-in here (a second Ctrl-C cannot be timed into a step)."""
+@pytest.mark.parametrize("error", [KeyboardInterrupt(), RuntimeError("CUDA error: an illegal memory access")])
+def test_a_launch_stopped_by_any_error_ends_its_wandb_run_and_status_with_that_exit_code(tmp_path, synth_imdb,
+                                                                                       cache_env, error):
+    """Not only preemption and write failures: a Ctrl-C outside the stop signals, or an error no part of distsent
+    raises (a library's), reaches W&B as the launch's exit code, not "finished" with 0, and status.json as failed,
+    named, with that code (under the Python API no command line writes it after fit()). The error is raised inside
+    step 4 by a wrapped train_step, the only stand-in here (a second Ctrl-C cannot be timed into a step)."""
     from distsent.configfile import load_config
-    from distsent.preemption import StopFlag
+    from distsent.preemption import INTERRUPTED, StopFlag
     from distsent.trainer import Trainer
 
     run_dir = tmp_path / "run"
     trainer = Trainer(load_config(REPO / "configs" / "smoke.yaml", wandb_args(run_dir, synth_imdb)), stop=StopFlag([]))
     step = trainer.train_step
 
-    def interrupted_in_step_4(batch):
+    def failing_in_step_4(batch):
         if trainer.state.step == 3:
-            raise KeyboardInterrupt
+            raise error
         step(batch)
 
-    trainer.train_step = interrupted_in_step_4
+    trainer.train_step = failing_in_step_4
     try:
-        with pytest.raises(KeyboardInterrupt):
+        with pytest.raises(type(error)):
             trainer.fit()
     finally:
         trainer.close()
+    code = 130 if isinstance(error, KeyboardInterrupt) else 1
     (offline,) = offline_runs(run_dir)
-    assert [r["exit"]["exit_code"] for r in records(offline) if r["type"] == "exit"] == [130]
+    assert [r["exit"]["exit_code"] for r in records(offline) if r["type"] == "exit"] == [code]
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and status["step"] == 3 and status["exit_code"] == code
+    assert status["error"] == ("RuntimeError: CUDA error: an illegal memory access" if code == 1 else
+                               INTERRUPTED)
 
 
 def test_a_launch_failing_as_it_opens_its_records_ends_its_wandb_run_and_status(tmp_path, synth_imdb, cache_env):
