@@ -3,6 +3,7 @@
     distsent-predict --model runs/imdb_lstm/best "A wonderful film." "Dull and far too long."
     distsent-predict --model runs/imdb_lstm/best --file texts.txt        # one text per line
     distsent-predict --model runs/tickets/best --file new.csv            # .csv/.jsonl/.parquet: the text column
+    distsent-predict --model runs/tickets/best --file new.csv --keep id  # each result with the record's id too
     cat texts.txt | distsent-predict --model runs/imdb_lstm/best -
 
 Python:  Predictor.load("runs/imdb_lstm/best").predict(["A wonderful film."])
@@ -36,6 +37,9 @@ from .tokenizer import UNK, cut, encode, index_words, load_tokenizer, word_ids
 NOT_TEXT = {".json", ".ndjson", ".tsv", ".xml", ".html", ".htm", ".xlsx", ".xls", ".docx", ".pdf", ".gz", ".tgz",
             ".bz2", ".xz", ".zst", ".zip", ".7z", ".rar", ".tar", ".arrow", ".feather", ".pkl", ".pickle", ".avro",
             ".orc", ".npy", ".npz", ".pt", ".bin", ".safetensors"}
+# the keys of a result line, which a kept column would overwrite
+RESULT_KEYS = ("row", "line", "text", "label", "probability", "probabilities", "p_positive", "warning", "truncated",
+               "error")
 ENCODE_CHUNK = 4096  # texts tokenized together (memory), each chunk cut into batches sorted by length
 
 
@@ -215,6 +219,9 @@ def _run(argv: list[str] | None) -> int:
                         "classified; other structured types (.json, .tsv, .xlsx, .gz, ...) are refused")
     parser.add_argument("--text-column", help="the text column of a .csv/.jsonl/.parquet --file (default: the "
                         "model's data.text_column)")
+    parser.add_argument("--keep", action="append", default=[], metavar="COLUMN",
+                        help="a column of a .csv/.jsonl/.parquet --file to copy into each result (an id to join "
+                        "the results back on, say); repeat it, or COLUMN,COLUMN")
     parser.add_argument("texts", nargs="*", help="texts to classify; '-' reads them from stdin, one per line")
     args = parser.parse_args(argv)
     suffix = Path(args.file).suffix.lower() if args.file and args.file != "-" else ""
@@ -228,13 +235,19 @@ def _run(argv: list[str] | None) -> int:
         args.file, args.texts = None, ["-"]
     if args.text_column and not table:
         parser.error("--text-column is for a .csv, .jsonl or .parquet --file")
+    keep = tuple(dict.fromkeys(c for arg in args.keep for c in arg.split(",") if c))
+    if keep and not table:
+        parser.error("--keep is for a .csv, .jsonl or .parquet --file")
+    if clash := [c for c in keep if c in RESULT_KEYS]:
+        parser.error(f"--keep {clash[0]}: a result has a key of that name ({', '.join(RESULT_KEYS)}); rename the "
+                     "column")
     try:
         predictor = Predictor.load(args.model)
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:
         print(f"distsent-predict: cannot load {args.model}: {exc}", file=sys.stderr)
         return 2
     if table:
-        return _predict_table(predictor, Path(args.file), args.text_column)
+        return _predict_table(predictor, Path(args.file), args.text_column, keep)
     if args.file:
         try:
             with open(args.file, "rb") as f:
@@ -265,11 +278,12 @@ def _run(argv: list[str] | None) -> int:
     return 0
 
 
-def _predict_table(predictor: Predictor, path: Path, text_column: str | None) -> int:
-    """One JSON line per record of a data file, in file order, each with its row (and for CSV, JSONL, its line)."""
+def _predict_table(predictor: Predictor, path: Path, text_column: str | None, keep: tuple[str, ...]) -> int:
+    """One JSON line per record of a data file, in file order, each with its row (and for CSV, JSONL, its line) and
+    the columns to keep."""
     cfg = replace(predictor.cfg.data, text_column=text_column or predictor.cfg.data.text_column)
     try:
-        split = read_file(path, cfg, labeled=False)
+        split = read_file(path, cfg, labeled=False, keep=keep)
     except DataError as exc:
         print(f"distsent-predict: {exc}", file=sys.stderr)
         return 2
@@ -277,10 +291,12 @@ def _predict_table(predictor: Predictor, path: Path, text_column: str | None) ->
         texts = split.texts.slice(start, ENCODE_CHUNK).to_pylist()
         for i, (text, result) in enumerate(zip(texts, predictor.predict(texts)), start):
             # row: the record's place in file order (0 for the first: a join back to the file's other columns)
-            place = {"row": i} | ({"line": int(split.lines[i])} if split.lines is not None else {})
+            place = {"row": i} | ({"line": int(split.lines[i])} if split.lines is not None else {}) | {
+                c: values[i] for c, values in split.kept.items()}
             if i in split.problems:  # a record the reader could not take (not JSON, a number for a text, ...)
                 result = {"error": split.problems[i]}
-            print(json.dumps({**place, "text": _shown(text), **result}, ensure_ascii=False))
+            # default=str: a kept parquet column may hold dates or decimals, which JSON has no type for
+            print(json.dumps({**place, "text": _shown(text), **result}, ensure_ascii=False, default=str))
     return 0
 
 

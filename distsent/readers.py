@@ -54,6 +54,8 @@ class RawSplit:
     # texts to classify (unlabeled reading): record -> what is wrong with it (its text is None), which prediction
     # answers as that record's error; labeled reading stops at the first instead
     problems: dict[int, str] = field(default_factory=dict)
+    # other columns read alongside the texts (read_file's `keep`): column -> one value per record, None where absent
+    kept: dict[str, list] = field(default_factory=dict)
 
     def where(self, i: int) -> str:
         return f"line {self.lines[i]}" if self.lines is not None else f"row {i}"
@@ -162,6 +164,12 @@ def missing_columns(where, present, cfg: DataConfig, labeled: bool = True) -> No
             raise DataError(f"{where}: {list(present).count(col)} columns are named '{col}'; rename all but one")
 
 
+def missing_kept(where, present, keep: tuple[str, ...]) -> None:
+    """DataError naming the first column to keep that the file lacks."""
+    if absent := [c for c in keep if c not in present]:
+        raise DataError(f"{where}: no '{absent[0]}' column to keep (columns: {', '.join(map(str, present))})")
+
+
 def _utf8(path: Path, labeled: bool = True) -> str:
     """The file's text. Texts to classify (not `labeled`) keep bytes that are not UTF-8 as lone surrogates, so that
     each such record gets an error of its own; labeled data stops at the first."""
@@ -179,12 +187,12 @@ def _utf8(path: Path, labeled: bool = True) -> str:
                         f"file as UTF-8") from None
 
 
-def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
+def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str, ...] = ()) -> RawSplit:
     # Python's csv refuses fields over 128 KiB by default: a long text is not an error (JSONL and parquet take it)
     csv.field_size_limit(2**31 - 1)  # the C long's limit on every platform
     # strict: a stray quote is an error naming its line, not a field that swallows the rest of the file
     reader = csv.reader(io.StringIO(_utf8(path, labeled), newline=""), strict=True)
-    texts, labels, lines, problems = [], [], [], {}
+    texts, labels, lines, problems, kept = [], [], [], {}, []
     end = 0
     try:
         header = next(reader, None)
@@ -196,7 +204,8 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
             if any(SURROGATE.search(name) for name in header):
                 raise DataError(f"{path}: line 1 (the header) is not valid UTF-8; save the file as UTF-8") from None
             raise
-        ti = header.index(cfg.text_column)
+        missing_kept(path, header, keep)
+        ti, ki = header.index(cfg.text_column), [header.index(c) for c in keep]
         li = header.index(cfg.label_column) if labeled else None
         end = reader.line_num
         for record in reader:
@@ -219,16 +228,17 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
             if labeled:
                 labels.append(record[li])
             lines.append(first)
+            kept.append([record[i] for i in ki])
     except csv.Error as exc:
         raise DataError(f"{path}: line {end + 1}: {exc} (a quote left open, or followed by something other than a "
                         f"comma: distsent reads CSV separated by commas; inside a quoted text write a quote as "
                         f"\"\")") from None
     return replace(checked_split(texts, _as_numbers(labels, path, lines), str(path), lines, labeled),
-                   problems=problems)
+                   problems=problems, kept={c: [row[j] for row in kept] for j, c in enumerate(keep)})
 
 
-def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
-    texts, labels, lines, problems = [], [], [], {}
+def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str, ...] = ()) -> RawSplit:
+    texts, labels, lines, problems, kept, seen = [], [], [], {}, [], set()
     # lines end at \n, \r\n or \r only (a JSON string holds those escaped); str.splitlines() would also split at
     # U+2028 and other characters a JSON string may hold raw
     for n, line in enumerate(_utf8(path, labeled).replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
@@ -237,21 +247,24 @@ def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
         try:
             if not labeled and SURROGATE.search(line):  # bytes that were not UTF-8 (_utf8)
                 raise DataError(f"{path}: line {n} is not valid UTF-8")
-            text, label = _jsonl_record(path, n, line, cfg, labeled)
+            text, label, record = _jsonl_record(path, n, line, cfg, labeled)
         except DataError as exc:
             if labeled:
                 raise
-            problems[len(texts)], text, label = str(exc).removeprefix(f"{path}: "), None, None
+            problems[len(texts)], text, label, record = str(exc).removeprefix(f"{path}: "), None, None, {}
+        kept.append([record.get(c) for c in keep])
+        seen.update(c for c in keep if c in record)
         texts.append(text)
         if labeled:
             labels.append(label)
         lines.append(n)
+    missing_kept(path, seen, keep)  # a JSON object may leave a column out, but a column no record has is a typo
     return replace(checked_split(texts, label_array(labels, path, lines), str(path), lines, labeled),
-                   problems=problems)
+                   problems=problems, kept={c: [row[j] for row in kept] for j, c in enumerate(keep)})
 
 
-def _jsonl_record(path: Path, n: int, line: str, cfg: DataConfig, labeled: bool) -> tuple[str | None, object]:
-    """The text (and label) of JSONL line `n`; DataError naming what is wrong with it."""
+def _jsonl_record(path: Path, n: int, line: str, cfg: DataConfig, labeled: bool) -> tuple[str | None, object, dict]:
+    """The text (and label) of JSONL line `n`, and the whole record; DataError naming what is wrong with it."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
@@ -267,21 +280,25 @@ def _jsonl_record(path: Path, n: int, line: str, cfg: DataConfig, labeled: bool)
         raise DataError(f"{path}: line {n}: the text holds a lone surrogate escape "
                         f"({half.group().encode('unicode_escape').decode()}), which is not a character; remove it "
                         f"or write the whole character")
-    return text, record[cfg.label_column] if labeled else None
+    return text, record[cfg.label_column] if labeled else None, record
 
 
-def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
+def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str, ...] = ()) -> RawSplit:
     import pyarrow.parquet as pq
 
     try:
-        missing_columns(path, pq.read_schema(path).names, cfg, labeled)  # a column named twice, before reading it
-        table = pq.read_table(path, columns=[cfg.text_column, cfg.label_column] if labeled else [cfg.text_column])
+        names = pq.read_schema(path).names
+        missing_columns(path, names, cfg, labeled)  # a column named twice, before reading it
+        missing_kept(path, names, keep)
+        columns = [cfg.text_column, cfg.label_column] if labeled else [cfg.text_column]
+        table = pq.read_table(path, columns=list(dict.fromkeys(columns + list(keep))))
     except DataError:
         raise
     except Exception as exc:  # pyarrow raises several types for unreadable files
         raise DataError(f"{path}: cannot be read as parquet: {exc}") from exc
     if not labeled:
-        return checked_split(table.column(cfg.text_column), [], str(path), labeled=False)
+        return replace(checked_split(table.column(cfg.text_column), [], str(path), labeled=False),
+                       kept={c: table.column(c).to_pylist() for c in keep})
     import pyarrow as pa
 
     labels = table.column(cfg.label_column).combine_chunks()
@@ -299,6 +316,7 @@ def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit
                           else labels.to_numpy(zero_copy_only=False), str(path))
     if np.issubdtype(split.labels.dtype, np.integer):  # a ClassLabel names integers (strings name themselves)
         split.class_label = _class_label(table.schema.metadata, cfg.label_column)
+    split.kept = {c: table.column(c).to_pylist() for c in keep}
     return split
 
 
@@ -316,14 +334,14 @@ def _class_label(metadata: dict | None, column: str) -> list[str] | None:
 READERS = {".csv": _read_csv, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
 
 
-def read_file(path: Path, cfg: DataConfig, labeled: bool = True) -> RawSplit:
+def read_file(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str, ...] = ()) -> RawSplit:
     """One file (.csv, .jsonl or .parquet) with the configured text column and, if labeled, label column (else the
-    RawSplit's labels are empty)."""
+    RawSplit's labels are empty); `keep`: other columns read with them (RawSplit.kept)."""
     path = Path(path)
     check_format(path)
     if not path.is_file():
         raise DataError(f"{path}: no such file")
-    return READERS[path.suffix.lower()](path, cfg, labeled)
+    return READERS[path.suffix.lower()](path, cfg, labeled, tuple(keep))
 
 
 def label_array(values: list, path: Path, lines: list[int] | None = None) -> np.ndarray:

@@ -171,6 +171,44 @@ def test_cli_data_files_read_their_text_column(model_dir, tmp_path):
     assert [r["text"] for r in predict_cli(model_dir, "--file", str(tmp_path / "new.2024-05"))] == ["word1"]
 
 
+def test_cli_keep_copies_columns_into_each_result(model_dir, tmp_path, capsys):
+    """--keep id (an id to join the results back on) copies that column of each record of a .csv / .jsonl / .parquet
+    file into its result, as the file holds it (a CSV's as text, a parquet date as its ISO text); a JSONL record
+    without it, or one the reader could not take, gets null. A column the file lacks, a name a result already uses,
+    or --keep without a data file, is refused naming it."""
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distsent.predict import main
+
+    def results(*args):
+        assert main(["--model", str(model_dir), *args]) == 0
+        return [json.loads(line) for line in capsys.readouterr().out.split("\n") if line]
+
+    (tmp_path / "new.csv").write_text('id,text,team\nt-7,"good0, great",a\nt-9,bad1,b\n')
+    out = results("--file", str(tmp_path / "new.csv"), "--keep", "id", "--keep", "team")
+    assert [(r["id"], r["team"], r["row"]) for r in out] == [("t-7", "a", 0), ("t-9", "b", 1)] and "label" in out[1]
+    (tmp_path / "new.jsonl").write_text('{"text": "word1", "id": 3}\n{"text": 5, "id": 4}\n{"text": "good0"}\n')
+    out = results("--file", str(tmp_path / "new.jsonl"), "--keep", "id")
+    assert [r["id"] for r in out] == [3, None, None] and "error" in out[1] and "label" in out[2]
+    when = [datetime.date(2024, 5, 1), datetime.date(2024, 5, 2)]
+    pq.write_table(pa.table({"id": [11, 12], "text": ["good0", "bad1"], "when": when}), tmp_path / "new.parquet")
+    out = results("--file", str(tmp_path / "new.parquet"), "--keep", "id,when")
+    assert [(r["id"], r["when"]) for r in out] == [(11, "2024-05-01"), (12, "2024-05-02")]
+    assert [r["p_positive"] for r in out] == [r["p_positive"] for r in results("good0", "bad1")]
+    for name in ("new.csv", "new.jsonl", "new.parquet"):  # a column no record has (in JSONL: a typo, not a gap)
+        assert main(["--model", str(model_dir), "--file", str(tmp_path / name), "--keep", "ID"]) == 2
+        assert f"{name}: no 'ID' column to keep (columns: " in capsys.readouterr().err
+    (tmp_path / "new.txt").write_text("word1\n")
+    for args, message in ((["--file", str(tmp_path / "new.csv"), "--keep", "label"], "--keep label: a result has"),
+                          (["--file", str(tmp_path / "new.txt"), "--keep", "id"], "--keep is for a .csv")):
+        with pytest.raises(SystemExit) as exit_:
+            main(["--model", str(model_dir), *args])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
 def test_missing_model_folder_is_a_clear_error(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "distsent.predict", "--model", str(tmp_path), "x"],
                           capture_output=True, text=True, cwd=REPO, timeout=120)
