@@ -232,22 +232,19 @@ class NonFiniteWatch:
 
     def __init__(self, accelerator):
         self.acc = accelerator
-        # under fp16 the gradient scaler skips steps with inf/NaN gradients instead (counted as skipped_steps)
-        self.enabled = accelerator.scaler is None
+        # under fp16 the gradient scaler skips steps with inf/NaN gradients instead (counted as skipped_steps); the
+        # loss, computed from fp32 logits before any scaling, is watched still: a NaN there is no scaler's to fix
+        self.watch_grads = accelerator.scaler is None
         self.first = torch.zeros(2, dtype=torch.float64, device=accelerator.device)  # 0: none so far
 
     def see(self, step: int, loss: torch.Tensor | None = None, grad_norm: torch.Tensor | None = None) -> None:
-        if not self.enabled:
-            return
-        for i, value in enumerate((loss, grad_norm)):
+        for i, value in enumerate((loss, grad_norm if self.watch_grads else None)):
             if value is not None:
                 bad = ~torch.isfinite(value.detach())
                 self.first[i] = torch.where(bad & (self.first[i] == 0), float(step), self.first[i])
 
     def check(self) -> None:
         """Collective: NonFiniteError on every process if any process saw a non-finite value."""
-        if not self.enabled:
-            return
         seen = self.acc.gather(self.first.unsqueeze(0)).cpu()  # [processes, quantities]
         found = []
         for i, name in enumerate(self.QUANTITIES):

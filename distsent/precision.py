@@ -56,9 +56,13 @@ def resolve(requested: str, device_type: str, cell: str = "lstm") -> tuple[str, 
 
 
 def run_device() -> str:
-    """'cuda' or 'cpu': where Accelerate puts this run (a launch config's use_cpu keeps it on a GPU machine's CPU)."""
+    """'cuda' or 'cpu': where Accelerate puts this run (a launch config's use_cpu keeps it on a GPU machine's CPU;
+    after an earlier run in this process, the device that run set up, which Accelerate keeps)."""
+    from accelerate.state import PartialState
     from accelerate.utils import parse_flag_from_env
 
+    if PartialState._shared_state:
+        return PartialState().device.type
     return "cuda" if torch.cuda.is_available() and not parse_flag_from_env("ACCELERATE_USE_CPU") else "cpu"
 
 

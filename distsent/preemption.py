@@ -13,8 +13,6 @@ log = logging.getLogger(__name__)
 
 # Exit status of a process that stopped on a signal after writing its checkpoint (EX_TEMPFAIL: try again later).
 EXIT_PREEMPTED = 75
-# A KeyboardInterrupt that escapes the loop (a second Ctrl-C, or SIGINT not among dist.stop_signals): exit 130
-INTERRUPTED = "interrupted (Ctrl-C) without a checkpoint; checkpoint.resume=auto (the default) resumes from the latest one"
 _PR_SET_PDEATHSIG = 1
 
 

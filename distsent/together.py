@@ -1,10 +1,23 @@
 """Processes stop together: when one process meets a clear error (bad data, a full disk), every process stops at the
 same point, that one with its message and the others with one line pointing at it, not with a traceback out of
-the next collective it never reached."""
+the next collective it never reached. stop_reason: how such an error is told, alike on stderr, in status.json and
+in W&B."""
 
 from __future__ import annotations
 
 EXIT_ERROR = 2  # the exit status of a clear error in the config, the data or a checkpoint
+# A KeyboardInterrupt that escapes the loop (a second Ctrl-C, or SIGINT not among dist.stop_signals): exit 130
+INTERRUPTED = ("interrupted (Ctrl-C) without a checkpoint; checkpoint.resume=auto (the default) resumes from the "
+               "latest one")
+
+
+def stop_reason(exc: BaseException) -> tuple[str, int]:
+    """The one line and exit code of an error that stops a run: distsent's own errors carry their code (2: config,
+    data or checkpoint; 3: non-finite; 74: a write), anything else (a bug, a library's error) exits 1."""
+    if isinstance(exc, KeyboardInterrupt):
+        return INTERRUPTED, 130
+    code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else getattr(exc, "exit_code", 1)
+    return (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__), code
 
 
 class PeerFailed(RuntimeError):

@@ -63,6 +63,13 @@ def software_versions() -> dict:
     return out
 
 
+def status_state(run_dir: Path) -> str | None:
+    """The state in a run directory's status.json, if it has a readable one."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return json.loads((run_dir / "status.json").read_text()).get("state")
+    return None
+
+
 def write_status(run_dir: Path, **fields) -> None:
     """status.json tells schedulers and people how the run ended: running, preempted, finished or failed.
 

@@ -23,7 +23,7 @@ from pathlib import Path
 from . import skip_final_collection
 from .config import ConfigError
 from .configfile import describe, load_config
-from .files import IntegrityError, WriteError
+from .files import IntegrityError
 from .readers import DataError
 
 PEER_EXIT_DELAY_S = 2.0
@@ -168,23 +168,13 @@ def check(cfg) -> int:
 
 
 def explain(exc: BaseException) -> tuple[str, int]:
-    """The one line and exit code for an error that stops the run."""
-    from .metrics import EXIT_NONFINITE, NonFiniteError
-    from .preemption import INTERRUPTED
-    from .together import PeerFailed
+    """The one line and exit code for an error that stops the run (together.stop_reason), and for an unexpected one
+    (a peer killed in the middle of a collective, a bug) its traceback too."""
+    from .together import stop_reason
 
-    if isinstance(exc, (ConfigError, DataError, IntegrityError)):  # Integrity: a checkpoint, best/
-        return f"{type(exc).__name__}: {exc}", 2
-    if isinstance(exc, (WriteError, PeerFailed)):  # a full disk, no permission; another process's error
-        return f"{type(exc).__name__}: {exc}", exc.exit_code
-    if isinstance(exc, NonFiniteError):
-        return str(exc), EXIT_NONFINITE
-    if isinstance(exc, KeyboardInterrupt):  # a second Ctrl-C, or one with SIGINT not among dist.stop_signals
-        return INTERRUPTED, 130
-    # anything else (a peer killed in the middle of a collective, a bug): its traceback too, and status.json says
-    # failed rather than running with a dead pid
-    traceback.print_exception(exc)
-    return f"{type(exc).__name__}: {exc}", 1
+    if not hasattr(exc, "exit_code") and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+        traceback.print_exception(exc)
+    return stop_reason(exc)
 
 
 def fail(message: str, exit_code: int, cfg=None, trainer=None, once_per_machine: bool = False) -> int:
@@ -205,22 +195,15 @@ def fail(message: str, exit_code: int, cfg=None, trainer=None, once_per_machine:
     run_dir = Path(cfg.output_dir) if cfg is not None else None
     recorded = trainer is not None and trainer.failure_recorded
     if run_dir is not None and run_dir.is_dir() and not recorded and os.environ.get("RANK", "0") == "0":
-        from .tracking import write_status
+        from .tracking import status_state, write_status
 
-        if _state(run_dir) == "finished":  # a relaunch that failed before it ran: the finished run stays recorded
+        if status_state(run_dir) == "finished":  # a relaunch that failed before it ran: the finished run stays recorded
             print(f"distsent-train: {run_dir} holds a finished run; its status.json is left as it is",
                   file=sys.stderr)
             return exit_code
         with contextlib.suppress(OSError):  # a WriteError too: the error above is what matters
             write_status(run_dir, state="failed", exit_code=exit_code, error=message)
     return exit_code
-
-
-def _state(run_dir: Path) -> str | None:
-    """The state in a run directory's status.json, if it has a readable one."""
-    with contextlib.suppress(OSError, ValueError, AttributeError):
-        return json.loads((run_dir / "status.json").read_text()).get("state")
-    return None
 
 
 if __name__ == "__main__":

@@ -21,16 +21,16 @@ from .configfile import changes_since, save_config
 from .files import IntegrityError, WriteError, writing
 from .metrics import EvalMetrics, NonFiniteWatch, TrainSums, epoch_row
 from .model import clip_gradients
-from .preemption import EXIT_PREEMPTED, INTERRUPTED, Preempted, StopFlag
+from .preemption import Preempted, StopFlag
 from .randomstate import seed_dropout
 from .resume import chosen_checkpoint, in_run, settle
 from .sampler import by_length, epoch_batches
 from .sources import located, records_digest
 from .state import TrainState
-from .together import fail_together
+from .together import fail_together, stop_reason
 from .tokenizer import TokenizedSplit
 from .torchsettings import process_settings, restore_process_settings, setup_threads
-from .tracking import DebugRecords, RunLog, launch_topology, progress_bar, write_status
+from .tracking import DebugRecords, RunLog, launch_topology, progress_bar, status_state, write_status
 
 log = logging.getLogger("distsent")
 
@@ -80,14 +80,15 @@ class Trainer:
         self.stop = stop or StopFlag(cfg.dist.stop_signals)
         self.debug = DebugRecords(self.run_dir, acc.process_index, cfg.train.debug_records)
         self.started, self.eval_seconds = time.perf_counter() - self.prepare_s, 0.0  # time/elapsed_s's origin; evals
-        self.failure_recorded = False  # status.json tells why the run stopped (else train.py writes it)
+        self.failure_recorded = self.marked_running = False  # in status.json: why it stopped; running, by this launch
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
     def fit(self) -> dict:
         cfg, acc, state = self.cfg, self.accelerator, self.state
-        runlog, bar = self._start(), None
+        runlog = bar = None
         try:
+            runlog = self._start()
             self._open(runlog)
             bar = progress_bar(self.total_steps, state.step, acc.is_main_process and not self.ended_before)
             self.model.train()
@@ -144,7 +145,9 @@ class Trainer:
             if bar is not None:
                 bar.close()
             if exc is not self.lock.lost:  # status.json and W&B learn how it ended (a lost run's are the new owner's)
-                runlog.finish(self._record_failure(exc))
+                code = self._record_failure(exc)
+                if runlog is not None:  # W&B started (a failed restore comes before)
+                    runlog.finish(code)
             raise
         runlog.finish()
         return result
@@ -233,28 +236,24 @@ class Trainer:
         return {**out, "samples_per_s": out["n"] / (time.perf_counter() - t0)}
 
     def _record_failure(self, exc: BaseException) -> int:
-        """status.json (also under the Python API) for a run that stops early: preempted (checkpoint written) or failed,
-        with the error and the exit code it carries (any other exception, a bug say, is named: exit 1); returns it."""
-        state, self.failure_recorded = self.state, True
-        if isinstance(exc, Preempted):
-            status = {"state": "preempted", "exit_code": EXIT_PREEMPTED}
-            if self.accelerator.is_main_process:
-                log.warning("stopped by a signal at step %d after writing its checkpoint; exit code %d",
-                            state.step, EXIT_PREEMPTED)
-        else:
-            code = getattr(exc, "exit_code", 130 if isinstance(exc, KeyboardInterrupt) else 1)
-            error = (str(exc) if hasattr(exc, "exit_code") else INTERRUPTED if code == 130
-                     else f"{type(exc).__name__}: {exc}")
-            if self.stop.received is not None:  # a stop signal came, but the run failed before its checkpoint
-                error += (f"; a stop signal ({signal.Signals(self.stop.received).name}) came but no checkpoint was "
-                          f"written for it: a restart resumes from the latest complete checkpoint")
-            status = {"state": "failed", "exit_code": code, "error": error}
-        if self.accelerator.is_main_process and not self.lock.check():  # a run directory taken over is not ours
+        """status.json (under the Python API too) for a run stopping early: preempted, or failed with the error as the
+        CLI tells it; returns the exit code. A finished run's record stays unless this launch marked it running."""
+        (error, code), preempted = stop_reason(exc), isinstance(exc, Preempted)
+        if preempted and self.accelerator.is_main_process:
+            log.warning("stopped by a signal at step %d after writing its checkpoint; exit code %d", self.state.step,
+                        code)
+        if self.stop.received is not None and not isinstance(exc, KeyboardInterrupt):  # before its checkpoint
+            error += (f"; a stop signal ({signal.Signals(self.stop.received).name}) came but no checkpoint was "
+                      f"written for it: a restart resumes from the latest complete checkpoint")
+        status = {"state": "preempted", "exit_code": code} if preempted else {"state": "failed", "exit_code": code,
+                                                                             "error": error}
+        self.failure_recorded = self.marked_running or status_state(self.run_dir) != "finished"
+        if self.accelerator.is_main_process and self.failure_recorded and not self.lock.check():  # taken over: not ours
             try:
-                write_status(self.run_dir, step=state.step, **status)
+                write_status(self.run_dir, step=self.state.step, **status)
             except WriteError as write_exc:  # already stopping on an error: say this one too, do not mask it
                 log.error("%s (the run's state: %s)", write_exc, status)
-        return status["exit_code"]
+        return code
 
     def _write_records(self, runlog: RunLog, config: bool = False, **status) -> None:
         """Collective: the status (with config, also config.yaml and launches.jsonl) on the main process, failing
@@ -372,6 +371,7 @@ class Trainer:
         runlog.log(row, state.step + (1 if self.resume_from and not self.ended_before else 0))
         # the resolved config.yaml only now: a refused resume leaves the directory's config as it was
         self._write_records(runlog, config=True, state="running", step=state.step, pid=os.getpid())
+        self.marked_running = True
 
     def _epoch_float(self) -> float:
         return self.state.epoch + self.state.batch_in_epoch / self.steps_per_epoch

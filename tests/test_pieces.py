@@ -561,7 +561,12 @@ def test_auto_precision_picks_fp32_where_bf16_is_not_native(monkeypatch):
     # the gradient scaler, for a GRU too
     assert precision.resolve("auto", "cuda")[0] == "fp16" and not precision.bf16_rnn_runs_on("cuda")
     assert precision.resolve("auto", "cuda", "gru")[0] == "fp16"
+    from accelerate.state import PartialState
+
+    PartialState(cpu=True)  # an earlier run in this process, on the CPU: Accelerate keeps that device
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # a GPU machine (stood in for)
+    assert precision.run_device() == "cpu"
+    monkeypatch.setattr(PartialState, "_shared_state", {})  # none yet
     assert precision.run_device() == "cuda"
     monkeypatch.setenv("ACCELERATE_USE_CPU", "True")  # launched with use_cpu (launch/cpu_1proc.yaml): its CPU decides
     assert precision.run_device() == "cpu"
@@ -742,6 +747,79 @@ def test_a_non_finite_gradient_stops_the_run_before_anything_is_written(synth_im
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["step-00000004"]
     ckpt.verify(run_dir / "checkpoints" / "step-00000004")
     assert [r["step"] for r in train_rows(run_dir)] == [3] and not (run_dir / "best").exists()
+
+
+def test_status_json_tells_an_error_as_the_command_line_does(synth_imdb, tmp_path, cache_env, monkeypatch, capsys):
+    """An error met inside fit() (a damaged best/ found by the test pass, stood in for by a _test that raises it) is
+    recorded by the trainer; status.json's error is the line distsent-train prints, its type named."""
+    from distsent.files import IntegrityError
+    from distsent.train import main
+    from distsent.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+
+    def damaged(self, runlog):
+        raise IntegrityError(f"{run_dir / 'best' / 'model.safetensors'}: content does not match its checksum")
+
+    monkeypatch.setattr(Trainer, "_test", damaged)
+    assert main(["--config", str(REPO / "configs" / "smoke.yaml"),
+                 *tiny_overrides(run_dir, synth_imdb, **{"train.max_steps": 2})]) == 2
+    line = next(x for x in capsys.readouterr().err.splitlines() if x.startswith("distsent-train: "))
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and status["exit_code"] == 2 and status["error"].startswith("IntegrityError: ")
+    assert line == f"distsent-train: {status['error']}"
+
+
+@pytest.mark.parametrize("before", ["running", "finished"])
+def test_a_failed_restore_under_the_python_api_is_recorded_unless_the_run_had_finished(
+        synth_imdb, tmp_path, cache_env, monkeypatch, before):
+    """fit() restores the checkpoint it resumes from: where that fails (stood in for by a restore that raises), a run
+    whose launch died (status running, its pid gone) is recorded failed, under the Python API too; a finished run's
+    record stays as it is (the relaunch never ran)."""
+    from distsent import checkpoint as ckpt
+    from distsent.preemption import StopFlag
+    from distsent.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{"train.max_steps": 2}))
+    with Trainer(cfg, stop=StopFlag([])) as trainer:
+        trainer.fit()
+    (run_dir / "status.json").write_text(json.dumps({"state": before, "step": 2, "pid": 999999}))
+
+    def failing(self, *args):
+        raise RuntimeError("CUDA error: an illegal memory access")
+
+    monkeypatch.setattr(ckpt.CheckpointManager, "restore", failing)
+    cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{"train.max_steps": 4}))
+    with Trainer(cfg, stop=StopFlag([])) as trainer:
+        with pytest.raises(RuntimeError):
+            trainer.fit()
+    status = json.loads((run_dir / "status.json").read_text())
+    if before == "finished":
+        assert status == {"state": "finished", "step": 2, "pid": 999999}
+    else:
+        assert status["state"] == "failed" and status["exit_code"] == 1 and "illegal memory access" in status["error"]
+
+
+def test_under_fp16_the_scaler_owns_inf_gradients_but_a_nan_loss_still_stops_the_run():
+    """fp16 (auto's choice on a GPU) has a gradient scaler, which skips steps with inf/NaN gradients: the watch
+    leaves those to it, but a non-finite loss (computed in fp32 before any scaling) still stops the run. fp16 needs
+    a GPU: an accelerator with a scaler is stood in for by a namespace (one process: gather is the identity)."""
+    from types import SimpleNamespace
+
+    from distsent.metrics import NonFiniteError, NonFiniteWatch
+
+    fp16 = SimpleNamespace(scaler=object(), device=torch.device("cpu"), gather=lambda t: t)
+    watch = NonFiniteWatch(fp16)
+    watch.see(1, torch.tensor(0.7), torch.tensor(float("inf")))  # the scaler skips this step and lowers its scale
+    watch.check()
+    watch.see(2, torch.tensor(float("nan")), torch.tensor(1.0))
+    with pytest.raises(NonFiniteError, match="training loss at step 2"):
+        watch.check()
+    fp32 = NonFiniteWatch(SimpleNamespace(scaler=None, device=torch.device("cpu"), gather=lambda t: t))
+    fp32.see(3, torch.tensor(0.7), torch.tensor(float("inf")))
+    with pytest.raises(NonFiniteError, match="gradient norm at step 3"):
+        fp32.check()
 
 
 @pytest.mark.slow

@@ -212,7 +212,8 @@ def test_a_launch_stopped_by_any_error_ends_its_wandb_run_and_status_with_that_e
     named, with that code (under the Python API no command line writes it after fit()). The error is raised inside
     step 4 by a wrapped train_step, the only stand-in here (a second Ctrl-C cannot be timed into a step)."""
     from distsent.configfile import load_config
-    from distsent.preemption import INTERRUPTED, StopFlag
+    from distsent.preemption import StopFlag
+    from distsent.together import INTERRUPTED
     from distsent.trainer import Trainer
 
     run_dir = tmp_path / "run"
