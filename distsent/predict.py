@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import replace
@@ -289,15 +290,34 @@ def _predict_table(predictor: Predictor, path: Path, text_column: str | None, ke
         return 2
     for start in range(0, len(split.texts), ENCODE_CHUNK):  # as above: a chunk at a time
         texts = split.texts.slice(start, ENCODE_CHUNK).to_pylist()
+        kept = {c: v.slice(start, ENCODE_CHUNK).to_pylist() if hasattr(v, "slice") else v[start: start + ENCODE_CHUNK]
+                for c, v in split.kept.items()}  # an Arrow column or a list
         for i, (text, result) in enumerate(zip(texts, predictor.predict(texts)), start):
             # row: the record's place in file order (0 for the first: a join back to the file's other columns)
             place = {"row": i} | ({"line": int(split.lines[i])} if split.lines is not None else {}) | {
-                c: values[i] for c, values in split.kept.items()}
+                c: _json_value(values[i - start]) for c, values in kept.items()}
             if i in split.problems:  # a record the reader could not take (not JSON, a number for a text, ...)
                 result = {"error": split.problems[i]}
-            # default=str: a kept parquet column may hold dates or decimals, which JSON has no type for
-            print(json.dumps({**place, "text": _shown(text), **result}, ensure_ascii=False, default=str))
+            print(json.dumps({**place, "text": _shown(text), **result}, ensure_ascii=False, allow_nan=False))
     return 0
+
+
+def _json_value(value):
+    """A kept value as strict JSON has it: NaN and infinities null, bytes that were not UTF-8 (a lone surrogate)
+    U+FFFD, binary as hex, dates and times in ISO 8601, decimals as text."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, str):
+        return SURROGATE.sub("\ufffd", value)
+    if isinstance(value, (bytes, bytearray)):
+        return value.hex()
+    if isinstance(value, dict):
+        return {str(k): _json_value(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_value(v) for v in value]
+    if value is None or isinstance(value, (bool, int)):
+        return value
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
 def _missing(value) -> bool:

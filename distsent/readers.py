@@ -3,6 +3,7 @@ line (or row) named for anything wrong in it. Unlabeled reading (texts to classi
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -54,8 +55,9 @@ class RawSplit:
     # texts to classify (unlabeled reading): record -> what is wrong with it (its text is None), which prediction
     # answers as that record's error; labeled reading stops at the first instead
     problems: dict[int, str] = field(default_factory=dict)
-    # other columns read alongside the texts (read_file's `keep`): column -> one value per record, None where absent
-    kept: dict[str, list] = field(default_factory=dict)
+    # other columns read alongside the texts (read_file's `keep`): column -> a value per record (None where absent),
+    # as a list or an Arrow array (sliced a chunk at a time by prediction)
+    kept: dict[str, object] = field(default_factory=dict)
 
     def where(self, i: int) -> str:
         return f"line {self.lines[i]}" if self.lines is not None else f"row {i}"
@@ -165,9 +167,11 @@ def missing_columns(where, present, cfg: DataConfig, labeled: bool = True) -> No
 
 
 def missing_kept(where, present, keep: tuple[str, ...]) -> None:
-    """DataError naming the first column to keep that the file lacks."""
+    """DataError naming the first column to keep that the file lacks, or has more than once."""
     if absent := [c for c in keep if c not in present]:
         raise DataError(f"{where}: no '{absent[0]}' column to keep (columns: {', '.join(map(str, present))})")
+    if twice := [c for c in keep if list(present).count(c) > 1]:
+        raise DataError(f"{where}: {list(present).count(twice[0])} columns are named '{twice[0]}'; rename all but one")
 
 
 def _utf8(path: Path, labeled: bool = True) -> str:
@@ -223,7 +227,10 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str
             except DataError as exc:
                 if labeled:
                     raise
-                problems[len(texts)], record = str(exc).removeprefix(f"{path}: "), [None] * len(header)
+                problems[len(texts)] = str(exc).removeprefix(f"{path}: ")
+                # no text to classify; the columns to keep stay where the fields line up with the header
+                record = [None if i == ti else f for i, f in enumerate(record)] if len(record) == len(header) else \
+                    [None] * len(header)
             texts.append(record[ti])
             if labeled:
                 labels.append(record[li])
@@ -234,7 +241,7 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str
                         f"comma: distsent reads CSV separated by commas; inside a quoted text write a quote as "
                         f"\"\")") from None
     return replace(checked_split(texts, _as_numbers(labels, path, lines), str(path), lines, labeled),
-                   problems=problems, kept={c: [row[j] for row in kept] for j, c in enumerate(keep)})
+                   problems=problems, kept={c: _column([row[j] for row in kept]) for j, c in enumerate(keep)})
 
 
 def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str, ...] = ()) -> RawSplit:
@@ -244,14 +251,20 @@ def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[s
     for n, line in enumerate(_utf8(path, labeled).replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
         if not line.strip():
             continue
+        record = None
         try:
             if not labeled and SURROGATE.search(line):  # bytes that were not UTF-8 (_utf8)
                 raise DataError(f"{path}: line {n} is not valid UTF-8")
-            text, label, record = _jsonl_record(path, n, line, cfg, labeled)
+            record = _jsonl_object(path, n, line)
+            text, label = _jsonl_fields(path, n, record, cfg, labeled)
         except DataError as exc:
             if labeled:
                 raise
-            problems[len(texts)], text, label, record = str(exc).removeprefix(f"{path}: "), None, None, {}
+            problems[len(texts)], text, label = str(exc).removeprefix(f"{path}: "), None, None
+            if keep and record is None:  # the record's columns to keep, where the line is a JSON object at all
+                with contextlib.suppress(ValueError):
+                    record = json.loads(line)
+        record = record if isinstance(record, dict) else {}
         kept.append([record.get(c) for c in keep])
         seen.update(c for c in keep if c in record)
         texts.append(text)
@@ -260,17 +273,22 @@ def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[s
         lines.append(n)
     missing_kept(path, seen, keep)  # a JSON object may leave a column out, but a column no record has is a typo
     return replace(checked_split(texts, label_array(labels, path, lines), str(path), lines, labeled),
-                   problems=problems, kept={c: [row[j] for row in kept] for j, c in enumerate(keep)})
+                   problems=problems, kept={c: [row[k] for row in kept] for k, c in enumerate(keep)})
 
 
-def _jsonl_record(path: Path, n: int, line: str, cfg: DataConfig, labeled: bool) -> tuple[str | None, object, dict]:
-    """The text (and label) of JSONL line `n`, and the whole record; DataError naming what is wrong with it."""
+def _jsonl_object(path: Path, n: int, line: str) -> dict:
+    """JSONL line `n` as the object it must be; DataError naming what it is instead."""
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: line {n} is not JSON ({exc.msg})") from None
     if not isinstance(record, dict):
         raise DataError(f"{path}: line {n} is not a JSON object")
+    return record
+
+
+def _jsonl_fields(path: Path, n: int, record: dict, cfg: DataConfig, labeled: bool) -> tuple[str | None, object]:
+    """The text (and label) of the record on JSONL line `n`; DataError naming what is wrong with them."""
     missing_columns(f"{path}: line {n}", list(record), cfg, labeled)
     text = record[cfg.text_column]
     if text is not None and not isinstance(text, str):
@@ -280,7 +298,7 @@ def _jsonl_record(path: Path, n: int, line: str, cfg: DataConfig, labeled: bool)
         raise DataError(f"{path}: line {n}: the text holds a lone surrogate escape "
                         f"({half.group().encode('unicode_escape').decode()}), which is not a character; remove it "
                         f"or write the whole character")
-    return text, record[cfg.label_column] if labeled else None, record
+    return text, record[cfg.label_column] if labeled else None
 
 
 def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str, ...] = ()) -> RawSplit:
@@ -296,9 +314,9 @@ def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple
         raise
     except Exception as exc:  # pyarrow raises several types for unreadable files
         raise DataError(f"{path}: cannot be read as parquet: {exc}") from exc
+    kept = {c: _checked_column(table.column(c), path, c) for c in keep}
     if not labeled:
-        return replace(checked_split(table.column(cfg.text_column), [], str(path), labeled=False),
-                       kept={c: table.column(c).to_pylist() for c in keep})
+        return replace(checked_split(table.column(cfg.text_column), [], str(path), labeled=False), kept=kept)
     import pyarrow as pa
 
     labels = table.column(cfg.label_column).combine_chunks()
@@ -316,8 +334,30 @@ def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple
                           else labels.to_numpy(zero_copy_only=False), str(path))
     if np.issubdtype(split.labels.dtype, np.integer):  # a ClassLabel names integers (strings name themselves)
         split.class_label = _class_label(table.schema.metadata, cfg.label_column)
-    split.kept = {c: table.column(c).to_pylist() for c in keep}
+    split.kept = kept
     return split
+
+
+def _column(values: list):
+    """A CSV column to keep as an Arrow array (far smaller than Python strings), or the list where a field holds
+    bytes that were not UTF-8 (Arrow takes no lone surrogates)."""
+    import pyarrow as pa
+
+    try:
+        return pa.array(values, pa.large_string())
+    except (pa.ArrowInvalid, UnicodeEncodeError):
+        return values
+
+
+def _checked_column(column, path: Path, name: str):
+    """A parquet column to keep, its strings checked as the text column's are (Arrow does not check them)."""
+    import pyarrow as pa
+
+    if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
+        column = column.combine_chunks()
+        if (bad := first_invalid_utf8(column)) is not None:
+            raise DataError(f"{path}: row {bad}: the '{name}' column is not valid UTF-8")
+    return column
 
 
 def _class_label(metadata: dict | None, column: str) -> list[str] | None:

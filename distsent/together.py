@@ -11,12 +11,18 @@ INTERRUPTED = ("interrupted (Ctrl-C) without a checkpoint; checkpoint.resume=aut
                "latest one")
 
 
+def is_own(exc: BaseException) -> bool:
+    """An error distsent raises (its exit code and message say what to do: no traceback needed)."""
+    return type(exc).__module__.startswith("distsent.")
+
+
 def stop_reason(exc: BaseException) -> tuple[str, int]:
     """The one line and exit code of an error that stops a run: distsent's own errors carry their code (2: config,
     data or checkpoint; 3: non-finite; 74: a write), anything else (a bug, a library's error) exits 1."""
     if isinstance(exc, KeyboardInterrupt):
         return INTERRUPTED, 130
-    code = exc.code if isinstance(exc, SystemExit) and isinstance(exc.code, int) else getattr(exc, "exit_code", 1)
+    code = exc.code if isinstance(exc, SystemExit) else getattr(exc, "exit_code", 1) if is_own(exc) else 1
+    code = code if isinstance(code, int) and code > 0 else 1  # sys.exit(None), say: the run did not finish
     return (f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__), code
 
 

@@ -170,9 +170,9 @@ def check(cfg) -> int:
 def explain(exc: BaseException) -> tuple[str, int]:
     """The one line and exit code for an error that stops the run (together.stop_reason), and for an unexpected one
     (a peer killed in the middle of a collective, a bug) its traceback too."""
-    from .together import stop_reason
+    from .together import is_own, stop_reason
 
-    if not hasattr(exc, "exit_code") and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
+    if not is_own(exc) and not isinstance(exc, (KeyboardInterrupt, SystemExit)):
         traceback.print_exception(exc)
     return stop_reason(exc)
 

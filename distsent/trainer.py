@@ -146,8 +146,8 @@ class Trainer:
                 bar.close()
             if exc is not self.lock.lost:  # status.json and W&B learn how it ended (a lost run's are the new owner's)
                 code = self._record_failure(exc)
-                if runlog is not None:  # W&B started (a failed restore comes before)
-                    runlog.finish(code)
+                if runlog is not None:  # W&B started (a failed restore comes before); a finished run's stays so
+                    runlog.finish(code if self.failure_recorded else 0)
             raise
         runlog.finish()
         return result

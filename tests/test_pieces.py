@@ -770,6 +770,21 @@ def test_status_json_tells_an_error_as_the_command_line_does(synth_imdb, tmp_pat
     assert line == f"distsent-train: {status['error']}"
 
 
+def test_stop_reason_takes_exit_codes_from_distsent_errors_only():
+    """A library's exception may carry an exit_code of its own (negative, None): such an error exits 1, named, with
+    its traceback printed by the command line; distsent's errors keep theirs."""
+    from distsent.metrics import NonFiniteError
+    from distsent.together import INTERRUPTED, is_own, stop_reason
+
+    class ProcessExited(RuntimeError):  # as torch.multiprocessing's, whose exit_code is the signal, negative
+        exit_code = -9
+
+    assert stop_reason(ProcessExited("rank 1 died")) == ("ProcessExited: rank 1 died", 1)
+    assert not is_own(ProcessExited()) and is_own(NonFiniteError())
+    assert stop_reason(NonFiniteError("non-finite loss")) == ("NonFiniteError: non-finite loss", 3)
+    assert stop_reason(SystemExit(None))[1] == 1 and stop_reason(KeyboardInterrupt()) == (INTERRUPTED, 130)
+
+
 @pytest.mark.parametrize("before", ["running", "finished"])
 def test_a_failed_restore_under_the_python_api_is_recorded_unless_the_run_had_finished(
         synth_imdb, tmp_path, cache_env, monkeypatch, before):

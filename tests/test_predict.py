@@ -173,9 +173,9 @@ def test_cli_data_files_read_their_text_column(model_dir, tmp_path):
 
 def test_cli_keep_copies_columns_into_each_result(model_dir, tmp_path, capsys):
     """--keep id (an id to join the results back on) copies that column of each record of a .csv / .jsonl / .parquet
-    file into its result, as the file holds it (a CSV's as text, a parquet date as its ISO text); a JSONL record
-    without it, or one the reader could not take, gets null. A column the file lacks, a name a result already uses,
-    or --keep without a data file, is refused naming it."""
+    file into its result, as the file holds it (a CSV's as text, a parquet date as its ISO text), also for a record
+    that cannot be classified; a JSONL record without it gets null. A column the file lacks, a name a result
+    already uses, or --keep without a data file, is refused naming it."""
     import datetime
 
     import pyarrow as pa
@@ -192,7 +192,7 @@ def test_cli_keep_copies_columns_into_each_result(model_dir, tmp_path, capsys):
     assert [(r["id"], r["team"], r["row"]) for r in out] == [("t-7", "a", 0), ("t-9", "b", 1)] and "label" in out[1]
     (tmp_path / "new.jsonl").write_text('{"text": "word1", "id": 3}\n{"text": 5, "id": 4}\n{"text": "good0"}\n')
     out = results("--file", str(tmp_path / "new.jsonl"), "--keep", "id")
-    assert [r["id"] for r in out] == [3, None, None] and "error" in out[1] and "label" in out[2]
+    assert [r["id"] for r in out] == [3, 4, None] and "error" in out[1] and "label" in out[2]
     when = [datetime.date(2024, 5, 1), datetime.date(2024, 5, 2)]
     pq.write_table(pa.table({"id": [11, 12], "text": ["good0", "bad1"], "when": when}), tmp_path / "new.parquet")
     out = results("--file", str(tmp_path / "new.parquet"), "--keep", "id,when")
@@ -207,6 +207,47 @@ def test_cli_keep_copies_columns_into_each_result(model_dir, tmp_path, capsys):
         with pytest.raises(SystemExit) as exit_:
             main(["--model", str(model_dir), *args])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cli_kept_values_are_strict_json_and_stay_with_records_that_have_an_error(model_dir, tmp_path, capsys):
+    """A record that cannot be classified keeps its id (the record a user most needs to join back on); kept values
+    print as strict JSON (NaN and infinities null, binary as hex, times in ISO 8601, a lone surrogate U+FFFD, never a
+    traceback); a kept column named twice, or holding bytes that are not UTF-8 in a parquet file, is refused."""
+    import datetime
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distsent.predict import main
+
+    def results(*args):
+        assert main(["--model", str(model_dir), *args]) == 0
+        return [json.loads(line, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+                for line in capsys.readouterr().out.split("\n") if line]
+
+    (tmp_path / "new.jsonl").write_text('{"id": 1, "text": "good0"}\n{"id": 2}\n{"id": 3, "text": 5}\n'
+                                        '{"id": 4, "text": "\\ud83d"}\n{"id": NaN, "text": "a"}\n'
+                                        '{"id": 1e999, "text": "a"}\n{"id": "x\\ud83d", "text": "a"}\n[5]\n')
+    out = results("--file", str(tmp_path / "new.jsonl"), "--keep", "id")
+    assert [r["id"] for r in out] == [1, 2, 3, 4, None, None, "x\ufffd", None]
+    assert ["error" in r for r in out] == [False, True, True, True, False, False, False, True]
+    (tmp_path / "new.csv").write_bytes(b"id,text\nA,good0\nB,bad\xff1\nC,x,y\nid,text\nE,word1\n")
+    out = results("--file", str(tmp_path / "new.csv"), "--keep", "id")
+    assert [r["id"] for r in out] == ["A", "B", None, "id", "E"] and ["error" in r for r in out] == [
+        False, True, True, True, False]  # not UTF-8; 3 fields; the header repeated (its fields line up)
+    stamp = datetime.datetime(2024, 5, 1, 12, 30)
+    pq.write_table(pa.table({"text": ["good0", "bad1"], "score": [float("nan"), 0.5], "key": [b"\x00\xff", None],
+                             "at": [stamp, None]}), tmp_path / "new.parquet")
+    out = results("--file", str(tmp_path / "new.parquet"), "--keep", "score,key,at")
+    assert [(r["score"], r["key"], r["at"]) for r in out] == [(None, "00ff", "2024-05-01T12:30:00"), (0.5, None, None)]
+    (tmp_path / "twice.csv").write_text("id,text,id\n1,good0,A\n")
+    offsets = pa.py_buffer(bytes([0, 0, 0, 0, 2, 0, 0, 0]))
+    not_utf8 = pa.Array.from_buffers(pa.string(), 1, [None, offsets, pa.py_buffer(b"\xff\xfe")])
+    pq.write_table(pa.table({"text": ["good0"], "name": not_utf8}), tmp_path / "bytes.parquet")
+    for name, column, message in (("twice.csv", "id", "2 columns are named 'id'"),
+                                  ("bytes.parquet", "name", "row 0: the 'name' column is not valid UTF-8")):
+        assert main(["--model", str(model_dir), "--file", str(tmp_path / name), "--keep", column]) == 2
+        assert f"{name}: {message}" in capsys.readouterr().err
 
 
 def test_missing_model_folder_is_a_clear_error(tmp_path):

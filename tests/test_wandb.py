@@ -240,6 +240,29 @@ def test_a_launch_stopped_by_any_error_ends_its_wandb_run_and_status_with_that_e
                                INTERRUPTED)
 
 
+def test_a_relaunch_of_a_finished_run_that_fails_leaves_both_records_finished(tmp_path, synth_imdb, cache_env):
+    """A relaunch after the end (a requeue, say) resumes the same W&B run, then cannot write its launch record (a
+    directory stands in its place) before it marks the run running: status.json keeps 'finished', and so does the
+    W&B run (exit 0), where it said failed (74) while status.json said finished."""
+    from distsent.configfile import load_config
+    from distsent.files import WriteError
+    from distsent.preemption import StopFlag
+    from distsent.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    cfg = load_config(REPO / "configs" / "smoke.yaml", wandb_args(run_dir, synth_imdb, **{"train.max_steps": 4}))
+    with Trainer(cfg, stop=StopFlag([])) as trainer:
+        trainer.fit()
+    (run_dir / "launches.jsonl").unlink()
+    (run_dir / "launches.jsonl").mkdir()
+    with Trainer(cfg, stop=StopFlag([])) as trainer, pytest.raises(WriteError):
+        trainer.fit()
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+    first, second = offline_runs(run_dir)
+    ids = {next(r["run"]["run_id"] for r in records(d) if r["type"] == "run") for d in (first, second)}
+    assert len(ids) == 1 and [r["exit"]["exit_code"] for r in records(second) if r["type"] == "exit"] == [0]
+
+
 def test_a_launch_failing_as_it_opens_its_records_ends_its_wandb_run_and_status(tmp_path, synth_imdb, cache_env):
     """After W&B has started, the run's config.yaml cannot be written (a directory stands in its place): the launch
     stops with the write error, and W&B and status.json both learn it (they were left to wandb's exit hook)."""
