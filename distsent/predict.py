@@ -297,14 +297,15 @@ def _predict_table(predictor: Predictor, path: Path, text_column: str | None, ke
             place = {"row": i} | ({"line": int(split.lines[i])} if split.lines is not None else {}) | {
                 c: _json_value(values[i - start]) for c, values in kept.items()}
             if i in split.problems:  # a record the reader could not take (not JSON, a number for a text, ...)
-                result = {"error": split.problems[i]}
-            print(json.dumps({**place, "text": _shown(text), **result}, ensure_ascii=False, allow_nan=False))
+                result = {"error": split.problems[i]}  # it may quote the record's keys, bytes that were not UTF-8
+            print(json.dumps(_json_value({**place, "text": _shown(text), **result}), ensure_ascii=False,
+                             allow_nan=False))
     return 0
 
 
 def _json_value(value):
-    """A kept value as strict JSON has it: NaN and infinities null, bytes that were not UTF-8 (a lone surrogate)
-    U+FFFD, binary as hex, dates and times in ISO 8601, decimals as text."""
+    """A value as strict JSON has it: NaN and infinities null, bytes that were not UTF-8 (a lone surrogate) U+FFFD,
+    binary as hex, dates and times in ISO 8601, decimals and durations as text."""
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, str):
@@ -312,7 +313,7 @@ def _json_value(value):
     if isinstance(value, (bytes, bytearray)):
         return value.hex()
     if isinstance(value, dict):
-        return {str(k): _json_value(v) for k, v in value.items()}
+        return {_json_value(str(k)): _json_value(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_json_value(v) for v in value]
     if value is None or isinstance(value, (bool, int)):

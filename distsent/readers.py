@@ -245,7 +245,7 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str
 
 
 def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str, ...] = ()) -> RawSplit:
-    texts, labels, lines, problems, kept, seen = [], [], [], {}, [], set()
+    texts, labels, lines, problems, kept, columns = [], [], [], {}, [], {}
     # lines end at \n, \r\n or \r only (a JSON string holds those escaped); str.splitlines() would also split at
     # U+2028 and other characters a JSON string may hold raw
     for n, line in enumerate(_utf8(path, labeled).replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
@@ -266,12 +266,12 @@ def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[s
                     record = json.loads(line)
         record = record if isinstance(record, dict) else {}
         kept.append([record.get(c) for c in keep])
-        seen.update(c for c in keep if c in record)
+        columns.update(dict.fromkeys(record) if keep else ())  # every column any record has, in order
         texts.append(text)
         if labeled:
             labels.append(label)
         lines.append(n)
-    missing_kept(path, seen, keep)  # a JSON object may leave a column out, but a column no record has is a typo
+    missing_kept(path, list(columns), keep)  # an object may leave a column out; one no record has is a typo
     return replace(checked_split(texts, label_array(labels, path, lines), str(path), lines, labeled),
                    problems=problems, kept={c: [row[k] for row in kept] for k, c in enumerate(keep)})
 
@@ -350,13 +350,21 @@ def _column(values: list):
 
 
 def _checked_column(column, path: Path, name: str):
-    """A parquet column to keep, its strings checked as the text column's are (Arrow does not check them)."""
+    """A parquet column to keep, its strings checked (Arrow does not check them as it reads): a plain string column
+    as the text column is, naming the row; strings inside lists or structs by Arrow's full validation."""
     import pyarrow as pa
 
+    if pa.types.is_dictionary(column.type):  # a category column: its strings
+        column = column.cast(column.type.value_type)
     if pa.types.is_string(column.type) or pa.types.is_large_string(column.type):
-        column = column.combine_chunks()
+        column = column.cast(pa.large_string()).combine_chunks()  # 64-bit offsets: over 2 GiB of text joins
         if (bad := first_invalid_utf8(column)) is not None:
             raise DataError(f"{path}: row {bad}: the '{name}' column is not valid UTF-8")
+        return column
+    try:
+        column.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        raise DataError(f"{path}: the '{name}' column cannot be read: {exc}") from None
     return column
 
 

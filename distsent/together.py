@@ -13,7 +13,7 @@ INTERRUPTED = ("interrupted (Ctrl-C) without a checkpoint; checkpoint.resume=aut
 
 def is_own(exc: BaseException) -> bool:
     """An error distsent raises (its exit code and message say what to do: no traceback needed)."""
-    return type(exc).__module__.startswith("distsent.")
+    return any(cls.__module__.startswith("distsent.") for cls in type(exc).__mro__)
 
 
 def stop_reason(exc: BaseException) -> tuple[str, int]:
@@ -86,8 +86,7 @@ def agree(acc, stop: bool, failure: BaseException | None, what: str) -> bool:
     flags = torch.zeros(acc.num_processes + 1, dtype=torch.int64)
     flags[0] = int(stop)
     if failure is not None:  # a clear error's code (2, 74, ...); anything else ends its process with 1 and a traceback
-        code = getattr(failure, "exit_code", 1)
-        flags[1 + acc.process_index] = code if isinstance(code, int) and code > 0 else 1
+        flags[1 + acc.process_index] = stop_reason(failure)[1]
     dist.all_reduce(flags, group=cpu_group())
     if failure is not None:
         raise failure

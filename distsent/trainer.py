@@ -236,18 +236,18 @@ class Trainer:
         return {**out, "samples_per_s": out["n"] / (time.perf_counter() - t0)}
 
     def _record_failure(self, exc: BaseException) -> int:
-        """status.json (under the Python API too) for a run stopping early: preempted, or failed with the error as the
-        CLI tells it; returns the exit code. A finished run's record stays unless this launch marked it running."""
+        """status.json (Python API too) for a run stopping early: preempted, or failed with the CLI's line; returns the
+        exit code. A finished run's record stays unless this launch marked it running or began a rollback or branch."""
         (error, code), preempted = stop_reason(exc), isinstance(exc, Preempted)
         if preempted and self.accelerator.is_main_process:
-            log.warning("stopped by a signal at step %d after writing its checkpoint; exit code %d", self.state.step,
-                        code)
+            log.warning("stopped by a signal at step %d after writing its checkpoint; exit %d", self.state.step, code)
         if self.stop.received is not None and not isinstance(exc, KeyboardInterrupt):  # before its checkpoint
             error += (f"; a stop signal ({signal.Signals(self.stop.received).name}) came but no checkpoint was "
                       f"written for it: a restart resumes from the latest complete checkpoint")
         status = {"state": "preempted", "exit_code": code} if preempted else {"state": "failed", "exit_code": code,
                                                                              "error": error}
-        self.failure_recorded = self.marked_running or status_state(self.run_dir) != "finished"
+        self.failure_recorded = (self.marked_running or not getattr(self, "continues", True)
+                                 or status_state(self.run_dir) != "finished")
         if self.accelerator.is_main_process and self.failure_recorded and not self.lock.check():  # taken over: not ours
             try:
                 write_status(self.run_dir, step=self.state.step, **status)
@@ -336,19 +336,19 @@ class Trainer:
             changed += changes_since(self.run_dir / "config.yaml", cfg, OPTIMIZER_SETTINGS + ("output_dir",))
             if changed and acc.is_main_process:
                 log.warning("resuming at step %d with changed settings: %s", state.step, ", ".join(changed))
-            continues = not settle(acc, state, cfg.checkpoint.resume, self.resume_from, self.run_dir)  # its W&B run
+            self.continues = not settle(acc, state, cfg.checkpoint.resume, self.resume_from, self.run_dir)  # W&B run
             self.started -= state.elapsed_s  # the time of the launches before, up to the checkpoint resumed from
         else:
             seed_dropout(cfg.train.seed, 0, acc.process_index)
-            continues = False
+            self.continues = False
         warning = schedule_warning(cfg, self.total_steps)  # after a resume's checks: a refused one says only why
         if warning and acc.is_main_process:
             log.warning(warning)
         self.debug.resume(state.step)
         state.run_id = state.run_id or new_run_id(acc)
-        launch = launch_topology(acc, self.layout, state.step, state.resumed_from)
         runlog = RunLog(cfg, self.run_dir, acc, state.run_id, state.step if self.own_resume else -1,
-                        {**cfg.to_dict(), "launch": launch}, self.lock, history_after=state.step if continues else -1)
+                        {**cfg.to_dict(), "launch": launch_topology(acc, self.layout, state.step, state.resumed_from)},
+                        self.lock, history_after=state.step if self.continues else -1)
         fail_together(acc, runlog.start_error, "start W&B")  # before any step: a run with no dashboard is no use
         return runlog
 

@@ -240,12 +240,19 @@ def test_cli_kept_values_are_strict_json_and_stay_with_records_that_have_an_erro
                              "at": [stamp, None]}), tmp_path / "new.parquet")
     out = results("--file", str(tmp_path / "new.parquet"), "--keep", "score,key,at")
     assert [(r["score"], r["key"], r["at"]) for r in out] == [(None, "00ff", "2024-05-01T12:30:00"), (0.5, None, None)]
+    # keys and error messages that quote bytes that were not UTF-8 print too (U+FFFD)
+    (tmp_path / "keys.jsonl").write_text('{"text": "ok", "id": {"\\ud800": 1}}\n{"\\udc80x": 1, "id": 2}\n')
+    out = results("--file", str(tmp_path / "keys.jsonl"), "--keep", "id")
+    assert out[0]["id"] == {"\ufffd": 1} and out[1]["id"] == 2 and "\ufffdx" in out[1]["error"]
     (tmp_path / "twice.csv").write_text("id,text,id\n1,good0,A\n")
     offsets = pa.py_buffer(bytes([0, 0, 0, 0, 2, 0, 0, 0]))
     not_utf8 = pa.Array.from_buffers(pa.string(), 1, [None, offsets, pa.py_buffer(b"\xff\xfe")])
-    pq.write_table(pa.table({"text": ["good0"], "name": not_utf8}), tmp_path / "bytes.parquet")
+    in_list = pa.ListArray.from_arrays(pa.array([0, 1], pa.int32()), not_utf8)
+    pq.write_table(pa.table({"text": ["good0"], "name": not_utf8, "tags": in_list}), tmp_path / "bytes.parquet")
     for name, column, message in (("twice.csv", "id", "2 columns are named 'id'"),
-                                  ("bytes.parquet", "name", "row 0: the 'name' column is not valid UTF-8")):
+                                  ("bytes.parquet", "name", "row 0: the 'name' column is not valid UTF-8"),
+                                  ("bytes.parquet", "tags", "the 'tags' column cannot be read"),
+                                  ("new.jsonl", "ID", "no 'ID' column to keep (columns: id, text)")):
         assert main(["--model", str(model_dir), "--file", str(tmp_path / name), "--keep", column]) == 2
         assert f"{name}: {message}" in capsys.readouterr().err
 

@@ -243,24 +243,33 @@ def test_a_launch_stopped_by_any_error_ends_its_wandb_run_and_status_with_that_e
 def test_a_relaunch_of_a_finished_run_that_fails_leaves_both_records_finished(tmp_path, synth_imdb, cache_env):
     """A relaunch after the end (a requeue, say) resumes the same W&B run, then cannot write its launch record (a
     directory stands in its place) before it marks the run running: status.json keeps 'finished', and so does the
-    W&B run (exit 0), where it said failed (74) while status.json said finished."""
+    W&B run (exit 0), where it said failed (74) while status.json said finished. A rollback to an earlier checkpoint
+    that fails the same way began a new line of the run (a new W&B run, later checkpoints set aside): both say
+    failed."""
     from distsent.configfile import load_config
     from distsent.files import WriteError
     from distsent.preemption import StopFlag
     from distsent.trainer import Trainer
 
     run_dir = tmp_path / "run"
-    cfg = load_config(REPO / "configs" / "smoke.yaml", wandb_args(run_dir, synth_imdb, **{"train.max_steps": 4}))
-    with Trainer(cfg, stop=StopFlag([])) as trainer:
+    args = wandb_args(run_dir, synth_imdb, **{"train.max_steps": 20})
+    with Trainer(load_config(REPO / "configs" / "smoke.yaml", args), stop=StopFlag([])) as trainer:
         trainer.fit()
     (run_dir / "launches.jsonl").unlink()
     (run_dir / "launches.jsonl").mkdir()
-    with Trainer(cfg, stop=StopFlag([])) as trainer, pytest.raises(WriteError):
-        trainer.fit()
-    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
-    first, second = offline_runs(run_dir)
-    ids = {next(r["run"]["run_id"] for r in records(d) if r["type"] == "run") for d in (first, second)}
-    assert len(ids) == 1 and [r["exit"]["exit_code"] for r in records(second) if r["type"] == "exit"] == [0]
+    for resume in ("auto", str(run_dir / "checkpoints" / "step-00000010")):
+        cfg = load_config(REPO / "configs" / "smoke.yaml", [*args, f"checkpoint.resume={resume}"])
+        with Trainer(cfg, stop=StopFlag([])) as trainer, pytest.raises(WriteError):
+            trainer.fit()
+    # the three W&B folders by run id (their names order launches of the same second by id, not by time)
+    exits: dict[str, list] = {}
+    for d in offline_runs(run_dir):
+        recs = records(d)
+        run_id = next(r["run"]["run_id"] for r in recs if r["type"] == "run")
+        exits.setdefault(run_id, []).extend(r["exit"]["exit_code"] for r in recs if r["type"] == "exit")
+    assert sorted(exits.values()) == [[0, 0], [74]]  # the run and its relaunch; the rollback's new run
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "failed" and status["exit_code"] == 74 and "launches.jsonl" in status["error"]
 
 
 def test_a_launch_failing_as_it_opens_its_records_ends_its_wandb_run_and_status(tmp_path, synth_imdb, cache_env):
