@@ -17,7 +17,7 @@ import numpy as np
 
 from . import files
 from .config import DataConfig
-from .readers import DataError
+from .records import DataError
 from .sources import find_source, load_splits
 from .tokenizer import (TokenizedSplit, build_tokenizer, cut, index_words, load_tokenizer, tokenizer_rules, vocabulary,
                         word_ids)
@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 
 CACHE_ENV = "DISTSENT_CACHE"
 SPLIT_NAMES = ("train", "val", "test")
-# flat .npy arrays and the class names; npy-2: labels read by the stricter rules of readers.py (stripped, an empty
+# flat .npy arrays and the class names; npy-2: labels read by the stricter rules of records.py (stripped, an empty
 # one refused); npy-3: an integer label beside classes named after the training file's strings is the class written
 # like it (it was the class at its position); npy-4: a CSV label with a leading zero is a string ("01" was class
 # "1"); npy-5: a parquet file's ClassLabel names its classes (they were named after its integers); npy-6: a hub

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .readers import DataError
+from .records import DataError
 
 
 def load_vectors(path: str | Path, vocab: dict[str, int], dim: int) -> tuple[torch.Tensor, torch.Tensor]:

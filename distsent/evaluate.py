@@ -23,7 +23,8 @@ from .config import ConfigError
 from .files import EXIT_WRITE, WriteError, atomic_write, writing
 from .labels import class_label_names, digit_names, encode_labels, integers_are_positions, label_lookup
 from .metrics import ECE_BINS, score_logits
-from .readers import DataError, read_file
+from .readers import read_file
+from .records import DataError
 from .sources import load_splits, records_digest
 
 

@@ -8,7 +8,7 @@ import re
 import numpy as np
 
 from .config import DataConfig
-from .readers import DataError, RawSplit, warn_once
+from .records import DataError, RawSplit, warn_once
 
 BINARY_NAMES = ["negative", "positive"]  # integer labels 0/1 without names: the sentiment convention
 INTEGER = re.compile(r"-?\d+")  # a class name that is an integer

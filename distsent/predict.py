@@ -29,7 +29,8 @@ from .configfile import load_config
 from .model import build_model
 from .files import EXIT_WRITE, IntegrityError
 from .labels import BINARY_NAMES
-from .readers import FORMATS, SURROGATE, DataError, read_file
+from .readers import FORMATS, read_file
+from .records import SURROGATE, DataError
 from .sampler import by_length
 from .tokenizer import UNK, cut, encode, index_words, load_tokenizer, word_ids
 

@@ -17,8 +17,8 @@ import numpy as np
 
 from .config import DataConfig
 from .labels import class_names, encode_labels, integers_are_positions, label_lookup, read_class_labels
-from .readers import (FORMATS, DataError, RawSplit, check_format, checked_split, label_array, missing_columns,
-                      read_file, warn_once)
+from .readers import FORMATS, check_format, read_file
+from .records import DataError, RawSplit, checked_split, label_array, missing_columns, warn_once
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}

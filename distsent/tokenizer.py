@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from .config import DataConfig
-from .readers import DataError
+from .records import DataError
 
 PAD, UNK = "<pad>", "<unk>"
 PAD_ID = 0

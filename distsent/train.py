@@ -24,7 +24,7 @@ from . import skip_final_collection
 from .config import ConfigError
 from .configfile import describe, load_config
 from .files import IntegrityError
-from .readers import DataError
+from .records import DataError
 
 PEER_EXIT_DELAY_S = 2.0
 # a file to write this launch's exit status into (slurm/train.sbatch sets it: `accelerate launch` and torchrun end

@@ -11,7 +11,7 @@ import pytest
 from conftest import make_reviews, write_aclimdb, write_parquet
 from distsent.config import DataConfig
 from distsent.data import prepare
-from distsent.readers import DataError
+from distsent.records import DataError
 from distsent.sources import find_source, load_splits, located
 from distsent.tokenizer import train_tokenizer
 from distsent.sampler import Layout, epoch_batches

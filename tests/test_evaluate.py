@@ -225,7 +225,7 @@ def test_integer_labels_mean_one_class_in_every_file_with_classlabel_files_about
     from distsent.configfile import load_config
     from distsent.evaluate import main
     from distsent.model import build_model
-    from distsent.readers import DataError
+    from distsent.records import DataError
     from distsent.sources import load_splits
     from distsent.tokenizer import train_tokenizer
 

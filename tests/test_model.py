@@ -82,7 +82,7 @@ def test_bf16_fallback_runs_rnn_in_fp32():
 
 
 def test_pretrained_embeddings_initialise_known_words(tmp_path, monkeypatch):
-    from distsent.readers import DataError
+    from distsent.records import DataError
     from distsent.embeddings import init_embedding
 
     vocab = {"<pad>": 0, "<unk>": 1, "good": 2, "bad": 3, "rare": 4}

@@ -1222,7 +1222,7 @@ def test_a_resume_refuses_a_changed_vocabulary_setting(synth_imdb, tmp_path, cac
     yet went into config.yaml as if it had, so the run's own config no longer reproduced it. The checkpoint records
     them (not config.yaml, which a user or an earlier version may have rewritten)."""
     from distsent.preemption import StopFlag
-    from distsent.readers import DataError
+    from distsent.records import DataError
     from distsent.train import main as train_main
     from distsent.trainer import Trainer
 

@@ -11,7 +11,8 @@ import pytest
 
 from distsent.config import DataConfig
 from distsent.data import prepare
-from distsent.readers import DataError, read_file
+from distsent.readers import read_file
+from distsent.records import DataError
 from distsent.sources import find_source, load_splits
 
 # texts with the characters that break naive CSV handling: commas, quotes, newlines
@@ -440,7 +441,7 @@ def test_a_text_column_over_two_gib_is_read(tmp_path):
     of text overflows. About 3.5 GB of memory for a few seconds."""
     import pyarrow as pa
 
-    from distsent.readers import checked_split
+    from distsent.records import checked_split
 
     n, size = 1100, 1 << 20  # 1.1 GiB of text per chunk, built from its buffers (pa.array of strings is slower)
     offsets = np.arange(0, (n + 1) * size, size, dtype=np.int32)
