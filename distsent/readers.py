@@ -215,6 +215,13 @@ def _checked_column(column, path: Path, name: str):
         column.validate(full=True)
     except pa.ArrowInvalid as exc:
         raise DataError(f"{path}: the '{name}' column cannot be read: {exc}") from None
+    if (pa.types.is_timestamp(column.type) or pa.types.is_date(column.type)) and column.null_count < len(column):
+        import pyarrow.compute as pc
+
+        try:  # a date Python cannot hold (year 33658, say) would stop the output midway: Arrow's text instead
+            [v.as_py() for v in pc.min_max(column).values()]
+        except (OverflowError, ValueError):
+            return column.cast(pa.string())
     return column
 
 

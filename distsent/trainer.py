@@ -336,13 +336,13 @@ class Trainer:
             changed += changes_since(self.run_dir / "config.yaml", cfg, OPTIMIZER_SETTINGS + ("output_dir",))
             if changed and acc.is_main_process:
                 log.warning("resuming at step %d with changed settings: %s", state.step, ", ".join(changed))
+            self.continues = cfg.checkpoint.resume == "auto"  # until settle() says: a named one may begin a new line
             self.continues = not settle(acc, state, cfg.checkpoint.resume, self.resume_from, self.run_dir)  # W&B run
             self.started -= state.elapsed_s  # the time of the launches before, up to the checkpoint resumed from
         else:
             seed_dropout(cfg.train.seed, 0, acc.process_index)
             self.continues = False
-        warning = schedule_warning(cfg, self.total_steps)  # after a resume's checks: a refused one says only why
-        if warning and acc.is_main_process:
+        if (warning := schedule_warning(cfg, self.total_steps)) and acc.is_main_process:  # after a resume's checks
             log.warning(warning)
         self.debug.resume(state.step)
         state.run_id = state.run_id or new_run_id(acc)

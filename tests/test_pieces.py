@@ -816,6 +816,35 @@ def test_a_failed_restore_under_the_python_api_is_recorded_unless_the_run_had_fi
         assert status["state"] == "failed" and status["exit_code"] == 1 and "illegal memory access" in status["error"]
 
 
+def test_a_rollback_that_fails_while_settling_is_recorded_failed(synth_imdb, tmp_path, cache_env, monkeypatch):
+    """A rollback of a finished run to an earlier checkpoint has begun its new line (the newer checkpoints deleted)
+    before it puts best/ back; where that fails (a full disk, stood in for by an OSError from the recovery), the
+    run is no longer the finished one: status.json says failed, at the step rolled back to."""
+    import errno
+
+    import distsent.resume
+    from distsent.files import WriteError
+    from distsent.preemption import StopFlag
+    from distsent.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(run_dir, synth_imdb, **{"train.max_steps": 20, "checkpoint.every": 10})
+    with Trainer(load_config(REPO / "configs" / "smoke.yaml", args), stop=StopFlag([])) as trainer:
+        trainer.fit()
+
+    def full_disk(path):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(distsent.resume.files, "recover", full_disk)
+    cfg = load_config(REPO / "configs" / "smoke.yaml",
+                      [*args, f"checkpoint.resume={run_dir / 'checkpoints' / 'step-00000010'}"])
+    with Trainer(cfg, stop=StopFlag([])) as trainer, pytest.raises(WriteError):
+        trainer.fit()
+    status = json.loads((run_dir / "status.json").read_text())
+    assert (status["state"], status["exit_code"], status["step"]) == ("failed", 74, 10)
+    assert not (run_dir / "checkpoints" / "step-00000020").exists()
+
+
 def test_under_fp16_the_scaler_owns_inf_gradients_but_a_nan_loss_still_stops_the_run():
     """fp16 (auto's choice on a GPU) has a gradient scaler, which skips steps with inf/NaN gradients: the watch
     leaves those to it, but a non-finite loss (computed in fp32 before any scaling) still stops the run. fp16 needs

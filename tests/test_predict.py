@@ -236,10 +236,12 @@ def test_cli_kept_values_are_strict_json_and_stay_with_records_that_have_an_erro
     assert [r["id"] for r in out] == ["A", "B", None, "id", "E"] and ["error" in r for r in out] == [
         False, True, True, True, False]  # not UTF-8; 3 fields; the header repeated (its fields line up)
     stamp = datetime.datetime(2024, 5, 1, 12, 30)
+    far = pa.array([10**12, 5], pa.timestamp("s"))  # the year 33658: no Python date, Arrow's text instead
     pq.write_table(pa.table({"text": ["good0", "bad1"], "score": [float("nan"), 0.5], "key": [b"\x00\xff", None],
-                             "at": [stamp, None]}), tmp_path / "new.parquet")
-    out = results("--file", str(tmp_path / "new.parquet"), "--keep", "score,key,at")
+                             "at": [stamp, None], "far": far}), tmp_path / "new.parquet")
+    out = results("--file", str(tmp_path / "new.parquet"), "--keep", "score,key,at,far")
     assert [(r["score"], r["key"], r["at"]) for r in out] == [(None, "00ff", "2024-05-01T12:30:00"), (0.5, None, None)]
+    assert out[0]["far"].startswith("<value out of range") and out[1]["far"].startswith("1970-01-01 00:00:05")
     # keys and error messages that quote bytes that were not UTF-8 print too (U+FFFD)
     (tmp_path / "keys.jsonl").write_text('{"text": "ok", "id": {"\\ud800": 1}}\n{"\\udc80x": 1, "id": 2}\n')
     out = results("--file", str(tmp_path / "keys.jsonl"), "--keep", "id")
