@@ -296,9 +296,10 @@ def _predict_table(predictor: Predictor, path: Path, text_column: str | None, ke
         for i, (text, result) in enumerate(zip(texts, predictor.predict(texts)), start):
             # row: the record's place in file order (0 for the first: a join back to the file's other columns)
             place = {"row": i} | ({"line": int(split.lines[i])} if split.lines is not None else {}) | {
-                c: _json_value(values[i - start]) for c, values in kept.items()}
+                c: values[i - start] for c, values in kept.items()}
             if i in split.problems:  # a record the reader could not take (not JSON, a number for a text, ...)
-                result = {"error": split.problems[i]}  # it may quote the record's keys, bytes that were not UTF-8
+                result = {"error": split.problems[i]}
+            # strict JSON: the kept values are the file's; an error may quote bytes that were not UTF-8
             print(json.dumps(_json_value({**place, "text": _shown(text), **result}), ensure_ascii=False,
                              allow_nan=False))
     return 0

@@ -30,12 +30,10 @@ def drop_rows_after(path: Path, step: int) -> None:
         return
     kept = []
     for line in path.read_text().splitlines():
-        try:
+        with contextlib.suppress(json.JSONDecodeError):  # a line cut by a kill: dropped
             row = json.loads(line)
             if row.get("step", 0) <= step and not any(key.startswith("test/") for key in row):
                 kept.append(line)
-        except json.JSONDecodeError:  # a line cut by a kill: drop it
-            continue
     atomic_write(path, "".join(k + "\n" for k in kept))
 
 
