@@ -132,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--text-column and --label-column are for --file")
     if args.data_path and args.file:
         parser.error("--data-path is for --split (a --file is read as it is)")
+    if args.out and args.out.exists() and not args.out.is_dir():  # found before the scoring, not after
+        parser.error(f"--out {args.out}: a file; --out names a folder for metrics.json and the figures")
     from .predict import Predictor
 
     try:
@@ -157,8 +159,8 @@ def main(argv: list[str] | None = None) -> int:
             if split is splits["val"] and chosen_on and records_digest(predictor.tokenized(split)) != chosen_on:
                 data = f"the data in {args.data_path}" if args.data_path else "the data or its settings changed since"
                 raise DataError(f"--split {args.split}: the validation texts read now are not those {args.model} was "
-                                f"chosen on ({data}: a validation carved from a training file that changed holds "
-                                "texts the model trained on); score --split test, or a --file")
+                                f"chosen on ({data}: other texts, or a validation carved from a training file that "
+                                "changed, which holds texts the model trained on); score --split test, or a --file")
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:  # as predict's; DataError, IntegrityError too
         print(f"distsent-evaluate: {exc}", file=sys.stderr)
         return 2

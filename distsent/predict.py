@@ -39,7 +39,7 @@ from .tokenizer import UNK, cut, encode, index_words, load_tokenizer, word_ids
 NOT_TEXT = {".json", ".ndjson", ".tsv", ".xml", ".html", ".htm", ".xlsx", ".xls", ".docx", ".pdf", ".gz", ".tgz",
             ".bz2", ".xz", ".zst", ".zip", ".7z", ".rar", ".tar", ".arrow", ".feather", ".pkl", ".pickle", ".avro",
             ".orc", ".npy", ".npz", ".pt", ".bin", ".safetensors"}
-# the keys of a result line, which a kept column would overwrite
+# the keys of a result line: a kept column of one of these names (the true label, say) is written as file_<name>
 RESULT_KEYS = ("row", "line", "text", "label", "probability", "probabilities", "p_positive", "warning", "truncated",
                "error")
 ENCODE_CHUNK = 4096  # texts tokenized together (memory), each chunk cut into batches sorted by length
@@ -223,7 +223,8 @@ def _run(argv: list[str] | None) -> int:
                         "model's data.text_column)")
     parser.add_argument("--keep", action="append", default=[], metavar="COLUMN",
                         help="a column of a .csv/.jsonl/.parquet --file to copy into each result (an id to join "
-                        "the results back on, say); repeat it, or COLUMN,COLUMN")
+                        "the results back on, say; one named like a result key, e.g. label, as file_label); repeat "
+                        "it, or COLUMN,COLUMN")
     parser.add_argument("texts", nargs="*", help="texts to classify; '-' reads them from stdin, one per line")
     args = parser.parse_args(argv)
     suffix = Path(args.file).suffix.lower() if args.file and args.file != "-" else ""
@@ -237,12 +238,12 @@ def _run(argv: list[str] | None) -> int:
         args.file, args.texts = None, ["-"]
     if args.text_column and not table:
         parser.error("--text-column is for a .csv, .jsonl or .parquet --file")
-    keep = tuple(dict.fromkeys(c for arg in args.keep for c in arg.split(",") if c))
+    keep = tuple(dict.fromkeys(c.strip() for arg in args.keep for c in arg.split(",") if c.strip()))
     if keep and not table:
         parser.error("--keep is for a .csv, .jsonl or .parquet --file")
-    if clash := [c for c in keep if c in RESULT_KEYS]:
-        parser.error(f"--keep {clash[0]}: a result has a key of that name ({', '.join(RESULT_KEYS)}); rename the "
-                     "column")
+    if clash := [c for c in keep if c in RESULT_KEYS and f"file_{c}" in keep]:
+        parser.error(f"--keep {clash[0]} and file_{clash[0]}: the first is written as the second (a result has a key "
+                     f"'{clash[0]}')")
     try:
         predictor = Predictor.load(args.model)
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:
@@ -296,7 +297,7 @@ def _predict_table(predictor: Predictor, path: Path, text_column: str | None, ke
         for i, (text, result) in enumerate(zip(texts, predictor.predict(texts)), start):
             # row: the record's place in file order (0 for the first: a join back to the file's other columns)
             place = {"row": i} | ({"line": int(split.lines[i])} if split.lines is not None else {}) | {
-                c: values[i - start] for c, values in kept.items()}
+                f"file_{c}" if c in RESULT_KEYS else c: values[i - start] for c, values in kept.items()}
             if i in split.problems:  # a record the reader could not take (not JSON, a number for a text, ...)
                 result = {"error": split.problems[i]}
             # strict JSON: the kept values are the file's; an error may quote bytes that were not UTF-8

@@ -274,6 +274,17 @@ def test_evaluate_output_on_a_full_disk_is_one_line(model_dir, tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_evaluate_out_naming_a_file_is_refused_before_scoring(model_dir, tmp_path, capsys):
+    from distsent.evaluate import main
+
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(SystemExit) as exit_:
+        main(["--model", str(model_dir), "--file", str(tmp_path / "none.jsonl"), "--out", str(tmp_path / "afile")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "--out" in err and "a file; --out names a folder" in err
+    assert "none.jsonl" not in err  # refused before the (missing) file was read
+
+
 def test_a_model_folder_names_where_its_data_was(tmp_path, monkeypatch):
     """best/config.yaml keeps absolute paths, and $DISTSENT_DATA_PATH as data.path, so that --split reads the same
     data from any directory and environment."""

@@ -174,8 +174,8 @@ def test_cli_data_files_read_their_text_column(model_dir, tmp_path):
 def test_cli_keep_copies_columns_into_each_result(model_dir, tmp_path, capsys):
     """--keep id (an id to join the results back on) copies that column of each record of a .csv / .jsonl / .parquet
     file into its result, as the file holds it (a CSV's as text, a parquet date as its ISO text), also for a record
-    that cannot be classified; a JSONL record without it gets null. A column the file lacks, a name a result
-    already uses, or --keep without a data file, is refused naming it."""
+    that cannot be classified; a JSONL record without it gets null; one named like a result key as file_<name>. A
+    column the file lacks, or --keep without a data file, is refused naming it."""
     import datetime
 
     import pyarrow as pa
@@ -187,9 +187,11 @@ def test_cli_keep_copies_columns_into_each_result(model_dir, tmp_path, capsys):
         assert main(["--model", str(model_dir), *args]) == 0
         return [json.loads(line) for line in capsys.readouterr().out.split("\n") if line]
 
-    (tmp_path / "new.csv").write_text('id,text,team\nt-7,"good0, great",a\nt-9,bad1,b\n')
-    out = results("--file", str(tmp_path / "new.csv"), "--keep", "id", "--keep", "team")
+    (tmp_path / "new.csv").write_text('id,text,team,label\nt-7,"good0, great",a,positive\nt-9,bad1,b,negative\n')
+    out = results("--file", str(tmp_path / "new.csv"), "--keep", "id", "--keep", " team , label")  # spaces trimmed
     assert [(r["id"], r["team"], r["row"]) for r in out] == [("t-7", "a", 0), ("t-9", "b", 1)] and "label" in out[1]
+    # a column named like a result key (the true label beside the predicted one) comes as file_<name>
+    assert [r["file_label"] for r in out] == ["positive", "negative"] and out[0]["label"] in ("negative", "positive")
     (tmp_path / "new.jsonl").write_text('{"text": "word1", "id": 3}\n{"text": 5, "id": 4}\n{"text": "good0"}\n')
     out = results("--file", str(tmp_path / "new.jsonl"), "--keep", "id")
     assert [r["id"] for r in out] == [3, 4, None] and "error" in out[1] and "label" in out[2]
@@ -202,7 +204,8 @@ def test_cli_keep_copies_columns_into_each_result(model_dir, tmp_path, capsys):
         assert main(["--model", str(model_dir), "--file", str(tmp_path / name), "--keep", "ID"]) == 2
         assert f"{name}: no 'ID' column to keep (columns: " in capsys.readouterr().err
     (tmp_path / "new.txt").write_text("word1\n")
-    for args, message in ((["--file", str(tmp_path / "new.csv"), "--keep", "label"], "--keep label: a result has"),
+    for args, message in ((["--file", str(tmp_path / "new.csv"), "--keep", "label,file_label"],
+                           "--keep label and file_label: the first is written as the second"),
                           (["--file", str(tmp_path / "new.txt"), "--keep", "id"], "--keep is for a .csv")):
         with pytest.raises(SystemExit) as exit_:
             main(["--model", str(model_dir), *args])
