@@ -45,8 +45,8 @@ def resolve(requested: str, device_type: str, cell: str = "lstm") -> tuple[str, 
     if cell == "gru" and device_type == "cpu":  # CPU autocast has no bf16 GRU: it would only add casts around it
         return "no", "the CPU runs a GRU in fp32 under bf16 autocast, which would only add casts: fp32"
     if device_type == "cuda":
-        # cuDNN's recurrent layer in fp16 trained 1.8x as many samples/s as in fp32 on an H200, same accuracy
-        # (docs/results.md); bf16 would run it in fp16 too (CUDA_RNN_AUTOCAST_DTYPE), but with no scaler
+        # on an H200 distsent trained 1.8x as many samples/s in fp16 as in fp32, and the IMDB configs in fp16 scored
+        # as on a CPU (docs/results.md); bf16 would run cuDNN's layer in fp16 too (CUDA_RNN_AUTOCAST_DTYPE), unscaled
         return "fp16", ("a GPU runs cuDNN's recurrent layer fastest in fp16, which needs the gradient scaler fp16 "
                         "has (bf16 autocast would run it in fp16 without one): fp16")
     native = {"avx512_bf16", "amx_bf16"} & cpu_flags()

@@ -152,16 +152,20 @@ def missing_columns(where, present, cfg: DataConfig, labeled: bool = True) -> No
             elif spaced := [c for c in present if isinstance(c, str) and c.strip() == col]:
                 hint = f"the column {spaced[0]!r} has spaces in its name: remove them"
             raise DataError(f"{where}: no '{col}' column (columns: {', '.join(present)}); {hint}")
-        if list(present).count(col) > 1:
-            raise DataError(f"{where}: {list(present).count(col)} columns are named '{col}'; rename all but one")
+        _named_once(where, present, col)
 
 
 def missing_kept(where, present, keep: tuple[str, ...]) -> None:
     """DataError naming the first column to keep that the file lacks, or has more than once."""
     if absent := [c for c in keep if c not in present]:
         raise DataError(f"{where}: no '{absent[0]}' column to keep (columns: {', '.join(map(str, present))})")
-    if twice := [c for c in keep if list(present).count(c) > 1]:
-        raise DataError(f"{where}: {list(present).count(twice[0])} columns are named '{twice[0]}'; rename all but one")
+    for col in keep:
+        _named_once(where, present, col)
+
+
+def _named_once(where, present, col: str) -> None:
+    if (n := list(present).count(col)) > 1:
+        raise DataError(f"{where}: {n} columns are named '{col}'; rename all but one")
 
 
 def label_array(values: list, path: Path, lines: list[int] | None = None) -> np.ndarray:
