@@ -98,7 +98,7 @@ def class_label_names(split: RawSplit, where: str) -> np.ndarray:
     outside = np.flatnonzero((split.labels < 0) | (split.labels >= len(names)))
     if len(outside):
         i = int(outside[0])
-        raise DataError(f"{where}: {split.where(i)} has label {split.labels[i]}, which is none of its ClassLabel's "
+        raise DataError(f"{where}: {split.where(i)} has label {split.labels[i]}, which is none of the ClassLabel's "
                         f"{len(names)} classes {split.class_label}")
     return names[split.labels]
 
@@ -110,8 +110,11 @@ def encode_labels(split: RawSplit, names: list[str], lookup: dict, where: str) -
         index = lookup.get(key)
         if index is None:
             named = "; a datasets ClassLabel names these integers" if split.class_label is not None else ""
-            if isinstance(key, int) and not digit_names(names) and all(lookup.get(c) == c for c in range(len(names))):
-                named += f"; an integer label is a class's position there, 0 to {len(names) - 1}"
+            if isinstance(key, int) and not digit_names(names):
+                named += (f"; an integer label is a class's position there, 0 to {len(names) - 1}"
+                          if all(lookup.get(c) == c for c in range(len(names))) else
+                          "; integers beside class names are read as positions only in the order data.label_names "
+                          "gives")
             raise DataError(f"{where}: {split.where(i)} has label {key!r}, which is not one of the classes "
                             f"{shown(names)} (they come from the training data, or data.label_names{named})")
         out[i] = index

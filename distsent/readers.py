@@ -49,14 +49,14 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str
     texts, labels, lines, problems, kept = [], [], [], {}, []
     end = 0
     try:
-        header = next(reader, None)
+        header = next((row for row in reader if row), None)  # blank lines before the header are no header
         if not header:
             raise DataError(f"{path}: empty (expected a header row, e.g. text,label)")
         try:
             missing_columns(path, header, cfg, labeled)
         except DataError:  # texts to classify: a column missing because of bytes that were not UTF-8 (_utf8)?
             if any(SURROGATE.search(name) for name in header):
-                raise DataError(f"{path}: line 1 (the header) is not valid UTF-8; save the file as UTF-8") from None
+                raise DataError(f"{path}: line {reader.line_num} (the header) is not valid UTF-8; save the file as UTF-8") from None
             raise
         missing_kept(path, header, keep)
         ti, ki = header.index(cfg.text_column), [header.index(c) for c in keep]
@@ -69,7 +69,8 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str
             try:
                 if not labeled and any(SURROGATE.search(f) for f in record):  # bytes that were not UTF-8 (_utf8)
                     raise DataError(f"{path}: line {first} is not valid UTF-8")
-                if record == header:  # files joined with their headers: the header's words would become a class
+                # files joined with their headers (each file's byte-order mark kept): its words would become a class
+                if [record[0].removeprefix("\ufeff")] + record[1:] == header:
                     raise DataError(f"{path}: line {first} repeats the header row (files joined with their headers?)")
                 if len(record) != len(header):
                     raise DataError(f"{path}: line {first} has {len(record)} fields, the header has "
@@ -95,7 +96,7 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str
 
 
 def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str, ...] = ()) -> RawSplit:
-    texts, labels, lines, problems, kept, columns = [], [], [], {}, [], {}
+    texts, labels, lines, problems, kept, columns, objects = [], [], [], {}, [], {}, 0
     # lines end at \n, \r\n or \r only (a JSON string holds those escaped); str.splitlines() would also split at
     # U+2028 and other characters a JSON string may hold raw
     for n, line in enumerate(_utf8(path, labeled).replace("\r\n", "\n").replace("\r", "\n").split("\n"), 1):
@@ -111,16 +112,21 @@ def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[s
             if labeled:
                 raise
             problems[len(texts)], text, label = str(exc).removeprefix(f"{path}: "), None, None
-            if keep and record is None:  # the record's columns to keep, where the line is a JSON object at all
+            if record is None:  # the record's columns (to keep, to check), where the line is a JSON object at all
                 with contextlib.suppress(ValueError):
                     record = json.loads(line)
+        objects += isinstance(record, dict)
         record = record if isinstance(record, dict) else {}
         kept.append([record.get(c) for c in keep])
-        columns.update(dict.fromkeys(record) if keep else ())  # every column any record has, in order
+        columns.update(dict.fromkeys(record))  # every column any record has, in order
         texts.append(text)
         if labeled:
             labels.append(label)
         lines.append(n)
+    if lines and not objects:  # a JSON array, say: every line's error would be the same
+        raise DataError(f"{path}: no line is a JSON object (JSONL holds one object per line)")
+    if not labeled and cfg.text_column not in columns:  # labeled reading stopped at the first record already
+        missing_columns(path, list(columns), cfg, labeled)
     missing_kept(path, list(columns), keep)  # an object may leave a column out; one no record has is a typo
     return replace(checked_split(texts, label_array(labels, path, lines), str(path), lines, labeled),
                    problems=problems, kept={c: [row[k] for row in kept] for k, c in enumerate(keep)})
@@ -129,11 +135,22 @@ def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[s
 def _jsonl_object(path: Path, n: int, line: str) -> dict:
     """JSONL line `n` as the object it must be; DataError naming what it is instead."""
     try:
-        record = json.loads(line)
+        record = json.loads(line, object_pairs_hook=_unique_keys)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: line {n} is not JSON ({exc.msg})") from None
+    except KeyError as exc:  # json.loads would keep the last of the two values without a word
+        raise DataError(f"{path}: line {n} has the key {exc.args[0]!r} twice") from None
     if not isinstance(record, dict):
         raise DataError(f"{path}: line {n} is not a JSON object")
+    return record
+
+
+def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
+    record = {}
+    for key, value in pairs:
+        if key in record:
+            raise KeyError(key)
+        record[key] = value
     return record
 
 
@@ -143,12 +160,14 @@ def _jsonl_fields(path: Path, n: int, record: dict, cfg: DataConfig, labeled: bo
     text = record[cfg.text_column]
     if text is not None and not isinstance(text, str):
         raise DataError(f"{path}: line {n}: the text is {type(text).__name__}, expected a string")
-    half = SURROGATE.search(text) if text else None  # "\ud83d" alone: half an emoji, from a tweet cut short
-    if half:
-        raise DataError(f"{path}: line {n}: the text holds a lone surrogate escape "
-                        f"({half.group().encode('unicode_escape').decode()}), which is not a character; remove it "
-                        f"or write the whole character")
-    return text, record[cfg.label_column] if labeled else None
+    label = record[cfg.label_column] if labeled else None
+    for what, value in (("text", text), ("label", label)):
+        # "\ud83d" alone: half an emoji, from a tweet cut short; as a class name, no output could print it
+        if half := SURROGATE.search(value) if isinstance(value, str) else None:
+            raise DataError(f"{path}: line {n}: the {what} holds a lone surrogate escape "
+                            f"({half.group().encode('unicode_escape').decode()}), which is not a character; remove "
+                            f"it or write the whole character")
+    return text, label
 
 
 def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str, ...] = ()) -> RawSplit:

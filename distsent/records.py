@@ -79,10 +79,16 @@ def checked_split(texts, labels, where: str, lines: list[int] | None = None, lab
         texts = texts.combine_chunks()
     split = RawSplit(texts, np.asarray(labels), np.arange(len(texts), dtype=np.int64),
                      None if lines is None else np.asarray(lines, dtype=np.int64))
+    if not labeled:  # each text that is not UTF-8 gets its error; the others are classified
+        bad = invalid_utf8_rows(texts)
+        split.problems = {row: f"{split.where(row)}: the text is not valid UTF-8" for row in bad}
+        if bad:
+            mask = np.zeros(len(texts), bool)
+            mask[bad] = True
+            split.texts = pc.if_else(pa.array(mask), pa.scalar(None, pa.large_string()), texts)
+        return split
     if (bad := first_invalid_utf8(texts)) is not None:
         raise DataError(f"{where}: {split.where(bad)}: the text is not valid UTF-8")
-    if not labeled:
-        return split
     if split.labels.dtype == object:  # string labels of any format: spaces around one are not part of it
         split.labels = np.fromiter((v.strip() or None if isinstance(v, str) else v for v in split.labels), object,
                                    len(split.labels))
@@ -134,6 +140,15 @@ def first_invalid_utf8(strings) -> int | None:
     return lo
 
 
+def invalid_utf8_rows(strings) -> list[int]:
+    """Every row of an Arrow string array that is not valid UTF-8 (few, if any: each is found by halving)."""
+    rows, start = [], 0
+    while (bad := first_invalid_utf8(strings.slice(start))) is not None:
+        rows.append(start + bad)
+        start += bad + 1
+    return rows
+
+
 def _scalar_label(v) -> bool:
     """A label as read: a string, an integer (not a bool: JSON's true is no class number) or missing (None)."""
     return v is None or isinstance(v, str) or (isinstance(v, (int, np.integer)) and not isinstance(v, bool))
@@ -175,7 +190,7 @@ def label_array(values: list, path: Path, lines: list[int] | None = None) -> np.
     values = [int(v) if isinstance(v, float) and v.is_integer() else v for v in values]
     if values and all(isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values):
         return _int64(values, path, lines)
-    return np.asarray(values, dtype=object)
+    return np.fromiter(values, object, len(values))  # a list label stays one value (asarray would make a 2-D array)
 
 
 def as_numbers(values: list[str], path: Path, lines: list[int]) -> np.ndarray:

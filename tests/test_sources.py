@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import numpy as np
 import pytest
@@ -163,6 +164,42 @@ def test_texts_to_classify_need_no_label_and_keep_their_empty_records(tmp_path):
     assert read_file(tmp_path / "bytes.csv", DataConfig(), labeled=False).texts.to_pylist() == ["great"]
 
 
+def test_joined_files_blank_lines_repeated_keys_and_half_characters(tmp_path):
+    """CSV files joined with their headers are refused at the repeated header even where each file starts with a
+    byte-order mark (else the header would become a record, its label a class); blank lines before a header are
+    skipped; a JSONL key given twice, a label holding half a character (no output could print that class) and a
+    list for a label are named; a JSONL file without the text column, or without objects, is refused as a file
+    when classifying (not one error per record)."""
+    plain = ["good film", "bad film", "fine"]
+    part = "\ufefftext,label\r\n" + "".join(f"{t},{y}\r\n" for t, y in zip(plain, LABELS))
+    (tmp_path / "joined.csv").write_text(part + part, encoding="utf-8")
+    with pytest.raises(DataError, match="joined.csv: line 5 repeats the header row"):
+        read_file(tmp_path / "joined.csv", DataConfig())
+    split = read_file(tmp_path / "joined.csv", DataConfig(), labeled=False)  # to classify: that record's error
+    assert split.texts.to_pylist() == plain + [None] + plain and split.problems[3].startswith(
+        "line 5 repeats the header row")
+    (tmp_path / "blank.csv").write_text("\n\ntext,label\nhi,joy\n", encoding="utf-8")
+    split = read_file(tmp_path / "blank.csv", DataConfig())
+    assert split.texts.to_pylist() == ["hi"] and split.labels.tolist() == ["joy"] and split.lines.tolist() == [4]
+    cases = {'{"text": "a", "label": "joy", "text": "b"}': "line 1 has the key 'text' twice",
+             '{"text": "a", "label": "joy\\ud83d"}': "line 1: the label holds a lone surrogate escape (\\ud83d)",
+             '{"text": "a", "label": ["joy"]}': "line 1 has label ['joy'] (a label is one integer or one string)"}
+    for line, message in cases.items():
+        (tmp_path / "one.jsonl").write_text(line + "\n", encoding="utf-8")
+        with pytest.raises(DataError, match=re.escape(f"one.jsonl: {message}")):
+            read_file(tmp_path / "one.jsonl", DataConfig())
+    (tmp_path / "tweets.jsonl").write_text('{"tweet": "a", "id": 1}\n{"tweet": "b", "id": 2}\n', encoding="utf-8")
+    with pytest.raises(DataError, match=re.escape("tweets.jsonl: no 'text' column (columns: tweet, id); name the "
+                                                  "column with --text-column")):
+        read_file(tmp_path / "tweets.jsonl", DataConfig(), labeled=False)
+    (tmp_path / "array.jsonl").write_text('[{"text": "a"},\n {"text": "b"}]\n', encoding="utf-8")
+    with pytest.raises(DataError, match="array.jsonl: no line is a JSON object .JSONL holds one object per line."):
+        read_file(tmp_path / "array.jsonl", DataConfig(), labeled=False, keep=("id",))
+    err = error_of(tmp_path, (TEXTS, LABELS), (["x", "y"], [0, 1]))  # words to train, integers to test
+    assert "test.csv: line 2 has label 0, which is not one of the classes" in err
+    assert "integers beside class names are read as positions only in the order data.label_names gives" in err
+
+
 def test_hub_class_label_names_and_order(tmp_path, monkeypatch):
     """A hub data set whose labels are a ClassLabel (as dair-ai/emotion's: integers, names in its own order, not
     sorted). The hub cannot be reached from here, so data.hub_name names a local folder in the hub's layout
@@ -256,7 +293,7 @@ def test_a_parquet_folder_saved_by_datasets_brings_its_classlabel_names(tmp_path
     assert load_splits(DataConfig(path=str(tmp_path / "d"), val_fraction=0.2))[0]["test"].labels.tolist() == [2, 1]
     (tmp_path / "d" / "test.csv").unlink()
     save(tmp_path / "d" / "test.parquet", other, [1, -1])
-    with pytest.raises(DataError, match=r"test.parquet: row 1 has label -1, which is none of its ClassLabel's 4 "
+    with pytest.raises(DataError, match=r"test.parquet: row 1 has label -1, which is none of the ClassLabel's 4 "
                                         r"classes \['anger', 'love', 'joy', 'sadness'\]"):
         load_splits(DataConfig(path=str(tmp_path / "d"), val_fraction=0.2))
     save(tmp_path / "d" / "test.parquet", ["fear", "joy"], [0])  # a class training never saw, named as such
@@ -549,20 +586,23 @@ def not_utf8(texts: list[bytes]):
 
 def test_parquet_texts_and_labels_as_writers_leave_them(tmp_path):
     """Parquet is not checked for UTF-8 on reading: a text or label that is not UTF-8 is named by its row (not a
-    tokenizer's traceback, from training, --check and prediction alike). Text columns of view strings (as Polars
-    writes them) are read; boolean labels are refused, as in JSONL."""
+    tokenizer's traceback, from training and --check; prediction answers each such text with that error, as it
+    does CSV and JSONL records). Text columns of view strings (as Polars writes them) are read; boolean labels are
+    refused, as in JSONL."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     folder = tmp_path / "pq"
     write(folder, "test", "parquet", TEXTS, LABELS)
     texts = [t.encode() for t in TEXTS]
-    pq.write_table(pa.table({"text": not_utf8(texts[:7] + [b"caf\xe9 ok"] + texts[8:]), "label": LABELS}),
-                   folder / "train.parquet")
-    with pytest.raises(DataError, match=r"train.parquet: row 7: the text is not valid UTF-8"):
+    pq.write_table(pa.table({"text": not_utf8(texts[:2] + [b"\xff"] + texts[3:7] + [b"caf\xe9 ok"] + texts[8:]),
+                             "label": LABELS}), folder / "train.parquet")
+    with pytest.raises(DataError, match=r"train.parquet: row 2: the text is not valid UTF-8"):
         load_splits(DataConfig(path=str(folder)))
-    with pytest.raises(DataError, match=r"train.parquet: row 7: the text is not valid UTF-8"):
-        read_file(folder / "train.parquet", DataConfig(), labeled=False)  # texts to classify
+    # texts to classify: each such record's error, the others classified
+    split = read_file(folder / "train.parquet", DataConfig(), labeled=False)
+    assert split.texts.to_pylist() == TEXTS[:2] + [None] + TEXTS[3:7] + [None] + TEXTS[8:]
+    assert split.problems == {2: "row 2: the text is not valid UTF-8", 7: "row 7: the text is not valid UTF-8"}
     pq.write_table(pa.table({"text": TEXTS, "label": not_utf8([y.encode() for y in LABELS[:2]] + [b"\xffjoy"] + [
         y.encode() for y in LABELS[3:]])}), folder / "train.parquet")
     with pytest.raises(DataError, match=r"train.parquet: row 2: the label is not valid UTF-8"):
