@@ -70,7 +70,7 @@ def resume_path(cfg, root: Path, verify_files: bool = True) -> Path | None:
         if earlier:
             raise CheckpointError(f"checkpoint.resume=never: {run_dir} holds an earlier run ({', '.join(earlier)}); "
                                   f"a fresh start there would mix the two runs' checkpoints, metrics and best model. "
-                                  f"Use a new output_dir, or remove that run first")
+                                  f"Use a new output_dir, remove that run first, or resume it (checkpoint.resume=auto)")
         return None
     latest = find_latest(root) if verify_files else _newest_readable(root)
     if cfg.resume == "auto":
@@ -168,12 +168,15 @@ def settle(acc, state, resume: str, resume_from: Path, run_dir: Path) -> bool:
     failure, line = None, None
     if acc.is_main_process:
         try:
+            # the run's latest checkpoint named, no line begun from it yet: nothing rolls back, its W&B run goes on
+            new_line = new_line and (branch or _started_line(root / LINE, state.step) is not None
+                                     or any(s > state.step for s, _ in by_step(root)))
             line = None if branch else _record_line(root, state.step, named if new_line else "")
             _tidy(root, run_dir, state.step, rollback=new_line)
         except WriteError as exc:
             failure = exc
     fail_together(acc, failure, f"set aside the checkpoints after step {state.step}")
-    line = from_main(acc, line)
+    line, new_line = from_main(acc, (line, new_line))
     _adopt(state, named, new_line, branch, line, from_main(acc, _exported_step(run_dir / "best")))
     return (new_line and branch) or bool(line and line.get("new"))
 
@@ -208,6 +211,8 @@ def _adopt(state, named: str, new_line: bool, branch: bool, line: dict | None, b
         # a new line, or one that stopped before its first checkpoint relaunched with `auto`: the checkpoint it
         # started from still names the abandoned line, whose W&B run has passed these steps
         state.resumed_from, state.run_id = line["resumed_from"], line["run_id"]
+    elif named and not branch:  # the latest named (nothing rolled back): its relaunches continue, as the command's
+        state.resumed_from = named
     if branch:
         state.stopped_early = False
     if branch or best_step != state.best_step:

@@ -23,6 +23,7 @@ from .files import WriteError, atomic_write, writing
 log = logging.getLogger(__name__)
 
 LOCK = "run.lock"
+TAKEOVER_SETTLE_S = 0.25  # a lock taken over is read back after this long: a write of another launch at once
 
 
 class RunLockedError(RuntimeError):
@@ -100,6 +101,11 @@ class RunLock:
             why = self._why_dead(held)
             if why is None:
                 age = time.time() - held.get("heartbeat", 0)
+                if "pid" not in held:  # no owner to name: a launch writing it this instant, or killed as it did
+                    raise RunLockedError(
+                        f"{self.path} names no run (empty or unreadable, written {age:.0f} s ago: a launch taking "
+                        f"it this instant, or one killed as it did); it is taken over once {self.stale_s:.0f} s "
+                        f"old, or delete it if no run is starting there.")
                 job = f", Slurm job {held['slurm_job_id']}" if held.get("slurm_job_id") else ""
                 started = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(held.get("started", 0)))
                 raise RunLockedError(
@@ -123,6 +129,10 @@ class RunLock:
                 with contextlib.suppress(OSError):
                     self.path.unlink()
             raise
+        if held is not None:  # a takeover: two launches may take over one dead run's lock at once, the last write
+            time.sleep(TAKEOVER_SETTLE_S)  # wins; the other sees it here and is refused as by any live run
+            if not self._mine(self._read() or {}):
+                return self.acquire()
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
 

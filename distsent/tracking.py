@@ -84,31 +84,6 @@ def write_status(run_dir: Path, **fields) -> None:
             f.truncate()
 
 
-def progress_bar(total: int, initial: int, enabled: bool):
-    """tqdm's bar over the training steps: redrawn often on a terminal; into a file (a Slurm log) every 30 s, each
-    redraw a line of its own (maxinterval too: tqdm's monitor thread otherwise forces a redraw every 10 s)."""
-    from tqdm.auto import tqdm
-
-    if sys.stderr.isatty():
-        return tqdm(total=total, initial=initial, disable=not enabled, unit="step", dynamic_ncols=True,
-                    mininterval=0.1)
-    return tqdm(total=total, initial=initial, disable=not enabled, unit="step", file=_BarLines(), mininterval=30,
-                maxinterval=30)
-
-
-class _BarLines:
-    """A file for tqdm that ends each redraw with a newline: tqdm starts a redraw with a carriage return and leaves
-    the line open, so in a file the next log record was written onto the bar's line."""
-
-    def write(self, text: str) -> None:
-        text = text.replace("\r", "").rstrip()
-        if text:
-            sys.stderr.write(text + "\n")
-
-    def flush(self) -> None:
-        sys.stderr.flush()
-
-
 def launch_topology(accelerator, layout, start_step: int, resumed_from: str = "") -> dict:
     """How the run was launched (processes, machines, batch layout, threads, software, Slurm job, the data and cache
     places given by the environment, the step it starts from, and the checkpoint.resume its line started from: a
@@ -231,13 +206,9 @@ class RunLog:
         # them (a relaunch after the end testing again, a model evaluated at that step) goes to metrics.jsonl only;
         # W&B would drop it
         self.history_after = history_after
+        self.resume_step = resume_step  # rows after it are dropped when the launch begins (begin())
         if not self.active:
             return
-        if resume_step is not None:  # -1, a fresh start: no rows of an attempt that died before its first checkpoint
-            try:
-                drop_rows_after(self.path, resume_step)
-            except WriteError as exc:
-                self.failure = exc
         self.cfg = cfg
         if cfg.log.trackers:
             settings = wandb_settings(cfg, run_dir)
@@ -258,6 +229,16 @@ class RunLog:
                     return
                 log.warning("trackers %s could not start (%s: %s); training goes on, metrics go to %s",
                             cfg.log.trackers, type(exc).__name__, exc, self.path)
+
+    def begin(self) -> None:
+        """metrics.jsonl without the rows this launch logs again: those after the step resumed from (-1, a fresh
+        start: those of an attempt that died before its first checkpoint) and the test results. Only once W&B has
+        started: a relaunch that stops before (W&B refused) leaves a finished run's results as they were."""
+        if self.active and self.resume_step is not None:
+            try:
+                drop_rows_after(self.path, self.resume_step)
+            except WriteError as exc:
+                self.failure = exc
 
     @property
     def active(self) -> bool:

@@ -22,6 +22,7 @@ from .files import IntegrityError, WriteError, writing
 from .metrics import EvalMetrics, NonFiniteWatch, TrainSums, epoch_row
 from .model import clip_gradients
 from .preemption import Preempted, StopFlag
+from .progress import progress_bar
 from .randomstate import seed_dropout
 from .resume import chosen_checkpoint, in_run, settle
 from .sampler import by_length, epoch_batches
@@ -30,7 +31,7 @@ from .state import TrainState
 from .together import fail_together, stop_reason
 from .tokenizer import TokenizedSplit
 from .torchsettings import process_settings, restore_process_settings, setup_threads
-from .tracking import DebugRecords, RunLog, launch_topology, progress_bar, status_state, write_status
+from .tracking import DebugRecords, RunLog, launch_topology, status_state, write_status
 
 log = logging.getLogger("distsent")
 
@@ -124,9 +125,8 @@ class Trainer:
                         state.epoch, state.batch_in_epoch = state.epoch + 1, 0
                     # one tiny all-reduce: every process stops at the same step, on a signal, a failed write or
                     # the run directory taken over by another launch while this one was stalled
-                    failure = runlog.failure or self.lock.lost
-                    what = f"keep the run's records (metrics.jsonl, run.lock) in {self.run_dir}"  # only it knows which
-                    stopping = self.stop.agreed(acc, failure, what)
+                    stopping = self.stop.agreed(acc, runlog.failure or self.lock.lost,  # only this process knows
+                                                f"keep the run's records (metrics.jsonl, run.lock) in {self.run_dir}")
                     if stopping or last or state.stopped_early or self.checkpoints.due(state.step):
                         self.watch.check()
                         state.elapsed_s = time.perf_counter() - self.started
@@ -306,8 +306,7 @@ class Trainer:
                 failure = exc
         fail_together(self.accelerator, failure, f"check {best}")
         ckpt.load_weights(best, self.eval_model)
-        metrics = self.evaluate(self.data.test)
-        state = self.state
+        metrics, state = self.evaluate(self.data.test), self.state
         runlog.log({f"test/{k}": v for k, v in metrics.items()}, state.step)
         runlog.summary({f"test/{k}": v for k, v in metrics.items()})
         runlog.log_eval_media(metrics, self.data, "test", self.eval_model, state.step)
@@ -356,6 +355,7 @@ class Trainer:
         """Collective, once W&B has started (inside fit's try: a failure here is reported to W&B and status.json
         like any other): start-up rows, and the run marked running with its config.yaml."""
         cfg, state = self.cfg, self.state
+        runlog.begin()
         if state.batch_in_epoch >= self.steps_per_epoch:
             # saved by an earlier version at an epoch's last step, before that epoch's evaluation (unless a periodic
             # one fell on the step): evaluate now, so that the epoch's model is a candidate for best/

@@ -303,6 +303,7 @@ def test_changed_model_shape_is_refused_but_more_epochs_allowed(reference, synth
     proc = run(direct_cmd(overrides(run_dir, synth_imdb, **{"model.hidden_dim": 48, "checkpoint.resume": "never"})))
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "holds an earlier run (checkpoints, best, metrics.jsonl)" in proc.stderr
+    assert "or resume it (checkpoint.resume=auto)" in proc.stderr
     assert files() == before and json.loads((run_dir / "status.json").read_text())["state"] == "finished"
     # the same command on edited data (one training label flipped) is another run, not this one's resume
     import pyarrow as pa

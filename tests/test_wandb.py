@@ -107,6 +107,15 @@ def test_a_multiclass_run_logs_its_class_names_and_examples_of_every_class(tmp_p
     assert config["launch"]["resumed_from"] == "step-00000010"
     ids = {[r for r in records(d) if r["type"] == "run"][0]["run"]["run_id"] for d in (offline, rollback)}
     assert len(ids) == 2
+    # the line's latest checkpoint named (nothing newer to roll back): its W&B run goes on; a relaunch of that
+    # command, after it trained on, continues from its own latest checkpoint, not from the one named
+    latest = max(run_dir.glob("checkpoints/step-*"))
+    for _ in range(2):
+        proc = run(direct_cmd([*args, "train.epochs=2", f"checkpoint.resume={latest}"]))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    rollback_id = [r for r in records(rollback) if r["type"] == "run"][0]["run"]["run_id"]
+    assert [launch["run_id"] for launch in read_jsonl(run_dir / "launches.jsonl")][1:] == [rollback_id] * 3
+    assert max(run_dir.glob("checkpoints/step-*")) > latest
 
 
 def test_resumed_run_continues_the_same_wandb_run(tmp_path, synth_imdb, cache_env):
@@ -191,6 +200,23 @@ def test_online_mode_without_an_api_key_stops_every_process_before_training(tmp_
     assert not list(run_dir.glob("checkpoints/*")) and not (run_dir / "best").exists()
     assert "train/loss" not in ((run_dir / "metrics.jsonl").read_text() if (run_dir / "metrics.jsonl").exists() else "")
     assert not (run_dir / "launches.jsonl").exists()  # a launch that trained nothing is not one of the run's
+
+
+def test_a_relaunch_that_wandb_refuses_leaves_a_finished_runs_results(tmp_path, synth_imdb, cache_env):
+    """A finished run relaunched (a requeue, say) online without an API key stops before it trains: its
+    metrics.jsonl keeps the test results it had (they were dropped as the launch opened, before W&B refused it),
+    and status.json still says finished."""
+    run_dir, home = tmp_path / "run", tmp_path / "home"
+    home.mkdir()
+    args = wandb_args(run_dir, synth_imdb, **{"train.max_steps": 10})
+    assert run(direct_cmd(args)).returncode == 0
+    metrics = (run_dir / "metrics.jsonl").read_text()
+    assert "test/acc" in metrics
+    proc = run(direct_cmd([*args, "log.wandb.mode=online"]),
+               env={"HOME": str(home), "WANDB_API_KEY": "", "NETRC": str(home / "none")})
+    assert proc.returncode == 2 and "W&B could not start" in proc.stderr, proc.stderr[-3000:]
+    assert (run_dir / "metrics.jsonl").read_text() == metrics
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
 
 
 def test_api_key_never_reaches_the_run_directory(tmp_path, synth_imdb, cache_env):
