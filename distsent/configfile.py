@@ -54,7 +54,10 @@ def _convert(key: str, tp, value):
                 pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}: expected a number, got {_got(value)}")
-        return float(value)
+        try:
+            return float(value)
+        except OverflowError:  # an integer of hundreds of digits
+            raise ConfigError(f"{key}: an integer of {len(str(value))} digits is too large for a number") from None
     if tp is str:
         if value is None:
             return ""
@@ -79,7 +82,7 @@ def _unquoted(value):
 def _build(cls, data: dict, prefix: str = ""):
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
+    unknown = sorted(set(data) - names, key=str)  # YAML keys may be numbers, booleans or null too
     if unknown:
         raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known keys of {prefix.rstrip('.') or 'the config'}: "
                           f"{', '.join(sorted(names))})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -78,6 +79,8 @@ def _load_cached(folder: Path) -> tuple[list[TokenizedSplit], dict] | None:
     try:
         manifest = files.verify(folder, required=tuple(f"{s}.{a}.npy" for s in SPLIT_NAMES
                                                        for a in TokenizedSplit.ARRAYS))
+        if not isinstance(manifest.get("label_names"), list):
+            raise files.IntegrityError(f"{folder / files.MANIFEST}: no class names")
         return [TokenizedSplit.load(folder, s) for s in SPLIT_NAMES], manifest
     except (files.IntegrityError, ValueError, KeyError, EOFError) as exc:  # a missing, cut or altered file
         log.warning("token cache entry damaged, rebuilding it: %s", exc)
@@ -156,7 +159,8 @@ def _cached_tokenizer(tok_file: Path) -> str | None:
         return tok_file.read_text(encoding="utf-8")
     except (UnicodeDecodeError, DataError) as exc:
         log.warning("token cache: %s is damaged, rebuilding it (%s)", tok_file, exc)
-        tok_file.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # a read-only cache: writing the rebuilt one names the problem
+            tok_file.unlink(missing_ok=True)
         return None
 
 

@@ -119,6 +119,8 @@ def verify(folder: Path, required: tuple[str, ...] = ()) -> dict:
         raise IntegrityError(f"{folder / MANIFEST}: not a manifest (no table of files)")
     for name, meta in listed.items():
         f = folder / name
+        if not (isinstance(meta, dict) and isinstance(meta.get("bytes"), int) and isinstance(meta.get("sha256"), str)):
+            raise IntegrityError(f"{folder / MANIFEST}: its entry for {name} is not a size and a checksum")
         if not f.is_file():
             raise IntegrityError(f"{f}: missing")
         if f.stat().st_size != meta["bytes"]:

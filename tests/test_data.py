@@ -1,5 +1,6 @@
 """Data: the reference tokenizer, the three sources, clear errors on bad data, and the global batch plan."""
 
+import json
 import re
 from collections import Counter
 from dataclasses import replace
@@ -287,6 +288,16 @@ def test_a_damaged_cache_entry_is_reported_and_rebuilt(tmp_path, splits, caplog)
     assert not again.cache_hit and f"{cached}: " in caplog.text and "rebuilding" in caplog.text
     assert (again.train.tokens == first.train.tokens).all()
     assert prepare(cfg).cache_hit  # the rebuilt entry is whole again
+    # a manifest edited into other JSON (an entry that is no size and checksum; no class names): rebuilt too
+    for edit, said in ((lambda m: m["files"].update({"train.tokens.npy": "x"}), "is not a size and a checksum"),
+                       (lambda m: m.pop("label_names"), "no class names")):
+        (manifest,) = (tmp_path / "c").glob("*/tok-*/manifest.json")
+        edited = json.loads(manifest.read_text())
+        edit(edited)
+        manifest.write_text(json.dumps(edited))
+        caplog.clear()
+        with caplog.at_level("WARNING"):
+            assert not prepare(cfg).cache_hit and said in caplog.text and "rebuilding" in caplog.text
 
 
 def test_tail_truncation_keeps_the_end(tmp_path):
@@ -428,11 +439,18 @@ def test_a_damaged_token_cache_entry_is_rebuilt_and_an_unreadable_one_left_alone
 
 
 @pytest.mark.parametrize("damage", [lambda b: b[: len(b) // 2], lambda b: b"\xff\xfe" + b])
-def test_a_damaged_cached_tokenizer_is_reported_and_rebuilt(tmp_path, splits, caplog, damage):
+def test_a_damaged_cached_tokenizer_is_reported_and_rebuilt(tmp_path, splits, caplog, damage, monkeypatch):
+    """Also where it cannot be removed first (a cache folder without write permission, which root here is never
+    refused: stood in for by unlink raising): the rebuilt one replaces it, or its write names the problem."""
     cfg = DataConfig(path=str(write_parquet(tmp_path / "d", splits)), cache_dir=str(tmp_path / "c"), min_freq=1)
     first = prepare(cfg)
     (cached,) = (tmp_path / "c").glob("*/tokenizer-*.json")
     cached.write_bytes(damage(cached.read_bytes()))
+
+    def refused(path, missing_ok=False):
+        raise PermissionError(13, "Permission denied", str(path))
+
+    monkeypatch.setattr(Path, "unlink", refused)
     with caplog.at_level("WARNING"):
         again = prepare(cfg)
     assert f"{cached} is damaged, rebuilding it" in caplog.text
