@@ -23,6 +23,9 @@ def load_vectors(path: str | Path, vocab: dict[str, int], dim: int) -> tuple[tor
     path = Path(path).expanduser()  # as --check reads it
     if not path.is_file():
         raise DataError(f"model.pretrained_embeddings: {path} does not exist")
+    if path.suffix.lower() in (".gz", ".zip", ".bz2", ".xz", ".bin"):  # read as text, its bytes would be no vectors
+        raise DataError(f"model.pretrained_embeddings: {path} is compressed or binary; give the text file (word "
+                        f"and values separated by spaces, one word a line)")
     vectors = torch.zeros(len(vocab), dim)
     match = torch.zeros(len(vocab), dtype=torch.int8)  # 0: none yet, 1: lower-cased, 2: exact
     first = True
@@ -33,7 +36,8 @@ def load_vectors(path: str | Path, vocab: dict[str, int], dim: int) -> tuple[tor
             if not line.strip() or (n == 1 and len(parts) == 2 and all(p.isdigit() for p in parts)):
                 continue  # a blank line, the word2vec header
             if len(parts) < dim + 1 or (first and len(parts) != dim + 1):
-                raise DataError(f"{path}:{n}: {len(parts) - 1} values, model.embedding_dim is {dim}")
+                tabs = " (values are separated by spaces; this line has tabs)" if "\t" in line else ""
+                raise DataError(f"{path}:{n}: {len(parts) - 1} values, model.embedding_dim is {dim}{tabs}")
             first, word = False, " ".join(parts[:-dim])
             idx, rank = vocab.get(word), 2
             if idx is None:

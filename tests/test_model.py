@@ -103,6 +103,12 @@ def test_pretrained_embeddings_initialise_known_words(tmp_path, monkeypatch):
     f.write_text("good 1 2 3\n")
     with pytest.raises(DataError, match=r"vectors.txt:1: 3 values, model.embedding_dim is 4"):
         init_embedding(emb, str(f), vocab, freeze=False)
+    f.write_text("good\t1\t2\t3\t4\n")
+    with pytest.raises(DataError, match=r"vectors.txt:1: 0 values, model.embedding_dim is 4 \(values are separated by"):
+        init_embedding(emb, str(f), vocab, freeze=False)
+    (tmp_path / "vectors.txt.gz").write_bytes(b"\x1f\x8b\x08")
+    with pytest.raises(DataError, match=r"vectors.txt.gz is compressed or binary; give the text file"):
+        init_embedding(emb, str(tmp_path / "vectors.txt.gz"), vocab, freeze=False)
     f.write_text("good 1 2 3 4\nbad 1 nan 3 4\n")
     with pytest.raises(DataError, match=r"vectors.txt:2: 'bad' has a non-finite value"):
         init_embedding(emb, str(f), vocab, freeze=False)
