@@ -122,14 +122,16 @@ def main(argv: list[str] | None = None) -> int:
                        help="a split of the data the model was trained with (val and validation are the same)")
     where.add_argument("--file", type=Path, help="labeled texts: .csv, .jsonl or .parquet with the columns the model "
                        "was trained with (data.text_column, data.label_column: text, label)")
-    parser.add_argument("--text-column", help="the text column of --file (default: the model's data.text_column)")
-    parser.add_argument("--label-column", help="the label column of --file (default: the model's data.label_column)")
+    parser.add_argument("--text-column", help="the text column of --file or of --data-path's files (default: the "
+                        "model's data.text_column)")
+    parser.add_argument("--label-column", help="the label column of --file or of --data-path's files (default: the "
+                        "model's data.label_column)")
     parser.add_argument("--data-path", help="read --split from this folder instead of the model config's data "
                         "(data.path, or the files data.train_file etc. name)")
     parser.add_argument("--out", type=Path, help="folder for metrics.json, confusion.png and reliability.png")
     args = parser.parse_args(argv)
-    if (args.text_column or args.label_column) and not args.file:
-        parser.error("--text-column and --label-column are for --file")
+    if (args.text_column or args.label_column) and not (args.file or args.data_path):
+        parser.error("--text-column and --label-column are for --file or --data-path (a folder of other files)")
     if args.data_path and args.file:
         parser.error("--data-path is for --split (a --file is read as it is)")
     if args.out and args.out.exists() and not args.out.is_dir():  # found before the scoring, not after
@@ -139,13 +141,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         predictor = Predictor.load(args.model)
         names, cfg = predictor.label_names, predictor.cfg.data
+        columns = replace(cfg, text_column=args.text_column or cfg.text_column,
+                          label_column=args.label_column or cfg.label_column)
         if args.file:
-            split = read_file(args.file, replace(cfg, text_column=args.text_column or cfg.text_column,
-                                                 label_column=args.label_column or cfg.label_column))
+            split = read_file(args.file, columns)
             split.labels = file_labels(split, names, cfg, str(args.file))
         else:
             if args.data_path:  # the folder replaces every file the config names, which find_source would prefer
-                cfg = replace(cfg, path=args.data_path, train_file="", validation_file="", test_file="")
+                cfg = replace(columns, path=args.data_path, train_file="", validation_file="", test_file="")
             try:
                 splits, data_names = load_splits(cfg)
             except DataError as exc:

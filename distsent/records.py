@@ -156,7 +156,7 @@ def _scalar_label(v) -> bool:
 
 def missing_columns(where, present, cfg: DataConfig, labeled: bool = True) -> None:
     """DataError unless the text column (and, if labeled, the label column) is there exactly once."""
-    hint = ("name the column with data.text_column / data.label_column (distsent-evaluate --file: --text-column / "
+    hint = ("name the column with data.text_column / data.label_column (distsent-evaluate: --text-column / "
             "--label-column)" if labeled else "name the column with --text-column")
     if labeled and cfg.text_column == cfg.label_column:  # the model would read its answers: test accuracy 1.0
         raise DataError(f"{where}: the text column and the label column are both '{cfg.text_column}'; {hint}")

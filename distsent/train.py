@@ -138,6 +138,7 @@ def check(cfg) -> int:
     from .labels import shown
     from .resume import check_config_against_run, resume_path
     from .sources import find_source, load_splits
+    from .tracking import status_state
 
     root, resume = Path(cfg.output_dir) / "checkpoints", cfg.checkpoint.resume
     try:
@@ -154,16 +155,16 @@ def check(cfg) -> int:
                 raise DataError(f"model.pretrained_embeddings: {vectors}: no such file")
         source = find_source(cfg.data)
         splits, names = load_splits(cfg.data)
-        if resume == "never":
-            resume_path(cfg.checkpoint, root)  # refused where the directory holds a run
-        else:
-            check_config_against_run(cfg, root, names)
+        start = resume_path(cfg.checkpoint, root) if resume == "never" else \
+            check_config_against_run(cfg, root, names)  # `never`: refused where the directory holds a run
     except (ConfigError, DataError, IntegrityError) as exc:  # Integrity: the resume refused
         return fail(f"{type(exc).__name__}: {exc}", 2)
     where = ", ".join(f"{split} {path}" for split, path in source.files.items()) or f"{source.kind} {source.location}"
     sizes = " / ".join(f"{len(splits[s].labels)} {s}" for s in ("train", "val", "test"))
+    state = status_state(root.parent) if start is not None else None  # a finished run's relaunch only tests again
+    run = f"resumes from {start}" + (f", the run {state}" if state else "") if start is not None else "a new run"
     print(f"distsent-train: config OK; data: {where}: {sizes} texts, {len(names)} classes {shown(names)}; run "
-          f"directory {cfg.output_dir}")
+          f"directory {cfg.output_dir} ({run})")
     return 0
 
 

@@ -295,7 +295,7 @@ def test_check_finds_what_would_stop_a_queued_job_and_writes_nothing(tmp_path, c
     out, err = capsys.readouterr()
     if message is None:
         assert code == 0 and f"config OK; data: train {data}/train.csv, test {data}/test.csv: 9 train / 1 val / 10 " \
-                             f"test texts, 2 classes ['anger', 'joy']" in out, err
+                             f"test texts, 2 classes ['anger', 'joy']; run directory {run_dir} (a new run)" in out, err
     else:
         assert code == 2 and message.format(tmp=tmp_path) in err, err
     assert not run_dir.exists() or [p.name for p in run_dir.iterdir()] == ["metrics.jsonl"]

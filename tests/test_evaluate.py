@@ -152,6 +152,18 @@ def test_evaluate_data_path_replaces_the_files_the_config_names(tmp_path, capsys
     assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 30
     assert main(["--model", str(model), "--split", "validation", "--data-path", str(data)]) == 0  # alias of val
     assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 6  # data.val_fraction 0.1 of 60
+    # a copy whose columns have other names: named as for a --file
+    import pyarrow.parquet as pq
+
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for f in data.glob("*.parquet"):
+        pq.write_table(pq.read_table(f).rename_columns(["review", "sentiment"]), renamed / f.name)
+    assert main(["--model", str(model), "--split", "test", "--data-path", str(renamed)]) == 2
+    assert "no 'text' column (columns: review, sentiment)" in capsys.readouterr().err
+    assert main(["--model", str(model), "--split", "test", "--data-path", str(renamed), "--text-column", "review",
+                 "--label-column", "sentiment"]) == 0
+    assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 30
 
 
 def test_evaluate_a_model_folder_whose_weights_do_not_fit_its_config_is_one_line(tmp_path, capsys):

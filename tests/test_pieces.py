@@ -1037,7 +1037,8 @@ def test_check_refuses_a_config_the_runs_checkpoint_would_refuse(synth_imdb, tmp
     assert main(args) == 0
     capsys.readouterr()
     assert main(["--check", *args, "train.max_steps=4", "optim.lr=0.01"]) == 0
-    assert "config OK" in capsys.readouterr().out
+    assert "config OK" in (out := capsys.readouterr().out)  # and what the start would do
+    assert f"(resumes from {run_dir / 'checkpoints' / 'step-00000002'}, the run finished)" in out, out
     assert main(["--check", *args, "model.hidden_dim=24", "train.seed=5"]) == 2
     err = capsys.readouterr().err
     assert f"{run_dir / 'checkpoints' / 'step-00000002'} was trained with a different setup" in err
