@@ -289,7 +289,8 @@ class LogConfig:
 
 @dataclass
 class ExperimentConfig:
-    output_dir: str = _doc("Run directory: config, metrics, checkpoints, best model.", "runs/imdb_lstm")
+    output_dir: str = _doc("Run directory: config, metrics, checkpoints, best model (a --config file's default: "
+                           "runs/<its name>).", "runs/imdb_lstm")
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Data."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "Model."})
     optim: OptimConfig = field(default_factory=OptimConfig, metadata={"doc": "Optimizer and schedule."})

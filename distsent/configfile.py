@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import difflib
 import re
 import typing
 from pathlib import Path
@@ -84,8 +85,10 @@ def _build(cls, data: dict, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names, key=str)  # YAML keys may be numbers, booleans or null too
     if unknown:
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key (known keys of {prefix.rstrip('.') or 'the config'}: "
-                          f"{', '.join(sorted(names))})")
+        close = difflib.get_close_matches(str(unknown[0]), names, n=1)  # a typo: the key it likely meant
+        meant = f"; did you mean {prefix}{close[0]}?" if close else ""
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key{meant} (known keys of {prefix.rstrip('.') or 'the config'}"
+                          f": {', '.join(sorted(names))})")
     kwargs = {name: _convert(prefix + name, hints[name], value) for name, value in data.items()}
     try:
         return cls(**kwargs)
@@ -254,6 +257,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ex
             if not isinstance(data, dict):
                 raise ConfigError("the top level must be a mapping of keys")
             data = _upgrade(data)  # before the overrides: model.ngram_max_n=2 wins over an old file's ngram_dim
+            if path.suffix.lower() in (".yaml", ".yml"):  # a user's config of its own: not IMDB's folder
+                data.setdefault("output_dir", f"runs/{path.stem}")
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML: {exc}") from exc
         except ConfigError as exc:

@@ -107,7 +107,7 @@ def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[s
             if not labeled and SURROGATE.search(line):  # bytes that were not UTF-8 (_utf8)
                 raise DataError(f"{path}: line {n} is not valid UTF-8")
             record = _jsonl_object(path, n, line)
-            text, label = _jsonl_fields(path, n, record, cfg, labeled)
+            text, label = _jsonl_fields(path, n, record, cfg, labeled, columns)
         except DataError as exc:
             if labeled:
                 raise
@@ -154,8 +154,13 @@ def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
     return record
 
 
-def _jsonl_fields(path: Path, n: int, record: dict, cfg: DataConfig, labeled: bool) -> tuple[str | None, object]:
-    """The text (and label) of the record on JSONL line `n`; DataError naming what is wrong with them."""
+def _jsonl_fields(path: Path, n: int, record: dict, cfg: DataConfig, labeled: bool,
+                  seen: dict) -> tuple[str | None, object]:
+    """The text (and label) of the record on JSONL line `n`; DataError naming what is wrong with them. `seen`: the
+    keys of the records before it."""
+    wanted = (cfg.text_column, cfg.label_column) if labeled else (cfg.text_column,)
+    if absent := [c for c in wanted if c not in record and c in seen]:  # others have it: no column is misnamed
+        raise DataError(f"{path}: line {n} has no '{absent[0]}' key (its keys: {', '.join(map(str, record))})")
     missing_columns(f"{path}: line {n}", list(record), cfg, labeled)
     text = record[cfg.text_column]
     if text is not None and not isinstance(text, str):

@@ -97,7 +97,7 @@ def test_int_accepted_for_float():
 
 
 @pytest.mark.parametrize("override, message", [
-    ("model.hiden_dim=3", "model.hiden_dim: unknown key"),
+    ("model.hiden_dim=3", "model.hiden_dim: unknown key; did you mean model.hidden_dim?"),
     ("log.wandb.projekt=x", "log.wandb.projekt: unknown key"),
     ("model.hidden_dim=abc", "model.hidden_dim: expected an integer"),
     ("model.hidden_dim=1.5", "model.hidden_dim: expected an integer, got float 1.5"),  # not _Float
@@ -132,6 +132,13 @@ def test_int_accepted_for_float():
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
         load_config(None, [override])
+
+
+def test_a_config_file_without_output_dir_runs_in_a_folder_named_after_it(tmp_path):
+    (tmp_path / "tickets.yaml").write_text("train:\n  epochs: 2\n")
+    assert load_config(tmp_path / "tickets.yaml").output_dir == "runs/tickets"  # not the default IMDB run's folder
+    assert load_config(tmp_path / "tickets.yaml", ["output_dir=runs/t2"]).output_dir == "runs/t2"
+    assert load_config(None).output_dir == "runs/imdb_lstm"  # no file: the defaults are the IMDB run's
 
 
 def test_bad_yaml_file_names_file_and_key(tmp_path):

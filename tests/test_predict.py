@@ -292,6 +292,8 @@ def test_a_checkpoint_a_model_folder_and_a_run_directory_are_told_apart(model_di
         (step / name).write_bytes(b"x")  # the kind of folder is told by its files, before any is checked
     with pytest.raises(IntegrityError, match="is a training checkpoint, not a model folder: use the run's best/"):
         Predictor.load(step)
+    with pytest.raises(IntegrityError, match="best: no such folder: the run has not evaluated yet"):
+        Predictor.load(tmp_path / "run" / "best")
     with pytest.raises(ckpt.CheckpointError, match=r"is a model folder \(such as <run>/best\), which has no optimizer"):
         ckpt.verify(model_dir)
     with pytest.raises(ckpt.CheckpointError, match="is a run directory, not a checkpoint: name one of its"):

@@ -140,7 +140,7 @@ def test_texts_to_classify_need_no_label_and_keep_their_empty_records(tmp_path):
     split = read_file(tmp_path / "bad.jsonl", DataConfig(), labeled=False)
     assert split.texts.to_pylist() == ["a"] + [None] * 5 and split.lines.tolist() == [1, 2, 3, 4, 5, 6]
     assert [split.problems[i].split(" (")[0] for i in range(1, 6)] == [
-        "line 2 is not JSON", "line 3 is not a JSON object", "line 4: no 'text' column", "line 5: the text is int, "
+        "line 2 is not JSON", "line 3 is not a JSON object", "line 4 has no 'text' key", "line 5: the text is int, "
         "expected a string", "line 6: the text holds a lone surrogate escape"]
     (tmp_path / "bad.csv").write_text('text,id\na,1\nb,2,3\ntext,id\n')
     split = read_file(tmp_path / "bad.csv", DataConfig(), labeled=False)
@@ -188,6 +188,10 @@ def test_joined_files_blank_lines_repeated_keys_and_half_characters(tmp_path):
         (tmp_path / "one.jsonl").write_text(line + "\n", encoding="utf-8")
         with pytest.raises(DataError, match=re.escape(f"one.jsonl: {message}")):
             read_file(tmp_path / "one.jsonl", DataConfig())
+    # a record without a key the ones before it have: that record's fault, not the column's name
+    (tmp_path / "gap.jsonl").write_text('{"text": "a", "label": "joy"}\n{"tweet": "b", "label": "joy"}\n')
+    with pytest.raises(DataError, match=re.escape("gap.jsonl: line 2 has no 'text' key (its keys: tweet, label)")):
+        read_file(tmp_path / "gap.jsonl", DataConfig())
     (tmp_path / "tweets.jsonl").write_text('{"tweet": "a", "id": 1}\n{"tweet": "b", "id": 2}\n', encoding="utf-8")
     with pytest.raises(DataError, match=re.escape("tweets.jsonl: no 'text' column (columns: tweet, id); name the "
                                                   "column with --text-column")):
