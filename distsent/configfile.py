@@ -87,8 +87,9 @@ def _build(cls, data: dict, prefix: str = ""):
     if unknown:
         close = difflib.get_close_matches(str(unknown[0]), names, n=1)  # a typo: the key it likely meant
         meant = f"; did you mean {prefix}{close[0]}?" if close else ""
-        raise ConfigError(f"{prefix}{unknown[0]}: unknown key{meant} (known keys of {prefix.rstrip('.') or 'the config'}"
-                          f": {', '.join(sorted(names))})")
+        section = prefix.rstrip(".") or "the config"
+        raise ConfigError(f"{prefix}{unknown[0]}: unknown key{meant} (known keys of {section}: "
+                          f"{', '.join(sorted(names))})")
     kwargs = {name: _convert(prefix + name, hints[name], value) for name, value in data.items()}
     try:
         return cls(**kwargs)

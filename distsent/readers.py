@@ -56,7 +56,8 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str
             missing_columns(path, header, cfg, labeled)
         except DataError:  # texts to classify: a column missing because of bytes that were not UTF-8 (_utf8)?
             if any(SURROGATE.search(name) for name in header):
-                raise DataError(f"{path}: line {reader.line_num} (the header) is not valid UTF-8; save the file as UTF-8") from None
+                raise DataError(f"{path}: line {reader.line_num} (the header) is not valid UTF-8; save the file as "
+                                f"UTF-8") from None
             raise
         missing_kept(path, header, keep)
         ti, ki = header.index(cfg.text_column), [header.index(c) for c in keep]
