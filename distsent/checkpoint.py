@@ -384,7 +384,7 @@ def verify_model_folder(folder: Path) -> None:
     if (folder / "optimizer.pt").is_file() and not (folder / "config.yaml").is_file():
         raise IntegrityError(f"{folder} is a training checkpoint, not a model folder: use the run's best/ (written "
                              f"at every better evaluation)")
-    if not folder.exists() and (folder.parent / "checkpoints").is_dir():  # <run>/best of a run not yet evaluated
+    if folder.name == "best" and not folder.exists() and (folder.parent / "checkpoints").is_dir():  # not evaluated yet
         raise IntegrityError(f"{folder}: no such folder: the run has not evaluated yet (best/ is written at its "
                              f"first evaluation, then at every better one)")
     if (folder / files.MANIFEST).is_file() or not folder.is_dir():

@@ -289,7 +289,7 @@ class LogConfig:
 
 @dataclass
 class ExperimentConfig:
-    output_dir: str = _doc("Run directory: config, metrics, checkpoints, best model (a --config file's default: "
+    output_dir: str = _doc("Run directory: config, metrics, checkpoints, best model (a --config .yaml file's default: "
                            "runs/<its name>).", "runs/imdb_lstm")
     data: DataConfig = field(default_factory=DataConfig, metadata={"doc": "Data."})
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"doc": "Model."})

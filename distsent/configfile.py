@@ -58,7 +58,7 @@ def _convert(key: str, tp, value):
         try:
             return float(value)
         except OverflowError:  # an integer of hundreds of digits
-            raise ConfigError(f"{key}: an integer of {len(str(value))} digits is too large for a number") from None
+            raise ConfigError(f"{key}: the integer is too large for a number") from None
     if tp is str:
         if value is None:
             return ""

@@ -124,9 +124,11 @@ def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[s
         if labeled:
             labels.append(label)
         lines.append(n)
-    if lines and not objects:  # a JSON array, say: every line's error would be the same
-        raise DataError(f"{path}: no line is a JSON object (JSONL holds one object per line)")
-    if not labeled and cfg.text_column not in columns:  # labeled reading stopped at the first record already
+    if lines and not objects:  # a JSON array, or UTF-16 (a Windows shell's): every line's error would be the same
+        raise DataError(f"{path}: no line is a JSON object (JSONL holds one object per line, in UTF-8)")
+    if not labeled and lines and cfg.text_column not in columns:  # labeled reading stopped at the first record
+        if any(SURROGATE.search(str(c)) for c in columns):  # a key in bytes that were not UTF-8 (_utf8)
+            raise DataError(f"{path}: its keys are not all valid UTF-8; save the file as UTF-8")
         missing_columns(path, list(columns), cfg, labeled)
     missing_kept(path, list(columns), keep)  # an object may leave a column out; one no record has is a typo
     return replace(checked_split(texts, label_array(labels, path, lines), str(path), lines, labeled),
@@ -135,23 +137,21 @@ def _read_jsonl(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[s
 
 def _jsonl_object(path: Path, n: int, line: str) -> dict:
     """JSONL line `n` as the object it must be; DataError naming what it is instead."""
+    twice = []  # each object's keys given twice, the top level's last (it is completed last)
+
+    def pairs(items: list[tuple[str, object]]) -> dict:
+        seen = set()
+        twice.append([k for k, _ in items if k in seen or seen.add(k)])
+        return dict(items)
+
     try:
-        record = json.loads(line, object_pairs_hook=_unique_keys)
+        record = json.loads(line, object_pairs_hook=pairs)
     except json.JSONDecodeError as exc:
         raise DataError(f"{path}: line {n} is not JSON ({exc.msg})") from None
-    except KeyError as exc:  # json.loads would keep the last of the two values without a word
-        raise DataError(f"{path}: line {n} has the key {exc.args[0]!r} twice") from None
     if not isinstance(record, dict):
         raise DataError(f"{path}: line {n} is not a JSON object")
-    return record
-
-
-def _unique_keys(pairs: list[tuple[str, object]]) -> dict:
-    record = {}
-    for key, value in pairs:
-        if key in record:
-            raise KeyError(key)
-        record[key] = value
+    if twice[-1]:  # json.loads keeps the last of the two values without a word; a nested object's are its own
+        raise DataError(f"{path}: line {n} has the key {twice[-1][0]!r} twice")
     return record
 
 

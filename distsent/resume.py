@@ -168,9 +168,12 @@ def settle(acc, state, resume: str, resume_from: Path, run_dir: Path) -> bool:
     failure, line = None, None
     if acc.is_main_process:
         try:
+            started = _started_line(root / LINE, state.step)
             # the run's latest checkpoint named, no line begun from it yet: nothing rolls back, its W&B run goes on
-            new_line = new_line and (branch or _started_line(root / LINE, state.step) is not None
-                                     or any(s > state.step for s, _ in by_step(root)))
+            new_line = new_line and (branch or started is not None or any(s > state.step for s, _ in by_step(root)))
+            if named and not (branch or new_line or started):  # a line recorded at an earlier step: what follows
+                with files.writing(root / LINE):  # no longer descends from it alone, and a rollback to it begins anew
+                    (root / LINE).unlink(missing_ok=True)
             line = None if branch else _record_line(root, state.step, named if new_line else "")
             _tidy(root, run_dir, state.step, rollback=new_line)
         except WriteError as exc:

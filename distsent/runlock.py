@@ -136,8 +136,9 @@ class RunLock:
         self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
         self._thread.start()
 
-    def _mine(self, held: dict) -> bool:
-        return (held.get("host"), held.get("pid")) == (self.me["host"], self.me["pid"])
+    def _mine(self, held: dict) -> bool:  # the start time too: containers on one host may share a pid (1, say)
+        return (held.get("host"), held.get("pid"), held.get("started")) == (
+            self.me["host"], self.me["pid"], self.me["started"])
 
     def _write(self) -> None:
         atomic_write(self.path, json.dumps({**self.me, "heartbeat": time.time()}))
@@ -153,8 +154,8 @@ class RunLock:
                 # the end of its step or of its test evaluation, and a checkpoint being written is not published
                 self.lost = RunLockedError(
                     f"{self.path.parent} was taken over by another launch (host {held.get('host')}, pid "
-                    f"{held['pid']}) while this process was stalled for over {self.stale_s:.0f} s; this process "
-                    f"stops without writing anything more there")
+                    f"{held['pid']}) while this process was stalled for over {self.stale_s:.0f} s, or as both took "
+                    f"over a dead run's lock; this process stops without writing anything more there")
         return self.lost
 
     def _beat(self) -> None:

@@ -138,6 +138,7 @@ def check(cfg) -> int:
     from .labels import shown
     from .resume import check_config_against_run, resume_path
     from .sources import find_source, load_splits
+    from .runlock import RunLock
     from .tracking import status_state
 
     root, resume = Path(cfg.output_dir) / "checkpoints", cfg.checkpoint.resume
@@ -161,8 +162,10 @@ def check(cfg) -> int:
         return fail(f"{type(exc).__name__}: {exc}", 2)
     where = ", ".join(f"{split} {path}" for split, path in source.files.items()) or f"{source.kind} {source.location}"
     sizes = " / ".join(f"{len(splits[s].labels)} {s}" for s in ("train", "val", "test"))
-    state = status_state(root.parent) if start is not None else None  # a finished run's relaunch only tests again
-    run = f"resumes from {start}" + (f", the run {state}" if state else "") if start is not None else "a new run"
+    state = status_state(root.parent) if start is not None else None
+    run = f"resumes from {start}" + (f"; status.json: {state}" if state else "") if start is not None else "a new run"
+    if owner := RunLock(root.parent).live_owner():  # the start refuses it while that run lives
+        run += f"; a live run holds it now (host {owner.get('host')}, pid {owner.get('pid')}): a launch is refused"
     print(f"distsent-train: config OK; data: {where}: {sizes} texts, {len(names)} classes {shown(names)}; run "
           f"directory {cfg.output_dir} ({run})")
     return 0

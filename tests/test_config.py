@@ -127,7 +127,7 @@ def test_int_accepted_for_float():
     ("data.path=#x", "data.path: the value '#x' holds a #"),  # read as empty: the default data set
     ("log.wandb.notes=C# port #2", "log.wandb.notes: the value 'C# port #2' holds a #"),  # one # kept, one cut
     ("train={seeed: 4, 1: 3}", "train.1: unknown key"),  # unknown keys of two types: sorted, not a TypeError
-    ("optim.lr=1" + "0" * 400, "optim.lr: an integer of 401 digits is too large for a number"),  # no OverflowError
+    ("optim.lr=1" + "0" * 400, "optim.lr: the integer is too large for a number"),  # no OverflowError
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):

@@ -1038,7 +1038,14 @@ def test_check_refuses_a_config_the_runs_checkpoint_would_refuse(synth_imdb, tmp
     capsys.readouterr()
     assert main(["--check", *args, "train.max_steps=4", "optim.lr=0.01"]) == 0
     assert "config OK" in (out := capsys.readouterr().out)  # and what the start would do
-    assert f"(resumes from {run_dir / 'checkpoints' / 'step-00000002'}, the run finished)" in out, out
+    assert f"(resumes from {run_dir / 'checkpoints' / 'step-00000002'}; status.json: finished)" in out, out
+    import socket
+
+    (run_dir / "run.lock").write_text(json.dumps({"host": socket.gethostname(), "pid": os.getppid(),
+                                                  "started": time.time(), "heartbeat": time.time()}))
+    assert main(["--check", *args]) == 0  # the config is fine; the launch would be refused while that run lives
+    assert f"a live run holds it now (host {socket.gethostname()}, pid {os.getppid()})" in capsys.readouterr().out
+    (run_dir / "run.lock").unlink()
     assert main(["--check", *args, "model.hidden_dim=24", "train.seed=5"]) == 2
     err = capsys.readouterr().err
     assert f"{run_dir / 'checkpoints' / 'step-00000002'} was trained with a different setup" in err
@@ -1169,6 +1176,13 @@ def test_settle_says_which_launches_begin_a_new_wandb_run(tmp_path):
     new, rolled_id = settled(str(own / "step-00000002"), own / "step-00000002", own)  # a rollback, now
     assert new and rolled_id != "old" and not (own / "step-00000004").exists()
     assert settled(str(own / "step-00000002"), own / "step-00000002", own) == (False, rolled_id)  # relaunched
+    # the line trains on; its latest named: no new W&B run; later, a rollback to step 2 again is a new line once more
+    (own / "step-00000004").mkdir()
+    (own / "step-00000004" / "state.json").write_text(json.dumps({"train_state": {"resumed_from": "step-00000002"}}))
+    assert settled(str(own / "step-00000004"), own / "step-00000004", own) == (False, "old")
+    (own / "step-00000006").mkdir()
+    new, again_id = settled(str(own / "step-00000002"), own / "step-00000002", own)
+    assert new and again_id not in ("old", rolled_id) and not (own / "step-00000006").exists()
     (tmp_path / "branch" / "checkpoints").mkdir(parents=True)  # a new run directory
     assert settled(str(other / "step-00000004"), other / "step-00000004", tmp_path / "branch" / "checkpoints") == (
         True, "")

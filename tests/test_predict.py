@@ -294,6 +294,8 @@ def test_a_checkpoint_a_model_folder_and_a_run_directory_are_told_apart(model_di
         Predictor.load(step)
     with pytest.raises(IntegrityError, match="best: no such folder: the run has not evaluated yet"):
         Predictor.load(tmp_path / "run" / "best")
+    with pytest.raises(IntegrityError, match="bset: no such folder$"):  # a typo is no run's missing best/
+        Predictor.load(tmp_path / "run" / "bset")
     with pytest.raises(ckpt.CheckpointError, match=r"is a model folder \(such as <run>/best\), which has no optimizer"):
         ckpt.verify(model_dir)
     with pytest.raises(ckpt.CheckpointError, match="is a run directory, not a checkpoint: name one of its"):

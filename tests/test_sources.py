@@ -188,6 +188,14 @@ def test_joined_files_blank_lines_repeated_keys_and_half_characters(tmp_path):
         (tmp_path / "one.jsonl").write_text(line + "\n", encoding="utf-8")
         with pytest.raises(DataError, match=re.escape(f"one.jsonl: {message}")):
             read_file(tmp_path / "one.jsonl", DataConfig())
+    (tmp_path / "one.jsonl").write_text('{"text": "a", "label": "joy", "meta": {"k": 1, "k": 2}}\n')
+    assert read_file(tmp_path / "one.jsonl", DataConfig()).texts.to_pylist() == ["a"]  # a nested object's own keys
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="empty.jsonl: no records"):
+        read_file(tmp_path / "empty.jsonl", DataConfig(), labeled=False)
+    (tmp_path / "latin1.jsonl").write_bytes('{"t\u00e9xt": "caf\u00e9"}\n'.encode("latin-1"))
+    with pytest.raises(DataError, match="latin1.jsonl: its keys are not all valid UTF-8; save the file as UTF-8"):
+        read_file(tmp_path / "latin1.jsonl", DataConfig(), labeled=False)
     # a record without a key the ones before it have: that record's fault, not the column's name
     (tmp_path / "gap.jsonl").write_text('{"text": "a", "label": "joy"}\n{"tweet": "b", "label": "joy"}\n')
     with pytest.raises(DataError, match=re.escape("gap.jsonl: line 2 has no 'text' key (its keys: tweet, label)")):
