@@ -113,7 +113,7 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
     def ids_dir(tok_text: str) -> Path:  # token ids depend on the exact vocabulary, the cut and the file layout
         return split_dir / f"tok-{_hash([tok_text, cfg.stage_settings('cut'), CACHE_LAYOUT])}"
 
-    tok_text = tok_file.read_text() if given else _cached_tokenizer(tok_file)
+    tok_text = tok_file.read_text(encoding="utf-8") if given else _cached_tokenizer(tok_file)
     cached = _load_cached(ids_dir(tok_text)) if tok_text else None
     if cached:
         splits, manifest = cached
@@ -135,7 +135,7 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
         with files.writing(split_dir):
             split_dir.mkdir(parents=True, exist_ok=True)
         files.atomic_write(tok_file, tok.to_str())
-        tok_text = tok_file.read_text()
+        tok_text = tok_file.read_text(encoding="utf-8")
     ids = word_ids(tok, distinct)[index]
     out = {}
     for name, a, b in zip(SPLIT_NAMES, bounds[:-1], bounds[1:]):

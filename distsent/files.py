@@ -31,6 +31,8 @@ class WriteError(OSError):
 
     @classmethod
     def of(cls, path: str | Path, exc: OSError) -> "WriteError":
+        if exc.errno is None and "requested and" in str(exc):  # numpy's short write: the disk filled up under it
+            exc = OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {exc}")
         cause = exc.strerror or str(exc)
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
             with contextlib.suppress(OSError):

@@ -137,8 +137,8 @@ def check(cfg) -> int:
     from .checkpoint import by_step
     from .labels import shown
     from .resume import check_config_against_run, resume_path
-    from .sources import find_source, load_splits
     from .runlock import RunLock
+    from .sources import find_source, load_splits
     from .tracking import status_state
 
     root, resume = Path(cfg.output_dir) / "checkpoints", cfg.checkpoint.resume

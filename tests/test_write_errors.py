@@ -110,6 +110,14 @@ def test_token_cache_on_a_full_disk_leaves_no_partial_entry(small_disk, synth_im
     assert not [p for p in cache.rglob("*") if ".tmp" in p.name]
     filler.unlink()
     assert not prepare(cfg).cache_hit and prepare(cfg).cache_hit
+    # numpy reports a short write of an id array without an errno ("N requested and M written"): still the disk
+    import numpy as np
+
+    fill_disk(small_disk, leave=20_000)
+    with pytest.raises(OSError) as info:
+        np.save(small_disk / "ids.npy", np.arange(100_000))
+    assert info.value.errno is None and "requested and" in str(info.value)
+    assert "No space left on device" in str(WriteError.of(small_disk / "ids.npy", info.value))
 
 
 def test_best_model_on_a_full_disk_keeps_the_previous_one(small_disk):
