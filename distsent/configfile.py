@@ -27,6 +27,7 @@ def _convert(key: str, tp, value):
     """Check `value` against the annotation `tp` and return it in that type; errors name `key`."""
     origin = typing.get_origin(tp)
     if dataclasses.is_dataclass(tp):
+        value = {} if value is None else value  # a section whose keys are all commented out (`train:` alone)
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {_got(value)}")
         return _build(tp, value, key + ".")
@@ -103,7 +104,9 @@ def _set_path(data: dict, dotted: str, value) -> None:
     parts = dotted.split(".")
     node = data
     for i, part in enumerate(parts[:-1]):
-        child = node.setdefault(part, {})
+        if node.get(part) is None:  # absent, or an empty section (`train:` alone)
+            node[part] = {}
+        child = node[part]
         if not isinstance(child, dict):
             raise ConfigError(f"{'.'.join(parts[:i + 1])}: is not a section, cannot set {dotted}")
         node = child

@@ -118,8 +118,8 @@ def main(argv: list[str] | None = None) -> int:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", required=True, help="model folder, e.g. runs/imdb_lstm/best")
     where = parser.add_mutually_exclusive_group(required=True)
-    where.add_argument("--split", choices=["train", "val", "validation", "test"],
-                       help="a split of the data the model was trained with (val and validation are the same)")
+    where.add_argument("--split", choices=["train", "val", "validation", "dev", "test"],
+                       help="a split of the data the model was trained with (val, validation and dev are the same)")
     where.add_argument("--file", type=Path, help="labeled texts: .csv, .jsonl or .parquet with the columns the model "
                        "was trained with (data.text_column, data.label_column: text, label)")
     parser.add_argument("--text-column", help="the text column of --file or of --data-path's files (default: the "
@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                     raise
                 raise DataError(f"{exc} (the model's own data settings; --data-path DIR reads the splits from a "
                                 f"folder)") from exc
-            split = splits[split_name := "val" if args.split == "validation" else args.split]
+            split = splits[split_name := "val" if args.split in ("validation", "dev") else args.split]
             split.labels = by_name(split.labels, data_names, names)
             chosen_on = predictor.meta.get("val_texts")  # model folders of earlier versions: not known
             if split is splits["val"] and chosen_on and records_digest(predictor.tokenized(split)) != chosen_on:

@@ -134,6 +134,12 @@ def test_bad_overrides_name_the_key(override, message):
         load_config(None, [override])
 
 
+def test_a_section_whose_keys_are_all_commented_out_is_empty(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  # epochs: 3\nmodel:\n  hidden_dim: 16\n")
+    assert load_config(tmp_path / "c.yaml").train == load_config(None).train
+    assert load_config(tmp_path / "c.yaml", ["train.epochs=7"]).train.epochs == 7
+
+
 def test_a_config_file_without_output_dir_runs_in_a_folder_named_after_it(tmp_path):
     (tmp_path / "tickets.yaml").write_text("train:\n  epochs: 2\n")
     assert load_config(tmp_path / "tickets.yaml").output_dir == "runs/tickets"  # not the default IMDB run's folder

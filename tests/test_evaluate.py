@@ -150,8 +150,9 @@ def test_evaluate_data_path_replaces_the_files_the_config_names(tmp_path, capsys
     assert "--data-path DIR reads the splits from a folder" in capsys.readouterr().err
     assert main(["--model", str(model), "--split", "test", "--data-path", str(data)]) == 0
     assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 30
-    assert main(["--model", str(model), "--split", "validation", "--data-path", str(data)]) == 0  # alias of val
-    assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 6  # data.val_fraction 0.1 of 60
+    for alias in ("validation", "dev"):  # the names a validation file may have
+        assert main(["--model", str(model), "--split", alias, "--data-path", str(data)]) == 0
+        assert json.loads(capsys.readouterr().out.splitlines()[0])["n"] == 6  # data.val_fraction 0.1 of 60
     # a copy whose columns have other names: named as for a --file
     import pyarrow.parquet as pq
 
