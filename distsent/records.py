@@ -55,7 +55,8 @@ class RawSplit:
 
 def checked_split(texts, labels, where: str, lines: list[int] | None = None, labeled: bool = True) -> RawSplit:
     """A RawSplit from any sequence or Arrow array of texts, after checking that every text is a non-empty string.
-    Unlabeled texts (to classify) may be empty or null: prediction answers each of those with an error of its own."""
+    Unlabeled texts (to classify) may be empty, null or not UTF-8 (those become null, their error in `problems`):
+    prediction answers each of those with an error of its own."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
