@@ -333,9 +333,9 @@ class Trainer:
             changed = apply_optim_settings(cfg, self.optimizer.optimizer, self.scheduler, self.total_steps)
             # the rest against the last launch's config (the optimizer's: from the checkpoint; output_dir: this folder)
             changed += changes_since(self.run_dir / "config.yaml", cfg, OPTIMIZER_SETTINGS + ("output_dir",))
-            if changed and acc.is_main_process:
-                log.warning("resuming at step %d with changed settings: %s", state.step, ", ".join(changed))
-            self.continues = cfg.checkpoint.resume == "auto"  # until settle() says: a named one may begin a new line
+            if changed and acc.is_main_process:  # a run past its end trains no further: it is only tested again
+                log.warning("%s at step %d with changed settings: %s", "testing the ended run again" if self._done()
+                            else "resuming", state.step, ", ".join(changed))
             self.continues = not settle(acc, state, cfg.checkpoint.resume, self.resume_from, self.run_dir)  # W&B run
             self.started -= state.elapsed_s  # the time of the launches before, up to the checkpoint resumed from
         else:

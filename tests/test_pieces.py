@@ -1023,6 +1023,13 @@ def test_a_resume_trains_with_the_configs_learning_rate_betas_and_weight_decay(s
     for step in range(7, 13):  # the rate logged after step s is the one step s + 1 trains with
         assert lrs[step] == pytest.approx(0.5 * lr_factor(cfg, step, total)), step
     assert lrs[6] == pytest.approx(0.01 * lr_factor(cfg, 6, 6))
+    caplog.clear()  # relaunched past its end with another rate: tested again, not resumed (no step trains)
+    cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{
+        **base, "train.max_steps": 12, "optim.lr": 0.4, "optim.weight_decay": 0.3, "optim.betas": "[0.8, 0.9]",
+        "optim.name": "adam", "optim.clip_grad_norm": 0.5}))
+    with Trainer(cfg, stop=StopFlag([])) as trainer, caplog.at_level("WARNING"):
+        trainer.fit()
+    assert "testing the ended run again at step 12 with changed settings: optim.lr 0.5 -> 0.4" in caplog.text
 
 def test_check_refuses_a_config_the_runs_checkpoint_would_refuse(synth_imdb, tmp_path, cache_env, capsys,
                                                                   monkeypatch):
