@@ -25,7 +25,7 @@ from .labels import class_label_names, digit_names, encode_labels, integers_are_
 from .metrics import ECE_BINS, score_logits
 from .readers import read_file
 from .records import DataError
-from .sources import load_splits, records_digest
+from .sources import folder_files, load_splits, records_digest
 
 
 def report(result: dict, classes: list[str]) -> str:
@@ -143,12 +143,18 @@ def main(argv: list[str] | None = None) -> int:
         names, cfg = predictor.label_names, predictor.cfg.data
         columns = replace(cfg, text_column=args.text_column or cfg.text_column,
                           label_column=args.label_column or cfg.label_column)
-        if args.file:
-            split = read_file(args.file, columns)
-            split.labels = file_labels(split, names, cfg, str(args.file))
+        split_name = "val" if args.split in ("validation", "dev") else args.split
+        folder = folder_files(Path(args.data_path), "--data-path") if args.data_path else {}
+        # a folder's file of the split is read whole, as a --file (its classes the model's, whatever its train file
+        # holds); a validation carved from a train file needs the model's data settings
+        if args.file or (file := folder.get({"val": "validation"}.get(split_name, split_name))):
+            split = read_file(args.file or file, columns)
+            split.labels = file_labels(split, names, cfg, str(args.file or file))
         else:
-            if args.data_path:  # the folder replaces every file the config names, which find_source would prefer
-                cfg = replace(columns, path=args.data_path, train_file="", validation_file="", test_file="")
+            if args.data_path:  # the folder replaces every file the config names, which find_source would prefer;
+                # its integer labels (aclImdb's) are the model's classes
+                cfg = replace(columns, path=args.data_path, train_file="", validation_file="", test_file="",
+                              label_names=list(names))
             try:
                 splits, data_names = load_splits(cfg)
             except DataError as exc:
@@ -156,14 +162,14 @@ def main(argv: list[str] | None = None) -> int:
                     raise
                 raise DataError(f"{exc} (the model's own data settings; --data-path DIR reads the splits from a "
                                 f"folder)") from exc
-            split = splits[split_name := "val" if args.split in ("validation", "dev") else args.split]
+            split = splits[split_name]
             split.labels = by_name(split.labels, data_names, names)
-            chosen_on = predictor.meta.get("val_texts")  # model folders of earlier versions: not known
-            if split is splits["val"] and chosen_on and records_digest(predictor.tokenized(split)) != chosen_on:
-                data = f"the data in {args.data_path}" if args.data_path else "the data or its settings changed since"
-                raise DataError(f"--split {args.split}: the validation texts read now are not those {args.model} was "
-                                f"chosen on ({data}: other texts, or a validation carved from a training file that "
-                                "changed, which holds texts the model trained on); score --split test, or a --file")
+        chosen_on = predictor.meta.get("val_texts")  # model folders of earlier versions: not known
+        if split_name == "val" and chosen_on and records_digest(predictor.tokenized(split)) != chosen_on:
+            data = f"the data in {args.data_path}" if args.data_path else "the data or its settings changed since"
+            raise DataError(f"--split {args.split}: the validation texts read now are not those {args.model} was "
+                            f"chosen on ({data}: other texts, or a validation carved from a training file that "
+                            "changed, which holds texts the model trained on); score --split test, or a --file")
     except (ConfigError, OSError, ValueError, RuntimeError) as exc:  # as predict's; DataError, IntegrityError too
         print(f"distsent-evaluate: {exc}", file=sys.stderr)
         return 2

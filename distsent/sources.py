@@ -99,6 +99,26 @@ def _stamp(st: os.stat_result) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}:{st.st_ino}"
 
 
+def folder_files(root: Path, name: str) -> dict[str, Path]:
+    """The train / validation / test files in folder `root` (named by the setting `name`), by split."""
+    files = {}
+    try:
+        listing = sorted(root.iterdir())
+    except OSError:  # a folder that may be entered but not listed: the names as written here only
+        listing = [root / f"{n}{ext}" for names in SPLIT_FILE_NAMES.values() for n in names for ext in FORMATS]
+    present: dict[str, list[Path]] = {}  # by lower-case name: train.CSV and Train.csv are train.csv too
+    for p in listing:
+        if p.is_file():
+            present.setdefault(p.name.lower(), []).append(p)
+    for split, names in SPLIT_FILE_NAMES.items():
+        found = [p for n in names for ext in FORMATS for p in present.get(f"{n}{ext}", [])]
+        if len(found) > 1:
+            raise DataError(f"{name} {root}: several {split} files ({', '.join(p.name for p in found)}); keep one")
+        if found:
+            files[split] = found[0]
+    return files
+
+
 def find_source(cfg: DataConfig) -> Source:
     """data.train_file (+ validation_file, test_file), else data.path (or $DISTSENT_DATA_PATH), else the hub."""
     if cfg.train_file or cfg.test_file or cfg.validation_file:
@@ -132,22 +152,7 @@ def find_source(cfg: DataConfig) -> Source:
                         f"data.train_file and data.test_file name files one by one")
     if not root.is_dir():  # a relative path is read from the working directory (a Slurm job's may be elsewhere)
         raise DataError(f"{name} {root}: no such folder" + ("" if root.is_absolute() else f" ({root.absolute()})"))
-    files = {}
-    try:
-        listing = sorted(root.iterdir())
-    except OSError:  # a folder that may be entered but not listed: the names as written here only
-        listing = [root / f"{n}{ext}" for names in SPLIT_FILE_NAMES.values() for n in names for ext in FORMATS]
-    present: dict[str, list[Path]] = {}  # by lower-case name: train.CSV and Train.csv are train.csv too
-    for p in listing:
-        if p.is_file():
-            present.setdefault(p.name.lower(), []).append(p)
-    for split, names in SPLIT_FILE_NAMES.items():
-        found = [p for n in names for ext in FORMATS for p in present.get(f"{n}{ext}", [])]
-        if len(found) > 1:
-            raise DataError(f"{name} {root}: several {split} files ({', '.join(p.name for p in found)}); keep one")
-        if found:
-            files[split] = found[0]
-    if files:
+    if files := folder_files(root, name):
         for split in ("train", "test"):
             if split not in files:
                 raise DataError(f"{name} {root}: no {split} file (expected {split}.csv, .jsonl or .parquet beside "

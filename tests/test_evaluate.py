@@ -276,6 +276,41 @@ def test_integer_labels_mean_one_class_in_every_file_with_classlabel_files_about
             assert "test.csv: line 3 has label 0, which is not one of the classes ['1', '2']" in results[2]
 
 
+def test_data_path_reads_the_splits_file_whole_with_the_models_classes(tmp_path, capsys):
+    """--split test --data-path DIR reads DIR's test file as a --file is read: whole (the model's data.test_limit was
+    its run's), with the model's classes (a hub model's neg / pos for a copy's 0 / 1; a class its train file lacks),
+    and with no train file beside it. A validation carved from a train file still needs the train file."""
+    import torch
+
+    from conftest import write_parquet
+    from distsent.checkpoint import export_model
+    from distsent.configfile import load_config
+    from distsent.evaluate import main
+    from distsent.model import build_model
+    from distsent.tokenizer import train_tokenizer
+
+    texts, labels = make_reviews(40, 3)
+    cfg = load_config(None, ["model.embedding_dim=16", "model.hidden_dim=16", "data.min_freq=1",
+                             "data.test_limit=10"])  # the hub's data: IMDB's classes are neg, pos there
+    torch.manual_seed(0)
+    tok = train_tokenizer(texts, cfg.data)
+    export_model(model := tmp_path / "best", build_model(tok.get_vocab_size(), cfg.model, 2), tok, cfg,
+                 {"step": 0, "label_names": ["neg", "pos"]})
+    data = write_parquet(tmp_path / "copy", {"train": ([texts[0]] * 5, [0] * 5), "test": (texts, labels)})
+
+    def scored(*args):
+        assert main(["--model", str(model), *args]) == 0, capsys.readouterr().err
+        return json.loads(capsys.readouterr().out.splitlines()[0])
+
+    by_split = scored("--split", "test", "--data-path", str(data))
+    assert by_split == scored("--file", str(data / "test.parquet")) and by_split["n"] == 40
+    assert by_split["support/pos"] == sum(labels)
+    (data / "train.parquet").unlink()
+    assert scored("--split", "test", "--data-path", str(data)) == by_split
+    assert main(["--model", str(model), "--split", "val", "--data-path", str(data)]) == 2
+    assert "no train file" in capsys.readouterr().err
+
+
 def test_evaluate_output_on_a_full_disk_is_one_line(model_dir, tmp_path):
     texts, labels = make_reviews(10, 3)
     f = tmp_path / "labeled.jsonl"
