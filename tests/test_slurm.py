@@ -449,6 +449,45 @@ def test_sweep_file_line_per_task_and_node_rank_per_task(cluster, tmp_path):
     assert proc.returncode == 0 and f"run directory {tmp_path}/home/runs/x" in proc.stdout, proc.stderr
 
 
+def test_the_launch_is_given_torchruns_stop_settings_a_yaml_safe_run_directory_and_no_early_signal(tmp_path):
+    """The script run as a job's shell would run it, outside Slurm (its SLURM_* variables set by hand; no scontrol
+    knows the job). A dry run shows torchrun's settings: the stop signals it forwards and a shutdown timeout well
+    past torchrun's 30 s, after which it kills ranks still validating or checkpointing. A config named "lstm #3"
+    gets a run directory the trainer reads whole (YAML would cut it at the #), a YAML-quoted output_dir is read
+    unquoted; a bad process count is named. A stop signal that comes before the launch (a slow environment
+    activation here) starts no launch: srun drops a signal sent before its tasks run, and the run would go on past
+    its job's end with no checkpoint; the job goes to be requeued instead."""
+    config = tmp_path / "lstm #3.yaml"
+    shutil.copy(CONFIG, config)
+    env = clean_env({"SLURM_JOB_ID": "4242", "SLURM_JOB_NUM_NODES": "1", "SLURM_JOB_NODELIST": "n1",
+                     "SLURM_SUBMIT_DIR": str(tmp_path), "DISTSENT_HOME": str(REPO), "CUDA_VISIBLE_DEVICES": ""})
+
+    def script(*args, **extra):
+        return subprocess.run(["bash", str(SLURM_DIR / "train.sbatch"), *args], env={**env, **extra}, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+
+    proc = script(str(config), DISTSENT_DRY_RUN="1")
+    assert proc.returncode == 0, proc.stderr
+    assert "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 srun" \
+        in proc.stdout
+    from distsent.configfile import parse_override
+
+    step = shlex.split(proc.stdout.splitlines()[-1])
+    given = next(a for a in step if a.startswith("output_dir="))
+    assert parse_override(given) == ("output_dir", f"{tmp_path}/runs/lstm #3-4242"), given
+    proc = script(str(config), "output_dir='runs/my run'", DISTSENT_DRY_RUN="1")
+    assert proc.returncode == 0 and f"run directory {tmp_path}/runs/my run\n" in proc.stdout, proc.stdout
+    proc = script(str(config), DISTSENT_DRY_RUN="1", DISTSENT_PROCS_PER_NODE="two")
+    assert proc.returncode == 2 and "processes per node 'two'" in proc.stderr, proc.stderr
+    fake = tmp_path / "bin"
+    fake.mkdir()
+    (fake / "srun").write_text(f"#!/bin/sh\ntouch {tmp_path}/launched\n")
+    (fake / "srun").chmod(0o755)
+    proc = script(str(config), PATH=f"{fake}{os.pathsep}{env['PATH']}", DISTSENT_ENV_ACTIVATE="kill -USR1 $$")
+    assert "SIGUSR1 came before the launch (no step trained)" in proc.stdout, proc.stdout + proc.stderr
+    assert proc.returncode == 75 and not (tmp_path / "launched").exists()  # no job to requeue here: 75, resubmit
+
+
 def test_a_script_submitted_by_a_relative_path_finds_its_checkout_from_another_working_directory(cluster, job_env,
                                                                                                  tmp_path):
     """sbatch copies the script to its spool: the checkout is found through the job's Command, the path as given to
