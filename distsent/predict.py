@@ -12,10 +12,13 @@ Python:  Predictor.load("runs/imdb_lstm/best").predict(["A wonderful film."])
 from __future__ import annotations
 
 import argparse
+import codecs
+import contextlib
 import json
 import math
 import os
 import sys
+from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
@@ -43,6 +46,7 @@ NOT_TEXT = {".json", ".ndjson", ".tsv", ".xml", ".html", ".htm", ".xlsx", ".xls"
 RESULT_KEYS = ("row", "line", "text", "label", "probability", "probabilities", "p_positive", "warning", "truncated",
                "error")
 ENCODE_CHUNK = 4096  # texts tokenized together (memory), each chunk cut into batches sorted by length
+UNICODE_CODECS = {"utf-8", "utf-8-sig", "utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"}
 
 
 class Predictor:
@@ -187,16 +191,34 @@ def _read_meta(path: Path) -> dict:
     return meta
 
 
-def _read_lines(stream) -> list[tuple[dict, str | None, str | None]]:
-    """({"line": n}, text, error) per line of a binary stream; lines that are not UTF-8 become an error, not a
-    crash."""
-    out = []
-    for n, raw in enumerate(stream, 1):
-        try:  # utf-8-sig on the first line: a byte order mark (as some editors save) is not part of the text
-            out.append(({"line": n}, raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r\n"), None))
-        except UnicodeDecodeError as exc:
-            out.append(({"line": n}, None, f"line {n}: not valid UTF-8 ({exc.reason} at byte {exc.start})"))
-    return out
+def _line_chunks(stream, size: int = 1 << 16) -> Iterator[list[tuple[dict, str | None, str | None]]]:
+    """The lines of a binary stream as lists of ({"line": n}, text, error), one list per read: what a pipe holds
+    when read, so a text typed or piped in slowly is answered at once, and a file is never held whole. Lines that
+    are not UTF-8 become an error, not a crash."""
+    n, parts = 0, []  # parts: the line read so far (a line may span reads)
+    while block := stream.read1(size):
+        *ends, rest = block.split(b"\n")
+        lines = [b"".join(parts) + ends[0], *ends[1:]] if ends else []
+        parts = [rest] if ends else parts + [rest]
+        if lines:
+            yield [_line(raw, i) for i, raw in enumerate(lines, n + 1)]
+            n += len(lines)
+    if last := b"".join(parts):
+        yield [_line(last, n + 1)]
+
+
+def _line(raw: bytes, n: int) -> tuple[dict, str | None, str | None]:
+    try:  # utf-8-sig on the first line: a byte order mark (as some editors save) is not part of the text
+        return {"line": n}, raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r"), None
+    except UnicodeDecodeError as exc:
+        return {"line": n}, None, f"line {n}: not valid UTF-8 ({exc.reason} at byte {exc.start})"
+
+
+def _print_json(record: dict, strict: bool = False) -> None:
+    """One result line: its text as UTF-8 where stdout takes it, as \\u escapes where it does not (a latin-1
+    locale, a Windows console): valid JSON either way, and no crash on a tweet's emoji."""
+    encoding = getattr(sys.stdout, "encoding", None) or "utf-8"
+    print(json.dumps(record, ensure_ascii=codecs.lookup(encoding).name not in UNICODE_CODECS, allow_nan=not strict))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -251,33 +273,33 @@ def _run(argv: list[str] | None) -> int:
         return 2
     if table:
         return _predict_table(predictor, Path(args.file), args.text_column, keep)
-    if args.file:
-        try:
-            with open(args.file, "rb") as f:
-                items = _read_lines(f)
-        except OSError as exc:
-            print(f"distsent-predict: --file {args.file}: {exc.strerror or exc}", file=sys.stderr)
-            return 2
-    elif args.texts == ["-"]:
-        if sys.stdin is None:
-            print("distsent-predict: '-' reads the texts from stdin, which is closed", file=sys.stderr)
-            return 2
-        items = _read_lines(sys.stdin.buffer)
-    elif "-" in args.texts:
-        parser.error("'-' (read stdin) cannot be mixed with texts")
-    elif args.texts:
-        # an argument that was not UTF-8 holds surrogates (Python's way to keep its bytes): an error, and not printed
-        items = [({}, t, None) if not SURROGATE.search(t) else ({}, None, f"argument {n}: not valid UTF-8")
-                 for n, t in enumerate(args.texts, 1)]
-    else:
-        parser.error("give texts, --file PATH, or - for stdin")
-    # printed a chunk at a time: the results of a big file never pile up in memory
-    for start in range(0, len(items), ENCODE_CHUNK):
-        chunk = items[start: start + ENCODE_CHUNK]
-        results = iter(predictor.predict([t for _, t, err in chunk if err is None]))
-        for place, text, err in chunk:  # place: the line of a file or stdin, as a data file's records carry theirs
-            record = {**place, "error": err} if err else {**place, "text": _shown(text), **next(results)}
-            print(json.dumps(record, ensure_ascii=False))
+    with contextlib.ExitStack() as stack:
+        if args.file:
+            try:
+                chunks = _line_chunks(stack.enter_context(open(args.file, "rb")))
+            except OSError as exc:
+                print(f"distsent-predict: --file {args.file}: {exc.strerror or exc}", file=sys.stderr)
+                return 2
+        elif args.texts == ["-"]:
+            if sys.stdin is None:
+                print("distsent-predict: '-' reads the texts from stdin, which is closed", file=sys.stderr)
+                return 2
+            chunks = _line_chunks(sys.stdin.buffer)
+        elif "-" in args.texts:
+            parser.error("'-' (read stdin) cannot be mixed with texts")
+        elif args.texts:
+            # an argument that was not UTF-8 holds surrogates (Python's way to keep its bytes): an error, not printed
+            chunks = [[({}, t, None) if not SURROGATE.search(t) else ({}, None, f"argument {n}: not valid UTF-8")
+                       for n, t in enumerate(args.texts, 1)]]
+        else:
+            parser.error("give texts, --file PATH, or - for stdin")
+        for chunk in chunks:  # printed as read, a chunk of at most ENCODE_CHUNK texts at a time
+            for start in range(0, len(chunk), ENCODE_CHUNK):
+                part = chunk[start: start + ENCODE_CHUNK]
+                results = iter(predictor.predict([t for _, t, err in part if err is None]))
+                for place, text, err in part:  # place: the line of a file or stdin, as a data file's records have
+                    _print_json({**place, "error": err} if err else {**place, "text": _shown(text), **next(results)})
+            sys.stdout.flush()
     return 0
 
 
@@ -301,8 +323,7 @@ def _predict_table(predictor: Predictor, path: Path, text_column: str | None, ke
             if i in split.problems:  # a record the reader could not take (not JSON, a number for a text, ...)
                 result = {"error": split.problems[i]}
             # strict JSON: the kept values are the file's; an error may quote bytes that were not UTF-8
-            print(json.dumps(_json_value({**place, "text": _shown(text), **result}), ensure_ascii=False,
-                             allow_nan=False))
+            _print_json(_json_value({**place, "text": _shown(text), **result}), strict=True)
     return 0
 
 

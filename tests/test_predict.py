@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import REPO, make_reviews
+from conftest import REPO, make_reviews, run_env
 from distsent.predict import Predictor
 
 
@@ -122,6 +122,49 @@ def test_cli_arguments_file_and_stdin(model_dir, tmp_path, monkeypatch, capsys):
     rows = [json.loads(line) for line in capsys.readouterr().out.split("\n") if line]
     assert [r["row"] for r in rows] == [0, 1, 2] and rows[1]["error"] == "no text (null)"
     assert [rows[0]["p_positive"], rows[2]["p_positive"]] == [by_file[0]["p_positive"], by_file[3]["p_positive"]]
+
+
+def test_lines_are_read_a_block_at_a_time_whatever_the_blocks_cut():
+    """Lines of a file or stdin come a read at a time (never the whole input at once): a line cut between reads,
+    a Windows line end, a byte order mark, bytes that are not UTF-8 and a last line without an end come out as
+    reading the whole input line by line gives them, numbered from 1."""
+    from distsent.predict import _line_chunks
+
+    data = b"\xef\xbb\xbffirst\r\nsecond line\n\n\xff bad\nlong " + b"x" * 50 + b"\nlast"
+    whole = [raw.rstrip(b"\r") for raw in data.split(b"\n")]
+    for size in (1, 3, 7, 64, 1 << 16):
+        chunks = list(_line_chunks(io.BytesIO(data), size))
+        items = [item for chunk in chunks for item in chunk]
+        assert [p["line"] for p, _, _ in items] == list(range(1, 7)), size
+        assert [t for _, t, _ in items] == ["first", "second line", "", None, whole[4].decode(), "last"], size
+        assert "line 4: not valid UTF-8" in items[3][2]
+        assert size > len(data) or len(chunks) > 1
+
+
+def test_stdin_is_answered_line_by_line_and_any_stdout_encoding_gets_json(model_dir):
+    """A text piped in is answered before the input ends (a reader feeding it one text at a time sees each
+    result); a stdout that cannot take every character (a latin-1 locale) gets \\u escapes, not a crash."""
+    import select
+
+    proc = subprocess.Popen([sys.executable, "-m", "distsent.predict", "--model", str(model_dir), "-"], cwd=REPO,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=run_env())
+    try:
+        proc.stdin.write(b"good0 great\n")
+        proc.stdin.flush()
+        ready, _, _ = select.select([proc.stdout], [], [], 120)  # the input is still open
+        assert ready, "no result before the input ended"
+        assert json.loads(proc.stdout.readline())["text"] == "good0 great"
+        proc.stdin.write(b"bad1 awful\n")
+        proc.stdin.close()
+        assert json.loads(proc.stdout.readline())["line"] == 2 and proc.wait(60) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+    text = "good0 great \U0001f600 caf\u00e9"
+    out = subprocess.run([sys.executable, "-m", "distsent.predict", "--model", str(model_dir), text],
+                         env=run_env({"PYTHONIOENCODING": "latin-1"}), capture_output=True, cwd=REPO, timeout=120)
+    assert out.returncode == 0, out.stderr.decode()
+    assert json.loads(out.stdout.decode("ascii"))["text"] == text
 
 
 def test_cli_data_files_read_their_text_column(model_dir, tmp_path):
