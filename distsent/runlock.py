@@ -54,7 +54,8 @@ class RunLock:
     def __init__(self, run_dir: Path, heartbeat_s: float = 10.0, stale_s: float = 60.0):
         self.path, self.heartbeat_s, self.stale_s = Path(run_dir) / LOCK, heartbeat_s, stale_s
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "pid_namespace": _pid_namespace(),
-                   "started": time.time(), "slurm_job_id": os.environ.get("SLURM_JOB_ID", "")}
+                   "started": time.time(), "slurm_job_id": os.environ.get("SLURM_JOB_ID", ""),
+                   "slurm_restart": int(os.environ.get("SLURM_RESTART_COUNT", "") or 0)}
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.lost: RunLockedError | None = None  # set by the heartbeat if another launch took the directory over
@@ -82,9 +83,10 @@ class RunLock:
             if held.get("pid") == self.me["pid"]:  # pids are unique here: the process that held it is gone
                 return f"its pid {held['pid']} is this process's own"
             return None if _pid_alive(held.get("pid", -1)) else f"its process {held.get('pid')} on this host is gone"
-        if held.get("slurm_job_id") and held["slurm_job_id"] == self.me["slurm_job_id"]:
-            # on another host: a requeued job runs again under its id (within one live allocation, a second
-            # launch on another node would take over too: it is told apart from a requeue only by the heartbeat)
+        if held.get("slurm_job_id") and held["slurm_job_id"] == self.me["slurm_job_id"] and \
+                held.get("slurm_restart", -1) < self.me["slurm_restart"]:
+            # on another host: a requeued job runs again under its id with a higher restart count (a second launch
+            # within one allocation has the same count: a live run; locks of earlier versions name no count)
             return f"it is an earlier attempt of this Slurm job ({held['slurm_job_id']})"
         return None
 

@@ -642,11 +642,13 @@ def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, monke
     lock_file.write_text(json.dumps({**live, "pid": os.getpid(), "pid_namespace": 1}))
     with pytest.raises(RunLockedError, match="in use by a live run"):
         RunLock(tmp_path).acquire()
-    # a second launch in the same Slurm allocation, on the host where the run lives: refused too
-    lock_file.write_text(json.dumps({**live, "slurm_job_id": "77"}))
+    # a second launch in the same Slurm allocation, on the host where the run lives or on another: refused too
     monkeypatch.setenv("SLURM_JOB_ID", "77")
-    with pytest.raises(RunLockedError, match="Slurm job 77"):
-        RunLock(tmp_path).acquire()
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    for host_held in (host, "elsewhere"):
+        lock_file.write_text(json.dumps({**live, "host": host_held, "slurm_job_id": "77", "slurm_restart": 1}))
+        with pytest.raises(RunLockedError, match="Slurm job 77"):
+            RunLock(tmp_path).acquire()
     lock_file.write_text("")  # a launch killed as it took the lock: no owner to name, and not yet stale
     with pytest.raises(RunLockedError, match=r"run.lock names no run \(empty or unreadable, written 0 s ago"):
         RunLock(tmp_path).acquire()
@@ -657,7 +659,9 @@ def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, monke
         ({**live, "pid": gone.pid}, "on this host is gone"),  # kill -9, then a restart on the same machine
         ({**live, "pid": os.getpid()}, "is this process's own"),  # a restart in a container given the same pid
         ({**live, "host": "elsewhere", "heartbeat": now - 120}, r"heartbeat is 12\d s old"),  # a lost node
-        ({**live, "host": "elsewhere", "slurm_job_id": "77"}, "earlier attempt of this Slurm job"),  # requeued
+        ({**live, "host": "elsewhere", "slurm_job_id": "77", "slurm_restart": 0}, "earlier attempt of this Slurm "
+                                                                                   "job"),  # requeued: restart 1
+        ({**live, "host": "elsewhere", "slurm_job_id": "77"}, "earlier attempt of this Slurm job"),  # no count kept
     ]
     for held, why in dead_cases:
         lock_file.write_text(json.dumps(held))
