@@ -76,8 +76,7 @@ class Trainer:
         self.checkpoints = ckpt.CheckpointManager(self.run_dir, cfg.checkpoint, acc, self.model, self.optimizer, {
             "train_state": self.state, "log_sums": self.sums, "scheduler": self.scheduler, "scaler": acc.scaler},
             averaged=self.ema, lock=self.lock)
-        self.identity = run_identity(cfg, self.data)
-        self.class_weights = class_weights(cfg, self.data, acc.device)
+        self.identity, self.class_weights = run_identity(cfg, self.data), class_weights(cfg, self.data, acc.device)
         self.stop = stop or StopFlag(cfg.dist.stop_signals)
         self.debug = DebugRecords(self.run_dir, acc.process_index, cfg.train.debug_records)
         self.started, self.eval_seconds = time.perf_counter() - self.prepare_s, 0.0  # time/elapsed_s's origin; evals
@@ -336,6 +335,7 @@ class Trainer:
             if changed and acc.is_main_process:  # a run past its end trains no further: it is only tested again
                 log.warning("%s at step %d with changed settings: %s", "testing the ended run again" if self._done()
                             else "resuming", state.step, ", ".join(changed))
+            self.continues = cfg.checkpoint.resume == "auto"  # if settling a named one fails, the run is not as it was
             self.continues = not settle(acc, state, cfg.checkpoint.resume, self.resume_from, self.run_dir)  # W&B run
             self.started -= state.elapsed_s  # the time of the launches before, up to the checkpoint resumed from
         else:

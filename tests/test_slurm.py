@@ -391,7 +391,8 @@ def test_sweep_file_line_per_task_and_node_rank_per_task(cluster, tmp_path):
     """Without running anything (DISTSENT_DRY_RUN): task i takes line i of the overrides file, the run directory
     is named after the array task, and the node rank is left for each srun task's own shell to expand."""
     (tmp_path / "sweep.txt").write_text("optim.lr=0.1\noptim.lr=0.2 model.bidirectional=true 'log.wandb.notes=lr "
-                                        "sweep' log.wandb.tags='[a, b]' x=$(touch ran)\nx=\"unclosed\n")
+                                        "sweep' log.wandb.tags='[a, b]' 'x=$(touch ran)'\nx=\"unclosed\n"
+                                        "optim.lr=0.3 # a comment\n  # a comment\noptim.lr=0.4 output_dir=x\n")
     env = clean_env({"SLURM_JOB_ID": "4242", "SLURM_ARRAY_JOB_ID": "4240", "SLURM_ARRAY_TASK_ID": "2",
                      "SLURM_JOB_NUM_NODES": "3", "SLURM_JOB_NODELIST": "n[1-2],gpu7", "SLURM_CPUS_ON_NODE": "4",
                      "SLURM_SUBMIT_DIR": str(tmp_path), "DISTSENT_HOME": str(REPO), "DISTSENT_DRY_RUN": "1",
@@ -401,7 +402,7 @@ def test_sweep_file_line_per_task_and_node_rank_per_task(cluster, tmp_path):
     assert proc.returncode == 0, proc.stderr
     out = proc.stdout
     assert f"output_dir={tmp_path}/runs/smoke-4240_2 log.wandb.group=smoke-4240 x.y=1 optim.lr=0.2 " \
-           f"model.bidirectional=true 'log.wandb.notes=lr sweep' 'log.wandb.tags=[a, b]' 'x=$(touch' 'ran)'" in out
+           f"model.bidirectional=true 'log.wandb.notes=lr sweep' 'log.wandb.tags=[a, b]' 'x=$(touch ran)'" in out
     assert not (tmp_path / "ran").exists()  # quotes are read, nothing in the line is run
     assert "--num_machines 3 --num_processes 6 --main_process_ip n1 --main_process_port 24242" in out
     assert "--nodes=3 --ntasks=3 --ntasks-per-node=1" in out and "--cpus-per-task=4" in out
@@ -410,10 +411,12 @@ def test_sweep_file_line_per_task_and_node_rank_per_task(cluster, tmp_path):
     proc = subprocess.run(["bash", str(SLURM_DIR / "sweep.sbatch"), "--file", "sweep.txt", str(CONFIG)],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2 and "line 3 of" in proc.stderr and "unmatched double quote" in proc.stderr
-    env["SLURM_ARRAY_TASK_ID"] = "4"
-    proc = subprocess.run(["bash", str(SLURM_DIR / "sweep.sbatch"), "--file", "sweep.txt", str(CONFIG)],
-                          env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
-    assert proc.returncode == 2 and "line 4 of" in proc.stderr
+    for task, why in ((4, "'#' is not key=value (a comment goes on a line of its own)"), (5, "a comment"),
+                      (6, "output_dir=x: every task has a run directory of its own"), (7, "missing")):
+        env["SLURM_ARRAY_TASK_ID"] = str(task)
+        proc = subprocess.run(["bash", str(SLURM_DIR / "sweep.sbatch"), "--file", "sweep.txt", str(CONFIG)],
+                              env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2 and f"line {task} of" in proc.stderr and why in proc.stderr, proc.stderr
     env["SLURM_ARRAY_TASK_ID"] = "0"  # --array=0-N, as for seeds: there is no line 0
     proc = subprocess.run(["bash", str(SLURM_DIR / "sweep.sbatch"), "--file", "sweep.txt", str(CONFIG)],
                           env=env, cwd=tmp_path, capture_output=True, text=True, timeout=60)
