@@ -79,8 +79,11 @@ def write_figures(result: dict, classes: list[str], out: Path) -> list[Path]:
     rel = result["reliability"]
     low = 1 / c  # the top-label confidence is at least 1 / classes
     ax.plot([low, 1], [low, 1], "--", color="grey", label="perfect calibration")
-    ax.bar([(b["lo"] + b["hi"]) / 2 for b in rel], [b["accuracy"] for b in rel], width=0.9 / ECE_BINS,
-           alpha=0.7, label="accuracy in bin")
+    # each bar over its bin, inside the axes: the bin holding 1 / classes whole, the bin of exactly 1.0 at the edge
+    widths = [0.9 * max(b["hi"] - b["lo"], 1 / ECE_BINS / 2) for b in rel]
+    ax.bar([min(b["lo"], 1 - w) for b, w in zip(rel, widths)], [b["accuracy"] for b in rel], width=widths,
+           align="edge", alpha=0.7, label="accuracy in bin")
+    low = min([low] + [b["lo"] for b in rel])
     ax.plot([b["confidence"] for b in rel], [b["accuracy"] for b in rel], "o-", color="C3", label="per bin")
     ax.set(xlim=(low, 1), ylim=(0, 1), xlabel="confidence", ylabel="accuracy",
            title=f"reliability (ECE {result['ece']:.4f})")
