@@ -145,6 +145,10 @@ def check(cfg) -> int:
     try:
         if root.parent.exists() and not root.parent.is_dir():
             raise ConfigError(f"output_dir {cfg.output_dir}: a file, not a folder")
+        there = next(p for p in (root.parent, *root.parent.parents) if p.exists())  # the run makes the rest
+        if not os.access(there, os.W_OK | os.X_OK):  # a read-only filesystem, or no permission for this user
+            raise ConfigError(f"output_dir {cfg.output_dir}: {there} cannot be written here (a read-only filesystem, "
+                              "or no permission)")
         check_trackers(cfg.log)
         world = os.environ.get("WORLD_SIZE", "")
         if world.isdigit() and int(world) > 0:  # under accelerate launch / torchrun: the batch must split over them

@@ -170,7 +170,7 @@ def test_run_records_on_a_full_then_read_only_disk(small_disk):
         write_status(small_disk, state="finished", step=step)
 
 
-def test_a_run_lock_that_cannot_be_written_leaves_no_lock_behind(small_disk, synth_imdb, cache_env):
+def test_a_run_lock_that_cannot_be_written_leaves_no_lock_behind(small_disk, synth_imdb, cache_env, capsys):
     """A launch into a full disk or a read-only filesystem stops at its run lock with one line naming it, on both
     processes (no collective traceback); it leaves no empty run.lock, which would pass for a live run's and refuse
     the next launch, and status.json says failed. With space again, the same command starts at once."""
@@ -199,6 +199,11 @@ def test_a_run_lock_that_cannot_be_written_leaves_no_lock_behind(small_disk, syn
     new = run(direct_cmd(tiny_overrides(small_disk / "new", synth_imdb)))  # a run directory that cannot be made
     assert new.returncode == 74, new.stderr[-3000:]
     assert f"distsent-train: WriteError: cannot write {small_disk / 'new'}: Read-only file system" in new.stderr
+    from distsent.train import main  # --check says so before a job is queued
+
+    assert main(["--config", str(REPO / "configs" / "smoke.yaml"), "--check",
+                 *tiny_overrides(small_disk / "new" / "run", synth_imdb)]) == 2
+    assert f"{small_disk} cannot be written here (a read-only filesystem" in capsys.readouterr().err
     subprocess.run(["mount", "-o", "remount,rw", str(small_disk)], check=True)
     again = run(direct_cmd(args))
     assert again.returncode == 0, again.stderr[-3000:]
