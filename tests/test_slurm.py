@@ -354,6 +354,8 @@ def test_a_launch_that_fails_before_it_runs_ends_the_job_with_exit_code_2(cluste
     fields, text = wait_done(job), job_logs(tmp_path)
     assert fields["JobState"] == "FAILED" and fields["ExitCode"] == "2:0", text[-3000:]
     assert said in text and not (held / "status.json").exists()
+    refused = f"this launch was refused: another live run holds {held} (its run.lock"
+    assert (refused in text) == (mistake == "a run directory another run holds"), text[-3000:]
 
 
 def test_a_time_limit_near_the_stop_signals_lead_is_warned_about(cluster, job_env, tmp_path):
