@@ -53,9 +53,10 @@ class DataConfig:
     hub_train_split: str = _doc("Hub split to train on.", "train", cache="split")
     hub_validation_split: str = _doc("Hub split for validation; empty: carved from training.", "", cache="split")
     hub_test_split: str = _doc("Hub split to test on.", "test", cache="split")
-    limit: int = _doc("Use at most this many training texts (seeded random subset); 0 = all.", 0, resume=True,
-                       cache="split")
-    test_limit: int = _doc("Use at most this many test texts; 0 = all.", 0, cache="split")
+    limit: int = _doc("Use at most this many texts of the training file (a seeded random subset; a validation "
+                      "carved from it comes out of them); 0 = all.", 0, resume=True, cache="split")
+    test_limit: int = _doc("Use at most this many test texts (the same ones whatever the seeds); 0 = all.", 0,
+                           cache="split")
     val_fraction: float = _doc("Share of the training texts held out for validation (model selection).", 0.1,
                                resume=True, cache="split")
     split_seed: int = _doc("Seed of the subset and validation carving (kept apart from the training seed).", 0,

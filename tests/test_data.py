@@ -226,6 +226,10 @@ def test_validation_carved_from_train_seeded_and_disjoint(splits, tmp_path):
     assert not set(a["val"].ids) & set(a["train"].ids)
     assert (a["val"].ids == b["val"].ids).all()
     assert len(a["test"].ids) == 20  # test is never touched by the split
+    # data.test_limit keeps the same test texts whatever the carve's seed and the training texts' number
+    subsets = [load_splits(DataConfig(path=cfg.path, test_limit=7, **extra))[0]["test"].ids.tolist()
+               for extra in ({}, {"split_seed": 3}, {"limit": 20}, {"val_fraction": 0.5})]
+    assert len(subsets[0]) == 7 and all(s == subsets[0] for s in subsets)
 
 
 def test_bad_data_errors_name_the_file(tmp_path, splits):
@@ -361,6 +365,26 @@ def test_a_data_file_rewritten_with_its_old_size_and_time_is_new_data(tmp_path, 
     assert len(data) == before.st_size
     train.write_bytes(data)
     os.utime(train, ns=(before.st_atime_ns, before.st_mtime_ns))
+    again = prepare(cfg)
+    assert not again.cache_hit and (again.train.labels == 1 - first.train.labels).all()
+
+
+def test_the_cache_knows_data_files_by_their_content_not_their_stamps(tmp_path, splits, monkeypatch):
+    """An image file system built with fixed times (squashfs, Apptainer) shows an edited file with the size, times
+    and inode of the old one (stood in for: every file stamped alike): its content tells the cache it is new data.
+    The same bytes written again (a fresh copy: new inode and times) are the same data, and hit."""
+    import distsent.sources
+
+    monkeypatch.setattr(distsent.sources, "_stamp", lambda st: "one stamp for every file")
+    folder = write_parquet(tmp_path / "d", splits)
+    cfg = DataConfig(path=str(folder), cache_dir=str(tmp_path / "c"), min_freq=1)
+    first = prepare(cfg)
+    train = folder / "train.parquet"
+    data = train.read_bytes()
+    train.unlink()
+    train.write_bytes(data)
+    assert prepare(cfg).cache_hit
+    write_parquet(folder, {"train": (splits["train"][0], [1 - y for y in splits["train"][1]])})
     again = prepare(cfg)
     assert not again.cache_hit and (again.train.labels == 1 - first.train.labels).all()
 

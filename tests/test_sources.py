@@ -232,7 +232,10 @@ def test_hub_class_label_names_and_order(tmp_path, monkeypatch):
     cfg = DataConfig(hub_name=str(tmp_path / "emotion"), hub_validation_split="validation")
     assert find_source(cfg).kind == "hub"
     before = find_source(cfg).fingerprint()  # a local folder's files are part of the cache key, as for data.path
-    ds.to_parquet(tmp_path / "emotion" / "data" / "test-00000-of-00001.parquet")
+    ds.to_parquet(tmp_path / "emotion" / "data" / "test-00000-of-00001.parquet")  # the same bytes again
+    assert find_source(cfg).fingerprint() == before
+    ds.map(lambda r: {"text": r["text"] + " edited"}).to_parquet(tmp_path / "emotion" / "data" /
+                                                                  "test-00000-of-00001.parquet")
     assert find_source(cfg).fingerprint() != before
     splits, got = load_splits(cfg)
     assert got == names  # the ClassLabel's order, not sorted
