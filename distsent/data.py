@@ -8,9 +8,11 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import shlex
 import shutil
 import socket
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +38,7 @@ SPLIT_NAMES = ("train", "val", "test")
 # rules are prepared again (left alone)
 CACHE_LAYOUT = "npy-7"
 SOURCE_FILE = "source.json"  # in each split folder: where its data lies and which version (_note_earlier_versions)
+TMP_MARK = ".tmp"  # an entry being written: <entry>.tmp<pid>-<random>
 
 
 @dataclass
@@ -132,9 +135,9 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
     else:
         counts = np.bincount(index[: offsets[bounds[1]]], minlength=len(distinct))
         tok = build_tokenizer(vocabulary(distinct, counts, cfg.min_freq), cfg.lowercase, cfg.strip_html)
-        with files.writing(split_dir):
+        with _cache_writes(), files.writing(split_dir):
             split_dir.mkdir(parents=True, exist_ok=True)
-        files.atomic_write(tok_file, tok.to_str())
+            files.atomic_write(tok_file, tok.to_str())
         tok_text = tok_file.read_text(encoding="utf-8")
     ids = word_ids(tok, distinct)[index]
     out = {}
@@ -142,10 +145,21 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
         first, last = offsets[a], offsets[b]
         out[name] = cut(ids[first:last], offsets[a: b + 1] - first, cfg.max_len, cfg.truncate).relabel(
             raw[name].labels, raw[name].ids)
-    manifest = _store(ids_dir(tok_text), out, names)
+    with _cache_writes():
+        manifest = _store(ids_dir(tok_text), out, names)
     _note_earlier_versions(cache_root(cfg), split_dir, src.place(), fingerprint)
     return PreparedData(out["train"], out["val"], out["test"], tokenizer=tok, cache_hit=False, label_names=names,
                         content=training_content(manifest))
+
+
+@contextlib.contextmanager
+def _cache_writes():
+    """A cache write that fails (a full disk, a read-only cache) says where another cache folder can be named."""
+    try:
+        yield
+    except files.WriteError as exc:
+        raise files.WriteError(exc.errno, f"{exc} (the token cache: data.cache_dir or ${CACHE_ENV} names another "
+                               "folder)") from exc
 
 
 def _cached_tokenizer(tok_file: Path) -> str | None:
@@ -176,8 +190,8 @@ def _load_checked(tok_file: Path, cfg: DataConfig):
 
 def _note_earlier_versions(root: Path, kept: Path, place: dict, fingerprint: str) -> None:
     """Record in `kept` (a split folder just prepared) where its data lies, and name the split folders this host
-    prepared of earlier versions of the same files (same place, other fingerprint), which no run can hit again: an
-    edit changes a file's stamps for good. (Another node's folder of the same path may be of its own node-local
+    prepared of earlier versions of the same files (same place, other fingerprint), which no run hits again unless
+    the files are put back as they were. (Another node's folder of the same path may be of its own node-local
     copy.) They are named, with their size, not removed: a run started before the edit may still be reading one
     (memory-mapped, perhaps from another node of a shared cache, where removing it would crash that run), and only
     the user knows. Folders written before this record are not named."""
@@ -210,16 +224,35 @@ def _note_earlier_versions(root: Path, kept: Path, place: dict, fingerprint: str
 
 def _store(final: Path, splits: dict[str, TokenizedSplit], label_names: list[str]) -> dict:
     """Write the id arrays into a sealed folder and return its manifest; if another process finished the same
-    entry first, keep theirs (the same arrays)."""
-    tmp = final.with_name(final.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    with files.writing(final, partial=tmp):  # a full disk leaves no half-written entry
-        tmp.mkdir(parents=True)
-        for name, split in splits.items():
-            split.save(tmp, name)
-        manifest = files.seal(tmp, kind="token-cache", label_names=label_names)
+    entry first, keep theirs (the same arrays). The temporary folder is this writer's alone (processes in other
+    containers sharing the cache may have its pid), and is removed if the writing fails or is interrupted."""
+    tmp = final.with_name(f"{final.name}{TMP_MARK}{os.getpid()}-{secrets.token_hex(4)}")
+    try:
+        with files.writing(final, partial=tmp):  # a full disk leaves no half-written entry
+            tmp.mkdir(parents=True)
+            for name, split in splits.items():
+                split.save(tmp, name)
+            manifest = files.seal(tmp, kind="token-cache", label_names=label_names)
+    except BaseException:  # Ctrl-C, or a stop signal's exception, too
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     try:
         tmp.rename(final)
     except OSError:
         shutil.rmtree(tmp, ignore_errors=True)
+    _note_unfinished(final.parent)
     return manifest
+
+
+def _note_unfinished(folder: Path) -> None:
+    """Name the temporary folders that preparations killed outright (kill -9, a lost node) left in `folder`, once a
+    day old (not one being written now), with a command that removes them: nothing else ever would."""
+    unfinished = []
+    for tmp in folder.glob(f"*{TMP_MARK}*"):
+        with contextlib.suppress(OSError):  # removed meanwhile
+            if time.time() - tmp.stat().st_mtime > 86400:
+                unfinished.append(tmp)
+    if unfinished:
+        log.warning("token cache: %d unfinished entr%s left by preparations that were killed: rm -r %s",
+                    len(unfinished), "y" if len(unfinished) == 1 else "ies",
+                    " ".join(shlex.quote(str(f)) for f in unfinished))

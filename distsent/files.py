@@ -11,6 +11,7 @@ import errno
 import hashlib
 import json
 import os
+import secrets
 import shutil
 from pathlib import Path
 
@@ -57,16 +58,19 @@ def writing(path: str | Path, partial: Path | None = None):
     try:
         yield
     except OSError as exc:
+        error = exc if isinstance(exc, WriteError) else WriteError.of(path, exc)  # the free space as it failed
         if partial is not None:
             shutil.rmtree(partial, ignore_errors=True)
-        raise exc if isinstance(exc, WriteError) else WriteError.of(path, exc) from exc
+        if error is exc:
+            raise
+        raise error from exc
 
 
 def atomic_write(path: str | Path, data: str | bytes) -> None:
     """Write `data` to `path` through a temporary in the same folder and a rename (atomic on POSIX).
     WriteError if it cannot be written; the earlier version of `path`, if any, is then left as it was."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}-{secrets.token_hex(4)}")  # its own, whatever its pid
     try:
         with writing(path), open(tmp, "wb") as f:
             f.write(data.encode() if isinstance(data, str) else data)

@@ -389,6 +389,38 @@ def test_the_cache_knows_data_files_by_their_content_not_their_stamps(tmp_path, 
     assert not again.cache_hit and (again.train.labels == 1 - first.train.labels).all()
 
 
+def test_cache_writers_keep_to_their_own_temporary_folders(tmp_path, splits, monkeypatch, caplog):
+    """A preparation writes its entry in a temporary folder of its own: another container's writer, whose pid may
+    be this one's, keeps its folder; a preparation interrupted (Ctrl-C) removes its own; one killed outright leaves
+    it, and the next preparation names it for removal once a day old."""
+    import os
+    import time
+
+    from distsent.tokenizer import TokenizedSplit
+
+    cfg = DataConfig(path=str(write_parquet(tmp_path / "d", splits)), cache_dir=str(tmp_path / "c"), min_freq=1)
+    save = TokenizedSplit.save
+
+    def interrupted(self, folder, name):
+        save(self, folder, name)
+        (folder.parent / f"{folder.name.split('.tmp')[0]}.tmp{os.getpid()}").mkdir(exist_ok=True)  # another's
+        (folder.parent / "x.tmp1-dead").mkdir(exist_ok=True)  # one killed long ago
+        os.utime(folder.parent / "x.tmp1-dead", (time.time() - 2 * 86400,) * 2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(TokenizedSplit, "save", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        prepare(cfg)
+    left = sorted(p.name for p in (tmp_path / "c").rglob("*.tmp*"))
+    assert len(left) == 2 and left[0].endswith(f".tmp{os.getpid()}") and left[1] == "x.tmp1-dead", left
+    monkeypatch.setattr(TokenizedSplit, "save", save)
+    with caplog.at_level("WARNING"):
+        assert not prepare(cfg).cache_hit
+    assert sorted(p.name for p in (tmp_path / "c").rglob("*.tmp*")) == left
+    assert re.search(r"token cache: 1 unfinished entry left by preparations that were killed: rm -r \S*x.tmp1-dead",
+                     caplog.text)
+
+
 def test_the_cache_entries_of_edited_files_are_named_for_removal_and_kept(tmp_path, splits, caplog):
     """Editing a data file and training again (a user cleaning their own data) leaves the earlier version's tokens
     in the cache, where no run can hit them again. Preparing the edited files names the entries this host prepared
