@@ -152,7 +152,7 @@ def _free_name(path: Path, suffix: str) -> Path:
     return next(c for c in candidates if not c.exists())
 
 
-def settle(acc, state, resume: str, resume_from: Path, run_dir: Path) -> bool:
+def settle(acc, state, resume: str, resume_from: Path, run_dir: Path, ended: bool = False) -> bool:
     """Collective, after `resume_from` was restored into `state`: make it this run's. checkpoint.resume naming a
     path, carried out now, starts a new line from one of this run's older checkpoints (a rollback: the newer ones
     are deleted) or from another run's (a branch: a best model of its own); either is a new W&B run (W&B would drop
@@ -160,7 +160,8 @@ def settle(acc, state, resume: str, resume_from: Path, run_dir: Path) -> bool:
     ones `auto` skipped as broken: set aside. And best/ must hold the restored state's best model (a rollback, or a
     kill between writing best/ and the checkpoint, can leave a later one there); otherwise no model is best yet
     and the next evaluation writes it. Returns whether this launch begins a new W&B run (a branch, or a rollback
-    carried out now)."""
+    carried out now). A damaged best/ of a run that trains on is lost, and the next evaluation writes it anew (one
+    that has `ended` stops at its test, naming the file)."""
     root = run_dir / "checkpoints"
     named = resume_tag(Path(resume), root) if resume not in ("auto", "never") else ""
     new_line = bool(named) and state.resumed_from != named
@@ -180,7 +181,7 @@ def settle(acc, state, resume: str, resume_from: Path, run_dir: Path) -> bool:
             failure = exc
     fail_together(acc, failure, f"set aside the checkpoints after step {state.step}")
     line, new_line = from_main(acc, (line, new_line))
-    _adopt(state, named, new_line, branch, line, from_main(acc, _exported_step(run_dir / "best")))
+    _adopt(state, named, new_line, branch, line, from_main(acc, _exported_step(run_dir / "best", check=not ended)))
     return (new_line and branch) or bool(line and line.get("new"))
 
 
@@ -232,9 +233,15 @@ def _started_line(path: Path, step: int) -> dict | None:
         return None
 
 
-def _exported_step(folder: Path) -> int | None:
-    """The step of the model in a best/ folder, or None if there is none to read (a damaged one is reported by
-    its check at the test)."""
+def _exported_step(folder: Path, check: bool) -> int | None:
+    """The step of the model in a best/ folder, or None if there is none to read; with `check`, None for a damaged
+    one too (otherwise it is reported by its check at the test)."""
+    if check and (folder / files.MANIFEST).is_file():
+        try:
+            files.verify(folder)
+        except files.IntegrityError as exc:
+            log.warning("%s: the best model so far is lost; the next evaluation writes best/ anew", exc)
+            return None
     try:
         return json.loads((folder / "meta.json").read_text()).get("step")
     except (OSError, ValueError, AttributeError):

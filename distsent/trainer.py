@@ -336,7 +336,7 @@ class Trainer:
                 log.warning("%s at step %d with changed settings: %s", "testing the ended run again" if self._done()
                             else "resuming", state.step, ", ".join(changed))
             self.continues = cfg.checkpoint.resume == "auto"  # if settling a named one fails, the run is not as it was
-            self.continues = not settle(acc, state, cfg.checkpoint.resume, self.resume_from, self.run_dir)  # W&B run
+            self.continues = not settle(acc, state, cfg.checkpoint.resume, self.resume_from, self.run_dir, self._done())
             self.started -= state.elapsed_s  # the time of the launches before, up to the checkpoint resumed from
         else:
             seed_dropout(cfg.train.seed, 0, acc.process_index)

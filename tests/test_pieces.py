@@ -879,6 +879,28 @@ def test_a_rollback_that_fails_while_settling_is_recorded_failed(synth_imdb, tmp
     assert not (run_dir / "checkpoints" / "step-00000020").exists()
 
 
+def test_a_damaged_best_model_of_a_run_that_trains_on_is_written_anew(synth_imdb, tmp_path, cache_env, caplog):
+    """best/ damaged between launches (a flipped byte) is found at the resume, not at the end of the training that
+    follows (where every relaunch would stop at the test again): the best model so far is lost, said so, and the
+    next evaluation writes best/ anew."""
+    from distsent import files
+    from distsent.preemption import StopFlag
+    from distsent.trainer import Trainer
+
+    run_dir = tmp_path / "run"
+    for steps in (6, 9):
+        args = tiny_overrides(run_dir, synth_imdb, **{"train.max_steps": steps, "checkpoint.every": 3,
+                                                      "train.eval_every": 3})
+        with Trainer(load_config(REPO / "configs" / "smoke.yaml", args), stop=StopFlag([])) as trainer, \
+                caplog.at_level("WARNING"):
+            trainer.fit()
+        if steps == 6:
+            weights = run_dir / "best" / "model.safetensors"
+            weights.write_bytes(weights.read_bytes()[:-1] + bytes([weights.read_bytes()[-1] ^ 0xFF]))
+    assert f"{weights}: content does not match its checksum (corrupted): the best model so far is lost" in caplog.text
+    assert files.verify(run_dir / "best") and json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+
+
 def test_under_fp16_the_scaler_owns_inf_gradients_but_a_nan_loss_still_stops_the_run():
     """fp16 (auto's choice on a GPU) has a gradient scaler, which skips steps with inf/NaN gradients: the watch
     leaves those to it, but a non-finite loss (computed in fp32 before any scaling) still stops the run. fp16 needs
