@@ -11,11 +11,11 @@ Layout of `<run>/checkpoints/step-NNNNNNNN/`:
 A checkpoint is written under `.tmp-step-NNNNNNNN/` and renamed into place only when complete. A model folder
 (`<run>/best/`: weights, tokenizer.json, config.yaml, meta.json) is sealed by the same kind of manifest.
 
-Why not Accelerator.save_state / load_state: they write into the target folder in place (a kill midway leaves a
-folder that looks like a checkpoint), keep no checksums to verify, restore random states by process index (a
-process without a file of its own goes on, logged at info level) and all GPUs by device number, and know nothing
-of what the run must keep unchanged. The parts are the same: safetensors weights, the optimizer's state_dict, each
-process's random states, the stateful objects' state_dicts.
+Why not Accelerator.save_state / load_state: they write into the target folder in place (a kill midway leaves a folder
+that looks like a checkpoint), keep no checksums, restore random states by process index (a process without a file goes
+on, logged at info level) and GPUs by device number, and know nothing of what the run must keep unchanged. The parts are
+the same: safetensors weights, the optimizer's state_dict, each process's random states, the stateful objects'
+state_dicts.
 """
 
 from __future__ import annotations
@@ -165,11 +165,13 @@ def verify(path: Path) -> dict:
     path = Path(path)
     check_kind(path)
     try:
-        listed = files.verify(path, required=("model.safetensors", "optimizer.pt", "state.json"))["files"]
+        manifest = files.verify(path, required=("model.safetensors", "optimizer.pt", "state.json"))
     except IntegrityError as exc:
         raise CheckpointError(str(exc)) from None
-    saved = json.loads((path / "state.json").read_text())
+    saved, listed, step = json.loads((path / "state.json").read_text()), manifest["files"], manifest.get("step")
     world = saved.get("train_state", {}).get("world_size", 0)
+    if (m := STEP_DIR.match(path.name)) and step is not None and int(m.group(1)) != step:  # a copy, renamed
+        raise CheckpointError(f"{path}: holds step {step}, not the step its name says (a copied or renamed folder)")
     if missing := [name for name in rng_files(world) if name not in listed]:
         raise CheckpointError(f"{path}: the manifest lists no {missing[0]} (a random state of one of the {world} "
                               "processes that wrote it)")
@@ -250,8 +252,7 @@ def check_compatible(saved: dict, current: dict, path: Path, only=None, branch: 
 # no class weights, no label smoothing, no moving average, a validation carve that ignores the classes.
 _EARLIER_DEFAULTS = {"label_names": ["negative", "positive"],
                      "train": {"select_metric": "acc", "class_weights": "none", "label_smoothing": 0.0,
-                               "ema_decay": 0.0},
-                     "model": {"members": 1}, "data": {"stratify": False}}
+                               "ema_decay": 0.0}, "model": {"members": 1}, "data": {"stratify": False}}
 
 
 def _upgrade_identity(saved: dict, current: dict, path: Path) -> dict:
@@ -280,7 +281,6 @@ def _upgrade_identity(saved: dict, current: dict, path: Path) -> dict:
     if isinstance(model, dict) and isinstance(model.get("pretrained_embeddings"), str):  # the path, before
         saved["model"] = {**model, "pretrained_embeddings": bool(model["pretrained_embeddings"])}
     return saved
-
 
 
 # --- the manager the trainer uses ------------------------------------------------------------------------------
@@ -333,8 +333,12 @@ class CheckpointManager:
         if self.averaged is not None:  # the identity (train.ema_decay) says the checkpoint has one
             load_weights(path, self.averaged, name=EMA_FILE)
         for name, obj in self.stateful.items():
-            if obj is not None and saved.get(name) is not None:
-                obj.load_state_dict(saved[name])
+            try:  # sealed, so written so: by a version whose state this one does not know
+                if obj is not None and saved.get(name) is not None:
+                    obj.load_state_dict(saved[name])
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise CheckpointError(f"{path / 'state.json'}: its {name} cannot be restored by this version of "
+                                      f"distsent ({type(exc).__name__}: {exc})") from None
         state, acc = self.stateful["train_state"], self.acc
         if state.world_size == acc.num_processes:
             rng = path / rng_file(acc.process_index)

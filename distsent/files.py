@@ -106,6 +106,8 @@ def seal(folder: Path, **fields) -> dict:
         fsync_path(p)
     manifest = {**fields, "files": {p.name: {"bytes": p.stat().st_size, "sha256": sha256_file(p)} for p in files}}
     atomic_write(folder / MANIFEST, json.dumps(manifest, indent=1))
+    with writing(folder):  # its entries (the files' final names) on disk before the folder is renamed into place
+        fsync_path(folder)
     return manifest
 
 
@@ -163,4 +165,5 @@ def recover(final: Path) -> None:
     """Put back the previous version of a folder if a crash came between publish()'s two renames."""
     old = final.with_name(f".{final.name}.old")
     if not final.exists() and old.is_dir():
-        os.rename(old, final)
+        with writing(final):  # a read-only filesystem: one line naming it
+            os.rename(old, final)

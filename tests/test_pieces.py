@@ -2,6 +2,7 @@
 checkpoint manager, metrics. Each runs in well under a second, so a change gets feedback before the slow runs."""
 
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -312,11 +313,17 @@ def test_atomic_write_that_fails_keeps_the_old_file_and_no_temporary(tmp_path, m
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["status.json"]
 
 
-def test_sealed_folder_detects_damage_and_recovers_an_interrupted_swap(tmp_path):
+def test_sealed_folder_detects_damage_and_recovers_an_interrupted_swap(tmp_path, monkeypatch):
     folder = tmp_path / "best"
     folder.mkdir()
     (folder / "a.bin").write_bytes(b"x" * 100)
+    synced, fsync_path = [], files.fsync_path
+    monkeypatch.setattr(files, "fsync_path", lambda p: synced.append((p, (folder / files.MANIFEST).exists())) or
+                        fsync_path(p))
     files.seal(folder, kind="test")
+    # the files, then the folder once its manifest is in: a crash after the folder is renamed into place (on a
+    # filesystem that does not keep metadata in order) cannot leave it without its manifest
+    assert synced == [(folder / "a.bin", False), (folder, True)]
     assert files.verify(folder, required=("a.bin",))["kind"] == "test"
     (folder / "a.bin").write_bytes(b"x" * 50)
     with pytest.raises(files.IntegrityError, match="a.bin: 50 bytes, the manifest says 100"):
@@ -328,6 +335,15 @@ def test_sealed_folder_detects_damage_and_recovers_an_interrupted_swap(tmp_path)
         files.verify(folder / "a.bin")
     # a crash between publish()'s two renames: the new folder is not in place yet, the previous one is kept aside
     os.rename(folder, tmp_path / ".best.old")
+    rename = os.rename
+
+    def read_only(*args):
+        raise OSError(errno.EROFS, "Read-only file system")
+
+    monkeypatch.setattr(os, "rename", read_only)  # where it cannot be put back: one line naming it
+    with pytest.raises(files.WriteError, match=f"cannot write {folder}: Read-only file system"):
+        files.recover(folder)
+    monkeypatch.setattr(os, "rename", rename)
     files.recover(folder)
     assert (folder / "a.bin").is_file()
 
@@ -372,6 +388,19 @@ def test_checkpoint_manager_saves_and_restores_everything(tmp_path):
     assert torch.equal(torch.rand(3), torch_random)  # the random stream continues where the checkpoint left it
     with pytest.raises(ckpt.CheckpointError, match="vocab_sha256"):
         manager.restore(latest, {**identity, "vocab_sha256": "w"}, seed=0)
+    # a copy named after a later step (cp -a step-15 step-20) is no checkpoint of step 20: skipped, by name
+    copy = shutil.copytree(latest, tmp_path / "checkpoints" / "step-00000020")
+    with pytest.raises(ckpt.CheckpointError, match="step-00000020: holds step 15, not the step its name says"):
+        ckpt.verify(copy)
+    assert resume_path(cfg.checkpoint, tmp_path / "checkpoints") == latest
+    # a state this version does not know (a newer version's), sealed as written: one line naming the file
+    saved = json.loads((copy / "state.json").read_text())
+    saved["train_state"].update(step=20, grad_accum_phase=0)
+    (copy / "state.json").write_text(json.dumps(saved))
+    files.seal(copy, step=20)
+    with pytest.raises(ckpt.CheckpointError, match=r"step-00000020/state.json: its train_state cannot be restored "
+                                                   r"by this version of distsent \(ValueError: unknown train state"):
+        manager.restore(copy, identity, seed=0)
 
 
 def test_a_stray_folder_and_an_io_error_while_sealing_a_checkpoint(tmp_path, monkeypatch):
