@@ -34,9 +34,9 @@ SPLIT_NAMES = ("train", "val", "test")
 # like it (it was the class at its position); npy-4: a CSV label with a leading zero is a string ("01" was class
 # "1"); npy-5: a parquet file's ClassLabel names its classes (they were named after its integers); npy-6: a hub
 # ClassLabel's integers are its names also with data.label_names (they were positions in it); npy-7: a parquet
-# ClassLabel's classes are all its names (a class without examples was dropped); so entries prepared by earlier
-# rules are prepared again (left alone)
-CACHE_LAYOUT = "npy-7"
+# ClassLabel's classes are all its names (a class without examples was dropped); npy-8: data.test_limit's subset
+# drawn apart from the carve; so entries prepared by earlier rules are prepared again (left alone)
+CACHE_LAYOUT = "npy-8"
 SOURCE_FILE = "source.json"  # in each split folder: where its data lies and which version (_note_earlier_versions)
 TMP_MARK = ".tmp"  # an entry being written: <entry>.tmp<pid>-<random>
 

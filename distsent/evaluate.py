@@ -22,7 +22,7 @@ from . import skip_final_collection
 from .config import ConfigError
 from .files import EXIT_WRITE, WriteError, atomic_write, writing
 from .labels import class_label_names, digit_names, encode_labels, integers_are_positions, label_lookup
-from .metrics import ECE_BINS, score_logits
+from .metrics import score_logits
 from .readers import read_file
 from .records import DataError
 from .sources import folder_files, load_splits, records_digest
@@ -79,9 +79,9 @@ def write_figures(result: dict, classes: list[str], out: Path) -> list[Path]:
     rel = result["reliability"]
     low = 1 / c  # the top-label confidence is at least 1 / classes
     ax.plot([low, 1], [low, 1], "--", color="grey", label="perfect calibration")
-    # each bar over its bin, inside the axes: the bin holding 1 / classes whole, the bin of exactly 1.0 at the edge
-    widths = [0.9 * max(b["hi"] - b["lo"], 1 / ECE_BINS / 2) for b in rel]
-    ax.bar([min(b["lo"], 1 - w) for b, w in zip(rel, widths)], [b["accuracy"] for b in rel], width=widths,
+    # each bar over its bin, inside the axes (the bin holding 1 / classes whole); the bin of exactly 1.0 is a point
+    bars = [b for b in rel if b["hi"] > b["lo"]]
+    ax.bar([b["lo"] for b in bars], [b["accuracy"] for b in bars], width=[0.9 * (b["hi"] - b["lo"]) for b in bars],
            align="edge", alpha=0.7, label="accuracy in bin")
     low = min([low] + [b["lo"] for b in rel])
     ax.plot([b["confidence"] for b in rel], [b["accuracy"] for b in rel], "o-", color="C3", label="per bin")
@@ -147,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
         columns = replace(cfg, text_column=args.text_column or cfg.text_column,
                           label_column=args.label_column or cfg.label_column)
         split_name = "val" if args.split in ("validation", "dev") else args.split
-        folder = folder_files(Path(args.data_path), "--data-path") if args.data_path else {}
+        folder = folder_files(Path(args.data_path).expanduser(), "--data-path") if args.data_path else {}
         # a folder's file of the split is read whole, as a --file (its classes the model's, whatever its train file
         # holds); a validation carved from a train file needs the model's data settings
         if args.file or (file := folder.get({"val": "validation"}.get(split_name, split_name))):

@@ -14,9 +14,11 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
+import io
 import json
 import math
 import os
+import select
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
@@ -192,19 +194,37 @@ def _read_meta(path: Path) -> dict:
 
 
 def _line_chunks(stream, size: int = 1 << 16) -> Iterator[list[tuple[dict, str | None, str | None]]]:
-    """The lines of a binary stream as lists of ({"line": n}, text, error), one list per read: what a pipe holds
-    when read, so a text typed or piped in slowly is answered at once, and a file is never held whole. Lines that
-    are not UTF-8 become an error, not a crash."""
-    n, parts = 0, []  # parts: the line read so far (a line may span reads)
-    while block := stream.read1(size):
-        *ends, rest = block.split(b"\n")
-        lines = [b"".join(parts) + ends[0], *ends[1:]] if ends else []
-        parts = [rest] if ends else parts + [rest]
-        if lines:
-            yield [_line(raw, i) for i, raw in enumerate(lines, n + 1)]
-            n += len(lines)
+    """The lines of a binary stream as lists of ({"line": n}, text, error): all that can be read at once, up to
+    ENCODE_CHUNK lines (a file, a busy pipe: full batches), so a text typed or piped in slowly is answered at once,
+    and a file is never held whole. Lines that are not UTF-8 become an error, not a crash; a failed read,
+    ReadError."""
+    n, parts, lines = 0, [], []  # parts: the line read so far (a line may span reads); lines: not yet given
+    try:
+        while block := stream.read1(size):
+            *ends, rest = block.split(b"\n")
+            lines += [b"".join(parts) + ends[0], *ends[1:]] if ends else []
+            parts = [rest] if ends else parts + [rest]
+            if lines and (len(lines) >= ENCODE_CHUNK or not _more_waiting(stream)):
+                yield [_line(raw, i) for i, raw in enumerate(lines, n + 1)]
+                n, lines = n + len(lines), []
+    except OSError as exc:  # raised here by the read alone: a failed write is the caller's
+        raise ReadError(exc.strerror or str(exc)) from exc
     if last := b"".join(parts):
-        yield [_line(last, n + 1)]
+        lines.append(last)
+    if lines:
+        yield [_line(raw, i) for i, raw in enumerate(lines, n + 1)]
+
+
+class ReadError(Exception):
+    """The input (a --file, stdin) could not be read."""
+
+
+def _more_waiting(stream) -> bool:
+    """Whether more input can be read now without waiting (a file; a pipe with data in it); False where unknown."""
+    try:
+        return bool(select.select([stream], [], [], 0)[0])
+    except (OSError, ValueError, io.UnsupportedOperation):  # no descriptor (an in-memory stream)
+        return False
 
 
 def _line(raw: bytes, n: int) -> tuple[dict, str | None, str | None]:
@@ -293,13 +313,18 @@ def _run(argv: list[str] | None) -> int:
                        for n, t in enumerate(args.texts, 1)]]
         else:
             parser.error("give texts, --file PATH, or - for stdin")
-        for chunk in chunks:  # printed as read, a chunk of at most ENCODE_CHUNK texts at a time
-            for start in range(0, len(chunk), ENCODE_CHUNK):
-                part = chunk[start: start + ENCODE_CHUNK]
-                results = iter(predictor.predict([t for _, t, err in part if err is None]))
-                for place, text, err in part:  # place: the line of a file or stdin, as a data file's records have
-                    _print_json({**place, "error": err} if err else {**place, "text": _shown(text), **next(results)})
-            sys.stdout.flush()
+        try:
+            for chunk in chunks:  # printed as read, a chunk of at most ENCODE_CHUNK texts at a time
+                for start in range(0, len(chunk), ENCODE_CHUNK):
+                    part = chunk[start: start + ENCODE_CHUNK]
+                    results = iter(predictor.predict([t for _, t, err in part if err is None]))
+                    for place, text, err in part:  # place: the line of a file or stdin, as a data file's records
+                        _print_json({**place, "error": err} if err else {**place, "text": _shown(text),
+                                                                          **next(results)})
+                sys.stdout.flush()
+        except ReadError as exc:
+            print(f"distsent-predict: {args.file or 'stdin'}: cannot be read: {exc}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -181,7 +181,8 @@ def settle(acc, state, resume: str, resume_from: Path, run_dir: Path, ended: boo
             failure = exc
     fail_together(acc, failure, f"set aside the checkpoints after step {state.step}")
     line, new_line = from_main(acc, (line, new_line))
-    _adopt(state, named, new_line, branch, line, from_main(acc, _exported_step(run_dir / "best", check=not ended)))
+    best = _exported_step(run_dir / "best", check=not ended) if acc.is_main_process else None  # read once
+    _adopt(state, named, new_line, branch, line, from_main(acc, best))
     return (new_line and branch) or bool(line and line.get("new"))
 
 

@@ -40,15 +40,21 @@ class Source:
         if self.kind == "hub":
             if not Path(self.location).is_dir():  # a hub name: its files are datasets' to keep
                 return f"hub:{self.location}"
-            # a local folder in the hub's layout (load_dataset reads those too): a changed file is new data
-            paths = sorted(f for f in Path(self.location).rglob("*") if f.is_file())
+            # a local folder in the hub's layout (load_dataset reads those too): a changed file is new data (not
+            # .git/ and the like: a clone's history, read by no one)
+            root = Path(self.location)
+            paths = sorted(f for f in root.rglob("*") if f.is_file() and not any(
+                part.startswith(".") for part in f.relative_to(root).parts))
         elif self.kind == "files":
             paths = [self.files[s] for s in SPLITS if s in self.files]
         else:
             return self._review_files_fingerprint()
         h = hashlib.sha256(self.kind.encode())
         for f in paths:
-            h.update(f"{f.resolve()}:{sha256_file(f)};".encode())
+            try:
+                h.update(f"{f.resolve()}:{sha256_file(f)};".encode())
+            except OSError as exc:
+                raise DataError(f"{f}: cannot be read ({exc.strerror or exc})") from None
         return h.hexdigest()
 
     def place(self) -> dict:

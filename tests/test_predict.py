@@ -124,10 +124,11 @@ def test_cli_arguments_file_and_stdin(model_dir, tmp_path, monkeypatch, capsys):
     assert [rows[0]["p_positive"], rows[2]["p_positive"]] == [by_file[0]["p_positive"], by_file[3]["p_positive"]]
 
 
-def test_lines_are_read_a_block_at_a_time_whatever_the_blocks_cut():
+def test_lines_are_read_a_block_at_a_time_whatever_the_blocks_cut(tmp_path):
     """Lines of a file or stdin come a read at a time (never the whole input at once): a line cut between reads,
     a Windows line end, a byte order mark, bytes that are not UTF-8 and a last line without an end come out as
-    reading the whole input line by line gives them, numbered from 1."""
+    reading the whole input line by line gives them, numbered from 1. What can be read at once (a file) comes
+    together, up to ENCODE_CHUNK lines: batches stay full."""
     from distsent.predict import _line_chunks
 
     data = b"\xef\xbb\xbffirst\r\nsecond line\n\n\xff bad\nlong " + b"x" * 50 + b"\nlast"
@@ -139,9 +140,13 @@ def test_lines_are_read_a_block_at_a_time_whatever_the_blocks_cut():
         assert [t for _, t, _ in items] == ["first", "second line", "", None, whole[4].decode(), "last"], size
         assert "line 4: not valid UTF-8" in items[3][2]
         assert size > len(data) or len(chunks) > 1
+    (tmp_path / "f.txt").write_bytes(data)
+    with open(tmp_path / "f.txt", "rb") as f:
+        chunks = list(_line_chunks(f, 3))
+    assert [len(c) for c in chunks] == [6] and chunks[0] == items
 
 
-def test_stdin_is_answered_line_by_line_and_any_stdout_encoding_gets_json(model_dir):
+def test_stdin_is_answered_line_by_line_and_any_stdout_encoding_gets_json(model_dir, capsys):
     """A text piped in is answered before the input ends (a reader feeding it one text at a time sees each
     result); a stdout that cannot take every character (a latin-1 locale) gets \\u escapes, not a crash."""
     import select
@@ -165,6 +170,10 @@ def test_stdin_is_answered_line_by_line_and_any_stdout_encoding_gets_json(model_
                          env=run_env({"PYTHONIOENCODING": "latin-1"}), capture_output=True, cwd=REPO, timeout=120)
     assert out.returncode == 0, out.stderr.decode()
     assert json.loads(out.stdout.decode("ascii"))["text"] == text
+    from distsent.predict import main  # an input that opens but cannot be read: named as such, not as the output
+
+    assert main(["--model", str(model_dir), "--file", "/proc/self/mem"]) == 2
+    assert "distsent-predict: /proc/self/mem: cannot be read: Input/output error" in capsys.readouterr().err
 
 
 def test_cli_data_files_read_their_text_column(model_dir, tmp_path):

@@ -473,7 +473,7 @@ def test_the_launch_is_given_torchruns_stop_settings_a_yaml_safe_run_directory_a
 
     proc = script(str(config), DISTSENT_DRY_RUN="1")
     assert proc.returncode == 0, proc.stderr
-    assert "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=600 srun" \
+    assert "PET_SIGNALS_TO_HANDLE=SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 TORCH_ELASTIC_SHUTDOWN_TIMEOUT=180 srun" \
         in proc.stdout
     from distsent.configfile import parse_override
 

@@ -234,6 +234,9 @@ def test_hub_class_label_names_and_order(tmp_path, monkeypatch):
     before = find_source(cfg).fingerprint()  # a local folder's files are part of the cache key, as for data.path
     ds.to_parquet(tmp_path / "emotion" / "data" / "test-00000-of-00001.parquet")  # the same bytes again
     assert find_source(cfg).fingerprint() == before
+    (tmp_path / "emotion" / ".git").mkdir()  # a clone's history is no data
+    (tmp_path / "emotion" / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    assert find_source(cfg).fingerprint() == before
     ds.map(lambda r: {"text": r["text"] + " edited"}).to_parquet(tmp_path / "emotion" / "data" /
                                                                   "test-00000-of-00001.parquet")
     assert find_source(cfg).fingerprint() != before
