@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import codecs
 import contextlib
-import io
 import json
 import math
 import os
@@ -223,7 +222,7 @@ def _more_waiting(stream) -> bool:
     """Whether more input can be read now without waiting (a file; a pipe with data in it); False where unknown."""
     try:
         return bool(select.select([stream], [], [], 0)[0])
-    except (OSError, ValueError, io.UnsupportedOperation):  # no descriptor (an in-memory stream)
+    except (OSError, ValueError):  # no descriptor (an in-memory stream: io.UnsupportedOperation)
         return False
 
 
