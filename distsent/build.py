@@ -264,16 +264,6 @@ def build_run_model(cfg: ExperimentConfig, acc, data: PreparedData, resuming: bo
     return model
 
 
-def build_ema(cfg: ExperimentConfig, model):
-    """train.ema_decay: torch's AveragedModel keeping an exponential moving average of `model`'s weights (its first
-    update copies them); None when off. Every process updates its own from identical weights, so they agree."""
-    if not cfg.train.ema_decay:
-        return None
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
-    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay))
-
-
 def build_optimizer(cfg: ExperimentConfig, model):
     o = cfg.optim
     cls = torch.optim.AdamW if o.name == "adamw" else torch.optim.Adam

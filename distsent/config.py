@@ -202,8 +202,9 @@ class TrainConfig:
                                   "this evenly over all classes (0 = plain one-hot targets). train/loss is then the "
                                   "smoothed loss; the val/ and test/ losses stay plain.", 0.0, resume=True)
     ema_decay: float = _doc("Keep an exponential moving average of the weights, updated after every optimizer step "
-                            "with this decay (0.999: about the last 1,000 steps; a step the fp16 loss scaler skips "
-                            "counts too); validation, best/ and the test use the averaged weights. 0 = off.", 0.0,
+                            "with this decay (0.999: about the last 1,000 steps; warmed up as (1+n)/(10+n) over the "
+                            "first n updates; a step the fp16 loss scaler skips counts too); validation, best/ and "
+                            "the test use the averaged weights. 0 = off.", 0.0,
                             resume=True)
     threads: int = _doc("CPU threads per process; 0 = the cores available (or Slurm's SLURM_CPUS_PER_TASK, where "
                         "fewer) divided by the local processes.", 0)

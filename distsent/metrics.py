@@ -205,11 +205,13 @@ class TrainSums:
         return self.totals()
 
     def load_state_dict(self, saved: dict) -> None:
-        """The main process holds the saved totals, the others start from zero: totals() adds them up."""
+        """The main process holds the saved totals, the others start from zero: totals() adds them up. Tokens
+        start from zero: they count towards throughput, which a launch measures over its own samples and seconds."""
         self.reset()
         if self.acc.is_main_process:
             for k, v in saved.items():  # a checkpoint of an earlier version may lack a key: it stays 0
-                self.sums[k] += v
+                if k != "tokens":
+                    self.sums[k] += v
 
 
 # Exit status of distsent-train when a non-finite loss or gradient stopped the run (2: a bad config, data or

@@ -14,13 +14,13 @@ import torch
 
 from . import checkpoint as ckpt
 from .build import (OPTIMIZER_SETTINGS, announce, apply_optim_settings, batch_tensors, build_accelerator, build_data,
-                    build_ema, build_layout, build_optimizer, build_run_model, build_scheduler, class_weights,
+                    build_layout, build_optimizer, build_run_model, build_scheduler, class_weights,
                     close_process_group, lock_run_dir, new_run_id, run_identity, schedule_warning)
 from .config import ExperimentConfig
 from .configfile import changes_since, save_config
 from .files import IntegrityError, WriteError, writing
 from .metrics import EvalMetrics, NonFiniteWatch, TrainSums, epoch_row
-from .model import clip_gradients
+from .model import clip_gradients, moving_average
 from .preemption import Preempted, StopFlag
 from .progress import progress_bar
 from .randomstate import seed_dropout
@@ -66,7 +66,7 @@ class Trainer:
         model = build_run_model(cfg, acc, self.data, resuming=self.resume_from is not None)
         self.model, self.optimizer = acc.prepare(model, build_optimizer(cfg, model))
         self.raw_model = acc.unwrap_model(self.model)
-        self.ema = build_ema(cfg, self.raw_model)
+        self.ema = moving_average(self.raw_model, cfg.train.ema_decay)
         self.eval_model = self.ema.module if self.ema is not None else self.raw_model  # validated, exported, tested
         self.steps_per_epoch = len(epoch_batches(self.data.train.lengths, self.layout.global_batch, 0, 0, 1))
         self.total_steps = min(self.steps_per_epoch * cfg.train.epochs, cfg.train.max_steps or 1 << 62)

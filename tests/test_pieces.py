@@ -477,6 +477,14 @@ def test_a_step_the_fp16_scaler_skips_is_left_out_of_the_gradient_norm():
     row = sums.row(1.0, 10)
     assert (row["grad_norm"], row["clip_fraction"], row["skipped_steps"]) == (1.75, 0.5, 2.0)
     json.dumps(row, allow_nan=False)  # metrics.jsonl stays strict JSON
+    # restored from a checkpoint between two log rows: the loss and accuracy of the steps before it carry over, but
+    # the tokens do not (a resumed launch's throughput is over its own samples and seconds)
+    sums.add(loss=torch.tensor(6.0), samples=4.0, correct=torch.tensor(3.0), tokens=torch.tensor(400.0))
+    resumed = TrainSums(Accelerator(cpu=True))
+    resumed.load_state_dict(sums.state_dict())
+    resumed.add(loss=torch.tensor(2.0), samples=4.0, correct=torch.tensor(1.0), tokens=torch.tensor(200.0))
+    row = resumed.row(2.0, 4)
+    assert (row["train/loss"], row["train/acc"], row["throughput/tokens_per_s"]) == (1.0, 0.5, 100.0)
 
 
 def test_gpu_random_state_is_this_processs_device_alone(monkeypatch):
@@ -1472,14 +1480,15 @@ def test_logged_throughput_leaves_out_the_time_spent_evaluating(synth_imdb, tmp_
 # --- moving average of the weights, a real run -------------------------------------------------------------------
 
 def test_moving_average_of_the_weights_is_kept_saved_and_evaluated(synth_imdb, tmp_path, cache_env):
-    """train.ema_decay=d: after step t the average is e_t = d e_(t-1) + (1 - d) w_t (e_1 = w_1), recomputed here from
-    the raw weights of each step's checkpoint; the checkpoint holds it, and best/ (evaluated at the last step) is it."""
+    """train.ema_decay=d: after step t the average is e_t = d_t e_(t-1) + (1 - d_t) w_t (e_1 = w_1), the decay warmed
+    up as d_t = min(d, t / (t + 9)), recomputed here from the raw weights of each step's checkpoint; the checkpoint
+    holds it, and best/ (evaluated at the last step) is it."""
     from safetensors.torch import load_file
 
     from distsent.preemption import StopFlag
     from distsent.trainer import Trainer
 
-    run_dir, d = tmp_path / "run", 0.6
+    run_dir, d = tmp_path / "run", 0.3
     cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(run_dir, synth_imdb, **{
         "train.ema_decay": d, "train.max_steps": 4, "checkpoint.every": 1, "checkpoint.keep_last": 4}))
     trainer = Trainer(cfg, stop=StopFlag([]))
@@ -1490,8 +1499,9 @@ def test_moving_average_of_the_weights_is_kept_saved_and_evaluated(synth_imdb, t
     steps = [run_dir / "checkpoints" / f"step-{s:08d}" for s in (1, 2, 3, 4)]
     raw = [load_file(p / "model.safetensors") for p in steps]
     expected = dict(raw[0])
-    for w in raw[1:]:
-        expected = {k: d * expected[k] + (1 - d) * w[k] for k in w}
+    for t, w in enumerate(raw[1:], 2):
+        d_t = min(d, t / (t + 9))  # 0.18, 0.25, then d (0.3)
+        expected = {k: d_t * expected[k] + (1 - d_t) * w[k] for k in w}
     saved = load_file(steps[-1] / ckpt.EMA_FILE)
     assert int(saved.pop("n_averaged")) == 4
     assert {k.removeprefix("module."): v for k, v in saved.items()}.keys() == expected.keys()
