@@ -173,8 +173,8 @@ class Trainer:
 
         Each micro-batch's loss is its summed loss (BCE, or cross-entropy for C classes) scaled so that, after
         Accelerate divides by the accumulation steps and DDP averages over processes, the gradient is the mean over
-        the whole global batch, whatever the number of processes.
-        """
+        the whole global batch, whatever the number of processes. Every micro-batch's loss is watched: under fp16 a
+        NaN in one would only make the scaler skip the step."""
         acc, train = self.accelerator, self.data.train
         loss_scale = self.layout.world_size * self.layout.accum_steps / len(batch)
         for idx in self.layout.micro_batches(batch, acc.process_index):
@@ -191,10 +191,11 @@ class Trainer:
                     losses = losses * self.class_weights[labels.long()]
                 logits = self.raw_model.combine(heads.detach())
                 acc.backward(losses.sum() * (loss_scale * weight))
+                self.watch.see(self.state.step + 1, losses.detach().sum())
                 if acc.sync_gradients:
                     max_norm = self.cfg.optim.clip_grad_norm or float("inf")
                     norm = clip_gradients(acc, self.raw_model, max_norm).detach().double()
-                    self.watch.see(self.state.step + 1, losses.detach().sum(), norm)
+                    self.watch.see(self.state.step + 1, grad_norm=norm)
                     share = 1.0 / acc.num_processes  # every process sees the same norm: count each step once
                     self.sums.add_step(norm, max_norm, share)
                     # fp16: the scaler skips a step with inf/NaN gradients and lowers its scale; compared on the
@@ -243,8 +244,7 @@ class Trainer:
         if self.stop.received is not None and not isinstance(exc, KeyboardInterrupt):  # before its checkpoint
             error += (f"; a stop signal ({signal.Signals(self.stop.received).name}) came but no checkpoint was "
                       f"written for it: a restart resumes from the latest complete checkpoint")
-        status = {"state": "preempted", "exit_code": code} if preempted else {"state": "failed", "exit_code": code,
-                                                                             "error": error}
+        status = {"state": "preempted", "exit_code": code} | ({} if preempted else {"state": "failed", "error": error})
         self.failure_recorded = (self.marked_running or not getattr(self, "continues", True)
                                  or status_state(self.run_dir) != "finished")
         if self.accelerator.is_main_process and self.failure_recorded and not self.lock.check():  # taken over: not ours

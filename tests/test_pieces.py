@@ -820,6 +820,34 @@ def test_a_non_finite_gradient_stops_the_run_before_anything_is_written(synth_im
     assert [r["step"] for r in train_rows(run_dir)] == [3] and not (run_dir / "best").exists()
 
 
+def test_a_nan_loss_in_an_earlier_micro_batch_stops_the_run_at_its_step(synth_imdb, tmp_path, cache_env):
+    """With gradient accumulation, a NaN loss in a step's first micro-batch (injected: the only stand-in) stops the
+    run naming that step, also when a gradient scaler owns the NaN gradients (fp16, which needs a GPU: the watch is
+    set as a scaler sets it), which would only skip the step: the loss of every micro-batch is watched."""
+    from distsent.metrics import NonFiniteError
+    from distsent.preemption import StopFlag
+    from distsent.trainer import Trainer
+
+    cfg = load_config(REPO / "configs" / "smoke.yaml", tiny_overrides(tmp_path / "run", synth_imdb, **{
+        "train.micro_batch_size": 16, "train.log_every": 4, "train.max_steps": 6}))  # 2 micro-batches per step
+    trainer = Trainer(cfg, stop=StopFlag([]))
+    try:
+        assert trainer.layout.accum_steps == 2
+        trainer.watch.watch_grads = False
+        head_losses, calls = trainer.raw_model.head_losses, []
+
+        def nan_in_step_3s_first(*args):
+            calls.append(trainer.state.step)
+            losses = head_losses(*args)
+            return losses * float("nan") if calls.count(2) == 1 and trainer.state.step == 2 else losses
+
+        trainer.raw_model.head_losses = nan_in_step_3s_first
+        with pytest.raises(NonFiniteError, match="training loss at step 3:"):
+            trainer.fit()
+    finally:
+        trainer.close()
+
+
 def test_status_json_tells_an_error_as_the_command_line_does(synth_imdb, tmp_path, cache_env, monkeypatch, capsys):
     """An error met inside fit() (a damaged best/ found by the test pass, stood in for by a _test that raises it) is
     recorded by the trainer; status.json's error is the line distsent-train prints, its type named."""
