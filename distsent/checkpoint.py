@@ -249,10 +249,10 @@ def check_compatible(saved: dict, current: dict, path: Path, only=None, branch: 
 
 
 # What checkpoints of earlier versions had, where their identity lacks a key: two classes, selection by accuracy,
-# no class weights, no label smoothing, no moving average, a validation carve that ignores the classes.
-_EARLIER_DEFAULTS = {"label_names": ["negative", "positive"],
+# no class weights, no label smoothing, no moving average, a validation carve that ignores the classes, no symbols.
+_EARLIER_DEFAULTS = {"label_names": ["negative", "positive"], "model": {"members": 1},
                      "train": {"select_metric": "acc", "class_weights": "none", "label_smoothing": 0.0,
-                               "ema_decay": 0.0}, "model": {"members": 1}, "data": {"stratify": False}}
+                               "ema_decay": 0.0}, "data": {"stratify": False, "symbols": False}}
 
 
 def _upgrade_identity(saved: dict, current: dict, path: Path) -> dict:

@@ -72,6 +72,9 @@ class DataConfig:
     lowercase: bool = _doc("Lower-case text before splitting into words.", True, resume=True, cache="vocab")
     strip_html: bool = _doc("Replace HTML line breaks (<br />, frequent in IMDB) by spaces before splitting.", False,
                              resume=True, cache="vocab")
+    symbols: bool = _doc("Keep punctuation and symbols, emoji among them, as tokens of one character each ('!', "
+                         "'?', ':', ')', '\U0001F621'), where they carry meaning (tweets); off, they only separate "
+                         "words, as in the reference pipeline.", False, resume=True, cache="vocab", cache_if_set=True)
     cache_dir: str = _doc("Where tokenized data is cached; empty: $DISTSENT_CACHE or ~/.cache/distsent.", "")
     bucket_batches: int = _doc("Length-aware batching: sort each pool of this many global batches by length "
                                "before cutting batches (less padding); 1 = no sorting.", 50, resume=True)

@@ -22,8 +22,8 @@ from . import files
 from .config import DataConfig
 from .records import DataError
 from .sources import find_source, load_splits
-from .tokenizer import (TokenizedSplit, build_tokenizer, cut, index_words, load_tokenizer, tokenizer_rules, vocabulary,
-                        word_ids)
+from .tokenizer import (RULES, TokenizedSplit, build_tokenizer, cut, index_words, load_tokenizer, text_rules,
+                        tokenizer_rules, vocabulary, word_ids)
 
 log = logging.getLogger(__name__)
 
@@ -127,14 +127,13 @@ def prepare(cfg: DataConfig, tokenizer_path: Path | None = None) -> PreparedData
 
     raw, names = load_splits(cfg)
     # all three splits are cut into words and hashed together, once: the vocabulary counts the training part
-    distinct, index, offsets = index_words(pa.concat_arrays([raw[n].texts for n in SPLIT_NAMES]), cfg.lowercase,
-                                           cfg.strip_html)
+    distinct, index, offsets = index_words(pa.concat_arrays([raw[n].texts for n in SPLIT_NAMES]), *text_rules(cfg))
     bounds = np.cumsum([0] + [len(raw[n].labels) for n in SPLIT_NAMES])
     if tok_text:
         tok = _load_checked(tok_file, cfg)
     else:
         counts = np.bincount(index[: offsets[bounds[1]]], minlength=len(distinct))
-        tok = build_tokenizer(vocabulary(distinct, counts, cfg.min_freq), cfg.lowercase, cfg.strip_html)
+        tok = build_tokenizer(vocabulary(distinct, counts, cfg.min_freq), *text_rules(cfg))
         with _cache_writes(), files.writing(split_dir):
             split_dir.mkdir(parents=True, exist_ok=True)
             files.atomic_write(tok_file, tok.to_str())
@@ -182,9 +181,9 @@ def _load_checked(tok_file: Path, cfg: DataConfig):
     """A saved tokenizer (a resumed run's, or the cache's), refused if its text rules are not the config's: the ids
     it gives would not be the ones the config asks for."""
     tok = load_tokenizer(tok_file)
-    if tokenizer_rules(tok) != (cfg.lowercase, cfg.strip_html):
-        raise DataError(f"{tok_file}: its rules (lowercase, strip_html) = {tokenizer_rules(tok)} differ from the "
-                        f"config's data.lowercase={cfg.lowercase}, data.strip_html={cfg.strip_html}")
+    if tokenizer_rules(tok) != text_rules(cfg):
+        raise DataError(f"{tok_file}: its rules ({', '.join(RULES)}) = {tokenizer_rules(tok)} differ from the "
+                        "config's " + ", ".join(f"data.{k}={v}" for k, v in zip(RULES, text_rules(cfg))))
     return tok
 
 

@@ -36,7 +36,7 @@ from .labels import BINARY_NAMES
 from .readers import FORMATS, read_file
 from .records import SURROGATE, DataError
 from .sampler import by_length
-from .tokenizer import UNK, cut, encode, index_words, load_tokenizer, word_ids
+from .tokenizer import UNK, cut, encode, index_words, load_tokenizer, text_rules, word_ids
 
 
 # --file types that are neither a data file (FORMATS) nor plain text with one text per line
@@ -123,7 +123,7 @@ class Predictor:
         model's vocabulary and data settings; not encode(), whose library may split a character Python's tables do
         not know otherwise), its ids and labels kept."""
         data = self.cfg.data
-        distinct, index, offsets = index_words(split.texts, data.lowercase, data.strip_html)
+        distinct, index, offsets = index_words(split.texts, *text_rules(data))
         ids = word_ids(self.tokenizer, distinct)[index]
         return cut(ids, offsets, data.max_len, data.truncate).relabel(split.labels, split.ids)
 

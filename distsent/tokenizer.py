@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import string
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,31 +21,44 @@ PAD_ID = 0
 # --- the word cutter -----------------------------------------------------------------------------------------------
 #
 # The words are those of the reference pipeline (`re.findall(r"\b\w+\b", text.lower())`): runs of letters, digits
-# and underscores. Data preparation (50,000 reviews) cuts them vectorized over the texts' UTF-8 bytes in numpy,
-# split over the cores. The same rules are saved as a Hugging Face `tokenizer.json` (WordLevel with this pattern):
-# the artifact that travels with a model, which prediction uses (`encode`). Both give identical ids (tested).
+# and underscores. With data.symbols, each punctuation mark or symbol (`!`, `?`, an emoji) is a token of its own too;
+# without, they only separate words. Data preparation (50,000 reviews) cuts them vectorized over the texts' UTF-8
+# bytes in numpy, split over the cores. The same rules are saved as a Hugging Face `tokenizer.json` (WordLevel with
+# these patterns): the artifact that travels with a model, which prediction uses (`encode`). Both give identical ids
+# (tested).
 WORD_CLASS = r"\p{L}\p{N}_"  # a letter or a number of any script, or the underscore
 NON_WORD = rf"[^{WORD_CLASS}]+"
+# punctuation (all but the connectors, such as the underscore, a word character) and symbols, emoji among them
+SYMBOL_CLASS = r"\p{Pd}\p{Ps}\p{Pe}\p{Pi}\p{Pf}\p{Po}\p{S}"
+SYMBOL = rf"[{SYMBOL_CLASS}]"
+NON_TOKEN = rf"[^{WORD_CLASS}{SYMBOL_CLASS}]+"
 # \s spelt out: RE2 (preparation) reads \s as ASCII whitespace, Oniguruma (tokenizer.json) as any Unicode space
 HTML_BREAK = r"<br[\t\n\f\r ]*/?>"
 HTML_BREAK_BEFORE = r"<br\s*/?>"  # the pattern tokenizer.json files saved before it was spelt out
 
-# Which ASCII bytes belong to words; bytes of other characters are classified per character (_word_bytes).
-_ASCII_WORD = np.zeros(256, dtype=bool)
-_ASCII_WORD[np.frombuffer(b"0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", np.uint8)] = True
+# The class of each byte: a word character's (WORD), a symbol's (SYMBOL_BYTE, with data.symbols) or neither (0).
+# ASCII bytes by these tables; bytes of other characters are classified per character (_byte_classes).
+WORD, SYMBOL_BYTE = 1, 2
+_ASCII_WORDS = np.zeros(256, dtype=np.uint8)
+_ASCII_WORDS[np.frombuffer(b"0123456789_abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ", np.uint8)] = WORD
+_ASCII_SYMBOLS = _ASCII_WORDS.copy()
+_ASCII_SYMBOLS[np.frombuffer(string.punctuation.replace("_", "").encode(), np.uint8)] = SYMBOL_BYTE  # P and S
 
 
-def _word_chars(code_points: np.ndarray) -> np.ndarray:
-    """Whether each code point is a word character, by the pattern above in pyarrow's regex engine (RE2): Python's
-    own `unicodedata` can be older and miss recently assigned letters. The saved tokenizer.json applies the same
-    pattern with its own engine (Oniguruma), whose tables can differ in the newest letters: those of Unicode 16
-    (2024, e.g. U+105C0) are word characters there and not here, so a word holding one is cut differently at
-    prediction."""
+def _char_classes(code_points: np.ndarray, symbols: bool) -> np.ndarray:
+    """The class of each code point, by the patterns above in pyarrow's regex engine (RE2): Python's own
+    `unicodedata` can be older and miss recently assigned letters. The saved tokenizer.json applies the same
+    patterns with its own engine (Oniguruma), whose tables can differ in the newest characters: the letters of
+    Unicode 16 (2024, e.g. U+105C0) are word characters there and not here, so a word holding one is cut
+    differently at prediction."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
     chars = pa.array([chr(c) for c in code_points.tolist()], pa.string())
-    return pc.match_substring_regex(chars, rf"^[{WORD_CLASS}]$").to_numpy(zero_copy_only=False)
+    out = pc.match_substring_regex(chars, rf"^[{WORD_CLASS}]$").to_numpy(zero_copy_only=False).astype(np.uint8)
+    if symbols:
+        out[pc.match_substring_regex(chars, rf"^{SYMBOL}$").to_numpy(zero_copy_only=False)] = SYMBOL_BYTE
+    return out
 
 
 def _normalize(texts, lowercase: bool, strip_html: bool):
@@ -55,13 +69,13 @@ def _normalize(texts, lowercase: bool, strip_html: bool):
     return pc.utf8_lower(texts) if lowercase else texts
 
 
-def _word_bytes(data: np.ndarray) -> np.ndarray:
-    """For each byte of UTF-8 text, whether it is part of a word character.
+def _byte_classes(data: np.ndarray, symbols: bool) -> np.ndarray:
+    """For each byte of UTF-8 text, the class of the character it is part of (WORD, SYMBOL_BYTE or 0).
 
     A regex over Unicode classes was the slowest step of data preparation; a byte table does the ASCII characters,
     and the few multi-byte characters are decoded and classified once per distinct code point.
     """
-    word = _ASCII_WORD[data]
+    word = (_ASCII_SYMBOLS if symbols else _ASCII_WORDS)[data]
     lead = np.flatnonzero(data >= 0xC0)  # first bytes of multi-byte characters (continuations are 0x80-0xBF)
     if lead.size:
         b = [data[np.minimum(lead + k, len(data) - 1)].astype(np.int32) for k in range(4)]
@@ -71,15 +85,15 @@ def _word_bytes(data: np.ndarray) -> np.ndarray:
                         np.where(size == 3, (b[0] & 0x0F) << 12 | tail[0] << 6 | tail[1],
                                  (b[0] & 0x07) << 18 | tail[0] << 12 | tail[1] << 6 | tail[2]))
         distinct, which = np.unique(code, return_inverse=True)
-        is_word = _word_chars(distinct)[which]
+        classes = _char_classes(distinct, symbols)[which]
         for k in range(4):  # the character's class covers all of its bytes
             has = size > k
-            word[lead[has] + k] = is_word[has]
+            word[lead[has] + k] = classes[has]
     return word
 
 
-def _words_chunk(texts, lowercase: bool, strip_html: bool):
-    """(flat words, words per text) for one Arrow chunk of texts."""
+def _words_chunk(texts, lowercase: bool, strip_html: bool, symbols: bool = False):
+    """(flat words, words per text) for one Arrow chunk of texts; with `symbols`, each symbol is a word too."""
     import pyarrow as pa
 
     texts = _normalize(texts, lowercase, strip_html).cast(pa.large_string())
@@ -87,22 +101,25 @@ def _words_chunk(texts, lowercase: bool, strip_html: bool):
     bounds = np.frombuffer(offsets_buf, np.int64)[texts.offset: texts.offset + len(texts) + 1]
     data = np.frombuffer(data_buf, np.uint8)[bounds[0]: bounds[-1]] if data_buf is not None else np.zeros(0, np.uint8)
     bounds = bounds - bounds[0]
-    word = _word_bytes(data)
-    # words start and end where the byte class changes; a text boundary inside a run of word bytes (text i ends
-    # with a word, text i+1 starts with one) is both an end and a start, so words never join across texts
-    padded = np.zeros(len(word) + 2, dtype=bool)
-    padded[1:-1] = word
-    edges = np.flatnonzero(padded[1:] != padded[:-1])  # alternately a start and an end
+    kind = _byte_classes(data, symbols)
+    token = kind > 0
+    # a word starts where the byte class changes to WORD, a symbol at each of its characters' first bytes (ASCII or
+    # a lead byte: not 0x80-0xBF); any token at a text's start, so that words never join across texts
+    start = token.copy()
+    start[1:] &= kind[1:] != kind[:-1]
+    if symbols:
+        start |= (kind == SYMBOL_BYTE) & ((data < 0x80) | (data >= 0xC0))
     inner = np.unique(bounds[1:-1])  # empty texts repeat a boundary
-    inner = inner[(inner > 0) & (inner < len(word))]
-    joined = inner[word[inner - 1] & word[inner]]
-    if joined.size:
-        edges = np.insert(edges, np.searchsorted(edges, joined).repeat(2), joined.repeat(2))
-    starts, ends = edges[0::2], edges[1::2]
+    inner = inner[(inner > 0) & (inner < len(kind))]
+    start[inner[token[inner]]] = True
+    # a token's last byte: the next byte is no token's, or starts one
+    last = token.copy()
+    last[:-1] &= ~(token[1:] & ~start[1:])
+    starts, ends = np.flatnonzero(start), np.flatnonzero(last) + 1
     word_offsets = np.zeros(len(starts) + 1, np.int64)
     np.cumsum(ends - starts, out=word_offsets[1:])
     words = pa.Array.from_buffers(pa.large_string(), len(starts),
-                                  [None, pa.py_buffer(word_offsets), pa.py_buffer(data[word])])
+                                  [None, pa.py_buffer(word_offsets), pa.py_buffer(data[token])])
     return words, np.diff(np.searchsorted(starts, bounds))
 
 
@@ -121,7 +138,7 @@ def _on_cores(fn, array, min_per_part: int) -> list:
         return list(pool.map(fn, slices))
 
 
-def index_words(texts, lowercase: bool = True, strip_html: bool = False):
+def index_words(texts, lowercase: bool = True, strip_html: bool = False, symbols: bool = False):
     """The words of all texts (a list or an Arrow array) as (distinct words, each word's index among them,
     offsets): text i reads distinct[index[offsets[i]:offsets[i+1]]].
 
@@ -135,7 +152,7 @@ def index_words(texts, lowercase: bool = True, strip_html: bool = False):
         texts = pa.array(texts, type=pa.large_string())
 
     def share(chunk):
-        words, counts = _words_chunk(chunk, lowercase, strip_html)
+        words, counts = _words_chunk(chunk, lowercase, strip_html, symbols)
         encoded = pc.dictionary_encode(words)
         return encoded.dictionary, encoded.indices.to_numpy(), counts
 
@@ -153,7 +170,7 @@ def index_words(texts, lowercase: bool = True, strip_html: bool = False):
     return distinct, index.astype(np.int32, copy=False), offsets
 
 
-def build_tokenizer(vocab_words: list[str], lowercase: bool, strip_html: bool):
+def build_tokenizer(vocab_words: list[str], lowercase: bool, strip_html: bool, symbols: bool = False):
     """A Hugging Face WordLevel tokenizer with <pad>=0, <unk>=1 and the given words, applying the same rules."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 
@@ -165,7 +182,9 @@ def build_tokenizer(vocab_words: list[str], lowercase: bool, strip_html: bool):
         [normalizers.Replace("\u0130", "i"), normalizers.Lowercase()] if lowercase else [])
     if steps:
         tok.normalizer = normalizers.Sequence(steps)
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(NON_WORD), behavior="removed")
+    words = pre_tokenizers.Split(Regex(NON_TOKEN if symbols else NON_WORD), behavior="removed")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([words, pre_tokenizers.Split(Regex(SYMBOL), behavior="isolated")]) \
+        if symbols else words
     return tok
 
 
@@ -182,9 +201,9 @@ def vocabulary(distinct, counts: np.ndarray, min_freq: int) -> list[str]:
 
 def train_tokenizer(texts, cfg: DataConfig):
     """The reference vocabulary of `texts`: words seen >= min_freq times (most frequent first), <pad>=0, <unk>=1."""
-    distinct, index, _ = index_words(texts, cfg.lowercase, cfg.strip_html)
+    distinct, index, _ = index_words(texts, *text_rules(cfg))
     counts = np.bincount(index, minlength=len(distinct))
-    return build_tokenizer(vocabulary(distinct, counts, cfg.min_freq), cfg.lowercase, cfg.strip_html)
+    return build_tokenizer(vocabulary(distinct, counts, cfg.min_freq), *text_rules(cfg))
 
 
 def load_tokenizer(path: str | Path):
@@ -196,13 +215,22 @@ def load_tokenizer(path: str | Path):
         raise DataError(f"{path}: not a readable tokenizer.json ({exc})") from exc
 
 
-def tokenizer_rules(tok) -> tuple[bool, bool]:
-    """(lowercase, strip_html) as saved in a tokenizer.json."""
-    norm = json.loads(tok.to_str()).get("normalizer") or {}
+RULES = ("lowercase", "strip_html", "symbols")  # the data settings that say how a text is cut into words
+
+
+def text_rules(cfg: DataConfig) -> tuple[bool, bool, bool]:
+    return tuple(getattr(cfg, name) for name in RULES)
+
+
+def tokenizer_rules(tok) -> tuple[bool, bool, bool]:
+    """(lowercase, strip_html, symbols) as saved in a tokenizer.json."""
+    saved = json.loads(tok.to_str())
+    norm, pre = saved.get("normalizer") or {}, saved.get("pre_tokenizer") or {}
     steps = norm.get("normalizers", [norm]) if norm else []
     return (any(s.get("type") == "Lowercase" for s in steps),
             any(s.get("type") == "Replace" and s.get("pattern", {}).get("Regex") in (HTML_BREAK, HTML_BREAK_BEFORE)
-                for s in steps))
+                for s in steps),
+            any(s.get("pattern", {}).get("Regex") == SYMBOL for s in pre.get("pretokenizers", [])))
 
 
 def word_ids(tok, distinct) -> np.ndarray:

@@ -38,14 +38,17 @@ def test_prepared_ids_match_the_saved_tokenizer(tmp_path, monkeypatch):
     # "i" plus a combining dot in Unicode's full mapping, which is not a word character
     texts = SAMPLES + make_reviews(50, 9)[0] + ["ÀÉÎ õü ß ﬁne Ⅻ ½ x²", "tabs\tand_underscores__ 3.14", "end", "!", "—",
                                                 "start", "a\U00031350b 𝔘𝔫𝔦 😀x", "İstanbul'da İYİ", "İstanbul",
+                                                # symbols: each its own token with data.symbols, a separator without
+                                                "SO angry!!! 😡😡 #fail :)", "👍🏽👨‍👩‍👧", "a‿b﹏c x_y", "(12)£€…»",
                                                 # a line break whose spaces are not ASCII ones stays words
                                                 "great film<br\u00a0/>br the end<br\u3000/>x<br \x0b/>y<br\t/>z"]
     labels = [i % 2 for i in range(len(texts))]
     folder = write_parquet(tmp_path / "data", {"train": (texts, labels), "test": (texts[::-1], labels[::-1])})
     sources = {"train": texts, "val": texts, "test": texts[::-1]}
-    for strip_html in (False, True):
-        data = prepare(DataConfig(path=str(folder), min_freq=2, strip_html=strip_html, max_len=10_000,
-                                  cache_dir=str(tmp_path / "cache")))
+    for strip_html, symbols in ((False, False), (True, False), (False, True), (True, True)):
+        data = prepare(DataConfig(path=str(folder), min_freq=2, strip_html=strip_html, symbols=symbols,
+                                  max_len=10_000, cache_dir=str(tmp_path / "cache")))
+        assert ("!" in data.tokenizer.get_vocab()) == symbols and ("😡" in data.tokenizer.get_vocab()) == symbols
         for name, originals in sources.items():
             split = getattr(data, name)
             reviews = [originals[i] for i in split.ids]
@@ -72,10 +75,10 @@ def test_a_long_text_in_pieces_has_the_ids_of_the_whole(monkeypatch):
 
     rng = np.random.default_rng(3)
     bits = ["good", "Bad", "<br />", "<br/>", "<br \t/>", "<br\u3000 />", "<br\x0b />", "<BR />", "İstanbul", "x_1",
-            " ", "  ", "\t", "\n", "\x1c", "\u2028", "\u00a0", "a,b", "!!", "日本語", "e\u0301"]
+            " ", "  ", "\t", "\n", "\x1c", "\u2028", "\u00a0", "a,b", "!!", "日本語", "e\u0301", "😡", "/>", "<"]
     texts = ["".join(rng.choice(bits, size=int(rng.integers(1, 40)))) for _ in range(300)] + ["<br />", " a", "a "]
-    toks = [tokenizer.build_tokenizer(["good", "bad", "br", "x_1", "a", "b"], low, html)
-            for low in (False, True) for html in (False, True)]
+    toks = [tokenizer.build_tokenizer(["good", "bad", "br", "x_1", "a", "b", "!", "😡", "<", "/", ">"], low, html, sym)
+            for sym in (False, True) for low in (False, True) for html in (False, True)]
     older = json.loads(toks[-1].to_str())  # the break as saved before it was spelt out
     older["normalizer"]["normalizers"][0]["pattern"]["Regex"] = tokenizer.HTML_BREAK_BEFORE
     toks.append(Tokenizer.from_str(json.dumps(older)))
@@ -104,9 +107,13 @@ def test_bulk_encoding_on_several_cores_matches_one_review_at_a_time(monkeypatch
     tok = train_tokenizer(texts, DataConfig(min_freq=3))
     counts = Counter(w for t in texts for w in reference_tokenize(t))
     assert set(tok.get_vocab()) == {"<pad>", "<unk>"} | {w for w, c in counts.items() if c >= 3}
-    ids = tokenizer.word_ids(tok, distinct)[index]
-    for i in range(0, len(texts), 97):
-        assert ids[offsets[i]: offsets[i + 1]].tolist() == tok.encode(texts[i], add_special_tokens=False).ids
+    for symbols in (False, True):  # with data.symbols, every symbol is a word: "!!!" is three
+        distinct, index, offsets = tokenizer.index_words(texts, symbols=symbols)
+        tok = train_tokenizer(texts, DataConfig(min_freq=3, symbols=symbols))
+        ids = tokenizer.word_ids(tok, distinct)[index]
+        for i in range(0, len(texts), 97):
+            assert ids[offsets[i]: offsets[i + 1]].tolist() == tok.encode(texts[i], add_special_tokens=False).ids
+    assert Counter(distinct.take(index[offsets[0]: offsets[1]]).to_pylist())["!"] == 3  # "...fantastic!!! 10/10"
 
 
 def test_tokenizer_matches_reference_words_and_vocabulary():

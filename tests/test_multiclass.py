@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (EMOTIONS, REAL_EMOTION, REPO, direct_cmd, launch_cmd, make_emotions, member_alone, read_jsonl,
+from conftest import (EMOTIONS, NEUTRAL, REAL_EMOTION, REPO, direct_cmd, launch_cmd, make_emotions, member_alone, read_jsonl,
                       run, tiny_overrides, train_rows, write_csv)
 from test_resume import start, stop_at
 
@@ -192,6 +192,35 @@ def test_real_emotion_short_run_then_predict(tmp_path, cache_env):
     assert len(results) == len(gold) == 2000 and results[0]["line"] == 2
     right = sum(r["label"] == y for r, y in zip(results, gold))
     assert abs(right - round(test["test/acc"] * 2000)) <= 2
+
+
+def test_with_data_symbols_an_emoji_alone_tells_the_class(tmp_path, cache_env):
+    """Tweets whose emotion only an emoji says (their words are filler drawn alike for every class): with
+    data.symbols the emoji are tokens, the model learns them, and its saved tokenizer.json reads them at prediction,
+    a text of emoji alone included. Without data.symbols the same texts keep no emoji: nothing to learn from."""
+    from distsent.config import DataConfig
+    from distsent.predict import Predictor
+    from distsent.tokenizer import train_tokenizer
+    from distsent.train import main
+
+    faces = {"anger": "😡", "fear": "😱", "joy": "😂", "sadness": "😢"}
+
+    def tweets(n, seed):
+        rng = np.random.default_rng(seed)
+        labels = [EMOTIONS[i] for i in rng.integers(0, len(EMOTIONS), n)]
+        return [" ".join(rng.choice(NEUTRAL, size=int(rng.integers(4, 15)))) + " " + faces[y] * int(rng.integers(1, 3))
+                + "!" * int(rng.integers(0, 3)) for y in labels], labels
+
+    train = tweets(800, 0)
+    assert not set(faces.values()) & set(train_tokenizer(train[0], DataConfig(min_freq=1)).get_vocab())
+    run_dir = tmp_path / "run"
+    assert main(["--config", str(REPO / "configs" / "smoke.yaml"), *tiny_overrides(
+        run_dir, write_csv(tmp_path / "tweets", {"train": train, "test": tweets(200, 1)}),
+        **{"data.symbols": "true", "data.strip_html": "false", "train.epochs": 3})]) == 0
+    test = [r for r in read_jsonl(run_dir / "metrics.jsonl") if "test/acc" in r][0]
+    assert test["test/acc"] > 0.9, test  # four classes: 25% by chance
+    results = Predictor.load(run_dir / "best").predict(["😢", "word1 the movie 😂😂"])
+    assert [r["label"] for r in results] == ["sadness", "joy"] and "warning" not in results[0]
 
 
 def test_label_smoothing_targets():

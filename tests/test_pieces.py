@@ -132,6 +132,7 @@ def test_the_cache_keys_come_from_the_same_declarations():
     assert set(cfg.stage_settings("cut")) == {"max_len", "truncate"}
     # a setting added later enters the key only when set: entries prepared before it stay valid
     assert DataConfig(stratify=True).stage_settings("split") == {**cfg.stage_settings("split"), "stratify": True}
+    assert DataConfig(symbols=True).stage_settings("vocab") == {**cfg.stage_settings("vocab"), "symbols": True}
 
 
 def test_identity_of_checkpoints_from_an_earlier_version_is_still_understood(tmp_path):
@@ -141,8 +142,10 @@ def test_identity_of_checkpoints_from_an_earlier_version_is_still_understood(tmp
     # model.members
     earlier_model = {k: v for k, v in current["model"].items() if k != "members"}
     earlier_model["pretrained_embeddings"] = ""  # the path then, whether vectors were used now
-    # nor data.min_freq / data.lowercase (the run's tokenizer.json, kept on a resume, had them), nor data.stratify
-    earlier_data = {k: v for k, v in current["data"].items() if k not in ("min_freq", "lowercase", "stratify")}
+    # nor data.min_freq / data.lowercase (the run's tokenizer.json, kept on a resume, had them), data.stratify or
+    # data.symbols
+    earlier_data = {k: v for k, v in current["data"].items() if k not in ("min_freq", "lowercase", "stratify",
+                                                                          "symbols")}
     flat = {"model": earlier_model, "data": earlier_data,
             **{k: current["train"][k] for k in ("global_batch_size", "seed")}}
     current = {**current, "label_names": ["negative", "positive"], "data_content": "0123abcd"}
@@ -156,6 +159,8 @@ def test_identity_of_checkpoints_from_an_earlier_version_is_still_understood(tmp
     ckpt.check_compatible(with_vectors, {**current, "model": moved["model"]}, tmp_path)
     with pytest.raises(ckpt.CheckpointError, match="model.pretrained_embeddings: checkpoint True, config False"):
         ckpt.check_compatible(with_vectors, current, tmp_path)
+    with pytest.raises(ckpt.CheckpointError, match="data.symbols: checkpoint False, config True"):  # none then
+        ckpt.check_compatible(flat, {**current, "data": {**current["data"], "symbols": True}}, tmp_path)
     flat["seed"] = 3
     with pytest.raises(ckpt.CheckpointError, match="train.seed: checkpoint 3, config 0"):
         ckpt.check_compatible(flat, current, tmp_path)
@@ -1414,9 +1419,12 @@ def test_a_resume_refuses_a_changed_vocabulary_setting(synth_imdb, tmp_path, cac
     with pytest.raises(ckpt.CheckpointError, match="cannot be resumed with this config: data.min_freq: checkpoint 1, "
                                                    "config 4"):
         fit(**{"data.min_freq": 4, "train.max_steps": 5})
-    with pytest.raises(DataError, match=r"tokenizer.json: its rules \(lowercase, strip_html\) = \(True, True\) differ "
-                                        "from the config's data.lowercase=False"):  # the saved tokenizer says
-        fit(**{"data.lowercase": "false", "train.max_steps": 5})
+    with pytest.raises(DataError, match=r"tokenizer.json: its rules \(lowercase, strip_html, symbols\) = \(True, "
+                                        r"True, False\) differ from the config's data.lowercase=False"):  # the saved
+        fit(**{"data.lowercase": "false", "train.max_steps": 5})  # tokenizer says
+    with pytest.raises(DataError, match="differ from the config's data.lowercase=True, data.strip_html=True, "
+                                        "data.symbols=True"):
+        fit(**{"data.symbols": "true", "train.max_steps": 5})
     args = ["--check", "--config", str(REPO / "configs" / "smoke.yaml"), *tiny_overrides(run_dir, synth_imdb),
             "data.min_freq=4"]
     assert train_main(args) == 2 and "data.min_freq: checkpoint 1, config 4" in capsys.readouterr().err
