@@ -82,12 +82,15 @@ class DataConfig:
     def __post_init__(self):
         _check_choice("data.truncate", self.truncate, ("head", "tail"))
         _check_range("data.val_fraction", self.val_fraction, 0.0, 1.0, low_open=True, high_open=True)
-        _check_min("data.max_len", self.max_len, 1)
+        _check_range("data.max_len", self.max_len, 1, 2**31 - 1)
         _check_min("data.min_freq", self.min_freq, 1)
         _check_min("data.bucket_batches", self.bucket_batches, 1)
         _check_min("data.limit", self.limit, 0)
         _check_min("data.test_limit", self.test_limit, 0)
         _check_min("data.split_seed", self.split_seed, 0)  # numpy's default_rng takes any other
+        for name in ("text_column", "label_column", "hub_train_split", "hub_test_split"):  # an unset shell variable
+            if not getattr(self, name).strip():  # ("" read ",text,label"'s unnamed index column: numbers as texts)
+                raise ConfigError(f"data.{name}: empty; name the {name.replace('hub_', '').replace('_', ' ')}")
 
     def stage_settings(self, stage: str) -> dict:
         """The settings that change one stage of data preparation ("split", "vocab" or "cut"): its cache key."""
@@ -134,8 +137,9 @@ class ModelConfig:
     def __post_init__(self):
         _check_choice("model.cell", self.cell, ("lstm", "gru"))
         _check_choice("model.pooling", self.pooling, ("last", "mean", "max", "attention"))
-        for name in ("embedding_dim", "hidden_dim", "num_layers", "ngram_buckets", "members"):
-            _check_min(f"model.{name}", getattr(self, name), 1)
+        for name, high in (("embedding_dim", 2**16), ("hidden_dim", 2**16), ("num_layers", 256),
+                           ("ngram_buckets", 2**31 - 1), ("members", 256)):  # beyond: torch's errors, or no memory
+            _check_range(f"model.{name}", getattr(self, name), 1, high)
         _check_range("model.ngram_max_n", self.ngram_max_n, 0, 4)
         _check_min("model.ngram_weight", self.ngram_weight, 0.0)
         _check_range("model.dropout", self.dropout, 0.0, 1.0, high_open=True)
@@ -230,7 +234,7 @@ class TrainConfig:
         _check_choice("train.class_weights", self.class_weights, ("none", "balanced", "sqrt"))
         _check_range("train.label_smoothing", self.label_smoothing, 0, 1, high_open=True)
         _check_range("train.ema_decay", self.ema_decay, 0, 1, high_open=True)
-        _check_min("train.threads", self.threads, 0)
+        _check_range("train.threads", self.threads, 0, 4096)
         _check_range("train.seed", self.seed, 0, 2**32 - 1)  # numpy's and torch's seeds
 
 
@@ -259,7 +263,7 @@ class DistConfig:
                                    ["SIGTERM", "SIGUSR1", "SIGINT", "SIGHUP"])
 
     def __post_init__(self):
-        _check_min("dist.timeout_s", self.timeout_s, 1)
+        _check_range("dist.timeout_s", self.timeout_s, 1, 10**8)  # 3 years: a datetime.timedelta holds it
         import signal
 
         for name in self.stop_signals:

@@ -47,6 +47,8 @@ def _convert(key: str, tp, value):
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
             raise ConfigError(f"{key}: expected an integer, got {_got(value)}")
+        if abs(value) >= 2**63:  # numpy, torch and datetime overflow on it (a typo of extra digits)
+            raise ConfigError(f"{key}: {int(value)} is out of range (|n| < 2**63)")
         return int(value)
     if tp is float:
         if isinstance(value, str):  # a quoted number: '0.01'

@@ -14,7 +14,7 @@ import numpy as np
 
 from .config import DataConfig
 from .records import (SURROGATE, DataError, RawSplit, as_numbers, checked_split, first_invalid_utf8, label_array,
-                      missing_columns, missing_kept)
+                      label_type_check, missing_columns, missing_kept)
 
 FORMATS = (".csv", ".jsonl", ".parquet")
 
@@ -67,11 +67,12 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str
             first, end = end + 1, reader.line_num  # a quoted text may run over several lines: name the first
             if not record:  # a blank line
                 continue
+            # a byte-order mark starting a line: files joined with each one's kept (its label would be a class)
+            record[0] = record[0].removeprefix("\ufeff")
             try:
                 if not labeled and any(SURROGATE.search(f) for f in record):  # bytes that were not UTF-8 (_utf8)
                     raise DataError(f"{path}: line {first} is not valid UTF-8")
-                # files joined with their headers (each file's byte-order mark kept): its words would become a class
-                if [record[0].removeprefix("\ufeff")] + record[1:] == header:
+                if record == header:  # files joined with their headers: the header's words would be a class
                     raise DataError(f"{path}: line {first} repeats the header row (files joined with their headers?)")
                 if len(record) != len(header):
                     raise DataError(f"{path}: line {first} has {len(record)} fields, the header has "
@@ -195,6 +196,7 @@ def _read_parquet(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple
     import pyarrow as pa
 
     labels = table.column(cfg.label_column).combine_chunks()
+    label_type_check(path, cfg.label_column, labels.type)
     if pa.types.is_dictionary(labels.type) and pa.types.is_string(labels.type.value_type):
         labels = labels.cast(labels.type.value_type)  # a category column: checked (and read) as its strings
     if pa.types.is_string(labels.type) or pa.types.is_large_string(labels.type) or \

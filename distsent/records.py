@@ -167,8 +167,20 @@ def missing_columns(where, present, cfg: DataConfig, labeled: bool = True) -> No
                 hint = "the file reads as one column: distsent reads CSV separated by commas"
             elif spaced := [c for c in present if isinstance(c, str) and c.strip() == col]:
                 hint = f"the column {spaced[0]!r} has spaces in its name: remove them"
+            elif cased := [c for c in present if isinstance(c, str) and c.strip().lower() == col.lower()]:
+                hint = f"the column {cased[0]!r} differs in case: " + hint
             raise DataError(f"{where}: no '{col}' column (columns: {', '.join(present)}); {hint}")
         _named_once(where, present, col)
+
+
+def label_type_check(where, column: str, arrow_type) -> None:
+    """DataError for a label column of dates, times or durations (a date column taken for the labels would make
+    each distinct time a class named by its nanoseconds)."""
+    import pyarrow as pa
+
+    if pa.types.is_temporal(arrow_type):
+        raise DataError(f"{where}: the '{column}' column holds {arrow_type} values, not labels (a label is one "
+                        f"integer or one string); name the label column with data.label_column")
 
 
 def missing_kept(where, present, keep: tuple[str, ...]) -> None:

@@ -19,7 +19,7 @@ from .config import DataConfig
 from .files import sha256_file
 from .labels import class_names, encode_labels, integers_are_positions, label_lookup, read_class_labels
 from .readers import FORMATS, check_format, read_file
-from .records import DataError, RawSplit, checked_split, label_array, missing_columns, warn_once
+from .records import DataError, RawSplit, checked_split, label_array, label_type_check, missing_columns, warn_once
 
 SPLITS = ("train", "validation", "test")
 SPLIT_FILE_NAMES = {"train": ("train",), "validation": ("validation", "valid", "val", "dev"), "test": ("test",)}
@@ -118,14 +118,18 @@ def folder_files(root: Path, name: str) -> dict[str, Path]:
         listing = [root / f"{n}{ext}" for names in SPLIT_FILE_NAMES.values() for n in names for ext in FORMATS]
     present: dict[str, list[Path]] = {}  # by lower-case name: train.CSV and Train.csv are train.csv too
     for p in listing:
-        if p.is_file():
-            present.setdefault(p.name.lower(), []).append(p)
+        present.setdefault(p.name.lower(), []).append(p)
     for split, names in SPLIT_FILE_NAMES.items():
-        found = [p for n in names for ext in FORMATS for p in present.get(f"{n}{ext}", [])]
+        named = [p for n in names for ext in FORMATS for p in present.get(f"{n}{ext}", [])]
+        found = [p for p in named if p.is_file()]
         if len(found) > 1:
             raise DataError(f"{name} {root}: several {split} files ({', '.join(p.name for p in found)}); keep one")
         if found:
             files[split] = found[0]
+        elif odd := next((p for p in named if p.is_dir() or not p.exists() and p.is_symlink()), None):
+            raise DataError(f"{odd}: " + ("a folder, not a file (a parquet data set written in parts is not read: "
+                                          "write one file per split)" if odd.is_dir() else
+                                          f"a broken symbolic link (to {os.readlink(odd)})"))
     return files
 
 
@@ -150,10 +154,12 @@ def find_source(cfg: DataConfig) -> Source:
                                                                  "no such file" + ("" if path.is_absolute() else
                                                                                    f" ({path.absolute()})")))
             check_format(path)
-        _warn_reused(files)
+        _warn_reused(files, "data.{}_file")
         return Source("files", str(files["train"].parent), files)
     path = data_path(cfg)
     if not path:
+        splits = {s: getattr(cfg, f"hub_{s}_split") for s in SPLITS if getattr(cfg, f"hub_{s}_split")}
+        _warn_reused(splits, "data.hub_{}_split", splits)
         return Source("hub", cfg.hub_name)
     root = Path(path).expanduser()
     name = "data.path" if cfg.path else f"${DATA_PATH_ENV}"  # the setting that named it
@@ -167,6 +173,7 @@ def find_source(cfg: DataConfig) -> Source:
             if split not in files:
                 raise DataError(f"{name} {root}: no {split} file (expected {split}.csv, .jsonl or .parquet beside "
                                 f"{', '.join(p.name for p in files.values())})")
+        _warn_reused(files, "the {} file")  # links to one file, say
         return Source("files", str(root), files)
     for candidate in (root, root / "aclImdb"):
         if (candidate / "train").is_dir() or (candidate / "test").is_dir():
@@ -219,12 +226,17 @@ def _read_hub(cfg: DataConfig, role: str) -> RawSplit:
         raise DataError(f"{where}: {exc} (data.hub_config={cfg.hub_config!r}, "
                         f"data.hub_{role}_split={split!r})") from exc
     except Exception as exc:
+        if Path(cfg.hub_name).expanduser().is_dir():  # a local folder: its files are at fault, not the network
+            cause = f": {exc.__cause__}" if exc.__cause__ else ""
+            raise DataError(f"cannot read {where} ({exc}{cause}); data.path=DIR reads a folder of train / test "
+                            f"files with distsent's own readers, which name the file and line at fault") from exc
         local = f"data.path (or ${DATA_PATH_ENV})" if cfg.hub_name == DataConfig.hub_name else "data.path"
         raise DataError(f"cannot load {where} from the Hugging Face hub ({exc}); on a machine without internet, "
                         f"point {local} at a local copy") from exc
     missing_columns(where, ds.column_names, cfg)
     table = ds.with_format("arrow")[:]
     labels = table.column(cfg.label_column)
+    label_type_check(where, cfg.label_column, labels.type)
     # with nulls, numpy would make the integers floats and the nulls NaN: Python values, each checked (None: no label)
     labels = labels.to_numpy() if not labels.null_count else label_array(labels.to_pylist(), where)
     split = checked_split(table.column(cfg.text_column), labels, where)
@@ -272,16 +284,17 @@ def load_splits(cfg: DataConfig) -> tuple[dict[str, RawSplit], list[str]]:
     return splits, names
 
 
-def _warn_reused(files: dict[str, Path]) -> None:
-    """Files named one by one where one file plays two parts: the scores it gives would measure nothing."""
-    same = {s: p.resolve() for s, p in files.items()}
+def _warn_reused(shown: dict, role: str, same: dict | None = None) -> None:
+    """One file (or hub split) playing two parts, `same` telling them apart (default: the files' real paths);
+    `role`: how a split's data is named. The scores it gives would measure nothing."""
+    same = same or {s: p.resolve() for s, p in shown.items()}
     for held_out in ("validation", "test"):
         if same.get(held_out) == same["train"]:
-            warn_once("data.%s_file is the training file (%s): its scores are on data the model trained on",
-                      held_out, files[held_out])
+            warn_once("%s (%s) is also the training data: its scores are on data the model trained on",
+                      role.format(held_out), shown[held_out])
     if "validation" in same and same["validation"] == same["test"]:
-        warn_once("data.validation_file is the test file (%s): the model is chosen on the data it is tested on",
-                  files["test"])
+        warn_once("%s (%s) is also the test data: the model is chosen on the data it is tested on",
+                  role.format("validation"), shown["validation"])
 
 
 def subset(split: RawSplit, idx: np.ndarray) -> RawSplit:
@@ -323,7 +336,9 @@ def carve(cfg: DataConfig, train: RawSplit, test: RawSplit, val: RawSplit | None
     else:
         n_val = max(1, int(round(len(order) * cfg.val_fraction)))
         if n_val >= len(order):
-            raise DataError(f"data.val_fraction={cfg.val_fraction} leaves no training texts out of {len(order)}")
+            kept = f"the {len(order)} kept by data.limit={cfg.limit}" if cfg.limit else f"its {len(order)}"
+            raise DataError(f"the training data: holding out data.val_fraction={cfg.val_fraction} of {kept} for "
+                            f"validation leaves none to train on; give more texts (or a validation file)")
         splits = {"val": subset(train, np.sort(order[:n_val])), "train": subset(train, np.sort(order[n_val:]))}
     if cfg.test_limit and cfg.test_limit < len(test.texts):  # the same test texts whatever the other settings:
         # runs of other seeds, carves or training sizes are scored alike

@@ -128,6 +128,16 @@ def test_int_accepted_for_float():
     ("log.wandb.notes=C# port #2", "log.wandb.notes: the value 'C# port #2' holds a #"),  # one # kept, one cut
     ("train={seeed: 4, 1: 3}", "train.1: unknown key"),  # unknown keys of two types: sorted, not a TypeError
     ("optim.lr=1" + "0" * 400, "optim.lr: the integer is too large for a number"),  # no OverflowError
+    # an empty column or split name (an unset shell variable): "" read a CSV's unnamed index column as the texts
+    ("data.text_column=", "data.text_column: empty; name the text column"),
+    ("data.label_column= ", "data.label_column: empty"),
+    ("data.hub_test_split=", "data.hub_test_split: empty; name the test split"),  # a KeyError traceback
+    # sizes past what numpy, torch or datetime take: tracebacks (OverflowError, TypeError) after --check said OK
+    ("data.max_len=100000000000000000000", "data.max_len: 100000000000000000000 is out of range"),
+    ("dist.timeout_s=100000000000000", "dist.timeout_s: must be in [1, 100000000]"),
+    ("train.threads=3000000000", "train.threads: must be in [0, 4096]"),
+    ("model.hidden_dim=100000000000000000000", "model.hidden_dim: 100000000000000000000 is out of range"),
+    ("model.embedding_dim=10000000000", "model.embedding_dim: must be in [1, 65536]"),
 ])
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message.replace("[", r"\[")):
@@ -155,7 +165,7 @@ def test_bad_yaml_file_names_file_and_key(tmp_path):
     # a bad value given on the command line is blamed on the override, not on the file beside it
     p.write_text("model:\n  hidden_dim: 12\n")
     for override, message in (("train.epochs=two", "the override train.epochs=two: train.epochs: expected an integer"),
-                              ("model.hidden_dim=0", "the override model.hidden_dim=0: model.hidden_dim: must be >= 1"),
+                              ("model.hidden_dim=0", "the override model.hidden_dim=0: model.hidden_dim: must be in "),
                               ("model.layers=3", "the override model.layers=3: model.layers: unknown key"),
                               ("trian.epochs=2", "the override trian.epochs=2: trian: unknown key")):
         with pytest.raises(ConfigError) as info:

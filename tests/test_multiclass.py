@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import (EMOTIONS, NEUTRAL, REAL_EMOTION, REPO, direct_cmd, launch_cmd, make_emotions, member_alone, read_jsonl,
-                      run, tiny_overrides, train_rows, write_csv)
+from conftest import (EMOTIONS, NEUTRAL, REAL_EMOTION, REPO, direct_cmd, launch_cmd, make_emotions, member_alone,
+                      read_jsonl, run, tiny_overrides, train_rows, write_csv)
 from test_resume import start, stop_at
 
 @pytest.fixture(scope="module")

@@ -119,10 +119,20 @@ def test_warnings_for_a_test_file_trained_on_and_classes_that_differ_in_case(tmp
     assert names == ["Anger", "Joy", "anger", "fear", "joy", "sadness"]
     assert "classes whose names differ only in case are separate classes: ['Anger', 'anger']; ['Joy', 'joy']" \
         in caplog.text
-    assert f"data.test_file is the training file ({tmp_path / '.' / 'train.csv'})" in caplog.text
+    assert f"data.test_file ({tmp_path / '.' / 'train.csv'}) is also the training data" in caplog.text
     caplog.clear()
     load_splits(DataConfig(train_file=str(train), validation_file=str(train), test_file=str(train)))
-    assert "data.validation_file is the training file" in caplog.text and "is the test file" in caplog.text
+    assert "data.validation_file" in caplog.text and "is also the training data" in caplog.text
+    assert "is also the test data" in caplog.text
+    caplog.clear()  # a folder whose files are links to one, and hub splits named twice
+    (tmp_path / "linked").mkdir()
+    for name in ("train.csv", "validation.csv", "test.csv"):
+        (tmp_path / "linked" / name).symlink_to(train)
+    find_source(DataConfig(path=str(tmp_path / "linked")))
+    assert f"the test file ({tmp_path / 'linked' / 'test.csv'}) is also the training data" in caplog.text
+    assert "the validation file" in caplog.text and "is also the test data" in caplog.text
+    find_source(DataConfig(hub_name="someone/tweets", hub_test_split="train"))
+    assert "data.hub_test_split (train) is also the training data" in caplog.text
 
 
 def test_texts_to_classify_need_no_label_and_keep_their_empty_records(tmp_path):
@@ -284,6 +294,11 @@ def test_hub_class_label_names_and_order(tmp_path, monkeypatch):
         with pytest.raises(DataError) as info:
             load_splits(DataConfig(hub_name=str(tmp_path / "emotion"), **bad))
         assert all(n in str(info.value) for n in named) and "without internet" not in str(info.value), info.value
+    # bad data in such a folder is the folder's, not the network's: the reader's own words are kept
+    (tmp_path / "stars" / "data" / "train.csv").write_text("text,label\na,1\nb,5,extra\nc,3\n")
+    with pytest.raises(DataError) as info:
+        load_splits(DataConfig(hub_name=str(tmp_path / "stars"), val_fraction=0.1))
+    assert "Expected 2 fields in line 3, saw 3" in str(info.value) and "internet" not in str(info.value), info.value
 
 
 def test_a_parquet_folder_saved_by_datasets_brings_its_classlabel_names(tmp_path):
@@ -650,6 +665,49 @@ def test_a_folders_file_names_are_read_in_any_case(tmp_path):
     write(folder, "train", "csv", TEXTS, LABELS)
     with pytest.raises(DataError, match=r"several train files \(Train.CSV, train.csv\)"):
         find_source(DataConfig(path=str(folder)))
+
+
+def test_a_folder_or_a_broken_link_named_as_a_split_file_is_named(tmp_path):
+    """A train.parquet/ folder (a data set written in parts) or a link to nothing was "no train file"."""
+    folder = tmp_path / "parts"
+    write(folder, "test", "csv", TEXTS, LABELS)
+    (folder / "train.parquet").mkdir()
+    with pytest.raises(DataError, match=r"train.parquet: a folder, not a file \(a parquet data set written in parts"):
+        find_source(DataConfig(path=str(folder)))
+    (folder / "train.parquet").rmdir()
+    (folder / "train.csv").symlink_to(tmp_path / "gone.csv")
+    with pytest.raises(DataError, match=r"train.csv: a broken symbolic link \(to .*gone.csv\)"):
+        find_source(DataConfig(path=str(folder)))
+    write(folder, "train", "jsonl", TEXTS, LABELS)  # a file of the split beside it: that one is read
+    assert find_source(DataConfig(path=str(folder))).files["train"].name == "train.jsonl"
+
+
+def test_a_byte_order_mark_inside_a_file_a_date_label_and_a_column_in_other_case(tmp_path):
+    """A file appended with its byte-order mark (no header) made '\ufeff1' a class of its own; a date column taken
+    for the labels made each time a class; a header `Text,Label` is named as a case difference."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    body = "".join(f"text {i},{i % 2}\n" for i in range(10))
+    (tmp_path / "bom.csv").write_text("text,label\n" + body + "\ufeffgood one,1\n", encoding="utf-8")
+    split = read_file(tmp_path / "bom.csv", DataConfig())
+    assert split.labels.tolist()[-1] == 1 and split.texts.to_pylist()[-1] == "good one"
+    assert split.labels.dtype.kind == "i"  # integers still: no string label '\ufeff1'
+    times = pa.array([0, 10**18], pa.timestamp("ns"))
+    pq.write_table(pa.table({"text": ["a", "b"], "label": times}), tmp_path / "dates.parquet")
+    with pytest.raises(DataError, match=r"dates.parquet: the 'label' column holds timestamp\[ns\] values, not labels"):
+        read_file(tmp_path / "dates.parquet", DataConfig())
+    (tmp_path / "cased.csv").write_text("Text,Label\na,1\n", encoding="utf-8")
+    with pytest.raises(DataError, match="no 'text' column .columns: Text, Label.; the column 'Text' differs in case"):
+        read_file(tmp_path / "cased.csv", DataConfig())
+
+
+def test_a_carve_that_leaves_nothing_to_train_names_the_limit(tmp_path):
+    folder = write(tmp_path / "d", "train", "csv", TEXTS, LABELS).parent
+    write(folder, "test", "csv", TEXTS, LABELS)
+    with pytest.raises(DataError, match=r"holding out data.val_fraction=0.1 of the 1 kept by data.limit=1 for "
+                                        "validation leaves none to train on"):
+        load_splits(DataConfig(path=str(folder), limit=1))
 
 
 def test_a_folder_that_cannot_be_listed_is_read_by_its_files_names(tmp_path, monkeypatch):
