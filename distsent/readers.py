@@ -45,7 +45,9 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str
     # Python's csv refuses fields over 128 KiB by default: a long text is not an error (JSONL and parquet take it)
     csv.field_size_limit(2**31 - 1)  # the C long's limit on every platform
     # strict: a stray quote is an error naming its line, not a field that swallows the rest of the file
-    reader = csv.reader(io.StringIO(_utf8(path, labeled), newline=""), strict=True)
+    # a byte-order mark starting a line: files joined with each one's kept (its label would be a class of its own)
+    text = _utf8(path, labeled).replace("\n\ufeff", "\n").replace("\r\ufeff", "\r")
+    reader = csv.reader(io.StringIO(text, newline=""), strict=True)
     texts, labels, lines, problems, kept = [], [], [], {}, []
     end = 0
     try:
@@ -67,8 +69,6 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str
             first, end = end + 1, reader.line_num  # a quoted text may run over several lines: name the first
             if not record:  # a blank line
                 continue
-            # a byte-order mark starting a line: files joined with each one's kept (its label would be a class)
-            record[0] = record[0].removeprefix("\ufeff")
             try:
                 if not labeled and any(SURROGATE.search(f) for f in record):  # bytes that were not UTF-8 (_utf8)
                     raise DataError(f"{path}: line {first} is not valid UTF-8")

@@ -180,7 +180,8 @@ def label_type_check(where, column: str, arrow_type) -> None:
 
     if pa.types.is_temporal(arrow_type):
         raise DataError(f"{where}: the '{column}' column holds {arrow_type} values, not labels (a label is one "
-                        f"integer or one string); name the label column with data.label_column")
+                        f"integer or one string); name the label column with data.label_column (distsent-evaluate: "
+                        f"--label-column)")
 
 
 def missing_kept(where, present, keep: tuple[str, ...]) -> None:

@@ -127,8 +127,8 @@ def folder_files(root: Path, name: str) -> dict[str, Path]:
         if found:
             files[split] = found[0]
         elif odd := next((p for p in named if p.is_dir() or not p.exists() and p.is_symlink()), None):
-            raise DataError(f"{odd}: " + ("a folder, not a file (a parquet data set written in parts is not read: "
-                                          "write one file per split)" if odd.is_dir() else
+            raise DataError(f"{odd}: " + ("a folder, not a file (data written in parts, as Spark writes it, is "
+                                          "not read: write one file per split)" if odd.is_dir() else
                                           f"a broken symbolic link (to {os.readlink(odd)})"))
     return files
 
@@ -228,8 +228,9 @@ def _read_hub(cfg: DataConfig, role: str) -> RawSplit:
     except Exception as exc:
         if Path(cfg.hub_name).expanduser().is_dir():  # a local folder: its files are at fault, not the network
             cause = f": {exc.__cause__}" if exc.__cause__ else ""
-            raise DataError(f"cannot read {where} ({exc}{cause}); data.path=DIR reads a folder of train / test "
-                            f"files with distsent's own readers, which name the file and line at fault") from exc
+            raise DataError(f"cannot read {where} ({exc}{cause}); data.path=DIR (the folder holding the train / "
+                            f"test files) reads them with distsent's own readers, which name the file and line at "
+                            f"fault") from exc
         local = f"data.path (or ${DATA_PATH_ENV})" if cfg.hub_name == DataConfig.hub_name else "data.path"
         raise DataError(f"cannot load {where} from the Hugging Face hub ({exc}); on a machine without internet, "
                         f"point {local} at a local copy") from exc
@@ -336,9 +337,11 @@ def carve(cfg: DataConfig, train: RawSplit, test: RawSplit, val: RawSplit | None
     else:
         n_val = max(1, int(round(len(order) * cfg.val_fraction)))
         if n_val >= len(order):
-            kept = f"the {len(order)} kept by data.limit={cfg.limit}" if cfg.limit else f"its {len(order)}"
+            limited = cfg.limit and cfg.limit < len(train.texts)  # the limit cut some: it is the one to raise
+            kept = f"the {len(order)} kept by data.limit={cfg.limit}" if limited else f"its {len(order)}"
             raise DataError(f"the training data: holding out data.val_fraction={cfg.val_fraction} of {kept} for "
-                            f"validation leaves none to train on; give more texts (or a validation file)")
+                            f"validation leaves none to train on; " + ("raise data.limit" if limited else
+                                                                      "give more texts") + " (or a validation file)")
         splits = {"val": subset(train, np.sort(order[:n_val])), "train": subset(train, np.sort(order[n_val:]))}
     if cfg.test_limit and cfg.test_limit < len(test.texts):  # the same test texts whatever the other settings:
         # runs of other seeds, carves or training sizes are scored alike

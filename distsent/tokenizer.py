@@ -46,18 +46,23 @@ _ASCII_SYMBOLS[np.frombuffer(string.punctuation.replace("_", "").encode(), np.ui
 
 
 def _char_classes(code_points: np.ndarray, symbols: bool) -> np.ndarray:
-    """The class of each code point, by the patterns above in pyarrow's regex engine (RE2): Python's own
+    """The class of each code point. Words by the pattern above in pyarrow's regex engine (RE2): Python's own
     `unicodedata` can be older and miss recently assigned letters. The saved tokenizer.json applies the same
-    patterns with its own engine (Oniguruma), whose tables can differ in the newest characters: the letters of
-    Unicode 16 (2024, e.g. U+105C0) are word characters there and not here, so a word holding one is cut
-    differently at prediction."""
+    pattern with its own engine (Oniguruma), whose tables are newer: the letters of Unicode 16 (2024, e.g. U+105C0)
+    are word characters there and not here, so a word holding one is cut differently at prediction (kept so: the
+    cache's ids of earlier versions stay right). Symbols, a newer option, by tokenizer.json's own engine: every
+    emoji it knows (Unicode 16's too, which RE2 does not) is a token on both sides."""
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    chars = pa.array([chr(c) for c in code_points.tolist()], pa.string())
-    out = pc.match_substring_regex(chars, rf"^[{WORD_CLASS}]$").to_numpy(zero_copy_only=False).astype(np.uint8)
+    chars = [chr(c) for c in code_points.tolist()]
+    out = pc.match_substring_regex(pa.array(chars, pa.string()), rf"^[{WORD_CLASS}]$").to_numpy(
+        zero_copy_only=False).astype(np.uint8)
     if symbols:
-        out[pc.match_substring_regex(chars, rf"^{SYMBOL}$").to_numpy(zero_copy_only=False)] = SYMBOL_BYTE
+        from tokenizers import Regex, pre_tokenizers
+
+        isolate = pre_tokenizers.Split(Regex(SYMBOL), behavior="removed")  # removes a symbol, leaves nothing
+        out[[not isolate.pre_tokenize_str(c) for c in chars]] = SYMBOL_BYTE
     return out
 
 

@@ -672,7 +672,7 @@ def test_a_folder_or_a_broken_link_named_as_a_split_file_is_named(tmp_path):
     folder = tmp_path / "parts"
     write(folder, "test", "csv", TEXTS, LABELS)
     (folder / "train.parquet").mkdir()
-    with pytest.raises(DataError, match=r"train.parquet: a folder, not a file \(a parquet data set written in parts"):
+    with pytest.raises(DataError, match=r"train.parquet: a folder, not a file \(data written in parts"):
         find_source(DataConfig(path=str(folder)))
     (folder / "train.parquet").rmdir()
     (folder / "train.csv").symlink_to(tmp_path / "gone.csv")
@@ -689,9 +689,9 @@ def test_a_byte_order_mark_inside_a_file_a_date_label_and_a_column_in_other_case
     import pyarrow.parquet as pq
 
     body = "".join(f"text {i},{i % 2}\n" for i in range(10))
-    (tmp_path / "bom.csv").write_text("text,label\n" + body + "\ufeffgood one,1\n", encoding="utf-8")
+    (tmp_path / "bom.csv").write_text("text,label\n" + body + "\ufeffgood one,1\n\ufeff\"a, b\",0\n", encoding="utf-8")
     split = read_file(tmp_path / "bom.csv", DataConfig())
-    assert split.labels.tolist()[-1] == 1 and split.texts.to_pylist()[-1] == "good one"
+    assert split.labels.tolist()[-2:] == [1, 0] and split.texts.to_pylist()[-2:] == ["good one", "a, b"]
     assert split.labels.dtype.kind == "i"  # integers still: no string label '\ufeff1'
     times = pa.array([0, 10**18], pa.timestamp("ns"))
     pq.write_table(pa.table({"text": ["a", "b"], "label": times}), tmp_path / "dates.parquet")
@@ -706,8 +706,11 @@ def test_a_carve_that_leaves_nothing_to_train_names_the_limit(tmp_path):
     folder = write(tmp_path / "d", "train", "csv", TEXTS, LABELS).parent
     write(folder, "test", "csv", TEXTS, LABELS)
     with pytest.raises(DataError, match=r"holding out data.val_fraction=0.1 of the 1 kept by data.limit=1 for "
-                                        "validation leaves none to train on"):
+                                        "validation leaves none to train on; raise data.limit"):
         load_splits(DataConfig(path=str(folder), limit=1))
+    with pytest.raises(DataError, match=r"val_fraction=0.99 of its 10 for validation leaves none to train on; give "
+                                        "more texts"):  # the limit cut nothing
+        load_splits(DataConfig(path=str(folder), limit=50, val_fraction=0.99))
 
 
 def test_a_folder_that_cannot_be_listed_is_read_by_its_files_names(tmp_path, monkeypatch):
