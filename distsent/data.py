@@ -55,6 +55,16 @@ class PreparedData:
     def num_classes(self) -> int:
         return len(self.label_names)
 
+    def wordless_warning(self, symbols: bool) -> str | None:
+        """Texts left without a token (emoji or punctuation alone, with data.symbols off): the model reads them as
+        empty, which bad-data checks cannot see (the text is not empty)."""
+        counts = {name: int((getattr(self, name).lengths == 0).sum()) for name in ("train", "val", "test")}
+        if not any(counts.values()):
+            return None
+        hint = "data.symbols=true keeps punctuation and emoji as tokens" if not symbols else "the model reads none"
+        return (", ".join(f"{n} of the {len(getattr(self, s))} {s}" for s, n in counts.items() if n) +
+                f" texts have no word the tokenizer keeps, only symbols or spaces: {hint}")
+
 
 def cache_root(cfg: DataConfig) -> Path:
     root = cfg.cache_dir or os.environ.get(CACHE_ENV) or "~/.cache/distsent"

@@ -227,10 +227,11 @@ def _more_waiting(stream) -> bool:
 
 
 def _line(raw: bytes, n: int) -> tuple[dict, str | None, str | None]:
+    place = {"row": n - 1, "line": n}  # as a data file's records: the row from 0, the line from 1
     try:  # utf-8-sig on the first line: a byte order mark (as some editors save) is not part of the text
-        return {"line": n}, raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r"), None
+        return place, raw.decode("utf-8-sig" if n == 1 else "utf-8").rstrip("\r"), None
     except UnicodeDecodeError as exc:
-        return {"line": n}, None, f"line {n}: not valid UTF-8 ({exc.reason} at byte {exc.start})"
+        return place, None, f"line {n}: not valid UTF-8 ({exc.reason} at byte {exc.start})"
 
 
 def _print_json(record: dict, strict: bool = False) -> None:
@@ -318,8 +319,8 @@ def _run(argv: list[str] | None) -> int:
                     part = chunk[start: start + ENCODE_CHUNK]
                     results = iter(predictor.predict([t for _, t, err in part if err is None]))
                     for place, text, err in part:  # place: the line of a file or stdin, as a data file's records
-                        _print_json({**place, "error": err} if err else {**place, "text": _shown(text),
-                                                                          **next(results)})
+                        _print_json({**place, "text": None, "error": err} if err else {**place, "text": _shown(text),
+                                                                                       **next(results)})
                 sys.stdout.flush()
         except ReadError as exc:
             print(f"distsent-predict: {args.file or 'stdin'}: cannot be read: {exc}", file=sys.stderr)

@@ -67,7 +67,7 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str
         end = reader.line_num
         for record in reader:
             first, end = end + 1, reader.line_num  # a quoted text may run over several lines: name the first
-            if not record:  # a blank line
+            if not record or (len(header) > 1 and len(record) == 1 and not record[0].strip()):  # a blank line
                 continue
             try:
                 if not labeled and any(SURROGATE.search(f) for f in record):  # bytes that were not UTF-8 (_utf8)
@@ -75,8 +75,10 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str
                 if record == header:  # files joined with their headers: the header's words would be a class
                     raise DataError(f"{path}: line {first} repeats the header row (files joined with their headers?)")
                 if len(record) != len(header):
+                    why = "an unquoted comma in a text?" if len(record) > len(header) else \
+                        "a line break (CR or LF) inside an unquoted text? quote a text that holds one"
                     raise DataError(f"{path}: line {first} has {len(record)} fields, the header has "
-                                    f"{len(header)} (an unquoted comma or quote in a text?)")
+                                    f"{len(header)} ({why})")
             except DataError as exc:
                 if labeled:
                     raise

@@ -192,6 +192,13 @@ def test_sizes_that_make_a_run_say_little_are_warned_about():
     assert [w.split(":")[0] for w in size_warnings(labels[:11], labels[:1], ["negative", "positive"], 32)] == [
         "validation has no text of class 'positive'", "validation has 1 texts",
         "train.global_batch_size 32 is larger than the 11 training texts"]
+    # a class of one training text seen nowhere else: a mistyped label ('sadnes'), not a class
+    train, held_out = np.r_[labels[:1440] * 2, 1], labels[1440:] * 2
+    assert size_warnings(train, held_out, ["anger", "sadnes", "sadness"], 32, held_out) == [
+        "class 'sadnes' (1 training text) appears nowhere in validation or test: a mistyped label? (the classes: "
+        "['anger', 'sadnes', 'sadness'])"]
+    assert [w.split(":")[0] for w in size_warnings(train, held_out, ["anger", "sadnes", "sadness"], 32,
+                                                    np.r_[held_out, 1])] == ["validation has no text of class 'sadnes'"]
     # a micro-batch cap the per-process batch divides badly: the same steps through tiny micro-batches
     assert layout_warning(Layout.build(74, 2, 32), 32).startswith(
         "train.micro_batch_size 32: the 37 texts of each process divide only into 37 micro-batches of 1")

@@ -99,9 +99,9 @@ def test_cli_arguments_file_and_stdin(model_dir, tmp_path, monkeypatch, capsys):
     by_file = predict_cli(model_dir, "--file", str(f))
     assert len(by_file) == 4
     assert by_file[0]["p_positive"] == by_args[0]["p_positive"] and by_file[3]["p_positive"] == by_args[1]["p_positive"]
-    assert "line 2: not valid UTF-8" in by_file[1]["error"]
+    assert "line 2: not valid UTF-8" in by_file[1]["error"] and by_file[1]["text"] is None  # as a data file's
     assert by_file[2]["error"].startswith("empty text")
-    assert [r["line"] for r in by_file] == [1, 2, 3, 4] and "line" not in by_args[0]
+    assert [(r["row"], r["line"]) for r in by_file] == [(0, 1), (1, 2), (2, 3), (3, 4)] and "line" not in by_args[0]
     assert predict_cli(model_dir, "-", stdin=f.read_bytes()) == by_file
     # a byte order mark (some editors save one) is not part of the first text
     assert predict_cli(model_dir, "-", stdin=b"\xef\xbb\xbf" + f.read_bytes()) == by_file
@@ -376,7 +376,8 @@ def test_any_sequence_of_texts_and_non_utf8_arguments(model_dir):
                            b"\xff good0", b"good0 great"], capture_output=True, cwd=REPO, timeout=120)
     assert proc.returncode == 0, proc.stderr.decode()
     lines = [json.loads(line) for line in proc.stdout.decode().split("\n") if line]
-    assert lines[0] == {"error": "argument 1: not valid UTF-8"} and lines[1]["p_positive"] == expected[0]["p_positive"]
+    assert lines[0] == {"text": None, "error": "argument 1: not valid UTF-8"}
+    assert lines[1]["p_positive"] == expected[0]["p_positive"]
 
 
 def test_unwritable_output_closed_stdin_and_damaged_folders_are_one_line(model_dir, tmp_path):

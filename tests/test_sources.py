@@ -4,6 +4,7 @@ and their order, and a clear error naming file and row for each kind of bad data
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import re
 
@@ -428,7 +429,14 @@ def test_bad_data_is_named_by_file_and_row(tmp_path):
                    raw_train=b'{"text": "a", "label": "joy"}\n{"text": null, "label": "fear"}\n')
     assert "train.jsonl: line 2 has no text (null)" in err
     err = error_of(tmp_path, good, good, raw_train=b'label,text\njoy,fine\nfear,one, too many\n')
-    assert "train.csv: line 3 has 3 fields, the header has 2" in err
+    assert "train.csv: line 3 has 3 fields, the header has 2 (an unquoted comma in a text?)" in err
+    # a carriage return inside an unquoted text ends its record (CSV's rule): the text's two halves are named; lines
+    # of spaces alone (at a file's end, say) are blank lines
+    err = error_of(tmp_path, good, good, raw_train=b'label,text\njoy,fine\nfear,one\rtwo\n  \n \t\n')
+    assert "train.csv: line 4 has 1 fields, the header has 2 (a line break (CR or LF) inside an unquoted text?" in err
+    assert len(read_file(write(tmp_path / "sp", "train", "csv", TEXTS, LABELS), DataConfig()).texts) == 10
+    (tmp_path / "sp" / "train.csv").write_text((tmp_path / "sp" / "train.csv").read_text() + "  \n\t\n")
+    assert len(read_file(tmp_path / "sp" / "train.csv", DataConfig()).texts) == 10
     # a stray quote opens a field that would swallow the rest of the file: refused at the line it opens on
     err = error_of(tmp_path, good, good, raw_train=b'label,text\njoy,fine\nfear,"oops\njoy,more\nsadness,end\n')
     assert "train.csv: line 3: unexpected end of data" in err
@@ -519,6 +527,23 @@ def test_a_text_column_over_two_gib_is_read(tmp_path):
     split = checked_split(pa.chunked_array([chunk, chunk]), np.zeros(2200, np.int64), "big")
     assert len(split.texts) == 2200 and split.texts.type == pa.large_string()
     assert len(split.texts[2199].as_py()) == 1 << 20
+
+
+def test_texts_of_symbols_alone_and_a_mistyped_class_are_warned_about(tmp_path, capsys):
+    """Tweets of emoji alone are no empty texts, but without data.symbols they keep no token: the model reads them
+    as empty, which the run says (with the option that keeps them); --check warns of a class seen once."""
+    from distsent.train import main
+
+    write(tmp_path / "d", "train", "csv", TEXTS + ["😡😡", "!!!"], LABELS + ["anger", "sadnes"])
+    write(tmp_path / "d", "test", "csv", TEXTS + ["😂"], LABELS + ["joy"])
+    cfg = DataConfig(path=str(tmp_path / "d"), cache_dir=str(tmp_path / "cache"), min_freq=1, val_fraction=0.25)
+    assert prepare(cfg).wordless_warning(symbols=False).startswith(
+        "2 of the 9 train, 1 of the 11 test texts have no word the tokenizer keeps, only symbols or spaces: "
+        "data.symbols=true keeps punctuation and emoji as tokens")
+    assert prepare(dataclasses.replace(cfg, symbols=True)).wordless_warning(symbols=True) is None
+    assert main(["--check", f"data.path={tmp_path / 'd'}", f"output_dir={tmp_path / 'run'}", "data.min_freq=1"]) == 0
+    assert "distsent-train: warning: class 'sadnes' (1 training text) appears nowhere in validation or test: a " \
+           "mistyped label?" in capsys.readouterr().err
 
 
 def test_nothing_is_cached_when_the_data_is_bad(tmp_path):
