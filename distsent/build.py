@@ -18,8 +18,7 @@ import torch
 
 from . import files
 from .config import ConfigError, ExperimentConfig, resume_identity
-from .data import PreparedData, cache_root, prepare
-from .labels import shown
+from .data import PreparedData, cache_root, prepare, size_warnings
 from .runlock import RunLock, RunLockedError
 from .model import build_model, members
 from .precision import bf16_rnn_runs_on, resolve, run_device
@@ -180,9 +179,9 @@ def build_data(cfg: ExperimentConfig, acc, run_dir: Path, resuming: bool) -> tup
         log.info("data: %d train / %d val / %d test texts, vocabulary %d (%s), classes %s", len(data.train),
                  len(data.val), len(data.test), data.tokenizer.get_vocab_size(),
                  "from cache" if data.cache_hit else "tokenized now", ", ".join(data.label_names))
-        warnings = size_warnings(data.train.labels, data.val.labels, data.label_names, cfg.train.global_batch_size,
-                                 data.test.labels) + [data.wordless_warning(cfg.data.symbols)]
-        for warning in filter(None, warnings):
+        said = size_warnings(data.train.labels, data.val.labels, data.label_names, cfg.train.global_batch_size,
+                             data.test.labels, bool(cfg.data.label_names)) + [data.wordless_warning(cfg.data.symbols)]
+        for warning in filter(None, said):
             log.warning(warning)
     return data, seconds
 
@@ -200,30 +199,6 @@ def _prepare_here(cfg: ExperimentConfig, acc, tok_path: Path, resuming: bool) ->
         log.warning("data: no token cache for it under %s on %s: prepared here (a cache the machines share saves "
                     "each one this)", cache_root(cfg.data), socket.gethostname())
     return data
-
-
-def size_warnings(train_labels: np.ndarray, val_labels: np.ndarray, names: list[str], global_batch: int,
-                  test_labels=()) -> list[str]:
-    """Sizes that still run but make a run say little: a class of a text or two seen nowhere else (a mistyped
-    label), a validation split too small to select a model on, or without a class, a global batch larger than the
-    training split (one step per epoch)."""
-    out, n_train, n_val = [], len(train_labels), len(val_labels)
-    counts = [np.bincount(np.asarray(y, np.int64), minlength=len(names)) for y in (train_labels, val_labels,
-                                                                                      test_labels)]
-    if typos := [c for c in range(len(names)) if counts[0][c] <= 2 and not counts[1][c] and not counts[2][c]]:
-        out.append("class " + ", ".join(f"{names[c]!r} ({counts[0][c]} training text{'s' if counts[0][c] > 1 else ''})"
-                                        for c in typos) + " appears nowhere in validation or test: a mistyped label? "
-                   f"(the classes: {shown(names)})")
-    if absent := [repr(names[c]) for c in np.flatnonzero(counts[1] == 0) if c not in typos]:
-        out.append(f"validation has no text of class {', '.join(absent)}: model selection cannot weigh it (a "
-                   f"validation carved from training keeps each class's share with data.stratify=true)")
-    if n_val < 100:
-        out.append(f"validation has {n_val} texts: model selection on so few is mostly chance (a larger "
-                   f"validation file; or, where it is carved from training, a larger data.val_fraction)")
-    if global_batch > n_train:
-        out.append(f"train.global_batch_size {global_batch} is larger than the {n_train} training texts: one "
-                   f"optimizer step per epoch")
-    return out
 
 
 def batch_tensors(split: TokenizedSplit, idx: np.ndarray, device="cpu"):

@@ -91,10 +91,6 @@ class DataConfig:
         for name in ("text_column", "label_column", "hub_train_split", "hub_test_split"):  # an unset shell variable
             if not getattr(self, name).strip():  # ("" read ",text,label"'s unnamed index column: numbers as texts)
                 raise ConfigError(f"data.{name}: empty; name the {name.replace('hub_', '').replace('_', ' ')}")
-        for i, name in enumerate(self.label_names):  # labels are read without spaces around them: ' pos' is none
-            if not name.strip() or name != name.strip():
-                raise ConfigError(f"data.label_names[{i}]: {name!r}: " + ("empty" if not name.strip() else
-                                  "spaces around a class name (labels are read without them): write it without"))
 
     def stage_settings(self, stage: str) -> dict:
         """The settings that change one stage of data preparation ("split", "vocab" or "cut"): its cache key."""

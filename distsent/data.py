@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import difflib
 import errno
 import hashlib
 import json
@@ -61,9 +62,10 @@ class PreparedData:
         counts = {name: int((getattr(self, name).lengths == 0).sum()) for name in ("train", "val", "test")}
         if not any(counts.values()):
             return None
-        hint = "data.symbols=true keeps punctuation and emoji as tokens" if not symbols else "the model reads none"
+        held = "spaces or marks" if symbols else "symbols, spaces or marks"
+        hint = "" if symbols else "; data.symbols=true keeps punctuation and emoji as tokens"
         return (", ".join(f"{n} of the {len(getattr(self, s))} {s}" for s, n in counts.items() if n) +
-                f" texts have no word the tokenizer keeps, only symbols or spaces: {hint}")
+                f" texts keep no token (they hold nothing but {held}): the model reads them as empty{hint}")
 
 
 def cache_root(cfg: DataConfig) -> Path:
@@ -265,3 +267,29 @@ def _note_unfinished(folder: Path) -> None:
         log.warning("token cache: %d unfinished entr%s left by preparations that were killed: rm -r %s",
                     len(unfinished), "y" if len(unfinished) == 1 else "ies",
                     " ".join(shlex.quote(str(f)) for f in unfinished))
+
+
+def size_warnings(train_labels: np.ndarray, val_labels: np.ndarray, names: list[str], global_batch: int,
+                  test_labels=(), names_fixed: bool = False) -> list[str]:
+    """Sizes that still run but make a run say little: a class of a text or two seen nowhere else and named like
+    another (a mistyped label, where the data names the classes), a validation split too small to select a model
+    on, or without a class, a global batch larger than the training split (one step per epoch)."""
+    out, n_train, n_val = [], len(train_labels), len(val_labels)
+    counts = [np.bincount(np.asarray(y, np.int64), minlength=len(names)) for y in (train_labels, val_labels,
+                                                                                      test_labels)]
+    like = {c: difflib.get_close_matches(names[c], names[:c] + names[c + 1:], 1, 0.8) for c in range(len(names))
+            if not names_fixed and counts[0][c] <= 2 and not counts[1][c] + counts[2][c]}
+    if typos := [c for c, close in like.items() if close]:
+        out.append("; ".join(f"class {names[c]!r} ({counts[0][c]} training text{'s' if counts[0][c] > 1 else ''}) "
+                             f"appears nowhere in validation or test and is named like {like[c][0]!r}" for c in typos)
+                   + ": a mistyped label?")
+    if absent := [repr(names[c]) for c in np.flatnonzero(counts[1] == 0) if c not in typos]:
+        out.append(f"validation has no text of class {', '.join(absent)}: model selection cannot weigh it (a "
+                   f"validation carved from training keeps each class's share with data.stratify=true)")
+    if n_val < 100:
+        out.append(f"validation has {n_val} texts: model selection on so few is mostly chance (a larger "
+                   f"validation file; or, where it is carved from training, a larger data.val_fraction)")
+    if global_batch > n_train:
+        out.append(f"train.global_batch_size {global_batch} is larger than the {n_train} training texts: one "
+                   f"optimizer step per epoch")
+    return out

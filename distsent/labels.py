@@ -36,6 +36,11 @@ def class_names(train: RawSplit, cfg: DataConfig, named: list[str] | None, where
         names = [str(v) for v in seen]
     if len(set(names)) != len(names):
         raise DataError(f"data.label_names {names}: a name appears twice")
+    if strings and cfg.label_names and (odd := next((n for n in names if n != n.strip() or not n), None)) is not None:
+        # string labels are read without spaces around them: no label would name this class (integer labels name
+        # their classes by position, whatever the names hold)
+        raise DataError(f"data.label_names {names}: {odd!r} " + ("is empty" if not odd.strip() else "has spaces around "
+                        "it, and labels are read without them: write it without"))
     if len(names) < 2:
         raise DataError(f"{where}: one class only ({names[0]!r}); a classifier needs two or more")
     if len(values) >= 20 and len(seen) > len(values) // 2:

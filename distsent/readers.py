@@ -76,7 +76,7 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str
                     raise DataError(f"{path}: line {first} repeats the header row (files joined with their headers?)")
                 if len(record) != len(header):
                     why = "an unquoted comma in a text?" if len(record) > len(header) else \
-                        "a line break (CR or LF) inside an unquoted text? quote a text that holds one"
+                        "a missing field, or a line break (CR or LF) inside an unquoted text, which must be quoted?"
                     raise DataError(f"{path}: line {first} has {len(record)} fields, the header has "
                                     f"{len(header)} ({why})")
             except DataError as exc:

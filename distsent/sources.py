@@ -341,7 +341,8 @@ def carve(cfg: DataConfig, train: RawSplit, test: RawSplit, val: RawSplit | None
             kept = f"the {len(order)} kept by data.limit={cfg.limit}" if limited else f"its {len(order)}"
             raise DataError(f"the training data: holding out data.val_fraction={cfg.val_fraction} of {kept} for "
                             f"validation leaves none to train on; " + ("raise data.limit" if limited else
-                                                                      "give more texts") + " (or a validation file)")
+                                                                      "give more texts") +
+                            ", lower data.val_fraction, or give a validation file")
         splits = {"val": subset(train, np.sort(order[:n_val])), "train": subset(train, np.sort(order[n_val:]))}
     if cfg.test_limit and cfg.test_limit < len(test.texts):  # the same test texts whatever the other settings:
         # runs of other seeds, carves or training sizes are scored alike

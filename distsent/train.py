@@ -133,7 +133,8 @@ def check(cfg) -> int:
     against its process count. Writes nothing. What depends on the machines otherwise (the process count, a
     precision the device lacks), on the checkpoint's files (its weights) or on the tokenized data (the vocabulary,
     the data's content) is checked when the run starts."""
-    from .build import check_new_model, check_trackers, layout_for, size_warnings
+    from .build import check_new_model, check_trackers, layout_for
+    from .data import size_warnings
     from .checkpoint import by_step
     from .labels import shown
     from .resume import check_config_against_run, resume_path
@@ -171,7 +172,7 @@ def check(cfg) -> int:
     if owner := RunLock(root.parent).live_owner():  # the start refuses it while that run lives
         run += f"; a live run holds it now (host {owner.get('host')}, pid {owner.get('pid')}): a launch is refused"
     for warning in size_warnings(*(splits[s].labels for s in ("train", "val")), names, cfg.train.global_batch_size,
-                                 splits["test"].labels):  # as the run will warn
+                                 splits["test"].labels, bool(cfg.data.label_names)):  # as the run will warn
         print(f"distsent-train: warning: {warning}", file=sys.stderr)
     print(f"distsent-train: config OK; data: {where}: {sizes} texts, {len(names)} classes {shown(names)}; run "
           f"directory {cfg.output_dir} ({run})")

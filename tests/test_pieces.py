@@ -184,7 +184,8 @@ def test_threads_follow_the_cores_and_the_slurm_allocation():
 
 
 def test_sizes_that_make_a_run_say_little_are_warned_about():
-    from distsent.build import layout_warning, size_warnings
+    from distsent.build import layout_warning
+    from distsent.data import size_warnings
     from distsent.sampler import Layout
 
     labels = np.arange(1600) % 2
@@ -192,11 +193,15 @@ def test_sizes_that_make_a_run_say_little_are_warned_about():
     assert [w.split(":")[0] for w in size_warnings(labels[:11], labels[:1], ["negative", "positive"], 32)] == [
         "validation has no text of class 'positive'", "validation has 1 texts",
         "train.global_batch_size 32 is larger than the 11 training texts"]
-    # a class of one training text seen nowhere else: a mistyped label ('sadnes'), not a class
+    # a class of one training text seen nowhere else, named like another: a mistyped label ('sadnes'), not a class
     train, held_out = np.r_[labels[:1440] * 2, 1], labels[1440:] * 2
     assert size_warnings(train, held_out, ["anger", "sadnes", "sadness"], 32, held_out) == [
-        "class 'sadnes' (1 training text) appears nowhere in validation or test: a mistyped label? (the classes: "
-        "['anger', 'sadnes', 'sadness'])"]
+        "class 'sadnes' (1 training text) appears nowhere in validation or test and is named like 'sadness': a "
+        "mistyped label?"]
+    # a rare class named unlike the others, or classes named by data.label_names (a typo there is refused): a class
+    for names, fixed in ((["anger", "surprise", "sadness"], False), (["anger", "sadnes", "sadness"], True)):
+        assert [w.split(":")[0] for w in size_warnings(train, held_out, names, 32, held_out, fixed)] == [
+            f"validation has no text of class '{names[1]}'"]
     assert [w.split(":")[0] for w in size_warnings(train, held_out, ["anger", "sadnes", "sadness"], 32,
                                                     np.r_[held_out, 1])] == ["validation has no text of class 'sadnes'"]
     # a micro-batch cap the per-process batch divides badly: the same steps through tiny micro-batches
