@@ -134,8 +134,8 @@ def check(cfg) -> int:
     precision the device lacks), on the checkpoint's files (its weights) or on the tokenized data (the vocabulary,
     the data's content) is checked when the run starts."""
     from .build import check_new_model, check_trackers, layout_for
-    from .data import size_warnings
     from .checkpoint import by_step
+    from .data import size_warnings
     from .labels import shown
     from .resume import check_config_against_run, resume_path
     from .runlock import RunLock
@@ -171,7 +171,7 @@ def check(cfg) -> int:
     run = f"resumes from {start}" + (f"; status.json: {state}" if state else "") if start is not None else "a new run"
     if owner := RunLock(root.parent).live_owner():  # the start refuses it while that run lives
         run += f"; a live run holds it now (host {owner.get('host')}, pid {owner.get('pid')}): a launch is refused"
-    for warning in size_warnings(*(splits[s].labels for s in ("train", "val")), names, cfg.train.global_batch_size,
+    for warning in size_warnings(splits["train"].labels, splits["val"].labels, names, cfg.train.global_batch_size,
                                  splits["test"].labels, bool(cfg.data.label_names)):  # as the run will warn
         print(f"distsent-train: warning: {warning}", file=sys.stderr)
     print(f"distsent-train: config OK; data: {where}: {sizes} texts, {len(names)} classes {shown(names)}; run "
