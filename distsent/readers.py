@@ -51,7 +51,8 @@ def _read_csv(path: Path, cfg: DataConfig, labeled: bool = True, keep: tuple[str
     texts, labels, lines, problems, kept = [], [], [], {}, []
     end = 0
     try:
-        header = next((row for row in reader if row), None)  # blank lines before the header are no header
+        # blank lines (or lines of spaces) before the header are no header
+        header = next((row for row in reader if any(field.strip() for field in row)), None)
         if not header:
             raise DataError(f"{path}: empty (expected a header row, e.g. text,label)")
         try:

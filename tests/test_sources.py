@@ -194,7 +194,7 @@ def test_joined_files_blank_lines_repeated_keys_and_half_characters(tmp_path):
     split = read_file(tmp_path / "joined.csv", DataConfig(), labeled=False)  # to classify: that record's error
     assert split.texts.to_pylist() == plain + [None] + plain and split.problems[3].startswith(
         "line 5 repeats the header row")
-    (tmp_path / "blank.csv").write_text("\n\ntext,label\nhi,joy\n", encoding="utf-8")
+    (tmp_path / "blank.csv").write_text("\n \t\ntext,label\nhi,joy\n", encoding="utf-8")
     split = read_file(tmp_path / "blank.csv", DataConfig())
     assert split.texts.to_pylist() == ["hi"] and split.labels.tolist() == ["joy"] and split.lines.tolist() == [4]
     cases = {'{"text": "a", "label": "joy", "text": "b"}': "line 1 has the key 'text' twice",
