@@ -80,7 +80,7 @@ def _byte_classes(data: np.ndarray, symbols: bool) -> np.ndarray:
     A regex over Unicode classes was the slowest step of data preparation; a byte table does the ASCII characters,
     and the few multi-byte characters are decoded and classified once per distinct code point.
     """
-    word = (_ASCII_SYMBOLS if symbols else _ASCII_WORDS)[data]
+    kind = (_ASCII_SYMBOLS if symbols else _ASCII_WORDS)[data]
     lead = np.flatnonzero(data >= 0xC0)  # first bytes of multi-byte characters (continuations are 0x80-0xBF)
     if lead.size:
         b = [data[np.minimum(lead + k, len(data) - 1)].astype(np.int32) for k in range(4)]
@@ -93,8 +93,8 @@ def _byte_classes(data: np.ndarray, symbols: bool) -> np.ndarray:
         classes = _char_classes(distinct, symbols)[which]
         for k in range(4):  # the character's class covers all of its bytes
             has = size > k
-            word[lead[has] + k] = classes[has]
-    return word
+            kind[lead[has] + k] = classes[has]
+    return kind
 
 
 def _words_chunk(texts, lowercase: bool, strip_html: bool, symbols: bool = False):
@@ -108,8 +108,9 @@ def _words_chunk(texts, lowercase: bool, strip_html: bool, symbols: bool = False
     bounds = bounds - bounds[0]
     kind = _byte_classes(data, symbols)
     token = kind > 0
-    # a word starts where the byte class changes to WORD, a symbol at each of its characters' first bytes (ASCII or
-    # a lead byte: not 0x80-0xBF); any token at a text's start, so that words never join across texts
+    # a token starts where the byte class changes (to WORD or SYMBOL_BYTE), a symbol also at each of its characters'
+    # first bytes (ASCII or a lead byte: not 0x80-0xBF), and any token at a text's start, so that words never join
+    # across texts
     start = token.copy()
     start[1:] &= kind[1:] != kind[:-1]
     if symbols:
